@@ -97,6 +97,7 @@ def export_task(task: Task, request: ExportRequest, require_bar: bool = True) ->
     expected = run_keras(model, golden)
     target = version_dir(request.out, name, request.version)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=request.out))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server run as another user
     onnx.save(proto, staging / MODEL_FILE)
     write_spec(staging, spec)
     np.savez(staging / GOLDEN_FILE, **{INPUT_NAME: golden.x}, **golden.states,
