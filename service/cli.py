@@ -1,0 +1,133 @@
+"""The `rnnserve` command: serve, and talk to a server (models, predict, stream)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable
+
+import numpy as np
+
+from service import config as config_module
+
+DEFAULT_ADDRESS = "localhost:8500"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rnnserve", description="Serve recurrent ONNX models over "
+                                "gRPC: whole sequences and stateful streams.")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (every flag also from RNNSERVE_*)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    config_module.add_arguments(serve)
+    for name, text in (("models", "list the served models"),
+                       ("predict", "predict whole sequences read from stdin"),
+                       ("stream", "stream stdin lines as timesteps of one session")):
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--address", default=os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS))
+        cmd.add_argument("--token", default=os.environ.get("RNNSERVE_AUTH_TOKEN") or None,
+                         help="bearer token (env RNNSERVE_AUTH_TOKEN)")
+        if name != "models":
+            cmd.add_argument("--model", required=True)
+            cmd.add_argument("--version", type=int, default=0, help="0: the latest")
+    sub.choices["predict"].add_argument(
+        "--last-only", action="store_true", help="print only each sequence's last output")
+    sub.choices["predict"].epilog = (
+        "stdin: JSON (a list of sequences, each a list of timesteps, each a list of features) "
+        "or CSV (one timestep per line, a blank line between sequences). Output: JSON.")
+    return p
+
+
+def parse_timestep(line: str) -> list[float]:
+    return [float(v) for v in re.split(r"[,\s]+", line.strip()) if v]
+
+
+def read_sequences(text: str) -> list[list[list[float]]]:
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    blocks = re.split(r"\n\s*\n", text.strip())
+    return [[parse_timestep(line) for line in block.splitlines() if line.strip()]
+            for block in blocks if block.strip()]
+
+
+def format_output(row: Iterable[float]) -> str:
+    return " ".join(f"{v:.6g}" for v in row)
+
+
+def _client(args: argparse.Namespace):
+    from service.client import Client
+
+    return Client(args.address, token=args.token)
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    """One stdin line → one timestep → one printed line, as soon as its output arrives."""
+    with _client(args) as client, client.stream(args.model, args.version) as session:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            for row in session.step(parse_timestep(line)):
+                print(format_output(row), flush=True)
+        session.close()
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    sequences = [np.asarray(s, np.float32) for s in read_sequences(sys.stdin.read())]
+    if not sequences:
+        print("error: no sequences on stdin", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        result = client.predict(args.model, sequences, version=args.version,
+                                last_only=args.last_only)
+    lengths = [len(s) for s in sequences]
+    outputs = (result.y.tolist() if args.last_only
+               else [result.y[i, :n].tolist() for i, n in enumerate(lengths)])
+    print(json.dumps({"model": result.model, "version": result.version, "y": outputs,
+                      "final_states": {k: v.tolist() for k, v in result.final_states.items()}}))
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for m in client.list_models():
+            states = ", ".join(f"{s.name}[{s.size}]" for s in m.states)
+            print(f"{m.name} v{m.version} ({m.layers}x{m.cell}({m.units}), "
+                  f"{m.features} in -> {m.outputs} {m.output_kind}; states {states}): "
+                  f"{m.description}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from service.logs import configure
+    from service.server import serve
+
+    try:
+        config = config_module.from_namespace(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure(config.log_level)
+    asyncio.run(serve(config))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
+    from service.client import RnnServeError
+
+    commands = {"models": run_models, "predict": run_predict, "stream": run_stream}
+    try:
+        return commands[args.command](args)
+    except RnnServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, json.JSONDecodeError) as exc:
+        print(f"error: bad input: {exc}", file=sys.stderr)
+        return 2

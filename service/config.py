@@ -1,0 +1,84 @@
+"""Server configuration: one typed dataclass; every field is a CLI flag and an RNNSERVE_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    repository: Path = _opt(Path("exported"), "model repository: <name>/<version>/model.onnx")
+    models: tuple[str, ...] = _opt((), "serve only these models (comma-separated); default all")
+    host: str = _opt("127.0.0.1", "address to bind (0.0.0.0 in the container)")
+    grpc_port: int = _opt(8500, "gRPC port (0 picks a free one)")
+    metrics_port: int = _opt(8000, "Prometheus /metrics port (0 picks a free one, -1 disables)")
+    device: str = _opt("auto", "auto (CUDA when present), cpu or cuda",
+                       choices=("auto", "cpu", "cuda"))
+    intra_op_threads: int = _opt(1, "ONNX Runtime threads per run; 1 suits tiny recurrent models")
+    batch_workers: int = _opt(2, "ONNX Runtime runs that may execute at once, across models")
+    max_batch_size: int = _opt(256, "rows one coalesced ONNX Runtime run may take")
+    max_batch_delay: int = _opt(0, "µs a batch waits for more work after its first item; 0 "
+                                   "takes what is queued, which batches well under load")
+    max_sessions: int = _opt(10_000, "live sessions per model; more get RESOURCE_EXHAUSTED")
+    session_idle_timeout: float = _opt(300.0, "seconds without a step before a session is evicted")
+    max_timesteps: int = _opt(100_000, "timesteps per sequence or per session in one request")
+    max_batch_rows: int = _opt(65_536, "sequences per Predict, sessions per Steps message")
+    max_message_bytes: int = _opt(64 * 1024 * 1024, "largest gRPC message accepted or sent")
+    repository_poll: float = _opt(0.0, "seconds between repository scans for new or removed "
+                                       "versions; 0 scans only at start")
+    shutdown_grace: float = _opt(10.0, "seconds in-flight work may finish after SIGTERM")
+    auth_token: str = _opt("", "bearer token required on every call but health; empty: none")
+    tls_cert: str = _opt("", "PEM certificate chain; with --tls-key enables TLS")
+    tls_key: str = _opt("", "PEM private key")
+    log_level: str = _opt("info", "debug, info, warning or error")
+
+
+ENV_PREFIX = "RNNSERVE_"
+
+
+def _parse(kind: Any, text: str) -> Any:
+    if kind in ("tuple[str, ...]", tuple):
+        return tuple(s.strip() for s in text.split(",") if s.strip())
+    if kind in ("Path", Path):
+        return Path(text)
+    return {"int": int, "float": float, "str": str}.get(kind, str)(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; an RNNSERVE_<FIELD> variable supplies the default."""
+    for f in fields(ServerConfig):
+        env = ENV_PREFIX + f.name.upper()
+        default = f.default if f.default is not MISSING else None
+        if env in os.environ:
+            default = _parse(f.type, os.environ[env])
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
+                            type=lambda text, kind=f.type: _parse(kind, text),
+                            choices=f.metadata.get("choices"),
+                            help=f"{f.metadata['help']} (default: {shown!s}; env {env})")
+
+
+def from_namespace(args: argparse.Namespace) -> ServerConfig:
+    config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    validate(config)
+    return config
+
+
+def validate(config: ServerConfig) -> None:
+    positive = ("intra_op_threads", "batch_workers", "max_batch_size", "max_sessions",
+                "max_timesteps", "max_batch_rows", "max_message_bytes")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.max_batch_delay < 0 or config.session_idle_timeout <= 0:
+        raise ValueError("--max-batch-delay must be >= 0 and --session-idle-timeout > 0")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")

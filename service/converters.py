@@ -1,0 +1,55 @@
+"""Protobuf ⇄ numpy for the native API, with the wire-format checks (shape vs byte count)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from service.errors import InvalidArgument
+from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from service.registry import LoadedModel
+from service.sessions import Session
+
+MAX_DIMS = 4
+FLOAT32 = np.dtype("<f4")
+
+
+def to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
+    shape = tuple(tensor.shape)
+    if not shape or len(shape) > MAX_DIMS or min(shape) < 0:
+        raise InvalidArgument(f"{what}: shape {list(shape)} must have 1 to {MAX_DIMS} "
+                              "non-negative dimensions")
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(tensor.data) != count * FLOAT32.itemsize:
+        raise InvalidArgument(f"{what}: shape {list(shape)} needs {count * FLOAT32.itemsize} "
+                              f"bytes of float32, got {len(tensor.data)}")
+    return np.frombuffer(tensor.data, FLOAT32).reshape(shape)
+
+
+def to_tensor(array: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(shape=array.shape, data=np.ascontiguousarray(array, FLOAT32).tobytes())
+
+
+def to_arrays(tensors: Mapping[str, pb.Tensor], what: str) -> dict[str, np.ndarray]:
+    return {name: to_array(t, f"{what}[{name}]") for name, t in tensors.items()}
+
+
+def to_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, pb.Tensor]:
+    return {name: to_tensor(a) for name, a in arrays.items()}
+
+
+def model_info(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
+    spec = model.spec
+    return pb.ModelInfo(
+        name=spec.name, version=spec.version, versions=versions, task=spec.task,
+        description=spec.description, cell=spec.cell, layers=spec.layers, units=spec.units,
+        features=spec.features, outputs=spec.outputs, output_kind=spec.output_kind,
+        states=[pb.StateInfo(name=s.input, output=s.output, size=s.size) for s in spec.states],
+        ready=model.ready)
+
+
+def session_info(session: Session, idle_timeout: float) -> pb.SessionInfo:
+    return pb.SessionInfo(session_id=session.id, model=session.model.spec.name,
+                          version=session.model.spec.version, steps=session.steps,
+                          idle_timeout_seconds=idle_timeout)

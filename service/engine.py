@@ -1,0 +1,255 @@
+"""The engine both front doors call: validation, whole-sequence prediction and session steps.
+
+Plain numpy in, plain numpy out; errors are service.errors classes. No gRPC here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.config import ServerConfig
+from service.errors import FailedPrecondition, InvalidArgument, ServingError, Unavailable
+from service.registry import LoadedModel, ModelRegistry
+from service.sessions import Session, SessionTable
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    model: LoadedModel
+    y: np.ndarray
+    final_states: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    y: np.ndarray
+    """[rows, k, outputs]; NaN in failed rows."""
+    steps: list[int]
+    errors: list[RowError]
+    sessions: list[Session | None]
+
+
+def _check_finite(array: np.ndarray, what: str) -> None:
+    if not np.isfinite(array).all():
+        raise InvalidArgument(f"{what} contains NaN or Inf")
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, registry: ModelRegistry,
+                 sessions: SessionTable) -> None:
+        self.config = config
+        self.registry = registry
+        self.sessions = sessions
+        self.draining = False
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down; reconnect (to another replica) and "
+                              "resume your session by id")
+
+    def model(self, name: str, version: int = 0) -> LoadedModel:
+        return self.registry.get(name, version)
+
+    def _check_x(self, model: LoadedModel, x: np.ndarray, what: str) -> None:
+        spec = model.spec
+        if x.ndim != 3 or x.shape[2] != spec.features:
+            raise InvalidArgument(f"{what} must be [rows, timesteps, {spec.features}] for "
+                                  f"{spec.name}, got shape {list(x.shape)}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise InvalidArgument(f"{what} is empty (shape {list(x.shape)})")
+        if x.shape[0] > self.config.max_batch_rows:
+            raise InvalidArgument(f"{what} has {x.shape[0]} rows; the limit is "
+                                  f"{self.config.max_batch_rows} (--max-batch-rows)")
+        if x.shape[1] > self.config.max_timesteps:
+            raise InvalidArgument(f"{what} has {x.shape[1]} timesteps; the limit is "
+                                  f"{self.config.max_timesteps} (--max-timesteps)")
+
+    def _states(self, model: LoadedModel, given: dict[str, np.ndarray],
+                rows: int) -> list[np.ndarray]:
+        """Given states in the model's order, [rows, size] each; missing ones are zeros."""
+        known = {s.input: s for s in model.spec.states}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise InvalidArgument(f"unknown state {', '.join(unknown)}; {model.spec.name} has "
+                                  f"{', '.join(known)}")
+        states = []
+        for name, spec in known.items():
+            state = given.get(name)
+            if state is None:
+                states.append(np.zeros((rows, spec.size), np.float32))
+                continue
+            if rows == 1 and state.shape == (spec.size,):
+                state = state[None]
+            if state.shape != (rows, spec.size):
+                raise InvalidArgument(f"state {name} must be [{rows}, {spec.size}], got "
+                                      f"{list(state.shape)}")
+            _check_finite(state, f"state {name}")
+            states.append(np.ascontiguousarray(state, np.float32))
+        return states
+
+    async def predict(self, name: str, version: int, x: np.ndarray, lengths: list[int],
+                      initial_states: dict[str, np.ndarray], last_only: bool) -> PredictResult:
+        self._check_open()
+        model = self.model(name, version)
+        self._check_x(model, x, "x")
+        rows, time = x.shape[:2]
+        lens = np.asarray(lengths or [time] * rows, np.int64)
+        if len(lens) != rows or lens.min() < 1 or lens.max() > time:
+            raise InvalidArgument(f"lengths must hold {rows} values in 1..{time}")
+        _check_finite(x, "x")
+        states = self._states(model, initial_states, rows)
+        if (lens == time).all():
+            y, finals = await model.batcher.predict(x, states)
+        else:
+            y, finals = await self._predict_ragged(model, x, lens, states)
+        if last_only:
+            y = y[np.arange(rows), lens - 1]
+        names = [s.input for s in model.spec.states]
+        return PredictResult(model, y, dict(zip(names, finals)))
+
+    async def _predict_ragged(self, model: LoadedModel, x: np.ndarray, lens: np.ndarray,
+                              states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Sequences of each length run as their own group: exact, no padded steps in the state."""
+        groups = [np.flatnonzero(lens == n) for n in np.unique(lens)]
+        results = await asyncio.gather(*(
+            model.batcher.predict(np.ascontiguousarray(x[idx, :lens[idx[0]]]),
+                                  [s[idx] for s in states]) for idx in groups))
+        y = np.zeros((*x.shape[:2], model.spec.outputs), np.float32)
+        finals = [np.empty_like(s) for s in states]
+        for idx, (y_group, final_group) in zip(groups, results):
+            y[idx, :y_group.shape[1]] = y_group
+            for out, part in zip(finals, final_group):
+                out[idx] = part
+        return y, finals
+
+    def open_session(self, name: str, version: int,
+                     initial_states: dict[str, np.ndarray]) -> Session:
+        self._check_open()
+        model = self.model(name, version)
+        states = self._states(model, initial_states, 1) if initial_states else None
+        return self.sessions.open(model, states)
+
+    def session(self, session_id: str) -> Session:
+        self._check_open()
+        return self.sessions.get(session_id)
+
+    async def step(self, session_ids: list[str], x: np.ndarray) -> StepOutcome:
+        """Advance each row's session by x's k timesteps. Rows fail alone; others proceed."""
+        self._check_open()
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3 or x.shape[0] != len(session_ids):
+            raise InvalidArgument(f"x must be [{len(session_ids)} sessions, timesteps, features]"
+                                  f", got shape {list(x.shape)}")
+        sessions, errors = self._resolve(session_ids, x)
+        valid = [s for s in sessions if s is not None]
+        if not valid:
+            return StepOutcome(np.full((*x.shape[:2], 0), np.nan, np.float32),
+                               [0] * len(sessions), errors, sessions)
+        outputs = valid[0].model.spec.outputs
+        y = np.full((*x.shape[:2], outputs), np.nan, np.float32)
+        async with AsyncExitStack() as stack:
+            for session in sorted(valid, key=lambda s: s.id):  # one order: no deadlock
+                await stack.enter_async_context(session.lock)
+            await self._run_steps(sessions, x, y, errors)
+        steps = [s.steps if s is not None else 0 for s in sessions]
+        return StepOutcome(y, steps, sorted(errors, key=lambda e: e.row), sessions)
+
+    def _resolve(self, session_ids: list[str],
+                 x: np.ndarray) -> tuple[list[Session | None], list[RowError]]:
+        self._check_step_shape(x)
+        bad_values = ~np.isfinite(x).all(axis=(1, 2))
+        sessions: list[Session | None] = []
+        errors: list[RowError] = []
+        seen: set[str] = set()
+        outputs = None
+        for row, session_id in enumerate(session_ids):
+            try:
+                if session_id in seen:
+                    raise InvalidArgument(f"session {session_id} appears twice in one message; "
+                                          "send its timesteps together as one row")
+                seen.add(session_id)
+                session = self.sessions.get(session_id)
+                spec = session.model.spec
+                if spec.features != x.shape[2]:
+                    raise InvalidArgument(f"session {session_id} ({spec.name}) takes "
+                                          f"{spec.features} features per step, got {x.shape[2]}")
+                if outputs not in (None, spec.outputs):
+                    raise InvalidArgument(f"session {session_id} ({spec.name}) has "
+                                          f"{spec.outputs} outputs, unlike the message's first "
+                                          "session; send it in its own message")
+                if bad_values[row]:
+                    raise InvalidArgument(f"timesteps for session {session_id} contain NaN or Inf")
+                outputs = spec.outputs
+                sessions.append(session)
+            except ServingError as exc:
+                sessions.append(None)
+                errors.append(RowError(row, exc.code, str(exc)))
+        return sessions, errors
+
+    def _check_step_shape(self, x: np.ndarray) -> None:
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise InvalidArgument(f"no timesteps to run (x shape {list(x.shape)})")
+        if x.shape[0] > self.config.max_batch_rows:
+            raise InvalidArgument(f"{x.shape[0]} sessions in one message; the limit is "
+                                  f"{self.config.max_batch_rows} (--max-batch-rows)")
+        if x.shape[1] > self.config.max_timesteps:
+            raise InvalidArgument(f"{x.shape[1]} timesteps per session in one message; the "
+                                  f"limit is {self.config.max_timesteps} (--max-timesteps)")
+
+    async def _run_steps(self, sessions: list[Session | None], x: np.ndarray, y: np.ndarray,
+                         errors: list[RowError]) -> None:
+        groups: dict[LoadedModel, list[int]] = {}
+        for row, session in enumerate(sessions):
+            if session is None:
+                continue
+            if self.sessions.ended(session):  # closed or evicted while we waited for its lock
+                sessions[row] = None
+                errors.append(RowError(row, FailedPrecondition.code,
+                                       f"session {session.id} ended before this step ran"))
+                continue
+            groups.setdefault(session.model, []).append(row)
+        rows_of = list(groups.values())
+        coros = [model.batcher.step(np.array([sessions[r].slot for r in rows]),
+                                    x[rows] if len(rows) < len(x) else x)
+                 for model, rows in groups.items()]
+        results = [await coros[0]] if len(coros) == 1 else await asyncio.gather(*coros)
+        now = self.sessions.clock()
+        k = x.shape[1]
+        for rows, y_rows in zip(rows_of, results):
+            y[rows] = y_rows
+            for r in rows:
+                sessions[r].steps += k
+                sessions[r].last_used = now
+
+    async def reset(self, session_id: str) -> Session:
+        session = self.session(session_id)
+        async with session.lock:
+            session.model.store.zero(session.slot)
+            session.steps = 0
+            session.last_used = self.sessions.clock()
+        return session
+
+    async def snapshot(self, session_id: str) -> tuple[Session, dict[str, np.ndarray]]:
+        session = self.session(session_id)
+        async with session.lock:
+            states = session.model.store.read(session.slot)
+            session.last_used = self.sessions.clock()
+        return session, {s.input: v for s, v in zip(session.model.spec.states, states)}
+
+    async def close(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        async with session.lock:
+            self.sessions.close(session, "closed by its client")
+        return session

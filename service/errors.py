@@ -1,0 +1,30 @@
+"""Engine errors, each carrying the gRPC status code (by name) the transport reports for it.
+
+The engine stays importable without grpc; the servicers map `code` to grpc.StatusCode in one place.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    code = "INTERNAL"
+
+
+class InvalidArgument(ServingError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ServingError):
+    code = "NOT_FOUND"
+
+
+class FailedPrecondition(ServingError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ServingError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ServingError):
+    code = "UNAVAILABLE"

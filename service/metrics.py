@@ -1,0 +1,79 @@
+"""Prometheus metrics, built once on a CollectorRegistry that is passed in (tests use their own)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from service.errors import ServingError
+
+MODEL = ("model", "version")
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+
+
+@dataclass
+class Call:
+    """Labels a tracked call learns as it goes (the model is known only after parsing)."""
+
+    model: str = ""
+    version: str = ""
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter("rnnserve_requests", "Requests (stream messages count singly) by "
+                                "method and gRPC status code", [*MODEL, "method", "code"],
+                                registry=registry)
+        self.latency = Histogram("rnnserve_request_duration_seconds",
+                                 "Time from request received to response ready",
+                                 [*MODEL, "method"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_wait = Histogram("rnnserve_queue_wait_seconds",
+                                    "Time work waited in the batcher before its run started",
+                                    MODEL, buckets=LATENCY_BUCKETS, registry=registry)
+        self.compute = Histogram("rnnserve_compute_seconds", "ONNX Runtime time per batch run",
+                                 MODEL, buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram("rnnserve_batch_size", "Rows (sequences or sessions) per "
+                                    "ONNX Runtime run", MODEL, buckets=BATCH_BUCKETS,
+                                    registry=registry)
+        self.timesteps = Counter("rnnserve_timesteps", "Timesteps processed", MODEL,
+                                 registry=registry)
+        self.sessions = Gauge("rnnserve_sessions", "Live sessions", MODEL, registry=registry)
+        self.evictions = Counter("rnnserve_session_evictions", "Sessions ended by the server, "
+                                 "by reason", [*MODEL, "reason"], registry=registry)
+        self.model_events = Counter("rnnserve_model_events", "Model version loads and unloads",
+                                    [*MODEL, "event"], registry=registry)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+
+    @contextmanager
+    def track(self, method: str) -> Iterator[Call]:
+        """Count and time one call; the code comes from the exception that ends it, if any."""
+        call = Call()
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            yield call
+        except ServingError as exc:
+            code = exc.code
+            raise
+        except BaseException as exc:
+            code = "CANCELLED" if type(exc).__name__ == "CancelledError" else "INTERNAL"
+            raise
+        finally:
+            self.requests.labels(call.model, call.version, method, code).inc()
+            self.latency.labels(call.model, call.version, method).observe(
+                time.perf_counter() - started)

@@ -1,0 +1,119 @@
+"""Loaded model versions: load new ones before retiring old ones, and keep a removed version
+serving the sessions pinned to it until the last of them ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.batcher import Batcher
+from service.config import ServerConfig
+from service.contract import ModelSpec
+from service.errors import NotFound, Unavailable
+from service.metrics import Metrics
+from service.repository import ModelVersion, scan
+from service.runner import Runner
+from service.state_store import StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    spec: ModelSpec
+    path: Path
+    runner: Runner
+    store: StateStore
+    batcher: Batcher
+    ready: bool = True
+    retiring: bool = False
+    sessions: int = 0
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.spec.name, str(self.spec.version)
+
+
+class ModelRegistry:
+    def __init__(self, config: ServerConfig, metrics: Metrics, executor: Executor) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.executor = executor
+        self.run_slots = asyncio.Semaphore(config.batch_workers)
+        self._models: dict[tuple[str, int], LoadedModel] = {}
+
+    def _load(self, found: ModelVersion) -> Runner:
+        runner = Runner(found.spec, found.path, self.config.device, self.config.intra_op_threads)
+        runner.warm_up()
+        return runner
+
+    async def sync(self) -> None:
+        """Load versions that appeared on disk; retire those that disappeared."""
+        found = await asyncio.get_running_loop().run_in_executor(
+            self.executor, scan, self.config.repository, self.config.models)
+        for key, version in sorted(found.items()):
+            if key in self._models:  # already loaded; back on disk if it was retiring
+                self._models[key].retiring = False
+                continue
+            try:
+                runner = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._load, version)
+            except Exception as exc:  # one broken model must not stop the others
+                log.error("cannot load %s v%d from %s: %s", *key, version.path, exc)
+                continue
+            self._add(version, runner)
+        for key, model in list(self._models.items()):
+            if key not in found and not model.retiring:
+                model.retiring = True
+                log.info("retiring %s v%d (%d sessions pinned)", *key, model.sessions)
+            if model.retiring and model.sessions == 0:
+                await self._unload(key)
+
+    def _add(self, version: ModelVersion, runner: Runner) -> None:
+        labels = (version.spec.name, str(version.spec.version))
+        store = StateStore(version.spec, self.config.max_sessions)
+        batcher = Batcher(runner, store, self.metrics, labels, self.executor, self.run_slots,
+                          self.config.max_batch_size, self.config.max_batch_delay / 1e6)
+        self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher)
+        self.metrics.model_events.labels(*labels, "load").inc()
+        log.info("loaded %s v%d on %s", *version.key, runner.provider)
+
+    async def _unload(self, key: tuple[str, int]) -> None:
+        model = self._models.pop(key)
+        await model.batcher.close()
+        self.metrics.model_events.labels(*model.labels, "unload").inc()
+        log.info("unloaded %s v%d", *key)
+
+    async def close(self) -> None:
+        for key in list(self._models):
+            await self._unload(key)
+
+    def serving(self) -> list[LoadedModel]:
+        """Versions open for new work, by name then version."""
+        return [m for k, m in sorted(self._models.items()) if not m.retiring]
+
+    def versions(self, name: str) -> list[int]:
+        return [m.spec.version for m in self.serving() if m.spec.name == name]
+
+    def get(self, name: str, version: int = 0) -> LoadedModel:
+        """The named version, or the latest when version is 0."""
+        if not name:
+            raise NotFound("no model named; ListModels shows what is served")
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(sorted({m.spec.name for m in self.serving()})) or "none"
+            raise NotFound(f"no model {name!r} (served: {known})")
+        chosen = version or versions[-1]
+        model = self._models.get((name, chosen))
+        if model is None or model.retiring:
+            raise NotFound(f"model {name!r} has no version {chosen} (loaded: {versions})")
+        if not model.ready:
+            raise Unavailable(f"model {name!r} v{chosen} is not ready")
+        return model
+
+    def set_ready(self, ready: bool) -> None:
+        for model in self._models.values():
+            model.ready = ready

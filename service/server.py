@@ -1,0 +1,145 @@
+"""Builds the gRPC server around the engine and runs it until SIGTERM/SIGINT, then drains."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from service.auth import BearerTokenInterceptor
+from service.config import ServerConfig
+from service.engine import Engine
+from service.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+from service.servicer import InferenceServicer
+from service.sessions import SessionTable
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = (rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
+EVICTION_PERIOD_MAX = 1.0
+
+
+@dataclass
+class Server:
+    """A started server: what tests and `serve` need to reach and to stop."""
+
+    config: ServerConfig
+    grpc_server: grpc.aio.Server
+    port: int
+    metrics_http: object | None
+    engine: Engine
+    health: health.aio.HealthServicer
+    executor: ThreadPoolExecutor
+    tasks: list[asyncio.Task]
+
+    async def set_health(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", status)
+        for name in {m.spec.name for m in self.engine.registry.serving()}:
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """Drain: health NOT_SERVING, new work UNAVAILABLE, in-flight work gets the grace period."""
+        self.engine.draining = True
+        await self.set_health(False)
+        await self.grpc_server.stop(self.config.shutdown_grace)
+        for task in self.tasks:
+            task.cancel()
+        self.engine.sessions.close_all("ended by a server shutdown")
+        await self.engine.registry.close()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+        self.executor.shutdown(wait=False)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_http.server_port if self.metrics_http is not None else None
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    return grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
+                                         Path(config.tls_cert).read_bytes())])
+
+
+async def _every(period: float, action, what: str) -> None:
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await action()
+        except Exception:  # a failed poll or sweep is retried next period
+            log.exception("%s failed", what)
+
+
+async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> Server:
+    """Load the models and start serving on config's ports (0 picks free ones)."""
+    metrics = Metrics(registry or CollectorRegistry())
+    executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1,
+                                  thread_name_prefix="ort")
+    models = ModelRegistry(config, metrics, executor)
+    await models.sync()
+    if not models.serving():
+        raise RuntimeError(f"no loadable model in {config.repository}")
+    sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics)
+    engine = Engine(config, models, sessions)
+    interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    limits = [("grpc.max_receive_message_length", config.max_message_bytes),
+              ("grpc.max_send_message_length", config.max_message_bytes)]
+    server = grpc.aio.server(interceptors=interceptors, options=limits)
+    rnnserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.grpc_port}"
+    credentials = _credentials(config)
+    port = (server.add_secure_port(address, credentials) if credentials
+            else server.add_insecure_port(address))
+    http = None
+    if config.metrics_port >= 0:
+        http, _ = start_http_server(config.metrics_port, addr=config.host,
+                                    registry=metrics.registry)
+    await server.start()
+
+    async def sweep() -> None:
+        sessions.evict_idle()
+
+    tasks = [asyncio.create_task(_every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4),
+                                        sweep, "idle sweep"))]
+    if config.repository_poll > 0:
+        tasks.append(asyncio.create_task(_every(config.repository_poll, models.sync,
+                                                "repository poll")))
+    started = Server(config, server, port, http, engine, health_servicer, executor, tasks)
+    await started.set_health(True)
+    log.info("serving %s on %s:%d (metrics on %s)",
+             ", ".join(f"{m.spec.name} v{m.spec.version}" for m in models.serving()),
+             config.host, port, started.metrics_port)
+    return started
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain within --shutdown-grace."""
+    server = await create_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining for up to %.1f s", config.shutdown_grace)
+    with contextlib.suppress(asyncio.CancelledError):
+        await server.stop()
+    log.info("stopped")

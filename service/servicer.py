@@ -1,0 +1,224 @@
+"""The native rnnserve.v1 front door: protobuf in, engine call, protobuf out. No model logic."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from service.converters import (
+    model_info,
+    session_info,
+    to_array,
+    to_arrays,
+    to_tensor,
+    to_tensors,
+)
+from service.engine import Engine, StepOutcome
+from service.errors import InvalidArgument, ServingError
+from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from service.metrics import Call, Metrics
+from service.sessions import Session
+
+log = logging.getLogger(__name__)
+
+
+def status_code(error: ServingError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code]
+
+
+def internal_error(method: str) -> ServingError:
+    """An unexpected failure: logged with its trace here, reported to the client without it."""
+    log.exception("unexpected error in %s", method)
+    return ServingError("internal error; the server log has the details")
+
+
+def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Track metrics for a unary RPC and map engine errors to gRPC status codes."""
+
+    @functools.wraps(method)
+    async def handler(self: InferenceServicer, request: Any,
+                      context: grpc.aio.ServicerContext) -> Any:
+        try:
+            with self.metrics.track(method.__name__) as call:
+                return await method(self, request, call)
+        except ServingError as exc:
+            await context.abort(status_code(exc), str(exc))
+        except Exception:
+            await context.abort(grpc.StatusCode.INTERNAL, str(internal_error(method.__name__)))
+
+    return handler
+
+
+def _label(call: Call, session: Session) -> None:
+    call.model, call.version = session.model.labels
+
+
+def step_results(outcome: StepOutcome) -> pb.StepResults:
+    return pb.StepResults(
+        y=to_tensor(outcome.y), steps=outcome.steps,
+        errors=[pb.StepError(row=e.row, code=grpc.StatusCode[e.code].value[0], message=e.message)
+                for e in outcome.errors])
+
+
+@dataclass
+class _StreamState:
+    current: str = ""
+    """The session an `open` last opened or resumed; Steps without ids go to it."""
+
+
+class InferenceServicer(rpc.InferenceServicer):
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    @property
+    def idle_timeout(self) -> float:
+        return self.engine.sessions.idle_timeout
+
+    @unary
+    async def ListModels(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
+        registry = self.engine.registry
+        return pb.ListModelsResponse(models=[model_info(m, registry.versions(m.spec.name))
+                                             for m in registry.serving()])
+
+    @unary
+    async def GetModel(self, request: pb.GetModelRequest, call: Call) -> pb.ModelInfo:
+        model = self.engine.model(request.model, request.version)
+        call.model, call.version = model.labels
+        return model_info(model, self.engine.registry.versions(request.model))
+
+    @unary
+    async def Predict(self, request: pb.PredictRequest, call: Call) -> pb.PredictResponse:
+        call.model = request.model
+        result = await self.engine.predict(
+            request.model, request.version, to_array(request.x, "x"), list(request.lengths),
+            to_arrays(request.initial_states, "initial_states"),
+            request.output_mode == pb.OUTPUT_MODE_LAST_STEP)
+        call.model, call.version = result.model.labels
+        return pb.PredictResponse(model=result.model.spec.name,
+                                  version=result.model.spec.version, y=to_tensor(result.y),
+                                  final_states=to_tensors(result.final_states))
+
+    @unary
+    async def OpenSession(self, request: pb.OpenSessionRequest, call: Call) -> pb.SessionInfo:
+        if request.resume_session_id:
+            raise InvalidArgument("resume_session_id belongs in a Stream's open message; unary "
+                                  "calls name the session directly")
+        return self._opened(request, call)
+
+    @unary
+    async def Step(self, request: pb.Steps, call: Call) -> pb.StepResults:
+        outcome = await self.engine.step(list(request.session_ids), to_array(request.x, "x"))
+        first = next((s for s in outcome.sessions if s is not None), None)
+        if first is not None:
+            _label(call, first)
+        return step_results(outcome)
+
+    @unary
+    async def ResetSession(self, request: pb.SessionRef, call: Call) -> pb.SessionInfo:
+        session = await self.engine.reset(request.session_id)
+        _label(call, session)
+        return session_info(session, self.idle_timeout)
+
+    @unary
+    async def GetSessionState(self, request: pb.SessionRef, call: Call) -> pb.SessionState:
+        return self._state(*await self.engine.snapshot(request.session_id), call)
+
+    @unary
+    async def CloseSession(self, request: pb.SessionRef, call: Call) -> pb.SessionInfo:
+        session = await self.engine.close(request.session_id)
+        _label(call, session)
+        return session_info(session, self.idle_timeout)
+
+    def _opened(self, request: pb.OpenSessionRequest, call: Call) -> pb.SessionInfo:
+        session = self.engine.open_session(request.model, request.version,
+                                           to_arrays(request.initial_states, "initial_states"))
+        _label(call, session)
+        return session_info(session, self.idle_timeout)
+
+    def _state(self, session: Session, states: dict, call: Call) -> pb.SessionState:
+        _label(call, session)
+        return pb.SessionState(session=session_info(session, self.idle_timeout),
+                               states=to_tensors(states))
+
+    async def Stream(self, requests: AsyncIterator[pb.StreamRequest],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
+        stream = _StreamState()
+        async for request in requests:
+            if self.engine.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "the server is shutting down; reconnect and resume your "
+                                    "session by id")
+            yield await self._stream_message(request, stream)
+
+    async def _stream_message(self, request: pb.StreamRequest,
+                              stream: _StreamState) -> pb.StreamResponse:
+        """One message, one response; a failure becomes an error response, never a dead stream."""
+        response = pb.StreamResponse(request_id=request.request_id)
+        kind = request.WhichOneof("kind")
+        try:
+            with self.metrics.track("Stream") as call:
+                if kind == "steps":
+                    ids = list(request.steps.session_ids) or [self._current(stream)]
+                    outcome = await self.engine.step(ids, to_array(request.steps.x, "steps.x"))
+                    first = next((s for s in outcome.sessions if s is not None), None)
+                    if first is not None:
+                        _label(call, first)
+                    response.results.CopyFrom(step_results(outcome))
+                elif kind == "open":
+                    response.opened.CopyFrom(self._stream_open(request.open, stream, call))
+                elif kind == "control":
+                    await self._control(request.control, stream, response, call)
+                else:
+                    raise InvalidArgument("empty StreamRequest: set open, steps or control")
+        except ServingError as exc:
+            response.error.CopyFrom(pb.Status(code=status_code(exc).value[0], message=str(exc)))
+        except Exception:
+            error = internal_error("Stream")
+            response.error.CopyFrom(pb.Status(code=grpc.StatusCode.INTERNAL.value[0],
+                                              message=str(error)))
+        return response
+
+    @staticmethod
+    def _current(stream: _StreamState) -> str:
+        if not stream.current:
+            raise InvalidArgument("no session on this stream yet: send `open` first, or name the "
+                                  "sessions in steps.session_ids")
+        return stream.current
+
+    def _stream_open(self, request: pb.OpenSessionRequest, stream: _StreamState,
+                     call: Call) -> pb.SessionInfo:
+        if request.resume_session_id:
+            if request.model or request.version or request.initial_states:
+                raise InvalidArgument("resume takes only resume_session_id: the session keeps its "
+                                      "model, version and state")
+            session = self.engine.session(request.resume_session_id)
+            _label(call, session)
+            info = session_info(session, self.idle_timeout)
+        else:
+            info = self._opened(request, call)
+        stream.current = info.session_id
+        return info
+
+    async def _control(self, control: pb.Control, stream: _StreamState,
+                       response: pb.StreamResponse, call: Call) -> None:
+        session_id = control.session_id or self._current(stream)
+        if control.action == pb.CONTROL_ACTION_RESET:
+            session = await self.engine.reset(session_id)
+        elif control.action == pb.CONTROL_ACTION_SNAPSHOT:
+            response.state.CopyFrom(self._state(*await self.engine.snapshot(session_id), call))
+            return
+        elif control.action == pb.CONTROL_ACTION_CLOSE:
+            session = await self.engine.close(session_id)
+            if stream.current == session_id:
+                stream.current = ""
+        else:
+            raise InvalidArgument("control.action must be RESET, SNAPSHOT or CLOSE")
+        _label(call, session)
+        response.session.CopyFrom(session_info(session, self.idle_timeout))

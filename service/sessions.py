@@ -1,0 +1,99 @@
+"""Live sessions: open → step … → close, or idle-out after --session-idle-timeout.
+
+A session's lock serialises its work, so its steps apply in order even when they come from
+several streams or unary calls at once. Recently ended ids are remembered, so a late step gets
+FAILED_PRECONDITION ("closed", "evicted") instead of a puzzling NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from service.metrics import Metrics
+from service.registry import LoadedModel
+
+REMEMBER_ENDED = 100_000
+SESSION_ID_HEX = 32
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    model: LoadedModel
+    slot: int
+    last_used: float
+    steps: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class SessionTable:
+    def __init__(self, max_sessions: int, idle_timeout: float, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.metrics = metrics
+        self.clock = clock
+        self._live: dict[str, Session] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def open(self, model: LoadedModel, states: list[np.ndarray] | None) -> Session:
+        if len(self._live) >= self.max_sessions:
+            raise ResourceExhausted(f"the server holds its maximum of {self.max_sessions} "
+                                    "sessions; close finished sessions or retry later")
+        slot = model.store.allocate()
+        if states is not None:
+            model.store.write(slot, states)
+        session = Session(secrets.token_hex(SESSION_ID_HEX // 2), model, slot, self.clock())
+        self._live[session.id] = session
+        model.sessions += 1
+        self.metrics.sessions.labels(*model.labels).inc()
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._live.get(session_id)
+        if session is not None:
+            return session
+        if len(session_id) != SESSION_ID_HEX:
+            raise InvalidArgument(f"session id {session_id!r} is not {SESSION_ID_HEX} hex digits")
+        ended = self._ended.get(session_id)
+        if ended is not None:
+            raise FailedPrecondition(f"session {session_id} was {ended}; open a new session")
+        raise NotFound(f"no session {session_id} on this server")
+
+    def ended(self, session: Session) -> bool:
+        return self._live.get(session.id) is not session
+
+    def close(self, session: Session, reason: str) -> None:
+        """End a session; `reason` reads as 'session … was <reason>'."""
+        if self._live.pop(session.id, None) is None:
+            return
+        session.model.store.release(session.slot)
+        session.model.sessions -= 1
+        self.metrics.sessions.labels(*session.model.labels).dec()
+        self._ended[session.id] = reason
+        while len(self._ended) > REMEMBER_ENDED:
+            self._ended.popitem(last=False)
+
+    def evict_idle(self) -> int:
+        """Close sessions idle past the timeout; a session with work in flight is never idle."""
+        limit = self.clock() - self.idle_timeout
+        idle = [s for s in self._live.values() if s.last_used < limit and not s.lock.locked()]
+        for session in idle:
+            self.close(session, f"evicted after {self.idle_timeout:g} s idle")
+            self.metrics.evictions.labels(*session.model.labels, "idle").inc()
+        return len(idle)
+
+    def close_all(self, reason: str) -> None:
+        for session in list(self._live.values()):
+            self.close(session, reason)

@@ -1,0 +1,52 @@
+"""Preallocated recurrent state per model version: one [capacity, size] array per state tensor.
+
+A session owns a slot (a row index). Steps gather the rows of a batch into the ORT feed and
+scatter the final states back, so no step allocates per-session arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.contract import ModelSpec
+from service.errors import ResourceExhausted
+
+
+class StateStore:
+    def __init__(self, spec: ModelSpec, capacity: int) -> None:
+        self.capacity = capacity
+        self.arrays = [np.zeros((capacity, s.size), np.float32) for s in spec.states]
+        self._free = list(range(capacity - 1, -1, -1))
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise ResourceExhausted(f"all {self.capacity} session slots of this model are in use; "
+                                    "close idle sessions or raise --max-sessions")
+        slot = self._free.pop()
+        self.zero(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def zero(self, slot: int) -> None:
+        for array in self.arrays:
+            array[slot] = 0.0
+
+    def write(self, slot: int, states: list[np.ndarray]) -> None:
+        for array, state in zip(self.arrays, states):
+            array[slot] = state
+
+    def read(self, slot: int) -> list[np.ndarray]:
+        return [array[slot].copy() for array in self.arrays]
+
+    def gather(self, slots: np.ndarray) -> list[np.ndarray]:
+        return [array[slots] for array in self.arrays]
+
+    def scatter(self, slots: np.ndarray, states: list[np.ndarray]) -> None:
+        for array, state in zip(self.arrays, states):
+            array[slots] = state
