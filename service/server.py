@@ -42,17 +42,16 @@ class Server:
     executor: ThreadPoolExecutor
     tasks: list[asyncio.Task]
 
-    async def set_health(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set("", status)
+    async def set_serving(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self.health.set("", serving)
         for name in {m.spec.name for m in self.engine.registry.serving()}:
-            await self.health.set(name, status)
+            await self.health.set(name, serving)
 
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, new work UNAVAILABLE, in-flight work gets the grace period."""
         self.engine.draining = True
-        await self.set_health(False)
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
         await self.grpc_server.stop(self.config.shutdown_grace)
         for task in self.tasks:
             task.cancel()
@@ -124,7 +123,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         tasks.append(asyncio.create_task(_every(config.repository_poll, models.sync,
                                                 "repository poll")))
     started = Server(config, server, port, http, engine, health_servicer, executor, tasks)
-    await started.set_health(True)
+    await started.set_serving()
     log.info("serving %s on %s:%d (metrics on %s)",
              ", ".join(f"{m.spec.name} v{m.spec.version}" for m in models.serving()),
              config.host, port, started.metrics_port)

@@ -1,0 +1,59 @@
+# Two commands do everything: `make serve` and `make test`. See README.md.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+GEN    := service/generated/rnnserve/v1/rnnserve_pb2.py
+PROTOS := $(shell find proto -name '*.proto')
+IMAGE  ?= rnnserve
+
+.PHONY: install install-test serve test train bench proto lint docker docker-gpu clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Serving dependencies only (no TensorFlow), then the generated gRPC code.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(GEN): $(PROTOS) $(STAMP)
+	$(PY) -m service.protogen
+
+install: $(STAMP) $(GEN)
+
+proto: $(STAMP)
+	$(PY) -m service.protogen
+
+serve: install
+	$(VENV)/bin/rnnserve serve --repository exported
+
+$(VENV)/.installed-test: pyproject.toml $(STAMP)
+	$(PIP) install --quiet -e '.[training,test]'
+	touch $@
+
+install-test: install $(VENV)/.installed-test
+
+test: install-test
+	$(PY) -m pytest
+
+train: install-test
+	$(PY) -m training train --task all --out exported
+
+bench: install
+	$(PY) -m bench.streaming
+
+lint: install-test
+	$(VENV)/bin/ruff check service training tests bench
+
+docker:
+	docker build -t $(IMAGE) .
+
+docker-gpu:
+	docker build --build-arg FLAVOR=gpu -t $(IMAGE):gpu .
+
+clean:
+	rm -rf $(VENV) service/generated .pytest_cache .ruff_cache bench/results
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,97 @@
+"""Real servers on loopback ports (port 0: the OS picks), real clients, the committed models."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.client import Client
+from service.config import ServerConfig
+from service.contract import GOLDEN_FILE, read_spec
+from service.server import Server, create_server
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORTED = ROOT / "exported"
+MODELS = sorted(p.parent.parent.name for p in EXPORTED.glob("*/*/model.onnx"))
+
+
+class RunningServer:
+    """A server on its own event loop thread, so tests can use the blocking client."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.server: Server = self.loop.run_until_complete(create_server(config))
+            except BaseException as exc:
+                self.error = exc
+                started.set()
+                return
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        started.wait(60)
+        if self.error:
+            raise self.error
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    def call(self, coro):
+        """Run a coroutine on the server's loop (for engine-level checks)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def stop(self) -> None:
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def client(self, **kwargs) -> Client:
+        return Client(self.address, **kwargs)
+
+
+def make_config(**overrides) -> ServerConfig:
+    base = ServerConfig(repository=EXPORTED, grpc_port=0, metrics_port=0)
+    return dataclasses.replace(base, **overrides)
+
+
+@contextmanager
+def running(**overrides) -> Iterator[RunningServer]:
+    server = RunningServer(make_config(**overrides))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RunningServer]:
+    with running() as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[Client]:
+    with server.client() as c:
+        yield c
+
+
+def golden(name: str) -> dict[str, np.ndarray]:
+    version_dir = max((EXPORTED / name).iterdir(), key=lambda p: int(p.name))
+    with np.load(version_dir / GOLDEN_FILE) as data:
+        return dict(data)
+
+
+def spec(name: str):
+    return read_spec(max((EXPORTED / name).iterdir(), key=lambda p: int(p.name)))

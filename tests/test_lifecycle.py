@@ -1,0 +1,137 @@
+"""Start-up, repository changes, SIGTERM drain, TLS and configuration from the environment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.client import Client, RnnServeError
+from service.config import ServerConfig, add_arguments, from_namespace
+from tests.conftest import EXPORTED, ROOT, running
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def test_repository_poll_loads_and_retires_versions(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EXPORTED / "echo", repo / "echo")
+    with running(repository=repo, repository_poll=0.1) as srv, srv.client() as client:
+        assert [m.version for m in client.list_models()] == [1]
+        pinned = client.open_session("echo")
+        v2 = repo / "echo" / "2"
+        shutil.copytree(repo / "echo" / "1", v2)
+        text = (v2 / "model.json").read_text().replace('"version": 1', '"version": 2')
+        (v2 / "model.json").write_text(text)
+        wait_for(lambda: client.get_model("echo").version == 2)
+        assert list(client.get_model("echo").versions) == [1, 2]
+        shutil.rmtree(repo / "echo" / "1")
+        wait_for(lambda: list(client.get_model("echo").versions) == [2])
+        assert client.step(pinned.session_id, [1.0]).shape == (1, 2)  # still served
+        with pytest.raises(RnnServeError) as err:
+            client.open_session("echo", version=1)
+        assert err.value.code.name == "NOT_FOUND"
+        client.close_session(pinned.session_id)
+        engine = srv.server.engine
+        wait_for(lambda: all(m.spec.version == 2 for m in engine.registry._models.values()))
+
+
+def test_broken_model_is_skipped_not_fatal(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EXPORTED / "echo", repo / "echo")
+    broken = repo / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"not onnx")
+    shutil.copy(EXPORTED / "echo" / "1" / "model.json", broken / "model.json")
+    with running(repository=repo) as srv, srv.client() as client:
+        assert [m.name for m in client.list_models()] == ["echo"]
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    env = {**os.environ, "RNNSERVE_GRPC_PORT": "0", "RNNSERVE_METRICS_PORT": "-1",
+           "RNNSERVE_SHUTDOWN_GRACE": "5", "PYTHONUNBUFFERED": "1"}
+    port_file = tmp_path / "log"
+    with open(port_file, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--repository",
+                                 str(EXPORTED)], cwd=ROOT, env=env, stderr=log)
+    try:
+        wait_for(lambda: "serving" in port_file.read_text())
+        line = next(ln for ln in port_file.read_text().splitlines() if "serving" in ln)
+        port = int(line.split("127.0.0.1:")[1].split(" ")[0])
+        with Client(f"127.0.0.1:{port}") as client, client.stream("echo") as stream, \
+                grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream.step([1.0])
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="echo"))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            with pytest.raises(RnnServeError) as err:
+                stream.step([1.0])
+            assert err.value.code.name == "UNAVAILABLE"
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+    assert '"stopped"' in port_file.read_text()
+
+
+def test_tls(tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    with running(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")) as srv:
+        address = f"localhost:{srv.server.port}"
+        with Client(address, root_certificates=tmp_path / "cert.pem") as secure:
+            assert secure.predict("echo", np.ones((1, 4, 1))).y.shape == (1, 4, 2)
+        with Client(address, timeout=2) as plain:
+            with pytest.raises(RnnServeError) as err:
+                plain.list_models()
+            assert err.value.code.name == "UNAVAILABLE"
+
+
+def test_every_flag_reads_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    monkeypatch.setenv("RNNSERVE_MAX_SESSIONS", "7")
+    monkeypatch.setenv("RNNSERVE_MODELS", "echo,digits")
+    monkeypatch.setenv("RNNSERVE_SESSION_IDLE_TIMEOUT", "2.5")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_namespace(parser.parse_args(["--grpc-port", "9"]))
+    assert config == ServerConfig(max_sessions=7, models=("echo", "digits"),
+                                  session_idle_timeout=2.5, grpc_port=9)
+    with pytest.raises(ValueError):
+        from_namespace(parser.parse_args(["--max-batch-size", "0"]))
+    assert "RNNSERVE_MAX_BATCH_DELAY" in parser.format_help()

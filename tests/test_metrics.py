@@ -1,0 +1,62 @@
+"""/metrics over HTTP: the documented families with the right labels, in valid exposition format."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.client import Client
+from tests.conftest import running
+
+
+def scrape(port: int) -> dict[str, list]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def value(samples: list, name: str, **labels: str) -> float:
+    return sum(s.value for s in samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_count_what_happened() -> None:
+    with running(session_idle_timeout=0.3) as srv, Client(srv.address) as client:
+        client.predict("binary_add", np.zeros((3, 8, 2), np.float32))
+        with client.stream("echo") as stream:
+            for bit in (1, 0, 1, 1):
+                stream.step([bit])
+            stream.step(np.ones((4, 1)))
+        try:
+            client.predict("nope", np.zeros((1, 1, 1)))
+        except Exception:
+            pass
+        families = scrape(srv.server.metrics_port)
+        deadline = time.monotonic() + 10  # the stream's session was left open: the sweep ends it
+        while time.monotonic() < deadline and value(
+                scrape(srv.server.metrics_port)["rnnserve_session_evictions"],
+                "rnnserve_session_evictions_total") < 1:
+            time.sleep(0.05)
+        after = scrape(srv.server.metrics_port)
+    requests = families["rnnserve_requests"]
+    assert value(requests, "rnnserve_requests_total", model="binary_add", method="Predict",
+                 code="OK") == 1
+    assert value(requests, "rnnserve_requests_total", method="Predict", code="NOT_FOUND") == 1
+    assert value(requests, "rnnserve_requests_total", model="echo", version="1",
+                 method="Stream", code="OK") == 6  # open + 5 step messages
+    assert value(families["rnnserve_timesteps"], "rnnserve_timesteps_total", model="echo") == 8
+    assert value(families["rnnserve_timesteps"], "rnnserve_timesteps_total",
+                 model="binary_add") == 24
+    assert value(families["rnnserve_batch_size"], "rnnserve_batch_size_count", model="echo") == 5
+    for family in ("rnnserve_request_duration_seconds", "rnnserve_queue_wait_seconds",
+                   "rnnserve_compute_seconds"):
+        assert value(families[family], f"{family}_count") >= 1, family
+    assert value(families["rnnserve_sessions"], "rnnserve_sessions", model="echo") == 1
+    assert value(after["rnnserve_sessions"], "rnnserve_sessions", model="echo") == 0
+    assert value(after["rnnserve_session_evictions"], "rnnserve_session_evictions_total",
+                 model="echo", reason="idle") == 1
+    assert value(families["rnnserve_model_events"], "rnnserve_model_events_total",
+                 event="load") == 4
+    assert "process_cpu_seconds" in families

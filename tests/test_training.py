@@ -1,0 +1,99 @@
+"""Training and export (needs the training extra): tiny models, the real parity checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("tensorflow", reason="training extra not installed")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import keras  # noqa: E402
+
+from service.contract import CELLS, read_spec  # noqa: E402
+from training.architecture import Architecture, build_model  # noqa: E402
+from training.onnx_export import ExportError, to_onnx  # noqa: E402
+from training.pipeline import ExportRequest, export_task  # noqa: E402
+from training.tasks import TASKS  # noqa: E402
+from training.verify import make_probe, max_diff, run_onnx, verify_export  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+
+TINY_EPOCHS = {"echo": 1, "binary_add": 20, "digits": 1, "forecast": 1}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_export_is_exact_for_every_cell(cell: str, layers: int) -> None:
+    keras.utils.set_random_seed(layers)
+    arch = Architecture(features=3, outputs=4, head="softmax", cell=cell, layers=layers, units=7,
+                        input_scale=(0.5, 2.0, 1.0), input_offset=(0.1, -1.0, 0.0))
+    model = build_model(arch)
+    sample = np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32)
+    report = verify_export(model, to_onnx(model), sample)  # raises past 1e-5
+    assert set(report) == {"onnx_vs_keras", "streamed_vs_whole", "batch1_vs_batch64"}
+
+
+@pytest.mark.parametrize("cell", ["gru", "simple_rnn", "lstm"])
+def test_native_graph_agrees_with_tf2onnx(cell: str) -> None:
+    """An independent converter (tf2onnx: Loop for GRU/SimpleRNN, native for LSTM) agrees."""
+    import tensorflow as tf
+    import tf2onnx
+
+    arch = Architecture(features=2, outputs=1, head="sigmoid", cell=cell, layers=2, units=5)
+    model = build_model(arch)
+    signature = [tf.TensorSpec((None, None, 2), tf.float32, name="x")] + [
+        tf.TensorSpec((None, 5), tf.float32, name=t.name) for t in model.inputs[1:]]
+    reference, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=17)
+    probe = make_probe(model, np.random.default_rng(1).random((50, 2), np.float32), 8, 9)
+    ours = run_onnx(ort.InferenceSession(to_onnx(model).SerializeToString()), probe)
+    theirs_session = ort.InferenceSession(reference.SerializeToString())
+    theirs = theirs_session.run(None, probe.feeds())
+    assert max(float(np.max(np.abs(ours["y"] - t))) for t in theirs
+               if t.shape == ours["y"].shape) <= 1e-5
+
+
+def test_export_refuses_what_it_cannot_serve_exactly() -> None:
+    x = keras.Input((None, 1), name="x")
+    h = keras.Input((4,), name="h0")
+    backwards = keras.layers.GRU(4, return_sequences=True, return_state=True, go_backwards=True)
+    seq, _ = backwards(x, initial_state=[h])
+    with pytest.raises(ExportError, match="backwards"):
+        to_onnx(keras.Model([x, h], [keras.layers.Dense(1)(seq)]))
+    bidi = keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True))(x)
+    with pytest.raises(ExportError, match="Bidirectional"):
+        to_onnx(keras.Model(x, keras.layers.Dense(1)(bidi)))
+    arch = Architecture(features=1, outputs=1, head="linear", cell="lstm", units=3,
+                        activation="hard_sigmoid")
+    with pytest.raises(ExportError, match="hard_sigmoid"):
+        to_onnx(build_model(arch))
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_tiny_training_exports_a_servable_model(task: str, tmp_path: Path) -> None:
+    t = TASKS[task](seed=0)
+    request = ExportRequest(cell="gru", layers=1, units=6, activation="tanh",
+                            epochs=TINY_EPOCHS[task], out=tmp_path)
+    path = export_task(t, request, require_bar=False)
+    spec = read_spec(path)
+    assert (spec.name, spec.version, spec.cell) == (task, 1, "gru")
+    for name in ("model.onnx", "model.json", "golden.npz", "training.png"):
+        assert (path / name).stat().st_size > 0
+    assert max(spec.extra["verification"][k] for k in
+               ("onnx_vs_keras", "streamed_vs_whole", "batch1_vs_batch64")) <= 1e-5
+
+
+def test_cli_reruns_give_identical_models(tmp_path: Path) -> None:
+    outputs = []
+    for run in ("a", "b"):
+        cmd = [sys.executable, "-m", "training", "train", "--task", "echo", "--epochs", "1",
+               "--cell", "lstm", "--out", str(tmp_path / run), "--no-bar"]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+        with np.load(tmp_path / run / "echo" / "1" / "golden.npz") as data:
+            outputs.append(data["expected_y"])
+    assert max_diff({"y": outputs[0]}, {"y": outputs[1]}) == 0.0
