@@ -7,16 +7,18 @@ STAMP  := $(VENV)/.installed
 GEN    := service/generated/rnnserve/v1/rnnserve_pb2.py
 PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
+ORT    ?= cpu
 
-.PHONY: install install-test serve test train bench proto lint docker docker-gpu clean
+.PHONY: install install-test serve test train bench proto lint docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
 # Serving dependencies only (no TensorFlow), then the generated gRPC code.
+# ORT=gpu installs onnxruntime-gpu instead of onnxruntime (the CUDA image does this).
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e '.[$(ORT)]'
 	touch $@
 
 $(GEN): $(PROTOS) $(STAMP)
@@ -31,7 +33,7 @@ serve: install
 	$(VENV)/bin/rnnserve serve --repository exported
 
 $(VENV)/.installed-test: pyproject.toml $(STAMP)
-	$(PIP) install --quiet -e '.[training,test]'
+	$(PIP) install --quiet -e '.[$(ORT),training,test]'
 	touch $@
 
 install-test: install $(VENV)/.installed-test
@@ -53,6 +55,9 @@ docker:
 
 docker-gpu:
 	docker build --build-arg FLAVOR=gpu -t $(IMAGE):gpu .
+
+docker-train:
+	docker build --target train -t $(IMAGE):train .
 
 clean:
 	rm -rf $(VENV) service/generated .pytest_cache .ruff_cache bench/results

@@ -21,17 +21,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnserve", description="Serve recurrent ONNX models over "
                                 "gRPC: whole sequences and stateful streams.")
     sub = p.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the server (every flag also from RNNSERVE_*)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve = sub.add_parser("serve", help="run the server (every flag also from RNNSERVE_*)")
     config_module.add_arguments(serve)
-    for name, text in (("models", "list the served models"),
+    for name, text in (("health", "exit 0 if the server reports SERVING (container probe)"),
+                       ("models", "list the served models"),
                        ("predict", "predict whole sequences read from stdin"),
                        ("stream", "stream stdin lines as timesteps of one session")):
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("--address", default=os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS))
         cmd.add_argument("--token", default=os.environ.get("RNNSERVE_AUTH_TOKEN") or None,
                          help="bearer token (env RNNSERVE_AUTH_TOKEN)")
-        if name != "models":
+        if name not in ("models", "health"):
             cmd.add_argument("--model", required=True)
             cmd.add_argument("--version", type=int, default=0, help="0: the latest")
     sub.choices["predict"].add_argument(
@@ -102,6 +102,21 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=3).status
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {exc.code().name}", file=sys.stderr)
+            return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from service.logs import configure
     from service.server import serve
@@ -122,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_serve(args)
     from service.client import RnnServeError
 
-    commands = {"models": run_models, "predict": run_predict, "stream": run_stream}
+    commands = {"health": run_health, "models": run_models, "predict": run_predict,
+                "stream": run_stream}
     try:
         return commands[args.command](args)
     except RnnServeError as exc:

@@ -1,4 +1,4 @@
-"""Server configuration: one typed dataclass; every field is a CLI flag and an RNNSERVE_* variable."""
+"""Server configuration: one typed dataclass; each field is a CLI flag and an RNNSERVE_* var."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class ServerConfig:
     max_batch_size: int = _opt(256, "rows one coalesced ONNX Runtime run may take")
     max_batch_delay: int = _opt(0, "µs a batch waits for more work after its first item; 0 "
                                    "takes what is queued, which batches well under load")
-    max_sessions: int = _opt(10_000, "live sessions per model; more get RESOURCE_EXHAUSTED")
+    max_sessions: int = _opt(10_000, "live sessions in all; more get RESOURCE_EXHAUSTED "
+                                     "(each model preallocates this many state slots)")
     session_idle_timeout: float = _opt(300.0, "seconds without a step before a session is evicted")
     max_timesteps: int = _opt(100_000, "timesteps per sequence or per session in one request")
     max_batch_rows: int = _opt(65_536, "sequences per Predict, sessions per Steps message")

@@ -34,8 +34,8 @@ def main() -> int:
         for parts in packages:
             if parts:
                 dotted = ".".join(parts)
-                text = re.sub(rf"^from {re.escape(dotted)} import", f"from service.generated.{dotted} import",
-                              text, flags=re.M)
+                text = re.sub(rf"^from {re.escape(dotted)} import",
+                              f"from service.generated.{dotted} import", text, flags=re.M)
         path.write_text(text)
     for directory in [OUT_DIR, *(p for p in OUT_DIR.rglob("*") if p.is_dir())]:
         (directory / "__init__.py").touch()

@@ -17,12 +17,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import keras  # noqa: E402
 
 from service.contract import CELLS, read_spec  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 from training.architecture import Architecture, build_model  # noqa: E402
 from training.onnx_export import ExportError, to_onnx  # noqa: E402
 from training.pipeline import ExportRequest, export_task  # noqa: E402
 from training.tasks import TASKS  # noqa: E402
 from training.verify import make_probe, max_diff, run_onnx, verify_export  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
 
 TINY_EPOCHS = {"echo": 1, "binary_add": 20, "digits": 1, "forecast": 1}
 

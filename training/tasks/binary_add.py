@@ -1,4 +1,4 @@
-"""Binary adder (seeds 002/003): two 8-bit numbers, least significant bit first, one sum bit a step."""
+"""Binary adder (seeds 002/003): two 8-bit numbers, LSB first, one sum bit per step."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class BinaryAddTask:
         return trainer.losses, setup
 
     def evaluate(self, session: ort.InferenceSession) -> dict[str, float]:
-        """All 128 × 128 pairs in one whole-sequence call; a sum counts only if every bit is right."""
+        """All 128 × 128 pairs in one call; a sum counts only if every bit is right."""
         a, b = (g.reshape(-1) for g in np.meshgrid(np.arange(LIMIT), np.arange(LIMIT)))
         x, _ = encode(a, b)
         feeds = {INPUT_NAME: x, **{i.name: np.zeros((len(x), i.shape[1]), "float32")

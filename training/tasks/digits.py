@@ -18,7 +18,7 @@ BATCH = 100
 
 
 def load_digits(mnist: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """(x_train, y_train, x_test, y_test, pixel max); scikit-learn's bundled set unless mnist.npz."""
+    """(x_train, y_train, x_test, y_test, pixel max): sklearn's bundled set unless mnist.npz."""
     if mnist is not None:
         with np.load(mnist) as data:
             return (data["x_train"].astype("float32"), data["y_train"].astype("int64"),

@@ -1,0 +1,82 @@
+"""The Dockerfile, Makefile and CLI stay consistent with the server (no Docker engine here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import fields
+
+from service.config import ENV_PREFIX, ServerConfig
+from tests.conftest import ROOT, RunningServer
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+INSTRUCTIONS = [line.strip() for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+
+
+def instructions(keyword: str) -> list[str]:
+    return [line[len(keyword):].strip() for line in INSTRUCTIONS if line.startswith(keyword + " ")]
+
+
+def test_multi_stage_with_cpu_gpu_and_training_targets() -> None:
+    stages = {line.split(" AS ")[-1] for line in instructions("FROM") if " AS " in line}
+    assert {"build", "train", "runtime", "base-cpu", "base-gpu"} <= stages
+    bases = instructions("FROM")
+    assert any(line.startswith("nvidia/cuda:") and "runtime" in line for line in bases)
+    assert "FLAVOR=cpu" in instructions("ARG")
+    assert INSTRUCTIONS[-1].startswith("ENTRYPOINT") and "serve" in INSTRUCTIONS[-1]
+
+
+def test_installs_with_the_same_commands_as_make() -> None:
+    runs = instructions("RUN")
+    assert any("make install " in r and "ORT=${FLAVOR}" in r for r in runs)
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install --quiet -e '.[$(ORT)]'" in makefile
+    for source in ("pyproject.toml", "proto", "service", "training", "exported", "Makefile"):
+        assert any(source in line for line in instructions("COPY")), source
+        assert (ROOT / source).exists()
+
+
+def test_runtime_user_ports_health_and_signals() -> None:
+    users = instructions("USER")
+    assert users and users[-1] not in ("root", "0")
+    env = dict(re.findall(r"(RNNSERVE_\w+)=(\S+)", " ".join(instructions("ENV"))))
+    known = {ENV_PREFIX + f.name.upper() for f in fields(ServerConfig)}
+    assert set(env) <= known, set(env) - known
+    assert env["RNNSERVE_HOST"] == "0.0.0.0"
+    exposed = {int(p) for line in instructions("EXPOSE") for p in line.split()}
+    assert exposed == {int(env["RNNSERVE_GRPC_PORT"]), int(env["RNNSERVE_METRICS_PORT"])}
+    assert exposed == {ServerConfig.grpc_port, ServerConfig.metrics_port}
+    (health,) = instructions("HEALTHCHECK")
+    assert '"rnnserve", "health"' in health and env["RNNSERVE_GRPC_PORT"] in health
+    assert instructions("STOPSIGNAL") == ["SIGTERM"]
+
+
+def test_ci_runs_what_the_readme_tells_users() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+    assert "make test" in (ROOT / "README.md").read_text()
+
+
+def test_health_command_against_a_live_server(server: RunningServer) -> None:
+    ok = subprocess.run([sys.executable, "-m", "service", "health", "--address", server.address],
+                        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "SERVING" in ok.stdout
+    down = subprocess.run([sys.executable, "-m", "service", "health", "--address",
+                           "127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1
+
+
+def test_stream_command_echoes_bits_three_lines_later(server: RunningServer) -> None:
+    bits = [1, 0, 1, 1, 0, 0, 1, 0]
+    out = subprocess.run([sys.executable, "-m", "service", "stream", "--model", "echo",
+                          "--address", server.address], input="\n".join(map(str, bits)),
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [list(map(float, line.split())) for line in out.stdout.splitlines()]
+    assert [int(p[1] > p[0]) for p in lines][3:] == bits[:-3]
+    bad = subprocess.run([sys.executable, "-m", "service", "stream", "--model", "echo",
+                          "--address", server.address], input="1 2\n", cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
