@@ -66,13 +66,17 @@ class Engine:
         if x.ndim != 3 or x.shape[2] != spec.features:
             raise InvalidArgument(f"{what} must be [rows, timesteps, {spec.features}] for "
                                   f"{spec.name}, got shape {list(x.shape)}")
+        self._check_limits(x, what)
+
+    def _check_limits(self, x: np.ndarray, what: str) -> None:
+        """x is [rows (sequences or sessions), timesteps, features]."""
         if x.shape[0] < 1 or x.shape[1] < 1:
             raise InvalidArgument(f"{what} is empty (shape {list(x.shape)})")
         if x.shape[0] > self.config.max_batch_rows:
-            raise InvalidArgument(f"{what} has {x.shape[0]} rows; the limit is "
-                                  f"{self.config.max_batch_rows} (--max-batch-rows)")
+            raise InvalidArgument(f"{what} has {x.shape[0]} rows (sequences or sessions); the "
+                                  f"limit is {self.config.max_batch_rows} (--max-batch-rows)")
         if x.shape[1] > self.config.max_timesteps:
-            raise InvalidArgument(f"{what} has {x.shape[1]} timesteps; the limit is "
+            raise InvalidArgument(f"{what} has {x.shape[1]} timesteps per row; the limit is "
                                   f"{self.config.max_timesteps} (--max-timesteps)")
 
     def _states(self, model: LoadedModel, given: dict[str, np.ndarray],
@@ -168,7 +172,7 @@ class Engine:
 
     def _resolve(self, session_ids: list[str],
                  x: np.ndarray) -> tuple[list[Session | None], list[RowError]]:
-        self._check_step_shape(x)
+        self._check_limits(x, "x")
         bad_values = ~np.isfinite(x).all(axis=(1, 2))
         sessions: list[Session | None] = []
         errors: list[RowError] = []
@@ -197,16 +201,6 @@ class Engine:
                 sessions.append(None)
                 errors.append(RowError(row, exc.code, str(exc)))
         return sessions, errors
-
-    def _check_step_shape(self, x: np.ndarray) -> None:
-        if x.shape[0] < 1 or x.shape[1] < 1:
-            raise InvalidArgument(f"no timesteps to run (x shape {list(x.shape)})")
-        if x.shape[0] > self.config.max_batch_rows:
-            raise InvalidArgument(f"{x.shape[0]} sessions in one message; the limit is "
-                                  f"{self.config.max_batch_rows} (--max-batch-rows)")
-        if x.shape[1] > self.config.max_timesteps:
-            raise InvalidArgument(f"{x.shape[1]} timesteps per session in one message; the "
-                                  f"limit is {self.config.max_timesteps} (--max-timesteps)")
 
     async def _run_steps(self, sessions: list[Session | None], x: np.ndarray, y: np.ndarray,
                          errors: list[RowError]) -> None:

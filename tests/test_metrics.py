@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 import urllib.request
 
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import Client
@@ -60,3 +63,17 @@ def test_metrics_count_what_happened() -> None:
     assert value(families["rnnserve_model_events"], "rnnserve_model_events_total",
                  event="load") == 4
     assert "process_cpu_seconds" in families
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool not installed (.ci/run installs Debian's prometheus)")
+def test_exposition_passes_promtool() -> None:
+    with running() as srv, Client(srv.address) as client:
+        client.predict("echo", np.zeros((2, 3, 1), np.float32))
+        with client.stream("echo") as stream:
+            stream.step([1.0])
+        text = urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics",
+                                      timeout=5).read()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()

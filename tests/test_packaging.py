@@ -32,7 +32,7 @@ def test_installs_with_the_same_commands_as_make() -> None:
     runs = instructions("RUN")
     assert any("make install " in r and "ORT=${FLAVOR}" in r for r in runs)
     makefile = (ROOT / "Makefile").read_text()
-    assert "pip install --quiet -e '.[$(ORT)]'" in makefile
+    assert "$(PIP) install --quiet -e '.[$(ORT)]'" in makefile
     for source in ("pyproject.toml", "proto", "service", "training", "exported", "Makefile"):
         assert any(source in line for line in instructions("COPY")), source
         assert (ROOT / source).exists()
