@@ -80,3 +80,17 @@ def test_stream_command_echoes_bits_three_lines_later(server: RunningServer) -> 
                           "--address", server.address], input="1 2\n", cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+
+
+def test_server_reflection_lists_the_services(server: RunningServer) -> None:
+    import grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(server.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"rnnserve.v1.Inference", "grpc.health.v1.Health"} <= services
+        descriptor = database.FindFileContainingSymbol("rnnserve.v1.Inference")
+        assert descriptor.package == "rnnserve.v1"
