@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -43,35 +44,60 @@ def cpu_seconds(pid: int) -> float:
 
 
 class ServerProcess:
-    def __init__(self, *flags: str) -> None:
+    """A server in its own process: rnnserve (`flags` for `serve`) or, with echo=True, the floor."""
+
+    def __init__(self, *flags: str, echo: bool = False) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--grpc-port", str(self.port),
-             "--metrics-port", "-1", "--models", "echo", "--log-level", "warning", *flags],
-            cwd=ROOT)
+        command = (["-m", "bench.echo_server", str(self.port)] if echo else
+                   ["-m", "service", "serve", "--grpc-port", str(self.port), "--metrics-port",
+                    "-1", "--models", "echo", "--log-level", "warning", *flags])
+        self.proc = subprocess.Popen([sys.executable, *command], cwd=ROOT)
+        self.echo = echo
         channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         grpc.channel_ready_future(channel).result(timeout=60)
         channel.close()
+
+    def session_ids(self, count: int) -> list[str]:
+        if self.echo:
+            return [f"{i:032x}" for i in range(count)]
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            stub = rpc.InferenceStub(channel)
+            return [stub.OpenSession(pb.OpenSessionRequest(model="echo")).session_id
+                    for _ in range(count)]
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
 
 
-async def drive(port: int, streams: int, seconds: float) -> tuple[int, list[float]]:
-    """`streams` ping-pong streams, one echo session each, one timestep per message."""
+@dataclass(frozen=True)
+class Load:
+    streams: int
+    k: int = 1
+    """Timesteps per session per message."""
+    sessions_per_message: int = 0
+    """0: each stream drives its own session; n: each message carries steps for n sessions."""
+
+
+async def drive(server: ServerProcess, load: Load, seconds: float) -> tuple[int, list[float]]:
+    """Ping-pong on `load.streams` streams; returns steps done and per-message round trips."""
     latencies: list[float] = []
     steps = 0
-    x = pb.Tensor(shape=[1, 1, 1], data=np.ones(1, "<f4").tobytes())
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    rows = load.sessions_per_message or 1
+    x = np.ones((rows, load.k, 1), "<f4")
+    tensor = pb.Tensor(shape=x.shape, data=x.tobytes())
+    id_sets = ([server.session_ids(rows) for _ in range(load.streams)]
+               if load.sessions_per_message else [[] for _ in range(load.streams)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = rpc.InferenceStub(channel)
 
-        async def one() -> None:
+        async def one(ids: list[str]) -> None:
             nonlocal steps
             call = stub.Stream()
-            await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(model="echo")))
-            await call.read()
-            request = pb.StreamRequest(steps=pb.Steps(x=x))
+            if not ids:
+                await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(model="echo")))
+                await call.read()
+            request = pb.StreamRequest(steps=pb.Steps(session_ids=ids, x=tensor))
             await start.wait()
             while not stop.is_set():
                 t0 = time.perf_counter()
@@ -79,11 +105,12 @@ async def drive(port: int, streams: int, seconds: float) -> tuple[int, list[floa
                 response = await call.read()
                 latencies.append(time.perf_counter() - t0)
                 assert response.WhichOneof("kind") == "results", response
-                steps += 1
+                assert not response.results.errors, response.results.errors
+                steps += rows * load.k
             await call.done_writing()
 
         start, stop = asyncio.Event(), asyncio.Event()
-        tasks = [asyncio.create_task(one()) for _ in range(streams)]
+        tasks = [asyncio.create_task(one(ids)) for ids in id_sets]
         await asyncio.sleep(0.5)  # every stream open before the clock starts
         start.set()
         await asyncio.sleep(seconds)
@@ -92,13 +119,16 @@ async def drive(port: int, streams: int, seconds: float) -> tuple[int, list[floa
     return steps, latencies
 
 
-def measure(server: ServerProcess, streams: int, seconds: float) -> dict[str, float]:
+def measure(server: ServerProcess, load: Load, seconds: float) -> dict[str, float]:
+    steps, latencies = asyncio.run(drive(server, Load(load.streams, load.k,
+                                                      load.sessions_per_message), 0.2))
     cpu0, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
-    steps, latencies = asyncio.run(drive(server.port, streams, seconds))
+    steps, latencies = asyncio.run(drive(server, load, seconds))
     cpu, wall = cpu_seconds(server.proc.pid) - cpu0, time.perf_counter() - t0 - 0.5
     ms = np.asarray(latencies) * 1e3
-    return {"steps_per_s": steps / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "server_cpu_us_per_step": cpu / steps * 1e6}
+    return {"steps_per_s": steps / wall, "messages_per_s": len(latencies) / wall,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "server_cpu_us_per_step": cpu / steps * 1e6}
 
 
 def ort_ceiling(batch: int, seconds: float) -> float:
@@ -120,6 +150,39 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
+PLAN = {
+    # server label: (flags, echo, loads)
+    "bare echo": ((), True, "base"),
+    "rnnserve": ((), False, "all"),
+    "rnnserve, batch size 1": (("--max-batch-size", "1"), False, "base"),
+}
+
+
+def loads(which: str, counts: list[int]) -> list[Load]:
+    base = [Load(n) for n in counts]
+    extra = [Load(n, k) for n in (1, 64) for k in (8, 64)] + [Load(1, 1, 1000), Load(2, 1, 500)]
+    return base + extra if which == "all" else base + extra[-2:]
+
+
+def table(rows: list[dict], ceiling: dict[int, float]) -> str:
+    floor = {(r["streams"], r["k"], r["sessions_per_message"]): r["server_cpu_us_per_step"]
+             for r in rows if r["server"] == "bare echo"}
+    lines = ["| server | streams | k | sessions/msg | steps/s | msgs/s | p50 ms/msg | p99 ms/msg "
+             "| server CPU µs/step | CPU vs bare echo |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        key = (r["streams"], r["k"], r["sessions_per_message"])
+        vs = f"{r['server_cpu_us_per_step'] / floor[key]:.2f}x" if key in floor else ""
+        lines.append(f"| {r['server']} | {r['streams']} | {r['k']} | "
+                     f"{r['sessions_per_message'] or 1} | {r['steps_per_s']:,.0f} | "
+                     f"{r['messages_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['server_cpu_us_per_step']:.1f} | {vs} |")
+    lines.append("")
+    lines.append("In-process ONNX Runtime ceiling (echo, one timestep, steps/s): " + ", ".join(
+        f"batch {n}: {v:,.0f}" for n, v in ceiling.items()))
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seconds", type=float, default=3.0, help="per configuration")
@@ -127,27 +190,24 @@ def main() -> int:
     args = p.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
     rows = []
-    for label, flags in (("batching", ()), ("batch size 1", ("--max-batch-size", "1"))):
-        server = ServerProcess(*flags)
+    for label, (flags, echo, which) in PLAN.items():
+        server = ServerProcess(*flags, echo=echo)
         try:
-            for n in counts:
-                rows.append({"config": label, "streams": n, **measure(server, n, args.seconds)})
+            for load in loads(which, counts):
+                rows.append({"server": label, "streams": load.streams, "k": load.k,
+                             "sessions_per_message": load.sessions_per_message,
+                             **measure(server, load, args.seconds)})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             server.stop()
-    ceiling = {n: ort_ceiling(n, 1.0) for n in counts}
+    ceiling = {n: ort_ceiling(n, 1.0) for n in sorted({*counts, 1000})}
     print(f"\necho streaming on {machine()}\n")
-    print("| streams | config | steps/s | p50 ms | p99 ms | server CPU µs/step | "
-          "ORT ceiling steps/s |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["streams"], r["config"])):
-        print(f"| {r['streams']} | {r['config']} | {r['steps_per_s']:,.0f} | {r['p50_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r['server_cpu_us_per_step']:.0f} | "
-              f"{ceiling[r['streams']]:,.0f} |")
-    by = {(r["config"], r["streams"]): r for r in rows}
+    print(table(rows, ceiling))
+    by = {(r["server"], r["streams"], r["k"], r["sessions_per_message"]): r for r in rows}
     print()
     for n in counts:
-        ratio = by[("batching", n)]["steps_per_s"] / by[("batch size 1", n)]["steps_per_s"]
+        ratio = (by[("rnnserve", n, 1, 0)]["steps_per_s"]
+                 / by[("rnnserve, batch size 1", n, 1, 0)]["steps_per_s"])
         print(f"{n} streams: batching / batch size 1 = {ratio:.2f}x steps/s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "streaming.json").write_text(json.dumps(
