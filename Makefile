@@ -32,8 +32,13 @@ proto: $(STAMP)
 serve: install
 	$(VENV)/bin/rnnserve serve --repository exported
 
+# tritonclient (the KServe v2 tests' client) declares protobuf<7, but its generated code runs on
+# our protobuf 7 (tests/test_kserve.py proves it), so it goes in without its pins.
+TRITONCLIENT := tritonclient==2.73.0 python-rapidjson==1.25
+
 $(VENV)/.installed-test: pyproject.toml $(STAMP)
 	$(PIP) install --quiet -e '.[$(ORT),training,test]'
+	$(PIP) install --quiet --no-deps $(TRITONCLIENT)
 	touch $@
 
 install-test: install $(VENV)/.installed-test

@@ -28,3 +28,11 @@ class ResourceExhausted(ServingError):
 
 class Unavailable(ServingError):
     code = "UNAVAILABLE"
+
+
+def error_for(code: str, message: str) -> ServingError:
+    """The error class for a status code name (e.g. a per-row error re-raised for one row)."""
+    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable):
+        if cls.code == code:
+            return cls(message)
+    return ServingError(message)

@@ -18,7 +18,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from service.auth import BearerTokenInterceptor
 from service.config import ServerConfig
 from service.engine import Engine
+from service.generated.inference import grpc_service_pb2_grpc
 from service.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
+from service.kserve import KServeServicer
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.servicer import InferenceServicer
@@ -99,6 +101,8 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
               ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.aio.server(interceptors=interceptors, options=limits)
     rnnserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(engine, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,0 +1,203 @@
+"""The KServe v2 front door (inference.GRPCInferenceService), with Triton's sequence extension.
+
+Same engine as the native API: a v2 sequence is an rnnserve session, so both share the state
+store, the batcher, the idle timeout and the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+import grpc
+import numpy as np
+
+from service.contract import INPUT_NAME, OUTPUT_NAME
+from service.engine import Engine
+from service.errors import InvalidArgument, NotFound, ServingError, Unavailable, error_for
+from service.generated.inference import grpc_service_pb2 as v2
+from service.generated.inference import grpc_service_pb2_grpc as v2_rpc
+from service.kserve_converters import config, metadata, parameter, request_inputs, response
+from service.metrics import Call, Metrics
+from service.registry import LoadedModel
+from service.servicer import internal_error, unary
+from service.sessions import Session, SessionTable
+
+log = logging.getLogger(__name__)
+EXTENSIONS = ["sequence", "model_configuration", "model_repository"]
+SequenceKey = tuple[str, int | str]
+
+
+def _server_version() -> str:
+    try:
+        return package_version("rnnserve")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def _version(text: str) -> int:
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise InvalidArgument(f"model_version {text!r} is not an integer")
+    return int(text)
+
+
+class SequenceIndex:
+    """Triton sequence ids (per model name) → the sessions that hold their state."""
+
+    def __init__(self, sessions: SessionTable) -> None:
+        self._session_of: dict[SequenceKey, str] = {}
+        self._key_of: dict[str, SequenceKey] = {}
+        sessions.on_close(self._forget)
+
+    def get(self, key: SequenceKey) -> str | None:
+        return self._session_of.get(key)
+
+    def bind(self, key: SequenceKey, session_id: str) -> None:
+        self._session_of[key] = session_id
+        self._key_of[session_id] = key
+
+    def _forget(self, session: Session) -> None:
+        key = self._key_of.pop(session.id, None)
+        if key is not None and self._session_of.get(key) == session.id:
+            del self._session_of[key]
+
+
+class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.sequences = SequenceIndex(engine.sessions)
+
+    @unary
+    async def ServerLive(self, request: v2.ServerLiveRequest, call: Call) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(self, request: v2.ServerReadyRequest,
+                          call: Call) -> v2.ServerReadyResponse:
+        ready = not self.engine.draining and bool(self.engine.registry.serving())
+        return v2.ServerReadyResponse(ready=ready)
+
+    @unary
+    async def ModelReady(self, request: v2.ModelReadyRequest, call: Call) -> v2.ModelReadyResponse:
+        try:
+            model = self.engine.model(request.name, _version(request.version))
+        except (NotFound, Unavailable):
+            return v2.ModelReadyResponse(ready=False)
+        return v2.ModelReadyResponse(ready=model.ready and not self.engine.draining)
+
+    @unary
+    async def ServerMetadata(self, request: v2.ServerMetadataRequest,
+                             call: Call) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(name="rnnserve", version=_server_version(),
+                                         extensions=EXTENSIONS)
+
+    @unary
+    async def ModelMetadata(self, request: v2.ModelMetadataRequest,
+                            call: Call) -> v2.ModelMetadataResponse:
+        model = self._model(request.name, request.version, call)
+        return metadata(model.spec, self.engine.registry.versions(model.spec.name))
+
+    @unary
+    async def ModelConfig(self, request: v2.ModelConfigRequest,
+                          call: Call) -> v2.ModelConfigResponse:
+        model = self._model(request.name, request.version, call)
+        return v2.ModelConfigResponse(config=config(model.spec, self.engine.sessions.idle_timeout))
+
+    @unary
+    async def RepositoryIndex(self, request: v2.RepositoryIndexRequest,
+                              call: Call) -> v2.RepositoryIndexResponse:
+        index = v2.RepositoryIndexResponse()
+        for model in self.engine.registry.serving():
+            if model.ready or not request.ready:
+                index.models.add(name=model.spec.name, version=str(model.spec.version),
+                                 state="READY" if model.ready else "UNAVAILABLE")
+        return index
+
+    @unary
+    async def ModelInfer(self, request: v2.ModelInferRequest, call: Call) -> v2.ModelInferResponse:
+        return await self._infer(request, call)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[v2.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[v2.ModelStreamInferResponse]:
+        """One response per request, in order; a failed request answers error_message only."""
+        async for request in requests:
+            if self.engine.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            try:
+                with self.metrics.track("ModelStreamInfer") as call:
+                    reply = await self._infer(request, call)
+                yield v2.ModelStreamInferResponse(infer_response=reply)
+            except Exception as exc:
+                error = exc if isinstance(exc, ServingError) else internal_error("ModelStreamInfer")
+                yield v2.ModelStreamInferResponse(
+                    error_message=f"{error.code}: {error}",
+                    infer_response=v2.ModelInferResponse(model_name=request.model_name,
+                                                          id=request.id))
+
+    def _model(self, name: str, version: str, call: Call) -> LoadedModel:
+        model = self.engine.model(name, _version(version))
+        call.model, call.version = model.labels
+        return model
+
+    async def _infer(self, request: v2.ModelInferRequest, call: Call) -> v2.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version, call)
+        inputs = request_inputs(request)
+        if INPUT_NAME not in inputs:
+            raise InvalidArgument(f"input {INPUT_NAME!r} (FP32 [batch, time, "
+                                  f"{model.spec.features}]) is required")
+        x = inputs.pop(INPUT_NAME)
+        sequence_id = parameter(request, "sequence_id")
+        if not sequence_id:  # Triton: 0 or "" means no sequence
+            result = await self.engine.predict(model.spec.name, model.spec.version, x, [],
+                                               inputs, last_only=False)
+            outputs = {OUTPUT_NAME: result.y, **{s.output: result.final_states[s.input]
+                                                 for s in model.spec.states}}
+            return response(model.spec, request, outputs)
+        return await self._sequence_step(model, request, sequence_id, x, inputs)
+
+    async def _sequence_step(self, model: LoadedModel, request: v2.ModelInferRequest,
+                             sequence_id: int | str, x: np.ndarray,
+                             states: dict[str, np.ndarray]) -> v2.ModelInferResponse:
+        spec = model.spec
+        if isinstance(sequence_id, (float, bool)):
+            raise InvalidArgument("sequence_id must be an integer or a string")
+        if x.ndim != 3 or x.shape[0] != 1:
+            raise InvalidArgument(f"a sequence request carries one sequence: x must be "
+                                  f"[1, time, {spec.features}], got {list(x.shape)}")
+        key = (spec.name, sequence_id)
+        if parameter(request, "sequence_start"):
+            previous = self.sequences.get(key)
+            if previous is not None:
+                with suppress(ServingError):
+                    await self.engine.close(previous)
+            session_id = self.engine.open_session(spec.name, spec.version, states).id
+            self.sequences.bind(key, session_id)
+        else:
+            if states:
+                raise InvalidArgument("state inputs belong on the sequence_start request; the "
+                                      "server carries the state after that")
+            session_id = self.sequences.get(key)
+            if session_id is None:
+                raise InvalidArgument(
+                    f"sequence {sequence_id!r} of model {spec.name!r} is not open: send "
+                    f"sequence_start=true on its first request (a sequence idle for "
+                    f"{self.engine.sessions.idle_timeout:g} s is freed)")
+        outcome = await self.engine.step([session_id], x[0])
+        if outcome.errors:
+            raise error_for(outcome.errors[0].code, outcome.errors[0].message)
+        outputs = {OUTPUT_NAME: outcome.y}
+        wanted = {o.name for o in request.outputs}
+        if not wanted or wanted - {OUTPUT_NAME}:
+            _, current = await self.engine.snapshot(session_id)
+            outputs.update({s.output: current[s.input][None] for s in spec.states})
+        reply = response(spec, request, outputs)
+        if parameter(request, "sequence_end"):
+            await self.engine.close(session_id)
+        return reply
