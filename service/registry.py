@@ -76,7 +76,8 @@ class ModelRegistry:
         labels = (version.spec.name, str(version.spec.version))
         store = StateStore(version.spec, self.config.max_sessions)
         batcher = Batcher(runner, store, self.metrics, labels, self.executor, self.run_slots,
-                          self.config.max_batch_size, self.config.max_batch_delay / 1e6)
+                          self.config.max_batch_size, self.config.max_batch_delay / 1e6,
+                          self.config.inline_steps)
         self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher)
         self.metrics.model_events.labels(*labels, "load").inc()
         log.info("loaded %s v%d on %s", *version.key, runner.provider)
