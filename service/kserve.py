@@ -23,7 +23,7 @@ from service.generated.inference import grpc_service_pb2_grpc as v2_rpc
 from service.kserve_converters import config, metadata, parameter, request_inputs, response
 from service.metrics import Call, Metrics
 from service.registry import LoadedModel
-from service.servicer import internal_error, unary
+from service.rpc_errors import internal_error, unary
 from service.sessions import Session, SessionTable
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,7 +72,7 @@ class Metrics:
             code = exc.code
             raise
         except BaseException as exc:
-            code = "CANCELLED" if type(exc).__name__ == "CancelledError" else "INTERNAL"
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
             raise
         finally:
             self.requests.labels(call.model, call.version, method, code).inc()

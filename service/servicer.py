@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -23,40 +20,19 @@ from service.errors import InvalidArgument, ServingError
 from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from service.metrics import Call, Metrics
+from service.rpc_errors import internal_error, status_code, unary
 from service.sessions import Session
-
-log = logging.getLogger(__name__)
-
-
-def status_code(error: ServingError) -> grpc.StatusCode:
-    return grpc.StatusCode[error.code]
-
-
-def internal_error(method: str) -> ServingError:
-    """An unexpected failure: logged with its trace here, reported to the client without it."""
-    log.exception("unexpected error in %s", method)
-    return ServingError("internal error; the server log has the details")
-
-
-def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Track metrics for a unary RPC and map engine errors to gRPC status codes."""
-
-    @functools.wraps(method)
-    async def handler(self: InferenceServicer, request: Any,
-                      context: grpc.aio.ServicerContext) -> Any:
-        try:
-            with self.metrics.track(method.__name__) as call:
-                return await method(self, request, call)
-        except ServingError as exc:
-            await context.abort(status_code(exc), str(exc))
-        except Exception:
-            await context.abort(grpc.StatusCode.INTERNAL, str(internal_error(method.__name__)))
-
-    return handler
 
 
 def _label(call: Call, session: Session) -> None:
     call.model, call.version = session.model.labels
+
+
+def _label_first(call: Call, outcome: StepOutcome) -> None:
+    """Label a multi-session call by its first live session (rows may span models)."""
+    first = next((s for s in outcome.sessions if s is not None), None)
+    if first is not None:
+        _label(call, first)
 
 
 def step_results(outcome: StepOutcome) -> pb.StepResults:
@@ -115,9 +91,7 @@ class InferenceServicer(rpc.InferenceServicer):
     @unary
     async def Step(self, request: pb.Steps, call: Call) -> pb.StepResults:
         outcome = await self.engine.step(list(request.session_ids), to_array(request.x, "x"))
-        first = next((s for s in outcome.sessions if s is not None), None)
-        if first is not None:
-            _label(call, first)
+        _label_first(call, outcome)
         return step_results(outcome)
 
     @unary
@@ -167,9 +141,7 @@ class InferenceServicer(rpc.InferenceServicer):
                 if kind == "steps":
                     ids = list(request.steps.session_ids) or [self._current(stream)]
                     outcome = await self.engine.step(ids, to_array(request.steps.x, "steps.x"))
-                    first = next((s for s in outcome.sessions if s is not None), None)
-                    if first is not None:
-                        _label(call, first)
+                    _label_first(call, outcome)
                     response.results.CopyFrom(step_results(outcome))
                 elif kind == "open":
                     response.opened.CopyFrom(self._stream_open(request.open, stream, call))

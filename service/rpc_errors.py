@@ -1,0 +1,42 @@
+"""gRPC status mapping shared by both front doors: engine errors carry their code by name, an
+unexpected exception becomes INTERNAL with a log line, and no stack trace reaches a client."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from service.errors import ServingError
+
+log = logging.getLogger(__name__)
+
+
+def status_code(error: ServingError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code]
+
+
+def internal_error(method: str) -> ServingError:
+    """An unexpected failure: logged with its trace here, reported to the client without it."""
+    log.exception("unexpected error in %s", method)
+    return ServingError("internal error; the server log has the details")
+
+
+def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Track metrics for a unary RPC and map engine errors to gRPC status codes."""
+
+    @functools.wraps(method)
+    async def handler(self: Any, request: Any,
+                      context: grpc.aio.ServicerContext) -> Any:
+        try:
+            with self.metrics.track(method.__name__) as call:
+                return await method(self, request, call)
+        except ServingError as exc:
+            await context.abort(status_code(exc), str(exc))
+        except Exception:
+            await context.abort(grpc.StatusCode.INTERNAL, str(internal_error(method.__name__)))
+
+    return handler
