@@ -49,8 +49,10 @@ test: install-test
 train: install-test
 	$(PY) -m training train --task all --out exported
 
-bench: install
+bench: install-test
 	$(PY) -m bench.streaming
+	$(PY) -m bench.predict
+	$(PY) -m bench.plot
 
 lint: install-test
 	$(VENV)/bin/ruff check service training tests bench
