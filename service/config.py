@@ -37,6 +37,10 @@ class ServerConfig:
     max_message_bytes: int = _opt(64 * 1024 * 1024, "largest gRPC message accepted or sent")
     repository_poll: float = _opt(0.0, "seconds between repository scans for new or removed "
                                        "versions; 0 scans only at start")
+    state_store: str = _opt("", "redis://host:port/db: on drain, park sessions there for other "
+                                "replicas to adopt; empty: sessions end with the process")
+    handoff_wait: float = _opt(1.0, "seconds to wait for a session another replica is parking "
+                                    "right now, before answering NOT_FOUND")
     shutdown_grace: float = _opt(10.0, "seconds in-flight work may finish after SIGTERM")
     auth_token: str = _opt("", "bearer token required on every call but health; empty: none")
     tls_cert: str = _opt("", "PEM certificate chain; with --tls-key enables TLS")

@@ -6,6 +6,7 @@ Plain numpy in, plain numpy out; errors are service.errors classes. No gRPC here
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -13,8 +14,12 @@ import numpy as np
 
 from service.config import ServerConfig
 from service.errors import FailedPrecondition, InvalidArgument, ServingError, Unavailable
+from service.handoff import ParkedSession, RedisHandoff
+from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.sessions import Session, SessionTable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,13 @@ def _check_finite(array: np.ndarray, what: str) -> None:
 
 
 class Engine:
-    def __init__(self, config: ServerConfig, registry: ModelRegistry,
-                 sessions: SessionTable) -> None:
+    def __init__(self, config: ServerConfig, registry: ModelRegistry, sessions: SessionTable,
+                 handoff: RedisHandoff | None = None) -> None:
         self.config = config
         self.registry = registry
         self.sessions = sessions
+        self.handoff = handoff
+        self.metrics: Metrics = registry.metrics
         self.draining = False
 
     def _check_open(self) -> None:
@@ -144,13 +151,57 @@ class Engine:
         states = self._states(model, initial_states, 1) if initial_states else None
         return self.sessions.open(model, states)
 
-    def session(self, session_id: str) -> Session:
+    async def find(self, session_id: str) -> Session:
+        """The live session; adopted from the shared state store if another replica parked it."""
         self._check_open()
+        await self._adopt([session_id])
         return self.sessions.get(session_id)
+
+    async def _adopt(self, session_ids: list[str]) -> None:
+        if self.handoff is None:
+            return
+        missing = [i for i in dict.fromkeys(session_ids) if self.sessions.adoptable(i)]
+        for parked in await asyncio.gather(*(self.handoff.adopt(i) for i in missing)):
+            if parked is not None:
+                await self._restore(parked)
+
+    async def _restore(self, parked: ParkedSession) -> None:
+        try:
+            model = self.registry.get(parked.model, parked.version)
+            states = [parked.states[s.input] for s in model.spec.states]
+            self.sessions.restore(model, parked.session_id, states, parked.steps,
+                                  parked.idle_seconds)
+        except (ServingError, KeyError) as exc:
+            log.warning("cannot adopt session %s (%s v%d): %s; left for another replica",
+                        parked.session_id, parked.model, parked.version, exc)
+            await self.handoff.give_back(parked)
+            return
+        self.metrics.handoffs.labels(*model.labels, "adopted").inc()
+
+    async def hand_off(self) -> int:
+        """On drain: once in-flight steps are done, park every session in the shared store."""
+        if self.handoff is None:
+            return 0
+        live = self.sessions.live()
+        async with AsyncExitStack() as stack:
+            for session in sorted(live, key=lambda s: s.id):
+                await stack.enter_async_context(session.lock)
+            now = self.sessions.clock()
+            parked = [ParkedSession(
+                s.id, s.model.spec.name, s.model.spec.version, s.steps, now - s.last_used,
+                {spec.input: state for spec, state in zip(s.model.spec.states,
+                                                          s.model.store.read(s.slot))})
+                for s in live]
+            await self.handoff.park(parked)
+            for session in live:
+                self.sessions.close(session, "handed off to another replica")
+                self.metrics.handoffs.labels(*session.model.labels, "parked").inc()
+        return len(parked)
 
     async def step(self, session_ids: list[str], x: np.ndarray) -> StepOutcome:
         """Advance each row's session by x's k timesteps. Rows fail alone; others proceed."""
         self._check_open()
+        await self._adopt(session_ids)
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] != len(session_ids):
@@ -228,7 +279,7 @@ class Engine:
                 sessions[r].last_used = now
 
     async def reset(self, session_id: str) -> Session:
-        session = self.session(session_id)
+        session = await self.find(session_id)
         async with session.lock:
             session.model.store.zero(session.slot)
             session.steps = 0
@@ -236,13 +287,14 @@ class Engine:
         return session
 
     async def snapshot(self, session_id: str) -> tuple[Session, dict[str, np.ndarray]]:
-        session = self.session(session_id)
+        session = await self.find(session_id)
         async with session.lock:
             states = session.model.store.read(session.slot)
             session.last_used = self.sessions.clock()
         return session, {s.input: v for s, v in zip(session.model.spec.states, states)}
 
     async def close(self, session_id: str) -> Session:
+        await self._adopt([session_id])
         session = self.sessions.get(session_id)
         async with session.lock:
             self.sessions.close(session, "closed by its client")

@@ -55,6 +55,9 @@ class Metrics:
         self.sessions = Gauge("rnnserve_sessions", "Live sessions", MODEL, registry=registry)
         self.evictions = Counter("rnnserve_session_evictions", "Sessions ended by the server, "
                                  "by reason", [*MODEL, "reason"], registry=registry)
+        self.handoffs = Counter("rnnserve_session_handoffs", "Sessions parked in (on drain) or "
+                                "adopted from the shared state store", [*MODEL, "direction"],
+                                registry=registry)
         self.model_events = Counter("rnnserve_model_events", "Model version loads and unloads",
                                     [*MODEL, "event"], registry=registry)
         ProcessCollector(registry=registry)

@@ -20,6 +20,7 @@ from service.config import ServerConfig
 from service.engine import Engine
 from service.generated.inference import grpc_service_pb2_grpc
 from service.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
+from service.handoff import RedisHandoff
 from service.kserve import KServeServicer
 from service.metrics import Metrics
 from service.registry import ModelRegistry
@@ -54,11 +55,19 @@ class Server:
         """Drain: health NOT_SERVING, new work UNAVAILABLE, in-flight work gets the grace period."""
         self.engine.draining = True
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+        try:
+            parked = await asyncio.wait_for(self.engine.hand_off(), self.config.shutdown_grace)
+            if parked:
+                log.info("parked %d sessions in the shared state store", parked)
+        except Exception:  # an unreachable store must not stop the drain
+            log.exception("could not hand sessions off; they end with this process")
         await self.grpc_server.stop(self.config.shutdown_grace)
         for task in self.tasks:
             task.cancel()
         self.engine.sessions.close_all("ended by a server shutdown")
         await self.engine.registry.close()
+        if self.engine.handoff is not None:
+            await self.engine.handoff.close()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
@@ -95,7 +104,9 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     if not models.serving():
         raise RuntimeError(f"no loadable model in {config.repository}")
     sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics)
-    engine = Engine(config, models, sessions)
+    handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait)
+               if config.state_store else None)
+    engine = Engine(config, models, sessions, handoff)
     interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),
               ("grpc.max_send_message_length", config.max_message_bytes)]

@@ -144,7 +144,7 @@ class InferenceServicer(rpc.InferenceServicer):
                     _label_first(call, outcome)
                     response.results.CopyFrom(step_results(outcome))
                 elif kind == "open":
-                    response.opened.CopyFrom(self._stream_open(request.open, stream, call))
+                    response.opened.CopyFrom(await self._stream_open(request.open, stream, call))
                 elif kind == "control":
                     await self._control(request.control, stream, response, call)
                 else:
@@ -164,13 +164,13 @@ class InferenceServicer(rpc.InferenceServicer):
                                   "sessions in steps.session_ids")
         return stream.current
 
-    def _stream_open(self, request: pb.OpenSessionRequest, stream: _StreamState,
-                     call: Call) -> pb.SessionInfo:
+    async def _stream_open(self, request: pb.OpenSessionRequest, stream: _StreamState,
+                           call: Call) -> pb.SessionInfo:
         if request.resume_session_id:
             if request.model or request.version or request.initial_states:
                 raise InvalidArgument("resume takes only resume_session_id: the session keeps its "
                                       "model, version and state")
-            session = self.engine.session(request.resume_session_id)
+            session = await self.engine.find(request.resume_session_id)
             _label(call, session)
             info = session_info(session, self.idle_timeout)
         else:

@@ -49,17 +49,35 @@ class SessionTable:
         return len(self._live)
 
     def open(self, model: LoadedModel, states: list[np.ndarray] | None) -> Session:
+        return self._add(model, secrets.token_hex(SESSION_ID_HEX // 2), states, 0, 0.0)
+
+    def restore(self, model: LoadedModel, session_id: str, states: list[np.ndarray], steps: int,
+                idle_seconds: float) -> Session:
+        """Take over a session another replica handed off, under its own id."""
+        return self._add(model, session_id, states, steps, idle_seconds)
+
+    def _add(self, model: LoadedModel, session_id: str, states: list[np.ndarray] | None,
+             steps: int, idle_seconds: float) -> Session:
         if len(self._live) >= self.max_sessions:
             raise ResourceExhausted(f"the server holds its maximum of {self.max_sessions} "
                                     "sessions; close finished sessions or retry later")
         slot = model.store.allocate()
         if states is not None:
             model.store.write(slot, states)
-        session = Session(secrets.token_hex(SESSION_ID_HEX // 2), model, slot, self.clock())
+        session = Session(session_id, model, slot, self.clock() - idle_seconds, steps)
         self._live[session.id] = session
         model.sessions += 1
         self.metrics.sessions.labels(*model.labels).inc()
         return session
+
+    def adoptable(self, session_id: str) -> bool:
+        """Well-formed, not live here and not ended here: perhaps parked by another replica."""
+        return (session_id not in self._live and session_id not in self._ended
+                and len(session_id) == SESSION_ID_HEX
+                and all(c in "0123456789abcdef" for c in session_id))
+
+    def live(self) -> list[Session]:
+        return list(self._live.values())
 
     def get(self, session_id: str) -> Session:
         session = self._live.get(session_id)
@@ -102,5 +120,5 @@ class SessionTable:
         return len(idle)
 
     def close_all(self, reason: str) -> None:
-        for session in list(self._live.values()):
+        for session in self.live():
             self.close(session, reason)

@@ -1,0 +1,82 @@
+"""Session handoff between replicas through a real Redis server on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from service.client import Client, RnnServeError
+from tests.conftest import RunningServer, make_config, running
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                reason="redis-server not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+def bits(seed: int, rows: int, steps: int, features: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2, (rows, steps, features)).astype(np.float32)
+
+
+def test_drained_sessions_continue_exactly_on_another_replica(redis_url: str) -> None:
+    adder, echo = bits(1, 6, 16, 2), bits(2, 6, 16, 1)
+    with running(state_store=redis_url) as b, Client(b.address) as on_b:
+        expected_adder = on_b.predict("binary_add", adder).y
+        expected_echo = on_b.predict("echo", echo).y
+        a = RunningServer(make_config(state_store=redis_url))
+        with Client(a.address) as on_a:
+            ids = [on_a.open_session("binary_add").session_id for _ in adder] + \
+                  [on_a.open_session("echo").session_id for _ in echo]
+            first = [on_a.step(i, x[:8]) for i, x in zip(ids, [*adder, *echo])]
+        a.stop()  # SIGTERM's drain: every session is parked in Redis
+        with pytest.raises(RnnServeError):
+            Client(a.address, timeout=1).list_models()
+        with on_b.stream() as stream:
+            resumed = stream.resume(ids[0])
+            assert resumed.steps == 8 and resumed.model == "binary_add"
+            rest = [stream.step(adder[0, 8:])]
+        rest += [on_b.step(i, x[8:]) for i, x in zip(ids[1:], [*adder[1:], *echo])]
+        for row, (head, tail) in enumerate(zip(first, rest)):
+            expected = (expected_adder if row < len(adder) else expected_echo)[row % len(adder)]
+            assert np.max(np.abs(np.concatenate([head, tail]) - expected)) <= 1e-5
+        sample = b.server.engine.metrics.registry.get_sample_value
+        assert sample("rnnserve_session_handoffs_total",
+                      {"model": "echo", "version": "1", "direction": "adopted"}) == len(echo)
+        with running(state_store=redis_url, handoff_wait=0.2) as c, Client(c.address) as on_c:
+            with pytest.raises(RnnServeError) as err:
+                on_c.step(ids[0], adder[0, :1])  # owned by b now: nobody else can take it
+            assert err.value.code.name == "NOT_FOUND"
+
+
+def test_without_a_store_sessions_end_with_the_process() -> None:
+    with running() as a, Client(a.address) as client:
+        session_id = client.open_session("echo").session_id
+    with running() as b, Client(b.address) as client:
+        with pytest.raises(RnnServeError) as err:
+            client.step(session_id, [1.0])
+        assert err.value.code.name == "NOT_FOUND"
