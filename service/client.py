@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,11 @@ def _single(batch: StepBatch) -> np.ndarray:
     if batch.errors:
         raise batch.errors[0]
     return batch.y[0]
+
+
+def new_session_id() -> str:
+    """A random 128-bit session id, as the server would pick."""
+    return secrets.token_hex(16)
 
 
 def _states(states: dict[str, ArrayLike] | None) -> dict[str, pb.Tensor]:
@@ -149,8 +155,11 @@ class Client:
 
     def open_session(self, model: str, version: int = 0,
                      initial_states: dict[str, ArrayLike] | None = None) -> pb.SessionInfo:
+        """The client picks the id, so a proxy routes this call like every later one."""
+        session_id = new_session_id()
         return self._call("OpenSession", pb.OpenSessionRequest(
-            model=model, version=version, initial_states=_states(initial_states)))
+            model=model, version=version, initial_states=_states(initial_states),
+            session_id=session_id), session_id)
 
     def step(self, session_id: str, x: ArrayLike) -> np.ndarray:
         """One session, k timesteps ([k, features] or one [features] step) → [k, outputs]."""
@@ -176,12 +185,13 @@ class Client:
                initial_states: dict[str, ArrayLike] | None = None,
                resume: str = "") -> StreamSession:
         """Open a stream and, given a model (or a session id to resume), its session."""
+        session_id = resume or (new_session_id() if model else "")
         stream = StreamSession(self.stub, self.metadata + (
-            ((SESSION_HEADER, resume),) if resume else ()))
+            ((SESSION_HEADER, session_id),) if session_id else ()))
         if resume:
             stream.resume(resume)
         elif model:
-            stream.open(model, version, initial_states)
+            stream.open(model, version, initial_states, session_id)
         return stream
 
 
@@ -217,9 +227,11 @@ class StreamSession:
         return response
 
     def open(self, model: str, version: int = 0,
-             initial_states: dict[str, ArrayLike] | None = None) -> pb.SessionInfo:
+             initial_states: dict[str, ArrayLike] | None = None,
+             session_id: str = "") -> pb.SessionInfo:
         request = pb.StreamRequest(open=pb.OpenSessionRequest(
-            model=model, version=version, initial_states=_states(initial_states)))
+            model=model, version=version, initial_states=_states(initial_states),
+            session_id=session_id))
         self.session = self.send(request).opened
         return self.session
 

@@ -144,12 +144,12 @@ class Engine:
                 out[idx] = part
         return y, finals
 
-    def open_session(self, name: str, version: int,
-                     initial_states: dict[str, np.ndarray]) -> Session:
+    def open_session(self, name: str, version: int, initial_states: dict[str, np.ndarray],
+                     session_id: str = "") -> Session:
         self._check_open()
         model = self.model(name, version)
         states = self._states(model, initial_states, 1) if initial_states else None
-        return self.sessions.open(model, states)
+        return self.sessions.open(model, states, session_id)
 
     async def find(self, session_id: str) -> Session:
         """The live session; adopted from the shared state store if another replica parked it."""

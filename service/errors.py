@@ -30,9 +30,14 @@ class Unavailable(ServingError):
     code = "UNAVAILABLE"
 
 
+class AlreadyExists(ServingError):
+    code = "ALREADY_EXISTS"
+
+
 def error_for(code: str, message: str) -> ServingError:
     """The error class for a status code name (e.g. a per-row error re-raised for one row)."""
-    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable):
+    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable,
+                AlreadyExists):
         if cls.code == code:
             return cls(message)
     return ServingError(message)

@@ -112,7 +112,8 @@ class InferenceServicer(rpc.InferenceServicer):
 
     def _opened(self, request: pb.OpenSessionRequest, call: Call) -> pb.SessionInfo:
         session = self.engine.open_session(request.model, request.version,
-                                           to_arrays(request.initial_states, "initial_states"))
+                                           to_arrays(request.initial_states, "initial_states"),
+                                           request.session_id)
         _label(call, session)
         return session_info(session, self.idle_timeout)
 
@@ -167,7 +168,7 @@ class InferenceServicer(rpc.InferenceServicer):
     async def _stream_open(self, request: pb.OpenSessionRequest, stream: _StreamState,
                            call: Call) -> pb.SessionInfo:
         if request.resume_session_id:
-            if request.model or request.version or request.initial_states:
+            if request.model or request.version or request.initial_states or request.session_id:
                 raise InvalidArgument("resume takes only resume_session_id: the session keeps its "
                                       "model, version and state")
             session = await self.engine.find(request.resume_session_id)

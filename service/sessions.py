@@ -16,12 +16,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from service.metrics import Metrics
 from service.registry import LoadedModel
 
 REMEMBER_ENDED = 100_000
 SESSION_ID_HEX = 32
+
+
+def is_session_id(text: str) -> bool:
+    return len(text) == SESSION_ID_HEX and all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass(eq=False)
@@ -48,8 +58,17 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._live)
 
-    def open(self, model: LoadedModel, states: list[np.ndarray] | None) -> Session:
-        return self._add(model, secrets.token_hex(SESSION_ID_HEX // 2), states, 0, 0.0)
+    def open(self, model: LoadedModel, states: list[np.ndarray] | None,
+             session_id: str = "") -> Session:
+        """A new session, under the client's id if it chose one (so proxies can route by it)."""
+        if session_id:
+            if not is_session_id(session_id):
+                raise InvalidArgument(f"session id {session_id!r} is not {SESSION_ID_HEX} "
+                                      "lowercase hex digits")
+            if session_id in self._live:
+                raise AlreadyExists(f"session {session_id} is already open; pick a new random id")
+        return self._add(model, session_id or secrets.token_hex(SESSION_ID_HEX // 2), states,
+                         0, 0.0)
 
     def restore(self, model: LoadedModel, session_id: str, states: list[np.ndarray], steps: int,
                 idle_seconds: float) -> Session:
@@ -73,8 +92,7 @@ class SessionTable:
     def adoptable(self, session_id: str) -> bool:
         """Well-formed, not live here and not ended here: perhaps parked by another replica."""
         return (session_id not in self._live and session_id not in self._ended
-                and len(session_id) == SESSION_ID_HEX
-                and all(c in "0123456789abcdef" for c in session_id))
+                and is_session_id(session_id))
 
     def live(self) -> list[Session]:
         return list(self._live.values())

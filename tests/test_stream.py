@@ -153,3 +153,17 @@ def test_unary_session_calls(client: Client) -> None:
     assert client.snapshot(info.session_id)["h0"].shape == (16,)
     assert client.reset(info.session_id).steps == 0
     assert client.close_session(info.session_id).steps == 0
+
+
+def test_client_chosen_session_ids(client: Client) -> None:
+    chosen = "0123456789abcdef" * 2
+    with client.stream() as stream:
+        assert stream.open("echo", session_id=chosen).session_id == chosen
+        with pytest.raises(RnnServeError) as err:
+            stream.open("echo", session_id=chosen)
+        assert err.value.code.name == "ALREADY_EXISTS"
+        with pytest.raises(RnnServeError) as err:
+            stream.open("echo", session_id="ABC")
+        assert err.value.code.name == "INVALID_ARGUMENT"
+        stream.close(chosen)
+    assert len(client.open_session("echo").session_id) == 32  # the client picked it
