@@ -6,6 +6,7 @@ store, the batcher, the idle timeout and the metrics.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -17,18 +18,23 @@ import numpy as np
 
 from service.contract import INPUT_NAME, OUTPUT_NAME
 from service.engine import Engine
-from service.errors import InvalidArgument, NotFound, ServingError, Unavailable, error_for
+from service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServingError,
+    Unavailable,
+    error_for,
+)
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_rpc
 from service.kserve_converters import config, metadata, parameter, request_inputs, response
 from service.metrics import Call, Metrics
 from service.registry import LoadedModel
 from service.rpc_errors import internal_error, unary
-from service.sessions import Session, SessionTable
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["sequence", "model_configuration", "model_repository"]
-SequenceKey = tuple[str, int | str]
 
 
 def _server_version() -> str:
@@ -46,32 +52,17 @@ def _version(text: str) -> int:
     return int(text)
 
 
-class SequenceIndex:
-    """Triton sequence ids (per model name) → the sessions that hold their state."""
-
-    def __init__(self, sessions: SessionTable) -> None:
-        self._session_of: dict[SequenceKey, str] = {}
-        self._key_of: dict[str, SequenceKey] = {}
-        sessions.on_close(self._forget)
-
-    def get(self, key: SequenceKey) -> str | None:
-        return self._session_of.get(key)
-
-    def bind(self, key: SequenceKey, session_id: str) -> None:
-        self._session_of[key] = session_id
-        self._key_of[session_id] = key
-
-    def _forget(self, session: Session) -> None:
-        key = self._key_of.pop(session.id, None)
-        if key is not None and self._session_of.get(key) == session.id:
-            del self._session_of[key]
+def sequence_session_id(model: str, sequence_id: int | str) -> str:
+    """The session behind a v2 sequence: derived, not stored, so every replica (also one that
+    adopts it after a handoff) finds the same session for the same (model, sequence id)."""
+    kind = "str" if isinstance(sequence_id, str) else "int"
+    return hashlib.sha256(f"{model}\0{kind}\0{sequence_id}".encode()).hexdigest()[:32]
 
 
 class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.sequences = SequenceIndex(engine.sessions)
 
     @unary
     async def ServerLive(self, request: v2.ServerLiveRequest, call: Call) -> v2.ServerLiveResponse:
@@ -171,27 +162,22 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
         if x.ndim != 3 or x.shape[0] != 1:
             raise InvalidArgument(f"a sequence request carries one sequence: x must be "
                                   f"[1, time, {spec.features}], got {list(x.shape)}")
-        key = (spec.name, sequence_id)
+        session_id = sequence_session_id(spec.name, sequence_id)
         if parameter(request, "sequence_start"):
-            previous = self.sequences.get(key)
-            if previous is not None:
-                with suppress(ServingError):
-                    await self.engine.close(previous)
-            session_id = self.engine.open_session(spec.name, spec.version, states).id
-            self.sequences.bind(key, session_id)
-        else:
-            if states:
-                raise InvalidArgument("state inputs belong on the sequence_start request; the "
-                                      "server carries the state after that")
-            session_id = self.sequences.get(key)
-            if session_id is None:
-                raise InvalidArgument(
-                    f"sequence {sequence_id!r} of model {spec.name!r} is not open: send "
-                    f"sequence_start=true on its first request (a sequence idle for "
-                    f"{self.engine.sessions.idle_timeout:g} s is freed)")
+            with suppress(ServingError):  # a restarted sequence begins from fresh state
+                await self.engine.close(session_id)
+            self.engine.open_session(spec.name, spec.version, states, session_id)
+        elif states:
+            raise InvalidArgument("state inputs belong on the sequence_start request; the "
+                                  "server carries the state after that")
         outcome = await self.engine.step([session_id], x[0])
         if outcome.errors:
-            raise error_for(outcome.errors[0].code, outcome.errors[0].message)
+            error = outcome.errors[0]
+            if error.code in (NotFound.code, FailedPrecondition.code):
+                raise InvalidArgument(
+                    f"sequence {sequence_id!r} of model {spec.name!r} is not open: send "
+                    f"sequence_start=true on its first request ({error.message})")
+            raise error_for(error.code, error.message)
         outputs = {OUTPUT_NAME: outcome.y}
         wanted = {o.name for o in request.outputs}
         if not wanted or wanted - {OUTPUT_NAME}:

@@ -53,7 +53,6 @@ class SessionTable:
         self.clock = clock
         self._live: dict[str, Session] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
-        self._close_listeners: list[Callable[[Session], None]] = []
 
     def __len__(self) -> int:
         return len(self._live)
@@ -85,6 +84,7 @@ class SessionTable:
             model.store.write(slot, states)
         session = Session(session_id, model, slot, self.clock() - idle_seconds, steps)
         self._live[session.id] = session
+        self._ended.pop(session_id, None)  # a chosen id may be reused once its session ended
         model.sessions += 1
         self.metrics.sessions.labels(*model.labels).inc()
         return session
@@ -108,10 +108,6 @@ class SessionTable:
             raise FailedPrecondition(f"session {session_id} was {ended}; open a new session")
         raise NotFound(f"no session {session_id} on this server")
 
-    def on_close(self, listener: Callable[[Session], None]) -> None:
-        """Call `listener` whenever a session ends, however it ends (front doors keep indexes)."""
-        self._close_listeners.append(listener)
-
     def ended(self, session: Session) -> bool:
         return self._live.get(session.id) is not session
 
@@ -125,8 +121,7 @@ class SessionTable:
         self._ended[session.id] = reason
         while len(self._ended) > REMEMBER_ENDED:
             self._ended.popitem(last=False)
-        for listener in self._close_listeners:
-            listener(session)
+
 
     def evict_idle(self) -> int:
         """Close sessions idle past the timeout; a session with work in flight is never idle."""

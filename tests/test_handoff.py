@@ -55,3 +55,27 @@ def test_without_a_store_sessions_end_with_the_process() -> None:
         with pytest.raises(RnnServeError) as err:
             client.step(session_id, [1.0])
         assert err.value.code.name == "NOT_FOUND"
+
+
+def test_v2_sequences_survive_a_handoff(redis_url: str) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+
+    def infer(address: str, x: np.ndarray, **flags) -> np.ndarray:
+        client = grpcclient.InferenceServerClient(url=address)
+        tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        try:
+            return client.infer("forecast", [tensor], sequence_id=77, **flags).as_numpy("y")
+        finally:
+            client.close()
+
+    x = np.random.default_rng(5).uniform(320, 370, (1, 10, 1)).astype(np.float32)
+    with running(state_store=redis_url) as b:
+        a = RunningServer(make_config(state_store=redis_url))
+        first = infer(a.address, x[:, :4], sequence_start=True)
+        a.stop()
+        rest = infer(b.address, x[:, 4:], sequence_end=True)  # no START: adopted from Redis
+        with Client(b.address) as client:
+            whole = client.predict("forecast", x).y
+    got = np.concatenate([first, rest], axis=1)
+    assert np.max(np.abs(got - whole) / (1 + np.abs(whole))) <= 1e-5
