@@ -9,7 +9,7 @@ PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
 ORT    ?= cpu
 
-.PHONY: install install-test serve test train bench proto lint docker docker-gpu docker-train clean
+.PHONY: install install-test serve test train bench bench-scale-out proto lint docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: install-test
 	$(PY) -m bench.streaming
 	$(PY) -m bench.predict
 	$(PY) -m bench.plot
+
+# Needs nginx and redis-server (Debian: apt-get install nginx redis-server).
+bench-scale-out: install-test
+	$(PY) -m bench.scale_out
 
 lint: install-test
 	$(VENV)/bin/ruff check service training tests bench

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from service.client import SESSION_HEADER, new_session_id
 from service.contract import read_spec
 from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
@@ -93,9 +94,11 @@ async def drive(server: ServerProcess, load: Load, seconds: float) -> tuple[int,
 
         async def one(ids: list[str]) -> None:
             nonlocal steps
-            call = stub.Stream()
+            session_id = new_session_id()  # and the routing header: a proxy spreads the streams
+            call = stub.Stream(metadata=((SESSION_HEADER, session_id),))
             if not ids:
-                await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(model="echo")))
+                await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(
+                    model="echo", session_id=session_id)))
                 await call.read()
             request = pb.StreamRequest(steps=pb.Steps(session_ids=ids, x=tensor))
             await start.wait()

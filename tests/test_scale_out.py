@@ -6,22 +6,18 @@ them), the replicas as real `rnnserve serve` processes.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.cluster import Nginx, Replica
 from service.client import Client, RnnServeError
-from tests.conftest import EXPORTED, ROOT, free_port, wait_for_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nginx") is None or shutil.which("redis-server") is None,
@@ -31,40 +27,6 @@ SESSIONS = 200
 STEPS = 24
 RECONNECT_FOR = 20.0
 LOCK = threading.Lock()
-
-
-class Replica:
-    def __init__(self, redis_url: str, log: Path) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--repository", str(EXPORTED),
-                 "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port),
-                 "--state-store", redis_url, "--shutdown-grace", "5", "--log-level", "warning"],
-                cwd=ROOT, env=env, stderr=out)
-        wait_for_port(self.port, 60)
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                      timeout=5).read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-
-def start_nginx(prefix: Path, listen: int, replicas: list[Replica]) -> subprocess.Popen:
-    template = (ROOT / "deploy" / "nginx" / "rnnserve.conf.template").read_text()
-    servers = "\n".join(f"        server 127.0.0.1:{r.port};" for r in replicas)
-    conf = prefix / "nginx.conf"
-    conf.write_text(template.replace("@LISTEN@", str(listen)).replace("@SERVERS@", servers)
-                    .replace("@PREFIX@", str(prefix)))
-    proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
-                            stderr=open(prefix / "nginx.log", "w"))
-    wait_for_port(listen)
-    return proc
 
 
 def drive(address: str, model: str, x: np.ndarray, progress: list[int],
@@ -107,9 +69,8 @@ def reconnect(client: Client, session_id: str, steps_done: int):
 
 def test_sessions_survive_a_replica_drain_behind_nginx(redis_url: str, tmp_path: Path) -> None:
     replicas = [Replica(redis_url, tmp_path / f"replica{i}.log") for i in range(2)]
-    listen = free_port()
-    nginx = start_nginx(tmp_path, listen, replicas)
-    address = f"127.0.0.1:{listen}"
+    nginx = Nginx(tmp_path, replicas)
+    address = nginx.address
     try:
         rng = np.random.default_rng(0)
         work = [("echo" if i % 2 else "binary_add",
@@ -136,8 +97,6 @@ def test_sessions_survive_a_replica_drain_behind_nginx(redis_url: str, tmp_path:
         adopted = replicas[1].metric("rnnserve_session_handoffs_total", direction="adopted")
         assert 0 < adopted < SESSIONS  # the drained replica's share moved over
     finally:
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(10)
+        nginx.stop()
         for replica in replicas:
-            replica.proc.kill()
-            replica.proc.wait(10)
+            replica.kill()

@@ -1,0 +1,96 @@
+"""A local rnnserve cluster on loopback: replica processes, redis-server and nginx.
+
+Shared by tests/test_scale_out.py and bench/scale_out.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "deploy" / "nginx" / "rnnserve.conf.template"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class Replica:
+    """`rnnserve serve` in its own process, sharing a Redis state store."""
+
+    def __init__(self, redis_url: str, log: Path, *flags: str) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", "--repository",
+                 str(ROOT / "exported"), "--grpc-port", str(self.port), "--metrics-port",
+                 str(self.metrics_port), "--state-store", redis_url, "--shutdown-grace", "5",
+                 "--log-level", "warning", *flags], cwd=ROOT, env=env, stderr=out)
+        wait_for_port(self.port, 60)
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{")
+                   and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind",
+                                      "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL)
+        wait_for_port(self.port)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Nginx:
+    """nginx from deploy/nginx/rnnserve.conf.template, hashing sessions across `replicas`."""
+
+    def __init__(self, prefix: Path, replicas: list[Replica]) -> None:
+        self.port = free_port()
+        servers = "\n".join(f"        server 127.0.0.1:{r.port};" for r in replicas)
+        conf = prefix / "nginx.conf"
+        conf.write_text(TEMPLATE.read_text().replace("@LISTEN@", str(self.port))
+                        .replace("@SERVERS@", servers).replace("@PREFIX@", str(prefix)))
+        with open(prefix / "nginx.log", "w") as log:
+            self.proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g",
+                                          "daemon off;"], stderr=log)
+        wait_for_port(self.port)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        self.proc.wait(10)
