@@ -6,14 +6,13 @@ Two loads on binary_add: all 16,384 pairs in one call, and many concurrent small
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 
 import grpc
 import numpy as np
 
-from bench.streaming import RESULTS, ROOT, ServerProcess, machine
+from bench.streaming import ROOT, ServerProcess, machine, save
 from service.contract import read_spec
 from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
@@ -94,9 +93,7 @@ def main() -> int:
     for r in rows:
         print(f"| {r['load']} | {r['rnnserve']:,.0f} | {r['in_process']:,.0f} | "
               f"{r['rnnserve'] / r['in_process']:.2f} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "predict.json").write_text(json.dumps({"machine": machine(), "rows": rows},
-                                                     indent=2))
+    save("predict", rows=rows)
     return 0
 
 

@@ -4,7 +4,6 @@ are unavailable while a drained replica hands them to the other (all on this mac
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.cluster import Nginx, Redis, Replica
-from bench.streaming import RESULTS, Load, drive, machine
+from bench.streaming import Load, drive, machine, save
 from service.client import Client, RnnServeError
 
 STREAMS, SECONDS = 64, 3.0
@@ -105,9 +104,7 @@ def main() -> int:
               f"{r['p99_ms']:.2f} |")
     print(f"\nhandoff: {gaps['handed_off']} of {gaps['sessions']} sessions moved; unavailable "
           f"p50 {gaps['p50_ms']:.0f} ms, p99 {gaps['p99_ms']:.0f} ms")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale_out.json").write_text(json.dumps(
-        {"machine": machine(), "throughput": rows, "handoff": gaps}, indent=2))
+    save("scale_out", throughput=rows, handoff=gaps)
     return 0
 
 

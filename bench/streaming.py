@@ -147,6 +147,13 @@ def ort_ceiling(batch: int, seconds: float) -> float:
     return runs * batch / seconds
 
 
+def save(name: str, **results: object) -> None:
+    """bench/results/<name>.json, with the machine the figures were measured on."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), **results},
+                                                     indent=2))
+
+
 def machine() -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), platform.processor())
@@ -212,9 +219,7 @@ def main() -> int:
         ratio = (by[("rnnserve", n, 1, 0)]["steps_per_s"]
                  / by[("rnnserve, batch size 1", n, 1, 0)]["steps_per_s"])
         print(f"{n} streams: batching / batch size 1 = {ratio:.2f}x steps/s")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "streaming.json").write_text(json.dumps(
-        {"machine": machine(), "rows": rows, "ort_ceiling": ceiling}, indent=2))
+    save("streaming", rows=rows, ort_ceiling=ceiling)
     return 0
 
 
