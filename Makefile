@@ -52,6 +52,7 @@ train: install-test
 bench: install-test
 	$(PY) -m bench.streaming
 	$(PY) -m bench.predict
+	$(PY) -m bench.ort_options
 	$(PY) -m bench.plot
 
 # Needs nginx and redis-server (Debian: apt-get install nginx redis-server).
