@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,10 @@ def to_tensor(array: ArrayLike) -> pb.Tensor:
 
 def to_array(tensor: pb.Tensor) -> np.ndarray:
     return np.frombuffer(tensor.data, "<f4").reshape(tuple(tensor.shape))
+
+
+def to_arrays(tensors: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
+    return {name: to_array(t) for name, t in tensors.items()}
 
 
 @dataclass(frozen=True)
@@ -149,8 +153,7 @@ class Client:
         response = self._call("Predict", pb.PredictRequest(
             model=model, version=version, x=to_tensor(batch), lengths=lengths,
             initial_states=_states(initial_states), output_mode=mode))
-        return Prediction(to_array(response.y),
-                          {k: to_array(v) for k, v in response.final_states.items()},
+        return Prediction(to_array(response.y), to_arrays(response.final_states),
                           response.model, response.version)
 
     def open_session(self, model: str, version: int = 0,
@@ -176,7 +179,7 @@ class Client:
 
     def snapshot(self, session_id: str) -> dict[str, np.ndarray]:
         state = self._call("GetSessionState", pb.SessionRef(session_id=session_id), session_id)
-        return {k: to_array(v) for k, v in state.states.items()}
+        return to_arrays(state.states)
 
     def close_session(self, session_id: str) -> pb.SessionInfo:
         return self._call("CloseSession", pb.SessionRef(session_id=session_id), session_id)
@@ -259,8 +262,7 @@ class StreamSession:
         return self._control(pb.CONTROL_ACTION_RESET, session_id).session
 
     def snapshot(self, session_id: str = "") -> dict[str, np.ndarray]:
-        state = self._control(pb.CONTROL_ACTION_SNAPSHOT, session_id).state
-        return {k: to_array(v) for k, v in state.states.items()}
+        return to_arrays(self._control(pb.CONTROL_ACTION_SNAPSHOT, session_id).state.states)
 
     def close(self, session_id: str = "") -> pb.SessionInfo:
         return self._control(pb.CONTROL_ACTION_CLOSE, session_id).session

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,21 @@ class StepOutcome:
     sessions: list[Session | None]
 
 
+@asynccontextmanager
+async def _locked(sessions: Iterable[Session]) -> AsyncIterator[None]:
+    """Hold several sessions' locks, always taken in id order so two callers cannot deadlock."""
+    async with AsyncExitStack() as stack:
+        for session in sorted(sessions, key=lambda s: s.id):
+            await stack.enter_async_context(session.lock)
+        yield
+
+
+def _states_of(session: Session) -> dict[str, np.ndarray]:
+    """A copy of the session's state tensors by name (the caller holds its lock)."""
+    return {spec.input: state for spec, state in zip(session.model.spec.states,
+                                                     session.model.store.read(session.slot))}
+
+
 def _check_finite(array: np.ndarray, what: str) -> None:
     if not np.isfinite(array).all():
         raise InvalidArgument(f"{what} contains NaN or Inf")
@@ -60,7 +76,8 @@ class Engine:
         self.metrics: Metrics = registry.metrics
         self.draining = False
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """UNAVAILABLE once draining: callers reconnect and resume their sessions elsewhere."""
         if self.draining:
             raise Unavailable("the server is shutting down; reconnect (to another replica) and "
                               "resume your session by id")
@@ -111,7 +128,7 @@ class Engine:
 
     async def predict(self, name: str, version: int, x: np.ndarray, lengths: list[int],
                       initial_states: dict[str, np.ndarray], last_only: bool) -> PredictResult:
-        self._check_open()
+        self.check_open()
         model = self.model(name, version)
         self._check_x(model, x, "x")
         rows, time = x.shape[:2]
@@ -146,14 +163,14 @@ class Engine:
 
     def open_session(self, name: str, version: int, initial_states: dict[str, np.ndarray],
                      session_id: str = "") -> Session:
-        self._check_open()
+        self.check_open()
         model = self.model(name, version)
         states = self._states(model, initial_states, 1) if initial_states else None
         return self.sessions.open(model, states, session_id)
 
     async def find(self, session_id: str) -> Session:
         """The live session; adopted from the shared state store if another replica parked it."""
-        self._check_open()
+        self.check_open()
         await self._adopt([session_id])
         return self.sessions.get(session_id)
 
@@ -183,15 +200,10 @@ class Engine:
         if self.handoff is None:
             return 0
         live = self.sessions.live()
-        async with AsyncExitStack() as stack:
-            for session in sorted(live, key=lambda s: s.id):
-                await stack.enter_async_context(session.lock)
+        async with _locked(live):
             now = self.sessions.clock()
-            parked = [ParkedSession(
-                s.id, s.model.spec.name, s.model.spec.version, s.steps, now - s.last_used,
-                {spec.input: state for spec, state in zip(s.model.spec.states,
-                                                          s.model.store.read(s.slot))})
-                for s in live]
+            parked = [ParkedSession(s.id, s.model.spec.name, s.model.spec.version, s.steps,
+                                    now - s.last_used, _states_of(s)) for s in live]
             await self.handoff.park(parked)
             for session in live:
                 self.sessions.close(session, "handed off to another replica")
@@ -200,7 +212,7 @@ class Engine:
 
     async def step(self, session_ids: list[str], x: np.ndarray) -> StepOutcome:
         """Advance each row's session by x's k timesteps. Rows fail alone; others proceed."""
-        self._check_open()
+        self.check_open()
         await self._adopt(session_ids)
         if x.ndim == 2:
             x = x[None]
@@ -214,9 +226,7 @@ class Engine:
                                [0] * len(sessions), errors, sessions)
         outputs = valid[0].model.spec.outputs
         y = np.full((*x.shape[:2], outputs), np.nan, np.float32)
-        async with AsyncExitStack() as stack:
-            for session in sorted(valid, key=lambda s: s.id):  # one order: no deadlock
-                await stack.enter_async_context(session.lock)
+        async with _locked(valid):
             await self._run_steps(sessions, x, y, errors)
         steps = [s.steps if s is not None else 0 for s in sessions]
         return StepOutcome(y, steps, sorted(errors, key=lambda e: e.row), sessions)
@@ -289,9 +299,9 @@ class Engine:
     async def snapshot(self, session_id: str) -> tuple[Session, dict[str, np.ndarray]]:
         session = await self.find(session_id)
         async with session.lock:
-            states = session.model.store.read(session.slot)
+            states = _states_of(session)
             session.last_used = self.sessions.clock()
-        return session, {s.input: v for s, v in zip(session.model.spec.states, states)}
+        return session, states
 
     async def close(self, session_id: str) -> Session:
         await self._adopt([session_id])

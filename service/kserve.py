@@ -31,7 +31,7 @@ from service.generated.inference import grpc_service_pb2_grpc as v2_rpc
 from service.kserve_converters import config, metadata, parameter, request_inputs, response
 from service.metrics import Call, Metrics
 from service.registry import LoadedModel
-from service.rpc_errors import internal_error, unary
+from service.rpc_errors import abort_unless_open, internal_error, unary
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["sequence", "model_configuration", "model_repository"]
@@ -119,8 +119,7 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
                                ) -> AsyncIterator[v2.ModelStreamInferResponse]:
         """One response per request, in order; a failed request answers error_message only."""
         async for request in requests:
-            if self.engine.draining:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            await abort_unless_open(self.engine.check_open, context)
             try:
                 with self.metrics.track("ModelStreamInfer") as call:
                     reply = await self._infer(request, call)

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from service.errors import ServingError
+from service.errors import ServingError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +40,12 @@ def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
             await context.abort(grpc.StatusCode.INTERNAL, str(internal_error(method.__name__)))
 
     return handler
+
+
+async def abort_unless_open(check_open: Callable[[], None],
+                            context: grpc.aio.ServicerContext) -> None:
+    """End a stream with UNAVAILABLE once the server drains, so its client reconnects."""
+    try:
+        check_open()
+    except Unavailable as exc:
+        await context.abort(status_code(exc), str(exc))

@@ -20,7 +20,7 @@ from service.errors import InvalidArgument, ServingError
 from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from service.metrics import Call, Metrics
-from service.rpc_errors import internal_error, status_code, unary
+from service.rpc_errors import abort_unless_open, internal_error, status_code, unary
 from service.sessions import Session
 
 
@@ -96,9 +96,7 @@ class InferenceServicer(rpc.InferenceServicer):
 
     @unary
     async def ResetSession(self, request: pb.SessionRef, call: Call) -> pb.SessionInfo:
-        session = await self.engine.reset(request.session_id)
-        _label(call, session)
-        return session_info(session, self.idle_timeout)
+        return self._info(await self.engine.reset(request.session_id), call)
 
     @unary
     async def GetSessionState(self, request: pb.SessionRef, call: Call) -> pb.SessionState:
@@ -106,14 +104,15 @@ class InferenceServicer(rpc.InferenceServicer):
 
     @unary
     async def CloseSession(self, request: pb.SessionRef, call: Call) -> pb.SessionInfo:
-        session = await self.engine.close(request.session_id)
-        _label(call, session)
-        return session_info(session, self.idle_timeout)
+        return self._info(await self.engine.close(request.session_id), call)
 
     def _opened(self, request: pb.OpenSessionRequest, call: Call) -> pb.SessionInfo:
-        session = self.engine.open_session(request.model, request.version,
-                                           to_arrays(request.initial_states, "initial_states"),
-                                           request.session_id)
+        return self._info(self.engine.open_session(
+            request.model, request.version, to_arrays(request.initial_states, "initial_states"),
+            request.session_id), call)
+
+    def _info(self, session: Session, call: Call) -> pb.SessionInfo:
+        """The session as the client sees it; also labels this call's metrics with its model."""
         _label(call, session)
         return session_info(session, self.idle_timeout)
 
@@ -126,10 +125,7 @@ class InferenceServicer(rpc.InferenceServicer):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
         stream = _StreamState()
         async for request in requests:
-            if self.engine.draining:
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    "the server is shutting down; reconnect and resume your "
-                                    "session by id")
+            await abort_unless_open(self.engine.check_open, context)
             yield await self._stream_message(request, stream)
 
     async def _stream_message(self, request: pb.StreamRequest,
@@ -171,9 +167,7 @@ class InferenceServicer(rpc.InferenceServicer):
             if request.model or request.version or request.initial_states or request.session_id:
                 raise InvalidArgument("resume takes only resume_session_id: the session keeps its "
                                       "model, version and state")
-            session = await self.engine.find(request.resume_session_id)
-            _label(call, session)
-            info = session_info(session, self.idle_timeout)
+            info = self._info(await self.engine.find(request.resume_session_id), call)
         else:
             info = self._opened(request, call)
         stream.current = info.session_id
@@ -193,5 +187,4 @@ class InferenceServicer(rpc.InferenceServicer):
                 stream.current = ""
         else:
             raise InvalidArgument("control.action must be RESET, SNAPSHOT or CLOSE")
-        _label(call, session)
-        response.session.CopyFrom(session_info(session, self.idle_timeout))
+        response.session.CopyFrom(self._info(session, call))

@@ -34,6 +34,11 @@ def is_session_id(text: str) -> bool:
     return len(text) == SESSION_ID_HEX and all(c in "0123456789abcdef" for c in text)
 
 
+def check_session_id(text: str) -> None:
+    if not is_session_id(text):
+        raise InvalidArgument(f"session id {text!r} is not {SESSION_ID_HEX} lowercase hex digits")
+
+
 @dataclass(eq=False)
 class Session:
     id: str
@@ -61,9 +66,7 @@ class SessionTable:
              session_id: str = "") -> Session:
         """A new session, under the client's id if it chose one (so proxies can route by it)."""
         if session_id:
-            if not is_session_id(session_id):
-                raise InvalidArgument(f"session id {session_id!r} is not {SESSION_ID_HEX} "
-                                      "lowercase hex digits")
+            check_session_id(session_id)
             if session_id in self._live:
                 raise AlreadyExists(f"session {session_id} is already open; pick a new random id")
         return self._add(model, session_id or secrets.token_hex(SESSION_ID_HEX // 2), states,
@@ -101,8 +104,7 @@ class SessionTable:
         session = self._live.get(session_id)
         if session is not None:
             return session
-        if len(session_id) != SESSION_ID_HEX:
-            raise InvalidArgument(f"session id {session_id!r} is not {SESSION_ID_HEX} hex digits")
+        check_session_id(session_id)
         ended = self._ended.get(session_id)
         if ended is not None:
             raise FailedPrecondition(f"session {session_id} was {ended}; open a new session")
@@ -121,7 +123,6 @@ class SessionTable:
         self._ended[session.id] = reason
         while len(self._ended) > REMEMBER_ENDED:
             self._ended.popitem(last=False)
-
 
     def evict_idle(self) -> int:
         """Close sessions idle past the timeout; a session with work in flight is never idle."""
