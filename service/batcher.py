@@ -1,20 +1,24 @@
 """Dynamic batcher: concurrent steps and predictions for one model version, coalesced into one
 ONNX Runtime run per group of equal timestep count.
 
-Each work item keeps its own future, cancelled items are dropped before a batch forms, and a
-failing run fails only the items in it.
+Work queued while the event loop handles a burst of messages is flushed by one callback that
+runs after them, so every step that arrived in the same loop iteration shares a run; no task
+switch or event sits between a step and its run. While a run is in an executor thread, new work
+queues and forms the next batch when the run ends.
 
 Small runs happen on the event loop itself, large ones in executor threads. Measured on 2 cores:
 handing an echo step to a thread and back costs ~80-120 µs of CPU, the ORT run ~7 µs, so for
 runs up to --inline-steps timesteps (rows × steps) the hand-off costs more than the loop would
 ever wait; a 16k-sequence Predict still runs off the loop.
+
+Each work item keeps its own future, cancelled items are dropped before a batch forms, and a
+failing run fails only the items in it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -37,10 +41,11 @@ class Work:
 
     x: np.ndarray
     future: asyncio.Future
-    slots: np.ndarray | None = None
+    enqueued: float
+    slots: list[int] | None = None
     states: list[np.ndarray] | None = None
-    enqueued: float = field(default_factory=time.monotonic)
-    started: bool = False
+    run: asyncio.Future | None = field(default=None, repr=False)
+    """Set while the work's batch runs in a thread, which may still write its state slots."""
 
     @property
     def rows(self) -> int:
@@ -58,131 +63,196 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay = max_batch_delay_s
         self.inline_steps = inline_steps
+        self._loop = asyncio.get_running_loop()
         self._pending: deque[Work] = deque()
-        self._wakeup = asyncio.Event()
+        self._pending_rows = 0
+        self._flush_at: asyncio.Handle | None = None
+        self._flush_soon = False
+        self._threaded: asyncio.Task | None = None
+        self._closed = False
         self._queue_wait = metrics.queue_wait.labels(*labels)
         self._compute = metrics.compute.labels(*labels)
         self._batch_size = metrics.batch_size.labels(*labels)
         self._timesteps = metrics.timesteps.labels(*labels)
-        self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def step(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+    async def step(self, slots: list[int], x: np.ndarray) -> np.ndarray:
         """Advance the sessions in `slots` by x's timesteps; their states update in place."""
-        y, _ = await self._submit(Work(x, asyncio.get_running_loop().create_future(), slots=slots))
+        y, _ = await self._submit(Work(x, self._loop.create_future(), self._loop.time(),
+                                       slots=slots))
         return y
 
     async def predict(self, x: np.ndarray, states: list[np.ndarray]) -> Result:
-        return await self._submit(Work(x, asyncio.get_running_loop().create_future(),
+        return await self._submit(Work(x, self._loop.create_future(), self._loop.time(),
                                        states=states))
 
     async def _submit(self, work: Work) -> Result:
-        if self._task.done():
+        if self._closed:
             raise Unavailable("this model version is unloading; retry on the latest version")
         self._pending.append(work)
-        self._wakeup.set()
+        self._pending_rows += work.rows
+        self._schedule()
         try:
-            return await asyncio.shield(work.future)
+            return await work.future
         except asyncio.CancelledError:
-            if work.started:
-                # The run may still write this work's state slots: keep the caller (and so the
-                # session's lock) until it has, or a reused slot could be overwritten.
-                await _outlast_cancellation(work.future)
-            work.future.cancel()
+            if work.run is not None:
+                # The thread may still write this work's state slots: keep the caller (and so
+                # the session's lock) until it has, or a reused slot could be overwritten.
+                await _outlast_cancellation(work.run)
             raise
 
+    def _schedule(self) -> None:
+        """Arrange one flush: after the current burst, or when --max-batch-delay ends."""
+        if self._threaded is not None or not self._pending:
+            return
+        due = self.max_delay <= 0 or self._pending_rows >= self.max_batch_size
+        if self._flush_at is not None:
+            if self._flush_soon or not due:
+                return
+            self._flush_at.cancel()  # the batch filled before its delay ended
+        self._flush_soon = due
+        self._flush_at = (self._loop.call_soon(self._flush) if due else
+                          self._loop.call_at(self._pending[0].enqueued + self.max_delay,
+                                             self._flush))
+
     async def close(self) -> None:
-        self._task.cancel()
+        """Fail queued work; a batch already running finishes and answers its callers."""
+        self._closed = True
+        if self._flush_at is not None:
+            self._flush_at.cancel()
         while self._pending:
             work = self._pending.popleft()
             if not work.future.done():
                 work.future.set_exception(Unavailable("the model was unloaded"))
 
-    async def _loop(self) -> None:
-        while True:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._wait_for_more()
-            batch = self._take_batch()
+    def _flush(self) -> None:
+        self._flush_at = None
+        while self._pending:
             groups: dict[int, list[Work]] = {}
-            for work in batch:
+            for work in self._take_batch():
                 groups.setdefault(work.x.shape[1], []).append(work)
+            if any(self._threads(group) for group in groups.values()):
+                self._threaded = self._loop.create_task(self._run_groups(list(groups.values())))
+                return
             for group in groups.values():
-                await self._run(group)
-
-    async def _wait_for_more(self) -> None:
-        """With --max-batch-delay, hold the first item until the batch fills or the delay ends."""
-        if self.max_delay <= 0:
-            return
-        deadline = self._pending[0].enqueued + self.max_delay
-        while sum(w.rows for w in self._pending) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                return
+                self._run_inline(group)
 
     def _take_batch(self) -> list[Work]:
         batch: list[Work] = []
         rows = 0
         while self._pending:
             work = self._pending[0]
-            if work.future.done():  # cancelled by its caller while queued
-                self._pending.popleft()
-                continue
             if batch and rows + work.rows > self.max_batch_size:
                 break
-            work.started = True
-            batch.append(self._pending.popleft())
+            self._pending.popleft()
+            self._pending_rows -= work.rows
+            if work.future.done():  # cancelled by its caller while queued
+                continue
+            batch.append(work)
             rows += work.rows
         return batch
 
-    async def _run(self, group: list[Work]) -> None:
-        started = time.monotonic()
-        for work in group:
-            self._queue_wait.observe(started - work.enqueued)
-        rows = sum(w.rows for w in group)
-        try:
-            if rows * group[0].x.shape[1] <= self.inline_steps:
-                results = self._run_sync(group)
-            else:
-                async with self.run_slots:
-                    results = await asyncio.get_running_loop().run_in_executor(
-                        self.executor, self._run_sync, group)
-        except Exception as exc:  # a failed run fails its own items, never the loop
-            log.exception("batch run failed")
-            for work in group:
-                if not work.future.done():
-                    work.future.set_exception(exc)
+    def _threads(self, group: list[Work]) -> bool:
+        return sum(w.rows for w in group) * group[0].x.shape[1] > self.inline_steps
+
+    def _run_inline(self, group: list[Work]) -> None:
+        group = _live(group)
+        if not group:
             return
-        self._compute.observe(time.monotonic() - started)
-        self._batch_size.observe(rows)
-        self._timesteps.inc(rows * group[0].x.shape[1])
+        started = self._loop.time()
+        try:
+            results = self._run_sync(group, inline=True)
+        except Exception as exc:  # a failed run fails its own items, never the batcher
+            self._fail(group, exc)
+            return
+        self._finish(group, results, started)
+
+    async def _run_groups(self, groups: list[list[Work]]) -> None:
+        """A batch with a large group: that group runs in a thread while new work queues."""
+        try:
+            for group in groups:
+                if self._threads(group):
+                    async with self.run_slots:
+                        await self._run_in_thread(group)
+                else:
+                    self._run_inline(group)
+        finally:
+            self._threaded = None
+            if not self._closed:
+                self._schedule()
+
+    async def _run_in_thread(self, group: list[Work]) -> None:
+        # No await from here to setting work.run: a caller cancelled before it is dropped, one
+        # cancelled after it waits for the thread.
+        group = _live(group)
+        if not group:
+            return
+        started = self._loop.time()
+        run = self._loop.run_in_executor(self.executor, self._run_sync, group)
+        for work in group:
+            work.run = run
+        try:
+            results = await run
+        except Exception as exc:
+            self._fail(group, exc)
+            return
+        self._finish(group, results, started)
+
+    @staticmethod
+    def _fail(group: list[Work], exc: Exception) -> None:
+        log.error("batch run failed", exc_info=exc)
+        for work in group:
+            if not work.future.done():
+                work.future.set_exception(exc)
+
+    def _finish(self, group: list[Work], results: list[Result], started: float) -> None:
+        rows = 0
         for work, result in zip(group, results):
+            self._queue_wait.observe(started - work.enqueued)
+            rows += work.rows
             if not work.future.done():
                 work.future.set_result(result)
+        self._compute.observe(self._loop.time() - started)
+        self._batch_size.observe(rows)
+        self._timesteps.inc(rows * group[0].x.shape[1])
 
-    def _run_sync(self, group: list[Work]) -> list[Result]:
-        n_states = len(self.store.arrays)
+    def _run_sync(self, group: list[Work], inline: bool = False) -> list[Result]:
+        """One run for the group; on the event loop (`inline`) through reused bound buffers."""
+        rows = sum(w.rows for w in group)
+        bound = self.runner.buffers(rows, group[0].x.shape[1]) if inline else None
+        if bound is None:
+            y, finals = self.runner.run(*self._joined(group))
+            return self._split(group, y, finals, reused=False)
+        start = 0
+        for work in group:
+            end = start + work.rows
+            bound.x[start:end] = work.x
+            for i, state in enumerate(self._states_of(work)):
+                bound.states[i][start:end] = state
+            start = end
+        self.runner.run_bound(bound)
+        return self._split(group, bound.y, bound.finals, reused=True)
+
+    def _joined(self, group: list[Work]) -> tuple[np.ndarray, list[np.ndarray]]:
         if len(group) == 1:
-            x = group[0].x
-            states = self._states_of(group[0])
-        else:
-            x = np.concatenate([w.x for w in group])
-            parts = [self._states_of(w) for w in group]
-            states = [np.concatenate([p[i] for p in parts]) for i in range(n_states)]
-        y, finals = self.runner.run(x, states)
+            return group[0].x, self._states_of(group[0])
+        parts = [self._states_of(w) for w in group]
+        return (np.concatenate([w.x for w in group]),
+                [np.concatenate(states) for states in zip(*parts)])
+
+    def _split(self, group: list[Work], y: np.ndarray, finals: list[np.ndarray],
+               reused: bool) -> list[Result]:
+        """Each work's rows: final states into its slots (steps) or back to it (predictions).
+        Rows of `reused` buffers are copied out, as the next run overwrites them."""
         results, start = [], 0
         for work in group:
             end = start + work.rows
             mine = [f[start:end] for f in finals]
             if work.slots is not None:
                 self.store.scatter(work.slots, mine)
-            results.append((y[start:end], mine))
+                mine = []  # a step's caller reads only y; its states live in the store
+            elif reused:
+                mine = [m.copy() for m in mine]
+            results.append((y[start:end].copy() if reused else y[start:end], mine))
             start = end
         return results
 
@@ -190,10 +260,15 @@ class Batcher:
         return self.store.gather(work.slots) if work.slots is not None else work.states
 
 
-async def _outlast_cancellation(future: asyncio.Future) -> None:
-    while not future.done():
+def _live(group: list[Work]) -> list[Work]:
+    """The items whose callers still wait; those cancelled meanwhile must not touch state."""
+    return [w for w in group if not w.future.done()]
+
+
+async def _outlast_cancellation(run: asyncio.Future) -> None:
+    while not run.done():
         try:
-            await asyncio.shield(future)
+            await asyncio.shield(run)
         except asyncio.CancelledError:
             continue
         except Exception:  # the run failed; its error is the caller's no longer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -20,7 +21,7 @@ def to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
     if not shape or len(shape) > MAX_DIMS or min(shape) < 0:
         raise InvalidArgument(f"{what}: shape {list(shape)} must have 1 to {MAX_DIMS} "
                               "non-negative dimensions")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(tensor.data) != count * FLOAT32.itemsize:
         raise InvalidArgument(f"{what}: shape {list(shape)} needs {count * FLOAT32.itemsize} "
                               f"bytes of float32, got {len(tensor.data)}")
@@ -28,7 +29,13 @@ def to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
 
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:
-    return pb.Tensor(shape=array.shape, data=np.ascontiguousarray(array, FLOAT32).tobytes())
+    return fill_tensor(pb.Tensor(), array)
+
+
+def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> pb.Tensor:
+    tensor.shape.extend(array.shape)
+    tensor.data = np.ascontiguousarray(array, FLOAT32).tobytes()
+    return tensor
 
 
 def to_arrays(tensors: Mapping[str, pb.Tensor], what: str) -> dict[str, np.ndarray]:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,13 +45,27 @@ class StepOutcome:
     sessions: list[Session | None]
 
 
-@asynccontextmanager
-async def _locked(sessions: Iterable[Session]) -> AsyncIterator[None]:
+class _Locked:
     """Hold several sessions' locks, always taken in id order so two callers cannot deadlock."""
-    async with AsyncExitStack() as stack:
-        for session in sorted(sessions, key=lambda s: s.id):
-            await stack.enter_async_context(session.lock)
-        yield
+
+    def __init__(self, sessions: list[Session]) -> None:
+        self.locks = ([sessions[0].lock] if len(sessions) == 1 else
+                      [s.lock for s in sorted(sessions, key=lambda s: s.id)])
+
+    async def __aenter__(self) -> None:
+        held = 0
+        try:
+            for lock in self.locks:
+                await lock.acquire()
+                held += 1
+        except BaseException:  # cancelled while waiting: give back what was taken
+            for lock in self.locks[:held]:
+                lock.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        for lock in self.locks:
+            lock.release()
 
 
 def _states_of(session: Session) -> dict[str, np.ndarray]:
@@ -200,7 +213,7 @@ class Engine:
         if self.handoff is None:
             return 0
         live = self.sessions.live()
-        async with _locked(live):
+        async with _Locked(live):
             now = self.sessions.clock()
             parked = [ParkedSession(s.id, s.model.spec.name, s.model.spec.version, s.steps,
                                     now - s.last_used, _states_of(s)) for s in live]
@@ -213,7 +226,8 @@ class Engine:
     async def step(self, session_ids: list[str], x: np.ndarray) -> StepOutcome:
         """Advance each row's session by x's k timesteps. Rows fail alone; others proceed."""
         self.check_open()
-        await self._adopt(session_ids)
+        if self.handoff is not None:
+            await self._adopt(session_ids)
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] != len(session_ids):
@@ -224,17 +238,18 @@ class Engine:
         if not valid:
             return StepOutcome(np.full((*x.shape[:2], 0), np.nan, np.float32),
                                [0] * len(sessions), errors, sessions)
-        outputs = valid[0].model.spec.outputs
-        y = np.full((*x.shape[:2], outputs), np.nan, np.float32)
-        async with _locked(valid):
-            await self._run_steps(sessions, x, y, errors)
+        async with _Locked(valid):
+            y = await self._run_steps(sessions, x, errors, valid[0].model.spec.outputs)
         steps = [s.steps if s is not None else 0 for s in sessions]
-        return StepOutcome(y, steps, sorted(errors, key=lambda e: e.row), sessions)
+        if errors:
+            errors.sort(key=lambda e: e.row)
+        return StepOutcome(y, steps, errors, sessions)
 
     def _resolve(self, session_ids: list[str],
                  x: np.ndarray) -> tuple[list[Session | None], list[RowError]]:
         self._check_limits(x, "x")
-        bad_values = ~np.isfinite(x).all(axis=(1, 2))
+        # One reduction on the common path; rows are told apart only when something is off.
+        bad_values = None if math.isfinite(x.sum()) else ~np.isfinite(x).all(axis=(1, 2))
         sessions: list[Session | None] = []
         errors: list[RowError] = []
         seen: set[str] = set()
@@ -254,7 +269,7 @@ class Engine:
                     raise InvalidArgument(f"session {session_id} ({spec.name}) has "
                                           f"{spec.outputs} outputs, unlike the message's first "
                                           "session; send it in its own message")
-                if bad_values[row]:
+                if bad_values is not None and bad_values[row]:
                     raise InvalidArgument(f"timesteps for session {session_id} contain NaN or Inf")
                 outputs = spec.outputs
                 sessions.append(session)
@@ -263,8 +278,9 @@ class Engine:
                 errors.append(RowError(row, exc.code, str(exc)))
         return sessions, errors
 
-    async def _run_steps(self, sessions: list[Session | None], x: np.ndarray, y: np.ndarray,
-                         errors: list[RowError]) -> None:
+    async def _run_steps(self, sessions: list[Session | None], x: np.ndarray,
+                         errors: list[RowError], outputs: int) -> np.ndarray:
+        """y [rows, k, outputs] for the live rows' sessions, NaN where a row failed."""
         groups: dict[LoadedModel, list[int]] = {}
         for row, session in enumerate(sessions):
             if session is None:
@@ -275,18 +291,23 @@ class Engine:
                                        f"session {session.id} ended before this step ran"))
                 continue
             groups.setdefault(session.model, []).append(row)
-        rows_of = list(groups.values())
-        coros = [model.batcher.step(np.array([sessions[r].slot for r in rows]),
-                                    x[rows] if len(rows) < len(x) else x)
+        whole = len(groups) == 1 and len(next(iter(groups.values()))) == len(x)
+        coros = [model.batcher.step([sessions[r].slot for r in rows],
+                                    x if whole else x[rows])
                  for model, rows in groups.items()]
         results = [await coros[0]] if len(coros) == 1 else await asyncio.gather(*coros)
         now = self.sessions.clock()
         k = x.shape[1]
-        for rows, y_rows in zip(rows_of, results):
-            y[rows] = y_rows
+        for rows in groups.values():
             for r in rows:
                 sessions[r].steps += k
                 sessions[r].last_used = now
+        if whole:
+            return results[0]
+        y = np.full((*x.shape[:2], outputs), np.nan, np.float32)
+        for rows, y_rows in zip(groups.values(), results):
+            y[rows] = y_rows
+        return y
 
     async def reset(self, session_id: str) -> Session:
         session = await self.find(session_id)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,12 +23,32 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 
-@dataclass
 class Call:
-    """Labels a tracked call learns as it goes (the model is known only after parsing)."""
+    """One tracked call: counted and timed when it ends, the code taken from the exception that
+    ends it, if any. Labels are learned as it goes (the model is known only after parsing)."""
 
-    model: str = ""
-    version: str = ""
+    __slots__ = ("metrics", "method", "model", "version", "started")
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.model = ""
+        self.version = ""
+
+    def __enter__(self) -> Call:
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            code = "OK"
+        elif isinstance(exc, ServingError):
+            code = exc.code
+        else:
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
+        count, latency = self.metrics.children(self.model, self.version, self.method, code)
+        count.inc()
+        latency.observe(time.perf_counter() - self.started)
 
 
 class Metrics:
@@ -60,24 +78,20 @@ class Metrics:
                                 registry=registry)
         self.model_events = Counter("rnnserve_model_events", "Model version loads and unloads",
                                     [*MODEL, "event"], registry=registry)
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
 
-    @contextmanager
-    def track(self, method: str) -> Iterator[Call]:
-        """Count and time one call; the code comes from the exception that ends it, if any."""
-        call = Call()
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            yield call
-        except ServingError as exc:
-            code = exc.code
-            raise
-        except BaseException as exc:
-            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
-            raise
-        finally:
-            self.requests.labels(call.model, call.version, method, code).inc()
-            self.latency.labels(call.model, call.version, method).observe(
-                time.perf_counter() - started)
+    def track(self, method: str) -> Call:
+        """`with metrics.track(name) as call:` counts and times one call (or stream message)."""
+        return Call(self, method)
+
+    def children(self, model: str, version: str, method: str, code: str) -> tuple[Any, Any]:
+        """The request counter and latency histogram for these labels, looked up once: a
+        streamed step must not pay prometheus-client's labels() on every message."""
+        key = (model, version, method, code)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = (self.requests.labels(*key),
+                                           self.latency.labels(model, version, method))
+        return found

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import grpc
 
 from service.converters import (
+    fill_tensor,
     model_info,
     session_info,
     to_array,
@@ -30,16 +31,19 @@ def _label(call: Call, session: Session) -> None:
 
 def _label_first(call: Call, outcome: StepOutcome) -> None:
     """Label a multi-session call by its first live session (rows may span models)."""
-    first = next((s for s in outcome.sessions if s is not None), None)
-    if first is not None:
-        _label(call, first)
+    for session in outcome.sessions:
+        if session is not None:
+            _label(call, session)
+            return
 
 
-def step_results(outcome: StepOutcome) -> pb.StepResults:
-    return pb.StepResults(
-        y=to_tensor(outcome.y), steps=outcome.steps,
-        errors=[pb.StepError(row=e.row, code=grpc.StatusCode[e.code].value[0], message=e.message)
-                for e in outcome.errors])
+def fill_step_results(results: pb.StepResults, outcome: StepOutcome) -> pb.StepResults:
+    """Written into the message in place: a streamed step must not build and copy a second."""
+    fill_tensor(results.y, outcome.y)
+    results.steps.extend(outcome.steps)
+    for e in outcome.errors:
+        results.errors.add(row=e.row, code=grpc.StatusCode[e.code].value[0], message=e.message)
+    return results
 
 
 @dataclass
@@ -71,7 +75,6 @@ class InferenceServicer(rpc.InferenceServicer):
 
     @unary
     async def Predict(self, request: pb.PredictRequest, call: Call) -> pb.PredictResponse:
-        call.model = request.model
         result = await self.engine.predict(
             request.model, request.version, to_array(request.x, "x"), list(request.lengths),
             to_arrays(request.initial_states, "initial_states"),
@@ -92,7 +95,7 @@ class InferenceServicer(rpc.InferenceServicer):
     async def Step(self, request: pb.Steps, call: Call) -> pb.StepResults:
         outcome = await self.engine.step(list(request.session_ids), to_array(request.x, "x"))
         _label_first(call, outcome)
-        return step_results(outcome)
+        return fill_step_results(pb.StepResults(), outcome)
 
     @unary
     async def ResetSession(self, request: pb.SessionRef, call: Call) -> pb.SessionInfo:
@@ -139,7 +142,7 @@ class InferenceServicer(rpc.InferenceServicer):
                     ids = list(request.steps.session_ids) or [self._current(stream)]
                     outcome = await self.engine.step(ids, to_array(request.steps.x, "steps.x"))
                     _label_first(call, outcome)
-                    response.results.CopyFrom(step_results(outcome))
+                    fill_step_results(response.results, outcome)
                 elif kind == "open":
                     response.opened.CopyFrom(await self._stream_open(request.open, stream, call))
                 elif kind == "control":

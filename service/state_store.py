@@ -44,9 +44,17 @@ class StateStore:
     def read(self, slot: int) -> list[np.ndarray]:
         return [array[slot].copy() for array in self.arrays]
 
-    def gather(self, slots: np.ndarray) -> list[np.ndarray]:
+    def gather(self, slots: list[int]) -> list[np.ndarray]:
+        """The slots' rows: a view for one slot (the streaming case; plain slicing is far
+        cheaper than fancy indexing in a busy server), a copy for several."""
+        if len(slots) == 1:
+            return [array[slots[0]:slots[0] + 1] for array in self.arrays]
         return [array[slots] for array in self.arrays]
 
-    def scatter(self, slots: np.ndarray, states: list[np.ndarray]) -> None:
+    def scatter(self, slots: list[int], states: list[np.ndarray]) -> None:
+        if len(slots) == 1:
+            for array, state in zip(self.arrays, states):
+                array[slots[0]] = state[0]
+            return
         for array, state in zip(self.arrays, states):
             array[slots] = state
