@@ -1,42 +1,70 @@
-"""The transport's floor: the same Stream RPC and messages as rnnserve, answered without a model.
+"""The floors rnnserve is measured against: the same Stream RPC and messages, answered by a bare
+servicer. Without --model it only echoes (the transport's floor); with --model it also runs the
+echo model once per message through bound ONNX Runtime buffers holding the stream's state (the
+least any server that runs the model per message must pay: no sessions, checks, batching or
+metrics).
 
-Run as `python -m bench.echo_server PORT`; bench/streaming.py starts it beside rnnserve.
+Run as `python -m bench.echo_server PORT [--model]`; bench/streaming.py starts it beside rnnserve.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
 
+from service.contract import read_spec
 from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from service.runner import Runner
 
 
 class EchoServicer(rpc.InferenceServicer):
-    """Answers every message with a fixed response of the size rnnserve would send."""
+    """Answers every message with a response of the size rnnserve would send."""
+
+    def __init__(self, runner: Runner | None) -> None:
+        self.runner = runner
 
     async def Stream(self, requests, context):
         opened = pb.StreamResponse(opened=pb.SessionInfo(session_id="0" * 32, model="echo"))
+        bound = None
         async for request in requests:
             if request.WhichOneof("kind") == "open":
+                if self.runner is not None:  # this stream's own buffers: its state lives there
+                    bound = self.runner.bind(1, 1)
                 yield opened
                 continue
             rows, k = request.steps.x.shape[0], request.steps.x.shape[1]
-            y = np.zeros((rows, k, 2), "<f4")
+            if bound is None:
+                y = np.zeros((rows, k, 2), "<f4")
+            else:
+                bound.x[...] = np.frombuffer(request.steps.x.data, "<f4").reshape(bound.x.shape)
+                self.runner.run_bound(bound)
+                for state, final in zip(bound.states, bound.finals):
+                    state[...] = final
+                y = bound.y
             yield pb.StreamResponse(request_id=request.request_id, results=pb.StepResults(
                 y=pb.Tensor(shape=y.shape, data=y.tobytes()), steps=[k] * rows))
 
 
-async def main(port: int) -> None:
+async def main(port: int, model: bool) -> None:
+    runner = None
+    if model:
+        directory = Path(__file__).resolve().parent.parent / "exported" / "echo" / "1"
+        runner = Runner(read_spec(directory), directory, "cpu", 1)
     server = grpc.aio.server()
-    rpc.add_InferenceServicer_to_server(EchoServicer(), server)
+    rpc.add_InferenceServicer_to_server(EchoServicer(runner), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("port", type=int)
+    parser.add_argument("--model", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(main(args.port, args.model))

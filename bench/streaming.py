@@ -45,11 +45,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 class ServerProcess:
-    """A server in its own process: rnnserve (`flags` for `serve`) or, with echo=True, the floor."""
+    """A server in its own process: rnnserve (`flags` for `serve`) or, with echo=True, a floor
+    (bench/echo_server.py; `flags` are its own)."""
 
     def __init__(self, *flags: str, echo: bool = False) -> None:
         self.port = free_port()
-        command = (["-m", "bench.echo_server", str(self.port)] if echo else
+        command = (["-m", "bench.echo_server", str(self.port), *flags] if echo else
                    ["-m", "service", "serve", "--grpc-port", str(self.port), "--metrics-port",
                     "-1", "--models", "echo", "--log-level", "warning", *flags])
         self.proc = subprocess.Popen([sys.executable, *command], cwd=ROOT)
@@ -162,58 +163,78 @@ def machine() -> str:
 
 PLAN = {
     # server label: (flags, echo, loads)
-    "bare echo": ((), True, "base"),
+    "bare echo": ((), True, "base+multiplexed"),
+    "echo + one ORT run": (("--model",), True, "base"),  # one session, one step per message
     "rnnserve": ((), False, "all"),
-    "rnnserve, batch size 1": (("--max-batch-size", "1"), False, "base"),
+    "rnnserve, batch size 1": (("--max-batch-size", "1"), False, "base+multiplexed"),
 }
+FLOOR, MODEL_FLOOR = "bare echo", "echo + one ORT run"
 
 
 def loads(which: str, counts: list[int]) -> list[Load]:
     base = [Load(n) for n in counts]
     extra = [Load(n, k) for n in (1, 64) for k in (8, 64)] + [Load(1, 1, 1000), Load(2, 1, 500)]
-    return base + extra if which == "all" else base + extra[-2:]
+    if which == "all":
+        return base + extra
+    return base if which == "base" else base + extra[-2:]
+
+
+def key(row: dict) -> tuple[int, int, int]:
+    return row["streams"], row["k"], row["sessions_per_message"]
 
 
 def table(rows: list[dict], ceiling: dict[int, float]) -> str:
-    floor = {(r["streams"], r["k"], r["sessions_per_message"]): r["server_cpu_us_per_step"]
-             for r in rows if r["server"] == "bare echo"}
-    lines = ["| server | streams | k | sessions/msg | steps/s | msgs/s | p50 ms/msg | p99 ms/msg "
-             "| server CPU µs/step | CPU vs bare echo |",
+    floors = {label: {key(r): r["server_cpu_us_per_step"] for r in rows if r["server"] == label}
+              for label in (FLOOR, MODEL_FLOOR)}
+    lines = ["| server | streams | k | sessions/msg | steps/s | p50 ms/msg | p99 ms/msg "
+             "| server CPU µs/step | CPU vs bare echo | CPU vs echo + ORT |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        key = (r["streams"], r["k"], r["sessions_per_message"])
-        vs = f"{r['server_cpu_us_per_step'] / floor[key]:.2f}x" if key in floor else ""
+        ratios = [f"{r['server_cpu_us_per_step'] / floor[key(r)]:.2f}x" if key(r) in floor
+                  else "" for floor in floors.values()]
         lines.append(f"| {r['server']} | {r['streams']} | {r['k']} | "
                      f"{r['sessions_per_message'] or 1} | {r['steps_per_s']:,.0f} | "
-                     f"{r['messages_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['server_cpu_us_per_step']:.1f} | {vs} |")
+                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['server_cpu_us_per_step']:.1f} | {' | '.join(ratios)} |")
     lines.append("")
     lines.append("In-process ONNX Runtime ceiling (echo, one timestep, steps/s): " + ", ".join(
         f"batch {n}: {v:,.0f}" for n, v in ceiling.items()))
     return "\n".join(lines)
 
 
+def medians(label: str, load: Load, runs: list[dict[str, float]]) -> dict:
+    """Each figure's median over the rounds: this machine's neighbours come and go."""
+    return {"server": label, "streams": load.streams, "k": load.k,
+            "sessions_per_message": load.sessions_per_message, "rounds": len(runs),
+            **{name: float(np.median([r[name] for r in runs])) for name in runs[0]}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seconds", type=float, default=3.0, help="per configuration")
+    p.add_argument("--seconds", type=float, default=2.0, help="per configuration and round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="every server and load is measured once per round, servers interleaved")
     p.add_argument("--streams", default="1,8,64,256")
     args = p.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
-    rows = []
-    for label, (flags, echo, which) in PLAN.items():
-        server = ServerProcess(*flags, echo=echo)
-        try:
-            for load in loads(which, counts):
-                rows.append({"server": label, "streams": load.streams, "k": load.k,
-                             "sessions_per_message": load.sessions_per_message,
-                             **measure(server, load, args.seconds)})
-                print(json.dumps(rows[-1]), flush=True)
-        finally:
+    servers = {label: ServerProcess(*flags, echo=echo) for label, (flags, echo, _) in PLAN.items()}
+    runs: dict[tuple[str, Load], list[dict[str, float]]] = {}
+    try:
+        for round_ in range(args.rounds):
+            for label, server in servers.items():
+                for load in loads(PLAN[label][2], counts):
+                    result = measure(server, load, args.seconds)
+                    runs.setdefault((label, load), []).append(result)
+                    print(json.dumps({"round": round_, "server": label, **vars(load), **result}),
+                          flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
+    rows = [medians(label, load, results) for (label, load), results in runs.items()]
     ceiling = {n: ort_ceiling(n, 1.0) for n in sorted({*counts, 1000})}
-    print(f"\necho streaming on {machine()}\n")
+    print(f"\necho streaming on {machine()}, medians of {args.rounds} rounds\n")
     print(table(rows, ceiling))
-    by = {(r["server"], r["streams"], r["k"], r["sessions_per_message"]): r for r in rows}
+    by = {(r["server"], *key(r)): r for r in rows}
     print()
     for n in counts:
         ratio = (by[("rnnserve", n, 1, 0)]["steps_per_s"]

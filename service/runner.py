@@ -89,13 +89,14 @@ class Runner:
         key = (rows, steps)
         buffers = self._bound.pop(key, None)
         if buffers is None:
-            buffers = self._bind(rows, steps)
+            buffers = self.bind(rows, steps)
             if len(self._bound) >= BOUND_SHAPES:
                 del self._bound[next(iter(self._bound))]  # the least recently used shape
         self._bound[key] = buffers
         return buffers
 
-    def _bind(self, rows: int, steps: int) -> Buffers:
+    def bind(self, rows: int, steps: int) -> Buffers:
+        """New buffers for [rows, steps] runs, owned by the caller."""
         spec = self.spec
         buffers = Buffers(self.session.io_binding(),
                           np.zeros((rows, steps, spec.features), np.float32),

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from service.config import ServerConfig
 from service.contract import read_spec
 from service.engine import Engine
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, Unavailable
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.runner import Runner
@@ -67,6 +67,87 @@ def test_engine_validates_before_queueing() -> None:
             assert "[rows, timesteps, 1]" in str(exc)
         else:
             raise AssertionError("accepted 3 features for a 1-feature model")
+        await engine.registry.close()
+
+    asyncio.run(main())
+
+
+def test_bound_buffers_give_exactly_what_a_plain_run_gives() -> None:
+    directory = EXPORTED / "binary_add" / "1"
+    runner = Runner(read_spec(directory), directory, "cpu", 1)
+    rng = np.random.default_rng(5)
+    for rows, steps in [(1, 1), (3, 1), (1, 8), (64, 4), (1, 1)]:  # (1, 1) again: reused
+        x = rng.integers(0, 2, (rows, steps, 2)).astype(np.float32)
+        states = [rng.normal(size=(rows, 20)).astype(np.float32) for _ in range(4)]
+        y, finals = runner.run(x, states)
+        bound = runner.buffers(rows, steps)
+        bound.x[...] = x
+        for buffer, state in zip(bound.states, states):
+            buffer[...] = state
+        runner.run_bound(bound)
+        assert np.array_equal(bound.y, y)
+        assert all(np.array_equal(a, b) for a, b in zip(bound.finals, finals))
+    assert runner.buffers(1024, 2) is None  # large runs allocate instead
+    for rows in range(1, 40):
+        runner.buffers(rows, 1)
+    assert runner.buffers(1, 1) is not None  # the cache stays bounded and keeps working
+
+
+def test_inline_threaded_and_unbatched_steps_agree() -> None:
+    """The same steps through event-loop runs, executor-thread runs and one step per run."""
+    rng = np.random.default_rng(3)
+    xs = rng.integers(0, 2, (24, 6, 2)).astype(np.float32)
+
+    async def run(**overrides) -> np.ndarray:
+        engine = await make_engine(**overrides)
+        sessions = [engine.open_session("binary_add", 0, {}) for _ in xs]
+
+        async def drive(i: int) -> np.ndarray:
+            return np.concatenate([(await engine.step([sessions[i].id], xs[i, t:t + 1][None]))
+                                   .y[0] for t in range(xs.shape[1])])
+
+        ys = np.stack(await asyncio.gather(*(drive(i) for i in range(len(xs)))))
+        await engine.registry.close()
+        return ys
+
+    inline = asyncio.run(run())
+    threaded = asyncio.run(run(inline_steps=0))
+    single = asyncio.run(run(max_batch_size=1))
+    assert np.array_equal(inline, threaded)
+    assert np.array_equal(inline, single)
+
+
+def test_cancelled_steps_leave_state_alone_and_close_fails_queued_work() -> None:
+    async def main() -> None:
+        engine = await make_engine()
+        model = engine.model("echo")
+        session = engine.open_session("echo", 0, {})
+        x = np.ones((1, 1, 1), np.float32)
+        before = model.store.read(session.slot)
+        queued = asyncio.ensure_future(model.batcher.step([session.slot], x))
+        await asyncio.sleep(0)  # queued, its flush not yet run
+        queued.cancel()
+        await asyncio.sleep(0.01)
+        assert queued.cancelled()
+        assert all(np.array_equal(a, b) for a, b in zip(before, model.store.read(session.slot)))
+        await model.batcher.step([session.slot], x)  # the batcher still works
+        assert not np.array_equal(before[0], model.store.read(session.slot)[0])
+
+        waiting = asyncio.ensure_future(model.batcher.step([session.slot], x))
+        await asyncio.sleep(0)  # queued
+        await model.batcher.close()
+        try:
+            await waiting
+        except Unavailable as exc:
+            assert "unloaded" in str(exc)
+        else:
+            raise AssertionError("queued work survived close()")
+        try:
+            await model.batcher.step([session.slot], x)
+        except Unavailable:
+            pass
+        else:
+            raise AssertionError("a closed batcher took new work")
         await engine.registry.close()
 
     asyncio.run(main())
