@@ -1,10 +1,11 @@
 """The floors rnnserve is measured against: the same Stream RPC and messages, answered by a bare
-servicer. Without --model it only echoes (the transport's floor); with --model it also runs the
-echo model once per message through bound ONNX Runtime buffers holding the stream's state (the
-least any server that runs the model per message must pay: no sessions, checks, batching or
-metrics).
+servicer. Without --model it only echoes (the transport's floor); with --model bound it also runs
+the echo model once per message through bound ONNX Runtime buffers holding the stream's state
+(the least any server that runs the model per message must pay: no sessions, checks, batching or
+metrics); --model run does the same through plain `session.run`, to show what binding is worth
+in a live server.
 
-Run as `python -m bench.echo_server PORT [--model]`; bench/streaming.py starts it beside rnnserve.
+Run as `python -m bench.echo_server PORT [--model bound|run]`; bench/streaming.py starts it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from service.runner import Runner
 class EchoServicer(rpc.InferenceServicer):
     """Answers every message with a response of the size rnnserve would send."""
 
-    def __init__(self, runner: Runner | None) -> None:
+    def __init__(self, runner: Runner | None, bound: bool) -> None:
         self.runner = runner
+        self.bound = bound
 
     async def Stream(self, requests, context):
         opened = pb.StreamResponse(opened=pb.SessionInfo(session_id="0" * 32, model="echo"))
@@ -40,6 +42,9 @@ class EchoServicer(rpc.InferenceServicer):
             rows, k = request.steps.x.shape[0], request.steps.x.shape[1]
             if bound is None:
                 y = np.zeros((rows, k, 2), "<f4")
+            elif not self.bound:
+                x = np.frombuffer(request.steps.x.data, "<f4").reshape(bound.x.shape)
+                y, bound.states = self.runner.run(x, bound.states)
             else:
                 bound.x[...] = np.frombuffer(request.steps.x.data, "<f4").reshape(bound.x.shape)
                 self.runner.run_bound(bound)
@@ -50,13 +55,13 @@ class EchoServicer(rpc.InferenceServicer):
                 y=pb.Tensor(shape=y.shape, data=y.tobytes()), steps=[k] * rows))
 
 
-async def main(port: int, model: bool) -> None:
+async def main(port: int, model: str) -> None:
     runner = None
     if model:
         directory = Path(__file__).resolve().parent.parent / "exported" / "echo" / "1"
         runner = Runner(read_spec(directory), directory, "cpu", 1)
     server = grpc.aio.server()
-    rpc.add_InferenceServicer_to_server(EchoServicer(runner), server)
+    rpc.add_InferenceServicer_to_server(EchoServicer(runner, model == "bound"), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -65,6 +70,8 @@ async def main(port: int, model: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("port", type=int)
-    parser.add_argument("--model", action="store_true")
+    parser.add_argument("--model", choices=("bound", "run"), default="",
+                        help="also run the echo model per message, through bound buffers or "
+                             "session.run")
     args = parser.parse_args()
     asyncio.run(main(args.port, args.model))

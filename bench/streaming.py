@@ -164,7 +164,8 @@ def machine() -> str:
 PLAN = {
     # server label: (flags, echo, loads)
     "bare echo": ((), True, "base+multiplexed"),
-    "echo + one ORT run": (("--model",), True, "base"),  # one session, one step per message
+    "echo + one ORT run": (("--model", "bound"), True, "base"),  # one session, one step each
+    "echo + one ORT session.run": (("--model", "run"), True, "base"),
     "rnnserve": ((), False, "all"),
     "rnnserve, batch size 1": (("--max-batch-size", "1"), False, "base+multiplexed"),
 }
