@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.cluster import Nginx, Redis, Replica
-from bench.streaming import Load, drive, machine, save
+from bench.streaming import Load, cpu_seconds, drive, machine, save
 from service.client import Client, RnnServeError
 
 STREAMS, SECONDS = 64, 3.0
@@ -31,6 +31,9 @@ class Cluster:
         self.nginx = Nginx(self.dir, self.replicas)
         self.port, self.echo = self.nginx.port, False  # what bench.streaming.drive needs
 
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(replica.proc.pid) for replica in self.replicas)
+
     def stop(self) -> None:
         self.nginx.stop()
         for replica in self.replicas:
@@ -41,12 +44,11 @@ class Cluster:
 def throughput(replicas: int) -> dict[str, float]:
     cluster = Cluster(replicas)
     try:
-        steps, latencies = asyncio.run(drive(cluster, Load(STREAMS), SECONDS))
+        result = asyncio.run(drive(cluster, Load(STREAMS), SECONDS))
     finally:
         cluster.stop()
-    ms = np.asarray(latencies) * 1e3
-    return {"replicas": replicas, "steps_per_s": steps / SECONDS,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return {"replicas": replicas, **{name: result[name] for name in ("steps_per_s", "p50_ms",
+                                                                     "p99_ms")}}
 
 
 def paced_session(address: str, stop: threading.Event) -> float | None:

@@ -67,6 +67,17 @@ class ServerProcess:
             return [stub.OpenSession(pb.OpenSessionRequest(model="echo")).session_id
                     for _ in range(count)]
 
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def close_sessions(self, ids: list[str]) -> None:
+        if self.echo:
+            return
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            stub = rpc.InferenceStub(channel)
+            for session_id in ids:
+                stub.CloseSession(pb.SessionRef(session_id=session_id))
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
@@ -81,8 +92,8 @@ class Load:
     """0: each stream drives its own session; n: each message carries steps for n sessions."""
 
 
-async def drive(server: ServerProcess, load: Load, seconds: float) -> tuple[int, list[float]]:
-    """Ping-pong on `load.streams` streams; returns steps done and per-message round trips."""
+async def drive(server: ServerProcess, load: Load, seconds: float) -> dict[str, float]:
+    """Ping-pong on `load.streams` streams; steps, round trips and server CPU while clocked."""
     latencies: list[float] = []
     steps = 0
     rows = load.sessions_per_message or 1
@@ -90,17 +101,20 @@ async def drive(server: ServerProcess, load: Load, seconds: float) -> tuple[int,
     tensor = pb.Tensor(shape=x.shape, data=x.tobytes())
     id_sets = ([server.session_ids(rows) for _ in range(load.streams)]
                if load.sessions_per_message else [[] for _ in range(load.streams)])
+    start, stop, stopped, clocked = (asyncio.Event() for _ in range(4))
+    running = len(id_sets)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = rpc.InferenceStub(channel)
 
         async def one(ids: list[str]) -> None:
-            nonlocal steps
+            nonlocal steps, running
             session_id = new_session_id()  # and the routing header: a proxy spreads the streams
             call = stub.Stream(metadata=((SESSION_HEADER, session_id),))
             if not ids:
                 await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(
                     model="echo", session_id=session_id)))
-                await call.read()
+                opened = await call.read()
+                assert opened.WhichOneof("kind") == "opened", opened
             request = pb.StreamRequest(steps=pb.Steps(session_ids=ids, x=tensor))
             await start.wait()
             while not stop.is_set():
@@ -111,28 +125,38 @@ async def drive(server: ServerProcess, load: Load, seconds: float) -> tuple[int,
                 assert response.WhichOneof("kind") == "results", response
                 assert not response.results.errors, response.results.errors
                 steps += rows * load.k
+            running -= 1
+            if not running:
+                stopped.set()
+            await clocked.wait()
+            if not ids and not server.echo:  # rounds must not pile up sessions
+                await call.write(pb.StreamRequest(control=pb.Control(
+                    action=pb.CONTROL_ACTION_CLOSE)))
+                await call.read()
             await call.done_writing()
 
-        start, stop = asyncio.Event(), asyncio.Event()
         tasks = [asyncio.create_task(one(ids)) for ids in id_sets]
         await asyncio.sleep(0.5)  # every stream open before the clock starts
+        cpu0, t0 = server.cpu_seconds(), time.perf_counter()
         start.set()
         await asyncio.sleep(seconds)
         stop.set()
+        await stopped.wait()
+        cpu, wall = server.cpu_seconds() - cpu0, time.perf_counter() - t0
+        clocked.set()
         await asyncio.gather(*tasks)
-    return steps, latencies
-
-
-def measure(server: ServerProcess, load: Load, seconds: float) -> dict[str, float]:
-    steps, latencies = asyncio.run(drive(server, Load(load.streams, load.k,
-                                                      load.sessions_per_message), 0.2))
-    cpu0, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
-    steps, latencies = asyncio.run(drive(server, load, seconds))
-    cpu, wall = cpu_seconds(server.proc.pid) - cpu0, time.perf_counter() - t0 - 0.5
+    if load.sessions_per_message:
+        for ids in id_sets:
+            server.close_sessions(ids)
     ms = np.asarray(latencies) * 1e3
     return {"steps_per_s": steps / wall, "messages_per_s": len(latencies) / wall,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "server_cpu_us_per_step": cpu / steps * 1e6}
+
+
+def measure(server: ServerProcess, load: Load, seconds: float) -> dict[str, float]:
+    asyncio.run(drive(server, load, 0.2))  # warm-up: connections, first runs, buffers
+    return asyncio.run(drive(server, load, seconds))
 
 
 def ort_ceiling(batch: int, seconds: float) -> float:
