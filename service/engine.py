@@ -49,8 +49,7 @@ class _Locked:
     """Hold several sessions' locks, always taken in id order so two callers cannot deadlock."""
 
     def __init__(self, sessions: list[Session]) -> None:
-        self.locks = ([sessions[0].lock] if len(sessions) == 1 else
-                      [s.lock for s in sorted(sessions, key=lambda s: s.id)])
+        self.locks = [s.lock for s in sorted(sessions, key=lambda s: s.id)]
 
     async def __aenter__(self) -> None:
         held = 0
