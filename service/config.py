@@ -34,7 +34,11 @@ class ServerConfig:
     session_idle_timeout: float = _opt(300.0, "seconds without a step before a session is evicted")
     max_timesteps: int = _opt(100_000, "timesteps per sequence or per session in one request")
     max_batch_rows: int = _opt(65_536, "sequences per Predict, sessions per Steps message")
-    max_message_bytes: int = _opt(64 * 1024 * 1024, "largest gRPC message accepted or sent")
+    max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message accepted or sent "
+                                  "(K/M/G suffixes, powers of 1024)", bytes=True)
+    memory_budget: int = _opt(512 * 1024 * 1024, "working memory all requests together may use "
+                              "(inputs, runs, answers): larger work waits, work that could never "
+                              "fit is refused (K/M/G suffixes)", bytes=True)
     repository_poll: float = _opt(0.0, "seconds between repository scans for new or removed "
                                        "versions; 0 scans only at start")
     state_store: str = _opt("", "redis://host:port/db: on drain, park sessions there for other "
@@ -51,7 +55,22 @@ class ServerConfig:
 ENV_PREFIX = "RNNSERVE_"
 
 
-def _parse(kind: Any, text: str) -> Any:
+SIZE_SUFFIXES = {"k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'512M', '512Mi', '1G' or a plain byte count."""
+    digits = text.strip().lower().removesuffix("i").removesuffix("b")
+    scale = SIZE_SUFFIXES.get(digits[-1:], 1)
+    number = digits[:-1] if scale > 1 else digits
+    if not number.isascii() or not number.isdigit():
+        raise ValueError(f"{text!r} is not a size such as 512M or 1G")
+    return int(number) * scale
+
+
+def _parse(kind: Any, text: str, unit_bytes: bool = False) -> Any:
+    if unit_bytes:
+        return parse_bytes(text)
     if kind in ("tuple[str, ...]", tuple):
         return tuple(s.strip() for s in text.split(",") if s.strip())
     if kind in ("Path", Path):
@@ -64,11 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(ServerConfig):
         env = ENV_PREFIX + f.name.upper()
         default = f.default if f.default is not MISSING else None
+        unit_bytes = f.metadata.get("bytes", False)
         if env in os.environ:
-            default = _parse(f.type, os.environ[env])
+            default = _parse(f.type, os.environ[env], unit_bytes)
         shown = ",".join(default) if isinstance(default, tuple) else default
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
-                            type=lambda text, kind=f.type: _parse(kind, text),
+                            type=lambda text, kind=f.type, b=unit_bytes: _parse(kind, text, b),
                             choices=f.metadata.get("choices"),
                             help=f"{f.metadata['help']} (default: {shown!s}; env {env})")
 
@@ -81,7 +101,7 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
 
 def validate(config: ServerConfig) -> None:
     positive = ("intra_op_threads", "batch_workers", "max_batch_size", "max_sessions",
-                "max_timesteps", "max_batch_rows", "max_message_bytes")
+                "max_timesteps", "max_batch_rows", "max_message_bytes", "memory_budget")
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

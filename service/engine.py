@@ -13,13 +13,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.config import ServerConfig
-from service.errors import FailedPrecondition, InvalidArgument, ServingError, Unavailable
+from service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+)
 from service.handoff import ParkedSession, RedisHandoff
+from service.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 from service.sessions import Session, SessionTable
 
 log = logging.getLogger(__name__)
+MESSAGE_OVERHEAD = 1024
+ROW_OVERHEAD = 16
+"""Room in a response for its framing and names, and per row for its step count and framing."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +90,9 @@ def _check_finite(array: np.ndarray, what: str) -> None:
 
 class Engine:
     def __init__(self, config: ServerConfig, registry: ModelRegistry, sessions: SessionTable,
-                 handoff: RedisHandoff | None = None) -> None:
+                 budget: MemoryBudget, handoff: RedisHandoff | None = None) -> None:
         self.config = config
+        self.budget = budget
         self.registry = registry
         self.sessions = sessions
         self.handoff = handoff
@@ -149,14 +160,64 @@ class Engine:
             raise InvalidArgument(f"lengths must hold {rows} values in 1..{time}")
         _check_finite(x, "x")
         states = self._states(model, initial_states, rows)
-        if (lens == time).all():
-            y, finals = await model.batcher.predict(x, states)
-        else:
-            y, finals = await self._predict_ragged(model, x, lens, states)
-        if last_only:
-            y = y[np.arange(rows), lens - 1]
+        chunk, reserve = self._predict_plan(model, x, last_only)
+        async with reserve:
+            y, finals = await self._predict_chunks(model, x, lens, states, last_only, chunk)
         names = [s.input for s in model.spec.states]
         return PredictResult(model, y, dict(zip(names, finals)))
+
+    def _answer_bytes(self, model: LoadedModel, rows: int, steps: int, states: bool) -> int:
+        """The response's size, refused up front when it would exceed the message limit."""
+        spec = model.spec
+        nbytes = FLOAT * rows * (steps * spec.outputs
+                                 + (sum(s.size for s in spec.states) if states else 0))
+        if nbytes + MESSAGE_OVERHEAD + ROW_OVERHEAD * rows > self.config.max_message_bytes:
+            raise ResourceExhausted(
+                f"the answer would be {nbytes:,} bytes, over the {self.config.max_message_bytes:,}"
+                "-byte message limit (--max-message-bytes): send fewer rows or timesteps per "
+                "call" + (", or ask for the last step only (OUTPUT_MODE_LAST_STEP)"
+                          if steps > 1 and states else ""))
+        return nbytes
+
+    def _predict_plan(self, model: LoadedModel, x: np.ndarray,
+                      last_only: bool) -> tuple[int, Reservation]:
+        """Rows per run, and the reservation for the whole call: its messages plus one run."""
+        rows, time = x.shape[:2]
+        answer = self._answer_bytes(model, rows, 1 if last_only else time, states=True)
+        one_row = model.cost.run(1, time)
+        self.budget.check_run(one_row, f"one sequence of {time} timesteps",
+                          "split long sequences and carry the state over (a session, or "
+                          "initial_states from the last call's final_states)")
+        chunk = min(rows, self.budget.chunk // one_row)
+        total = MESSAGE_COPIES * answer + 2 * x.nbytes + model.cost.run(chunk, time)
+        return chunk, self.budget.reserve(total, f"a Predict of {rows} sequences x {time} "
+                                          "timesteps", "send fewer sequences per call")
+
+    async def _predict_chunks(self, model: LoadedModel, x: np.ndarray, lens: np.ndarray,
+                              states: list[np.ndarray], last_only: bool,
+                              chunk: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Runs of `chunk` rows one after another, so a large call's peak stays bounded."""
+        rows = x.shape[0]
+        if chunk >= rows:
+            y, finals = await self._predict_rows(model, x, lens, states)
+            return (y[np.arange(rows), lens - 1] if last_only else y), finals
+        shape = (rows, model.spec.outputs) if last_only else (*x.shape[:2], model.spec.outputs)
+        y = np.zeros(shape, np.float32)
+        finals = [np.empty_like(s) for s in states]
+        for start in range(0, rows, chunk):
+            part = slice(start, start + chunk)
+            y_part, finals_part = await self._predict_rows(model, x[part], lens[part],
+                                                           [s[part] for s in states])
+            y[part] = y_part[np.arange(len(y_part)), lens[part] - 1] if last_only else y_part
+            for out, final in zip(finals, finals_part):
+                out[part] = final
+        return y, finals
+
+    async def _predict_rows(self, model: LoadedModel, x: np.ndarray, lens: np.ndarray,
+                            states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        if (lens == x.shape[1]).all():
+            return await model.batcher.predict(x, states)
+        return await self._predict_ragged(model, x, lens, states)
 
     async def _predict_ragged(self, model: LoadedModel, x: np.ndarray, lens: np.ndarray,
                               states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -232,20 +293,36 @@ class Engine:
         if x.ndim != 3 or x.shape[0] != len(session_ids):
             raise InvalidArgument(f"x must be [{len(session_ids)} sessions, timesteps, features]"
                                   f", got shape {list(x.shape)}")
-        sessions, errors = self._resolve(session_ids, x)
+        sessions, errors, cost = self._resolve(session_ids, x)
         valid = [s for s in sessions if s is not None]
         if not valid:
             return StepOutcome(np.full((*x.shape[:2], 0), np.nan, np.float32),
                                [0] * len(sessions), errors, sessions)
-        async with _Locked(valid):
-            y = await self._run_steps(sessions, x, errors, valid[0].model.spec.outputs)
+        outputs = valid[0].model.spec.outputs
+        span, reserve = self._steps_plan(valid[0].model, x, cost)
+        async with reserve, _Locked(valid):
+            y = await self._run_steps(sessions, x, errors, outputs, span)
         steps = [s.steps if s is not None else 0 for s in sessions]
         if errors:
             errors.sort(key=lambda e: e.row)
         return StepOutcome(y, steps, errors, sessions)
 
+    def _steps_plan(self, first: LoadedModel, x: np.ndarray,
+                    cost: RunCost) -> tuple[int, Reservation]:
+        """Timesteps per run (long messages run in spans, the state carried between them, which
+        is exact), and the reservation for the whole message: its messages plus one span."""
+        rows, k = x.shape[:2]
+        answer = self._answer_bytes(first, rows, k, states=False)
+        self.budget.check_run(cost.run(1, 1), f"one timestep of {rows} sessions",
+                              "send fewer sessions per message")
+        span = min(k, max(1, (self.budget.chunk - cost.per_row) // cost.per_step))
+        total = MESSAGE_COPIES * answer + 2 * x.nbytes + cost.run(1, span)
+        return span, self.budget.reserve(total, f"a step of {rows} sessions x {k} timesteps",
+                                         "send fewer sessions or timesteps per message")
+
     def _resolve(self, session_ids: list[str],
-                 x: np.ndarray) -> tuple[list[Session | None], list[RowError]]:
+                 x: np.ndarray) -> tuple[list[Session | None], list[RowError], RunCost]:
+        """Each row's session or error, and the run cost of all live rows taken together."""
         self._check_limits(x, "x")
         # One reduction on the common path; rows are told apart only when something is off.
         bad_values = None if math.isfinite(x.sum()) else ~np.isfinite(x).all(axis=(1, 2))
@@ -253,6 +330,7 @@ class Engine:
         errors: list[RowError] = []
         seen: set[str] = set()
         outputs = None
+        per_step = per_row = 0
         for row, session_id in enumerate(session_ids):
             try:
                 if session_id in seen:
@@ -272,14 +350,17 @@ class Engine:
                     raise InvalidArgument(f"timesteps for session {session_id} contain NaN or Inf")
                 outputs = spec.outputs
                 sessions.append(session)
+                per_step += session.model.cost.per_step
+                per_row += session.model.cost.per_row
             except ServingError as exc:
                 sessions.append(None)
                 errors.append(RowError(row, exc.code, str(exc)))
-        return sessions, errors
+        return sessions, errors, RunCost(per_step, per_row)
 
     async def _run_steps(self, sessions: list[Session | None], x: np.ndarray,
-                         errors: list[RowError], outputs: int) -> np.ndarray:
-        """y [rows, k, outputs] for the live rows' sessions, NaN where a row failed."""
+                         errors: list[RowError], outputs: int, span: int) -> np.ndarray:
+        """y [rows, k, outputs] for the live rows' sessions, NaN where a row failed; `span`
+        timesteps per run."""
         groups: dict[LoadedModel, list[int]] = {}
         for row, session in enumerate(sessions):
             if session is None:
@@ -290,17 +371,29 @@ class Engine:
                                        f"session {session.id} ended before this step ran"))
                 continue
             groups.setdefault(session.model, []).append(row)
+        k = x.shape[1]
+        if span >= k:
+            y = await self._run_span(groups, sessions, x, outputs)
+        else:
+            y = np.concatenate([await self._run_span(groups, sessions,
+                                                     np.ascontiguousarray(x[:, t:t + span]),
+                                                     outputs)
+                                for t in range(0, k, span)], axis=1)
+        now = self.sessions.clock()
+        for rows in groups.values():
+            for r in rows:
+                sessions[r].steps += k
+                sessions[r].last_used = now
+        return y
+
+    async def _run_span(self, groups: dict[LoadedModel, list[int]],
+                        sessions: list[Session | None], x: np.ndarray,
+                        outputs: int) -> np.ndarray:
         whole = len(groups) == 1 and len(next(iter(groups.values()))) == len(x)
         coros = [model.batcher.step([sessions[r].slot for r in rows],
                                     x if whole else x[rows])
                  for model, rows in groups.items()]
         results = [await coros[0]] if len(coros) == 1 else await asyncio.gather(*coros)
-        now = self.sessions.clock()
-        k = x.shape[1]
-        for rows in groups.values():
-            for r in rows:
-                sessions[r].steps += k
-                sessions[r].last_used = now
         if whole:
             return results[0]
         y = np.full((*x.shape[:2], outputs), np.nan, np.float32)

@@ -13,6 +13,7 @@ from service.batcher import Batcher
 from service.config import ServerConfig
 from service.contract import ModelSpec
 from service.errors import NotFound, Unavailable
+from service.memory import RunCost
 from service.metrics import Metrics
 from service.repository import ModelVersion, scan
 from service.runner import Runner
@@ -28,6 +29,7 @@ class LoadedModel:
     runner: Runner
     store: StateStore
     batcher: Batcher
+    cost: RunCost
     ready: bool = True
     retiring: bool = False
     sessions: int = 0
@@ -78,7 +80,8 @@ class ModelRegistry:
         batcher = Batcher(runner, store, self.metrics, labels, self.executor, self.run_slots,
                           self.config.max_batch_size, self.config.max_batch_delay / 1e6,
                           self.config.inline_steps)
-        self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher)
+        self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher,
+                                                RunCost.of(version.spec))
         self.metrics.model_events.labels(*labels, "load").inc()
         log.info("loaded %s v%d on %s", *version.key, runner.provider)
 

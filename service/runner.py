@@ -57,6 +57,10 @@ class Runner:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The arena keeps a large run's peak for the life of the process (1.2 GB after one
+        # 65536x31 forecast run; 94 MB without). Without it a one-step run costs the same
+        # (17.6 vs 18.0 µs in a loop), so memory goes back to the system after every run.
+        options.enable_cpu_mem_arena = False
         self.spec = spec
         self.session = ort.InferenceSession(str(directory / MODEL_FILE), options,
                                             providers=providers_for(device))

@@ -22,6 +22,7 @@ from service.generated.inference import grpc_service_pb2_grpc
 from service.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
 from service.handoff import RedisHandoff
 from service.kserve import KServeServicer
+from service.memory import MemoryBudget, return_freed_memory
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.servicer import InferenceServicer
@@ -96,6 +97,7 @@ async def _every(period: float, action, what: str) -> None:
 
 async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> Server:
     """Load the models and start serving on config's ports (0 picks free ones)."""
+    return_freed_memory()
     metrics = Metrics(registry or CollectorRegistry())
     executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1,
                                   thread_name_prefix="ort")
@@ -106,7 +108,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics)
     handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait)
                if config.state_store else None)
-    engine = Engine(config, models, sessions, handoff)
+    engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff)
     interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),
               ("grpc.max_send_message_length", config.max_message_bytes)]

@@ -12,6 +12,7 @@ from service.config import ServerConfig
 from service.contract import read_spec
 from service.engine import Engine
 from service.errors import InvalidArgument, Unavailable
+from service.memory import MemoryBudget
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.runner import Runner
@@ -24,7 +25,8 @@ async def make_engine(**overrides) -> Engine:
     metrics = Metrics(CollectorRegistry())
     registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
     await registry.sync()
-    return Engine(config, registry, SessionTable(config.max_sessions, 60, metrics))
+    return Engine(config, registry, SessionTable(config.max_sessions, 60, metrics),
+                  MemoryBudget(config.memory_budget))
 
 
 def test_concurrent_sessions_coalesce_and_match_unbatched_runs() -> None:

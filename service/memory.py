@@ -1,0 +1,166 @@
+"""The memory budget: every request's work is costed before it runs and admitted against one
+server-wide byte budget, so no request, and no mix of them, can take the process past its limit.
+
+Why costs are estimated, not measured: ONNX Runtime gives no per-run peak, and a run's peak is
+decided before it starts (the sequence is known). With the CPU arena off, one run's peak grows
+linearly in rows x timesteps; measured per row-timestep (VmHWM, 8192x64 and 1024x512 runs):
+
+    model       cell         peak bytes   estimate below
+    echo        1x rnn(4)        36            80
+    digits      1x rnn(16)      161           376
+    forecast    1x gru(32)      540           660
+    binary_add  2x lstm(20)     489           668
+
+The estimate counts x and its transpose, each layer's output sequence twice, the widest layer's
+gate pre-activations and the head's three tensors, so it errs high for every cell kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+from collections import deque
+from dataclasses import dataclass
+
+from service.contract import ModelSpec
+from service.errors import ResourceExhausted
+
+FLOAT = 4
+GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
+CHUNK_SHARE = 4
+"""A Predict's rows run in chunks of at most budget / CHUNK_SHARE, so several large requests
+progress side by side and small ones are never queued behind one giant run."""
+MESSAGE_COPIES = 3
+"""A response exists as the numpy result, its bytes and the serialized message at once; a request
+as gRPC's buffer, the parsed message and its bytes field."""
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """What one model's runs cost in bytes: per row-timestep and per row (the state tensors)."""
+
+    per_step: int
+    per_row: int
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> RunCost:
+        layer_units = spec.units * spec.layers
+        widest_gates = GATES.get(spec.cell, 4) * spec.units
+        per_step = FLOAT * (2 * spec.features + 2 * layer_units + widest_gates + 3 * spec.outputs)
+        per_row = FLOAT * 3 * sum(s.size for s in spec.states)
+        return cls(per_step, per_row)
+
+    def run(self, rows: int, steps: int) -> int:
+        return rows * (steps * self.per_step + self.per_row)
+
+
+class MemoryBudget:
+    """An async byte semaphore, first come first served: a large reservation is not starved by
+    a stream of small ones, one that could never fit is refused at once, and the queue itself is
+    bounded."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.queued = 0
+        """Bytes the waiting reservations ask for: at most one budget's worth may wait, as a
+        waiting request already holds its input; past that a newcomer is told to retry."""
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    @property
+    def chunk(self) -> int:
+        """The most one run of a split request may cost."""
+        return self.capacity // CHUNK_SHARE
+
+    def check(self, nbytes: int, what: str, advice: str) -> None:
+        if nbytes > self.capacity:
+            raise ResourceExhausted(
+                f"{what} needs about {_mib(nbytes)} of working memory; this server's budget is "
+                f"{_mib(self.capacity)} (--memory-budget): {advice}")
+
+    def check_run(self, nbytes: int, what: str, advice: str) -> None:
+        if nbytes > self.chunk:
+            raise ResourceExhausted(
+                f"{what} needs about {_mib(nbytes)} of working memory in one run; this server "
+                f"allows {_mib(self.chunk)} per run (1/{CHUNK_SHARE} of --memory-budget): {advice}")
+
+    def reserve(self, nbytes: int, what: str, advice: str) -> Reservation:
+        """`async with budget.reserve(n, ...)`: held until the block ends; refused up front if
+        n could never fit, naming `what` and the `advice` that would make it fit."""
+        self.check(nbytes, what, advice)
+        return Reservation(self, nbytes)
+
+    async def _acquire(self, nbytes: int) -> None:
+        if not self._waiters and self.used + nbytes <= self.capacity:
+            self.used += nbytes
+            return
+        if self.queued + nbytes > self.capacity:
+            raise ResourceExhausted(
+                f"the memory budget ({_mib(self.capacity)}) is taken by other requests and "
+                f"{_mib(self.queued)} more wait for it; retry with backoff")
+        future = asyncio.get_running_loop().create_future()
+        entry = (nbytes, future)
+        self._waiters.append(entry)
+        self.queued += nbytes
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self._release(nbytes)  # granted just as the caller gave up
+            elif entry in self._waiters:  # not already passed over by _wake
+                self._waiters.remove(entry)
+                self.queued -= nbytes
+                self._wake()
+            raise
+
+    def _release(self, nbytes: int) -> None:
+        self.used -= nbytes
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.capacity:
+            nbytes, future = self._waiters.popleft()
+            self.queued -= nbytes
+            if future.done():
+                continue
+            self.used += nbytes
+            future.set_result(None)
+
+
+class Reservation:
+    """A class, not a generator-based context manager: it sits on every streamed step."""
+
+    __slots__ = ("budget", "nbytes")
+
+    def __init__(self, budget: MemoryBudget, nbytes: int) -> None:
+        self.budget = budget
+        self.nbytes = nbytes
+
+    async def __aenter__(self) -> None:
+        await self.budget._acquire(self.nbytes)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.budget._release(self.nbytes)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:,.0f} KiB"
+
+
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give large freed blocks back to the system at once.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    request-sized arrays come from the heap and stay in the process: after four of the largest
+    Predicts the server held 430 MB; with the threshold pinned at 128 KiB, 108 MB. A no-op
+    (False) where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
