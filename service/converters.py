@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
 
-from service.errors import InvalidArgument
 from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from service.registry import LoadedModel
 from service.sessions import Session
+from service.shapes import FLOAT32, float32_array
 
 MAX_DIMS = 4
-FLOAT32 = np.dtype("<f4")
 
 
 def to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
-    shape = tuple(tensor.shape)
-    if not shape or len(shape) > MAX_DIMS or min(shape) < 0:
-        raise InvalidArgument(f"{what}: shape {list(shape)} must have 1 to {MAX_DIMS} "
-                              "non-negative dimensions")
-    count = math.prod(shape)
-    if len(tensor.data) != count * FLOAT32.itemsize:
-        raise InvalidArgument(f"{what}: shape {list(shape)} needs {count * FLOAT32.itemsize} "
-                              f"bytes of float32, got {len(tensor.data)}")
-    return np.frombuffer(tensor.data, FLOAT32).reshape(shape)
+    return float32_array(tensor.data, tensor.shape, what, MAX_DIMS)
 
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:

@@ -35,6 +35,8 @@ from service.rpc_errors import abort_unless_open, internal_error, unary
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["sequence", "model_configuration", "model_repository"]
+MAX_VERSION_DIGITS = 18
+"""Versions are int64 on the native API; longer digit strings cannot name one."""
 
 
 def _server_version() -> str:
@@ -47,8 +49,9 @@ def _server_version() -> str:
 def _version(text: str) -> int:
     if not text:
         return 0
-    if not text.isdigit():
-        raise InvalidArgument(f"model_version {text!r} is not an integer")
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_VERSION_DIGITS):
+        raise InvalidArgument(f"model_version {text[:32]!r} is not a version number (digits "
+                              "0-9; empty for the latest)")
     return int(text)
 
 

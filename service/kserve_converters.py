@@ -8,10 +8,11 @@ from service.contract import INPUT_NAME, OUTPUT_NAME, ModelSpec
 from service.errors import InvalidArgument
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import model_config_pb2 as mc
+from service.shapes import FLOAT32, element_count, float32_array
 
 FP32 = "FP32"
 PLATFORM = "onnxruntime_onnx"
-FLOAT32 = np.dtype("<f4")
+MAX_DIMS = 8
 
 
 def request_inputs(request: v2.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -21,27 +22,21 @@ def request_inputs(request: v2.ModelInferRequest) -> dict[str, np.ndarray]:
                               f"for {len(request.inputs)} inputs")
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
+        what = f"input {tensor.name[:64]!r}"
         if tensor.datatype != FP32:
-            raise InvalidArgument(f"input {tensor.name!r} is {tensor.datatype}; rnnserve models "
-                                  "take FP32")
-        shape = tuple(tensor.shape)
-        if not shape or min(shape) < 0:
-            raise InvalidArgument(f"input {tensor.name!r} has an invalid shape {list(shape)}")
-        count = int(np.prod(shape, dtype=np.int64))
+            raise InvalidArgument(f"{what} is {tensor.datatype[:16]!r}; rnnserve models take FP32")
         if request.raw_input_contents:
-            raw = request.raw_input_contents[i]
-            if len(raw) != count * FLOAT32.itemsize:
-                raise InvalidArgument(f"input {tensor.name!r}: shape {list(shape)} needs "
-                                      f"{count * FLOAT32.itemsize} bytes, got {len(raw)}")
-            array = np.frombuffer(raw, FLOAT32)
+            array = float32_array(request.raw_input_contents[i], tensor.shape, what, MAX_DIMS)
         else:
-            array = np.asarray(tensor.contents.fp32_contents, np.float32)
-            if array.size != count:
-                raise InvalidArgument(f"input {tensor.name!r}: shape {list(shape)} needs {count} "
-                                      f"fp32_contents, got {array.size}")
+            count = element_count(tensor.shape, what, MAX_DIMS)
+            values = tensor.contents.fp32_contents
+            if len(values) != count:
+                raise InvalidArgument(f"{what}: shape {list(tensor.shape)} needs {count} "
+                                      f"fp32_contents, got {len(values)}")
+            array = np.asarray(values, np.float32).reshape(tuple(tensor.shape))
         if tensor.name in arrays:
-            raise InvalidArgument(f"input {tensor.name!r} appears twice")
-        arrays[tensor.name] = array.reshape(shape)
+            raise InvalidArgument(f"{what} appears twice")
+        arrays[tensor.name] = array
     return arrays
 
 

@@ -7,6 +7,9 @@ import logging
 import sys
 import time
 
+MAX_CAUSES = 1024
+"""Causes remembered by a Throttled logger; past that the memory starts over."""
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -26,3 +29,32 @@ def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class Throttled:
+    """A logger that writes each cause at most once per `interval` seconds, with the count of
+    repeats it held back: a client sending the same bad request in a loop must not flood the
+    log (each line is ~1 KB with a traceback) or the disk under it."""
+
+    def __init__(self, name: str, interval: float = 60.0) -> None:
+        self.logger = logging.getLogger(name)
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, cause: str, message: str, *args: object) -> None:
+        self._log(logging.WARNING, cause, message, args)
+
+    def error(self, cause: str, message: str, *args: object) -> None:
+        self._log(logging.ERROR, cause, message, args)
+
+    def _log(self, level: int, cause: str, message: str, args: tuple) -> None:
+        now = time.monotonic()
+        last, held = self._last.get(cause, (-self.interval, 0))
+        if now - last < self.interval:
+            self._last[cause] = (last, held + 1)
+            return
+        if len(self._last) >= MAX_CAUSES:
+            self._last.clear()
+        self._last[cause] = (now, 0)
+        suffix = f" ({held} more like it in the last {self.interval:g} s)" if held else ""
+        self.logger.log(level, message + suffix, *args)

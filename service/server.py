@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from service.auth import BearerTokenInterceptor
 from service.config import ServerConfig
+from service.decoding import TolerantServer
 from service.engine import Engine
 from service.generated.inference import grpc_service_pb2_grpc
 from service.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
@@ -113,14 +114,15 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),
               ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.aio.server(interceptors=interceptors, options=limits)
-    rnnserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics), server)
+    handlers = TolerantServer(server, metrics)  # undecodable requests: INVALID_ARGUMENT
+    rnnserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics), handlers)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(engine, metrics), server)
+        KServeServicer(engine, metrics), handlers)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+         reflection.SERVICE_NAME), handlers)
     address = f"{config.host}:{config.grpc_port}"
     credentials = _credentials(config)
     port = (server.add_secure_port(address, credentials) if credentials
