@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
+
+import jsonschema
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
@@ -24,6 +27,9 @@ SPEC_FILE = "model.json"
 GOLDEN_FILE = "golden.npz"
 CELLS = ("lstm", "gru", "simple_rnn")
 OUTPUT_KINDS = ("probabilities", "sigmoid", "regression")
+SCHEMA_FILE = Path(__file__).with_name("model.schema.json")
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_VERSION_DIGITS = 18
 
 
 def state_names(cell: str, layer: int) -> list[tuple[str, str]]:
@@ -72,12 +78,13 @@ class ModelSpec:
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> ModelSpec:
-        known = {"name", "version", "task", "description", "cell", "layers", "units", "input",
-                 "output", "states"}
-        missing = sorted(known - doc.keys())
-        if missing:
-            raise ValueError(f"model.json lacks {', '.join(missing)}")
+    def from_json(cls, doc: Any) -> ModelSpec:
+        """The spec in a model.json document; ValueError naming the first field that is off."""
+        error = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
+        if error is not None:
+            where = error.json_path.removeprefix("$.") if error.json_path != "$" else "document"
+            raise ValueError(f"{where}: {_short(error.message)} (see {SCHEMA_FILE.name})")
+        known = set(_validator().schema["properties"])
         spec = cls(
             name=str(doc["name"]),
             version=int(doc["version"]),
@@ -97,6 +104,10 @@ class ModelSpec:
         return spec
 
     def validate(self) -> None:
+        names = [n for s in self.states for n in (s.input, s.output)]
+        if len(set(names)) != len(names) or {INPUT_NAME, OUTPUT_NAME} & set(names):
+            raise ValueError("states: every state input and output name must be unique and "
+                             f"differ from {INPUT_NAME!r} and {OUTPUT_NAME!r}")
         if self.cell not in CELLS:
             raise ValueError(f"cell {self.cell!r} is not one of {CELLS}")
         if self.output_kind not in OUTPUT_KINDS:
@@ -112,7 +123,31 @@ def version_dir(root: Path, name: str, version: int) -> Path:
 
 
 def read_spec(directory: Path) -> ModelSpec:
-    return ModelSpec.from_json(json.loads((directory / SPEC_FILE).read_text()))
+    """The directory's model.json; ValueError with a one-line reason naming the file."""
+    path = directory / SPEC_FILE
+    try:
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise ValueError(f"larger than {MAX_SPEC_BYTES} bytes")
+        return ModelSpec.from_json(json.loads(path.read_bytes()))
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ValueError(f"{path}: {_short(str(exc))}") from None
+
+
+def is_version_name(name: str) -> bool:
+    """A version directory's name: the version number in ASCII digits, no leading zero."""
+    return (name.isascii() and name.isdigit() and len(name) <= MAX_VERSION_DIGITS
+            and not name.startswith("0"))
+
+
+@cache
+def _validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 def write_spec(directory: Path, spec: ModelSpec) -> None:

@@ -10,6 +10,7 @@ the marker with INVALID_ARGUMENT.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -89,6 +90,14 @@ class _Refuser:
                 except _UndecodableInStream as exc:
                     await refuse(exc.args[0], context)
 
+            async def stream_stream_writing(requests, context):  # handlers on context.write
+                try:
+                    await inner(_checked(requests), context)
+                except _UndecodableInStream as exc:
+                    await refuse(exc.args[0], context)
+
+            if not inspect.isasyncgenfunction(inner):
+                stream_stream = stream_stream_writing
             return handler._replace(request_deserializer=_deserializer(
                 handler.request_deserializer), stream_stream=stream_stream)
         if handler.request_streaming:
@@ -110,6 +119,14 @@ class _Refuser:
                     await refuse(request, context)
                 async for response in inner(request, context):
                     yield response
+
+            async def unary_stream_writing(request, context):  # handlers on context.write
+                if isinstance(request, Undecodable):
+                    await refuse(request, context)
+                await inner(request, context)
+
+            if not inspect.isasyncgenfunction(inner):
+                unary_stream = unary_stream_writing
 
             return handler._replace(request_deserializer=_deserializer(
                 handler.request_deserializer), unary_stream=unary_stream)
@@ -159,3 +176,6 @@ class TolerantServer:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
+
+
+grpc.aio.Server.register(TolerantServer)  # so helpers that check for an aio server pick theirs

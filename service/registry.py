@@ -15,6 +15,7 @@ from service.contract import ModelSpec
 from service.errors import NotFound, Unavailable
 from service.memory import RunCost
 from service.metrics import Metrics
+from service.model_checks import check_model
 from service.repository import ModelVersion, scan
 from service.runner import Runner
 from service.state_store import StateStore
@@ -46,33 +47,51 @@ class ModelRegistry:
         self.executor = executor
         self.run_slots = asyncio.Semaphore(config.batch_workers)
         self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._rejected: dict[Path, tuple] = {}
+        """Versions that failed to load, by directory, with their files' signature then."""
+        self._reported: dict[Path, str] = {}
 
     def _load(self, found: ModelVersion) -> Runner:
         runner = Runner(found.spec, found.path, self.config.device, self.config.intra_op_threads)
-        runner.warm_up()
+        check_model(runner, found.path)
         return runner
 
     async def sync(self) -> None:
-        """Load versions that appeared on disk; retire those that disappeared."""
-        found = await asyncio.get_running_loop().run_in_executor(
-            self.executor, scan, self.config.repository, self.config.models)
-        for key, version in sorted(found.items()):
+        """Load versions that appeared on disk; retire those that disappeared. A broken entry
+        is reported once (until its files change) and skipped; it never blocks the others."""
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, scan, self.config.repository,
+                                            self.config.models)
+        for path, reason in result.problems.items():
+            self._report(path, reason)
+        for key, version in sorted(result.found.items()):
             if key in self._models:  # already loaded; back on disk if it was retiring
                 self._models[key].retiring = False
                 continue
+            if self._rejected.get(version.path) == version.signature:
+                continue  # failed before and unchanged since
             try:
-                runner = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._load, version)
+                runner = await loop.run_in_executor(self.executor, self._load, version)
             except Exception as exc:  # one broken model must not stop the others
-                log.error("cannot load %s v%d from %s: %s", *key, version.path, exc)
+                self._rejected[version.path] = version.signature
+                self._report(version.path, _one_line(exc))
                 continue
+            self._rejected.pop(version.path, None)
             self._add(version, runner)
+        self._reported = {path: reason for path, reason in self._reported.items()
+                          if path in result.problems or path in self._rejected}
         for key, model in list(self._models.items()):
-            if key not in found and not model.retiring:
+            if key not in result.found and not model.retiring:
                 model.retiring = True
                 log.info("retiring %s v%d (%d sessions pinned)", *key, model.sessions)
             if model.retiring and model.sessions == 0:
                 await self._unload(key)
+
+    def _report(self, path: Path, reason: str) -> None:
+        """Log why an entry is skipped, once per entry and reason, not on every scan."""
+        if self._reported.get(path) != reason:
+            self._reported[path] = reason
+            log.error("skipping %s: %s", path, reason)
 
     def _add(self, version: ModelVersion, runner: Runner) -> None:
         labels = (version.spec.name, str(version.spec.version))
@@ -121,3 +140,8 @@ class ModelRegistry:
     def set_ready(self, ready: bool) -> None:
         for model in self._models.values():
             model.ready = ready
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:299] + "…"

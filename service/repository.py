@@ -1,4 +1,8 @@
-"""Finds model versions on disk: <root>/<name>/<integer version>/{model.onnx, model.json}."""
+"""Finds model versions on disk: <root>/<name>/<version>/{model.onnx, model.json}.
+
+Each entry is judged on its own: a malformed one is reported with its reason and skipped, so it
+can never block the others (nor a server's start, nor a later scan).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.contract import MODEL_FILE, SPEC_FILE, ModelSpec, read_spec
+from service.contract import MODEL_FILE, SPEC_FILE, ModelSpec, is_version_name, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -15,33 +19,68 @@ log = logging.getLogger(__name__)
 class ModelVersion:
     spec: ModelSpec
     path: Path
+    signature: tuple
+    """Sizes and modification times of the version's files: a rejected version is tried again
+    only once one of them changes."""
 
     @property
     def key(self) -> tuple[str, int]:
         return self.spec.name, self.spec.version
 
 
-def scan(root: Path, only: tuple[str, ...] = ()) -> dict[tuple[str, int], ModelVersion]:
-    """Every complete, readable version; broken ones are logged and skipped, never fatal."""
-    found: dict[tuple[str, int], ModelVersion] = {}
+@dataclass(frozen=True)
+class Scan:
+    found: dict[tuple[str, int], ModelVersion]
+    problems: dict[Path, str]
+    """Entries skipped, each with a one-line reason."""
+
+
+def signature(directory: Path) -> tuple:
+    stats = []
+    for path in sorted(directory.iterdir()):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        stats.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(stats)
+
+
+def scan(root: Path, only: tuple[str, ...] = ()) -> Scan:
+    """Every complete, well-formed version under root, and why each other entry was skipped."""
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a directory")
+    found: dict[tuple[str, int], ModelVersion] = {}
+    problems: dict[Path, str] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if only and model_dir.name not in only:
             continue
-        for version_dir in model_dir.iterdir():
-            if not version_dir.name.isdigit():
-                continue
-            if not (version_dir / MODEL_FILE).is_file() or not (version_dir / SPEC_FILE).is_file():
-                continue
+        try:
+            version_dirs = sorted(p for p in model_dir.iterdir() if p.is_dir()
+                                  and not p.name.startswith("."))
+        except OSError as exc:
+            problems[model_dir] = f"cannot list it: {exc.strerror}"
+            continue
+        for version_dir in version_dirs:
             try:
-                spec = read_spec(version_dir)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("skipping %s: %s", version_dir, exc)
+                found_version = _version(model_dir.name, version_dir)
+            except ValueError as exc:
+                problems[version_dir] = str(exc)
                 continue
-            if (spec.name, spec.version) != (model_dir.name, int(version_dir.name)):
-                log.warning("skipping %s: model.json says %s v%d", version_dir, spec.name,
-                            spec.version)
-                continue
-            found[(spec.name, spec.version)] = ModelVersion(spec, version_dir)
-    return found
+            found[found_version.key] = found_version
+    return Scan(found, problems)
+
+
+def _version(name: str, directory: Path) -> ModelVersion:
+    if not is_version_name(directory.name):
+        raise ValueError("version directories are named by their version number (1, 2, …; "
+                         "ASCII digits, no leading zero)")
+    if not (directory / MODEL_FILE).is_file():
+        raise ValueError(f"no {MODEL_FILE}")
+    if not (directory / SPEC_FILE).is_file():
+        raise ValueError(f"no {SPEC_FILE} beside {MODEL_FILE} (its format: model.schema.json)")
+    spec = read_spec(directory)
+    if (spec.name, spec.version) != (name, int(directory.name)):
+        raise ValueError(f"{SPEC_FILE} says {spec.name} v{spec.version}; the directory says "
+                         f"{name} v{directory.name}")
+    return ModelVersion(spec, directory, signature(directory))

@@ -67,18 +67,7 @@ class Runner:
         self.provider = self.session.get_providers()[0]
         self.state_inputs = [s.input for s in spec.states]
         self.outputs = [OUTPUT_NAME, *(s.output for s in spec.states)]
-        self._check_signature()
         self._bound: dict[tuple[int, int], Buffers] = {}
-
-    def _check_signature(self) -> None:
-        inputs = {i.name: i.shape for i in self.session.get_inputs()}
-        expected = {INPUT_NAME, *self.state_inputs}
-        if set(inputs) != expected:
-            raise ValueError(f"{self.spec.name} v{self.spec.version}: graph inputs {sorted(inputs)}"
-                             f" do not match model.json {sorted(expected)}")
-        if inputs[INPUT_NAME][-1] != self.spec.features:
-            raise ValueError(f"{self.spec.name}: graph takes {inputs[INPUT_NAME][-1]} features, "
-                             f"model.json says {self.spec.features}")
 
     def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {INPUT_NAME: x, **dict(zip(self.state_inputs, states))}
@@ -117,9 +106,3 @@ class Runner:
     def run_bound(self, buffers: Buffers) -> None:
         """One run from buffers.x and .states into buffers.y and .finals."""
         self.session.run_with_iobinding(buffers.binding)
-
-    def warm_up(self) -> None:
-        """First runs allocate ORT's buffers; pay that at load, not on a user's first step."""
-        for batch in (1, 8):
-            x = np.zeros((batch, 1, self.spec.features), np.float32)
-            self.run(x, [np.zeros((batch, s.size), np.float32) for s in self.spec.states])

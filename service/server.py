@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -47,11 +47,25 @@ class Server:
     executor: ThreadPoolExecutor
     tasks: list[asyncio.Task]
 
+    health_names: set[str] = field(default_factory=set)
+
     async def set_serving(self) -> None:
-        serving = health_pb2.HealthCheckResponse.SERVING
-        await self.health.set("", serving)
-        for name in {m.spec.name for m in self.engine.registry.serving()}:
-            await self.health.set(name, serving)
+        """Health per model follows the registry: SERVING while a version of it serves,
+        SERVICE_UNKNOWN once its last version is gone (after a drain began, nothing changes)."""
+        if self.engine.draining:
+            return
+        status = health_pb2.HealthCheckResponse
+        names = {m.spec.name for m in self.engine.registry.serving()}
+        await self.health.set("", status.SERVING)
+        for name in names - self.health_names:
+            await self.health.set(name, status.SERVING)
+        for name in self.health_names - names:
+            await self.health.set(name, status.SERVICE_UNKNOWN)
+        self.health_names = names
+
+    async def sync_models(self) -> None:
+        await self.engine.registry.sync()
+        await self.set_serving()
 
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, new work UNAVAILABLE, in-flight work gets the grace period."""
@@ -138,10 +152,10 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
 
     tasks = [asyncio.create_task(_every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4),
                                         sweep, "idle sweep"))]
-    if config.repository_poll > 0:
-        tasks.append(asyncio.create_task(_every(config.repository_poll, models.sync,
-                                                "repository poll")))
     started = Server(config, server, port, http, engine, health_servicer, executor, tasks)
+    if config.repository_poll > 0:
+        tasks.append(asyncio.create_task(_every(config.repository_poll, started.sync_models,
+                                                "repository poll")))
     await started.set_serving()
     log.info("serving %s on %s:%d (metrics on %s)",
              ", ".join(f"{m.spec.name} v{m.spec.version}" for m in models.serving()),
