@@ -1,11 +1,17 @@
-"""Bearer-token check on every call except the health service (probes carry no secrets)."""
+"""Bearer-token check on every call except the health service (probes carry no secrets).
+
+Which client a valid token belongs to is service.identity's business; the servicers ask it
+again for the name, as interceptors cannot hand values to handlers.
+"""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 
 import grpc
+
+from service.errors import Unauthenticated
+from service.identity import Identities
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -34,8 +40,8 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, identities: Identities) -> None:
+        self.identities = identities
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -44,7 +50,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected):
-            return handler
-        return _deny(handler)
+        try:
+            self.identities.client(details.invocation_metadata)
+        except Unauthenticated:
+            return _deny(handler)
+        return handler

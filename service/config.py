@@ -46,7 +46,12 @@ class ServerConfig:
     handoff_wait: float = _opt(1.0, "seconds to wait for a session another replica is parking "
                                     "right now, before answering NOT_FOUND")
     shutdown_grace: float = _opt(10.0, "seconds in-flight work may finish after SIGTERM")
-    auth_token: str = _opt("", "bearer token required on every call but health; empty: none")
+    auth_token: str = _opt("", "bearer token required on every call but health (the client "
+                               "'default'); empty: none")
+    auth_tokens_file: str = _opt("", "file of 'client-name token' lines: each client's sessions "
+                                     "and v2 sequences are its own, metrics name the client")
+    max_sessions_per_client: int = _opt(0, "live sessions one client may hold; 0: no limit "
+                                           "beyond --max-sessions")
     tls_cert: str = _opt("", "PEM certificate chain; with --tls-key enables TLS")
     tls_key: str = _opt("", "PEM private key")
     log_level: str = _opt("info", "debug, info, warning or error")
@@ -105,6 +110,8 @@ def validate(config: ServerConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.max_sessions_per_client < 0:
+        raise ValueError("--max-sessions-per-client must be >= 0")
     if config.inline_steps < 0 or config.max_batch_delay < 0 or config.session_idle_timeout <= 0:
         raise ValueError("--inline-steps and --max-batch-delay must be >= 0, "
                          "--session-idle-timeout > 0")

@@ -6,6 +6,7 @@ Plain numpy in, plain numpy out; errors are service.errors classes. No gRPC here
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from service.config import ServerConfig
 from service.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     ServingError,
     Unavailable,
 )
-from service.handoff import ParkedSession, RedisHandoff
+from service.handoff import ParkedSession, RedisHandoff, StoreUnavailable
 from service.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
@@ -53,6 +55,13 @@ class StepOutcome:
     steps: list[int]
     errors: list[RowError]
     sessions: list[Session | None]
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    y: np.ndarray
+    states: dict[str, np.ndarray] | None
+    """The states after the step, by input name, when asked for."""
 
 
 class _Locked:
@@ -235,65 +244,95 @@ class Engine:
         return y, finals
 
     def open_session(self, name: str, version: int, initial_states: dict[str, np.ndarray],
-                     session_id: str = "") -> Session:
+                     session_id: str = "", owner: str = "") -> Session:
         self.check_open()
         model = self.model(name, version)
         states = self._states(model, initial_states, 1) if initial_states else None
-        return self.sessions.open(model, states, session_id)
+        return self.sessions.open(model, states, session_id, owner)
 
-    async def find(self, session_id: str) -> Session:
-        """The live session; adopted from the shared state store if another replica parked it."""
+    async def find(self, session_id: str, owner: str = "") -> Session:
+        """The caller's live session; adopted from the shared state store if another replica
+        parked it."""
         self.check_open()
-        await self._adopt([session_id])
-        return self.sessions.get(session_id)
+        failed = await self._adopt([session_id], alone=True)
+        if session_id in failed:
+            raise failed[session_id]
+        return self.sessions.get(session_id, owner)
 
-    async def _adopt(self, session_ids: list[str]) -> None:
+    async def _adopt(self, session_ids: list[str], alone: bool) -> dict[str, ServingError]:
+        """Adopt the parked sessions among the ids not live here; the ids whose adoption failed,
+        with the error for their row. A message's live rows never wait for the others: only
+        when no row is live here (`alone`) does it wait for a replica parking right now."""
         if self.handoff is None:
-            return
+            return {}
         missing = [i for i in dict.fromkeys(session_ids) if self.sessions.adoptable(i)]
-        for parked in await asyncio.gather(*(self.handoff.adopt(i) for i in missing)):
-            if parked is not None:
-                await self._restore(parked)
+        if not missing:
+            return {}
+        wait = alone or len(missing) == len(session_ids)
+        try:
+            taken = await self.handoff.adopt(missing, wait)
+        except StoreUnavailable as exc:
+            error = Unavailable(f"{exc}; sessions parked by other replicas cannot be reached now, "
+                                "retry shortly")
+            return dict.fromkeys(missing, error)
+        refused = [parked for parked in taken.values() if not self._restore(parked)]
+        if refused:
+            await self._give_back(refused)
+        if wait or len(taken) == len(missing) or not await self.handoff.parking():
+            return {}
+        busy = Unavailable("this session may be on its way from a replica that is shutting "
+                           "down; retry in a moment")
+        return {i: busy for i in missing if i not in taken}
 
-    async def _restore(self, parked: ParkedSession) -> None:
+    def _restore(self, parked: ParkedSession) -> bool:
+        """Make a taken session live here, in the same loop turn as it left the store."""
         try:
             model = self.registry.get(parked.model, parked.version)
             states = [parked.states[s.input] for s in model.spec.states]
             self.sessions.restore(model, parked.session_id, states, parked.steps,
-                                  parked.idle_seconds)
-        except (ServingError, KeyError) as exc:
+                                  parked.idle_seconds, parked.owner)
+        except (ServingError, KeyError, ValueError) as exc:
             log.warning("cannot adopt session %s (%s v%d): %s; left for another replica",
                         parked.session_id, parked.model, parked.version, exc)
-            await self.handoff.give_back(parked)
-            return
+            return False
         self.metrics.handoffs.labels(*model.labels, "adopted").inc()
+        return True
+
+    async def _give_back(self, refused: list[ParkedSession]) -> None:
+        try:
+            await self.handoff.give_back(refused)
+        except Exception as exc:  # the store failed between taking and giving back
+            log.error("LOST %d sessions taken from the shared store that this replica could "
+                      "not serve and could not park again: %s", len(refused), exc)
 
     async def hand_off(self) -> int:
-        """On drain: once in-flight steps are done, park every session in the shared store."""
+        """On drain: once in-flight steps are done, park every session in the shared store.
+        Raises StoreUnavailable (the sessions stay live here) if the store cannot take them."""
         if self.handoff is None:
             return 0
+        await self.handoff.announce_parking()
         live = self.sessions.live()
         async with _Locked(live):
             now = self.sessions.clock()
-            parked = [ParkedSession(s.id, s.model.spec.name, s.model.spec.version, s.steps,
-                                    now - s.last_used, _states_of(s)) for s in live]
+            parked = [ParkedSession(s.id, s.owner, s.model.spec.name, s.model.spec.version,
+                                    s.steps, now - s.last_used, _states_of(s)) for s in live]
             await self.handoff.park(parked)
             for session in live:
                 self.sessions.close(session, "handed off to another replica")
                 self.metrics.handoffs.labels(*session.model.labels, "parked").inc()
         return len(parked)
 
-    async def step(self, session_ids: list[str], x: np.ndarray) -> StepOutcome:
+    async def step(self, session_ids: list[str], x: np.ndarray,
+                   owner: str = "") -> StepOutcome:
         """Advance each row's session by x's k timesteps. Rows fail alone; others proceed."""
         self.check_open()
-        if self.handoff is not None:
-            await self._adopt(session_ids)
+        failed = await self._adopt(session_ids, alone=False) if self.handoff is not None else {}
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] != len(session_ids):
             raise InvalidArgument(f"x must be [{len(session_ids)} sessions, timesteps, features]"
                                   f", got shape {list(x.shape)}")
-        sessions, errors, cost = self._resolve(session_ids, x)
+        sessions, errors, cost = self._resolve(session_ids, x, owner, failed)
         valid = [s for s in sessions if s is not None]
         if not valid:
             return StepOutcome(np.full((*x.shape[:2], 0), np.nan, np.float32),
@@ -320,8 +359,9 @@ class Engine:
         return span, self.budget.reserve(total, f"a step of {rows} sessions x {k} timesteps",
                                          "send fewer sessions or timesteps per message")
 
-    def _resolve(self, session_ids: list[str],
-                 x: np.ndarray) -> tuple[list[Session | None], list[RowError], RunCost]:
+    def _resolve(self, session_ids: list[str], x: np.ndarray, owner: str,
+                 failed: dict[str, ServingError],
+                 ) -> tuple[list[Session | None], list[RowError], RunCost]:
         """Each row's session or error, and the run cost of all live rows taken together."""
         self._check_limits(x, "x")
         # One reduction on the common path; rows are told apart only when something is off.
@@ -337,7 +377,9 @@ class Engine:
                     raise InvalidArgument(f"session {session_id} appears twice in one message; "
                                           "send its timesteps together as one row")
                 seen.add(session_id)
-                session = self.sessions.get(session_id)
+                if session_id in failed:
+                    raise failed[session_id]
+                session = self.sessions.get(session_id, owner)
                 spec = session.model.spec
                 if spec.features != x.shape[2]:
                     raise InvalidArgument(f"session {session_id} ({spec.name}) takes "
@@ -401,24 +443,70 @@ class Engine:
             y[rows] = y_rows
         return y
 
-    async def reset(self, session_id: str) -> Session:
-        session = await self.find(session_id)
+    async def sequence_step(self, model: LoadedModel, session_id: str, x: np.ndarray,
+                            states: dict[str, np.ndarray], start: bool, end: bool,
+                            with_states: bool, owner: str) -> SequenceStep:
+        """One request of a v2 sequence: start (replacing an earlier sequence of that id), step,
+        read the states and end, all under the session's lock. Everything the client sent is
+        checked before the earlier sequence is touched, and a start whose step fails leaves no
+        sequence open."""
+        spec = model.spec
+        if x.ndim != 3 or x.shape[0] != 1:
+            raise InvalidArgument(f"a sequence request carries one sequence: x must be "
+                                  f"[1, time, {spec.features}], got {list(x.shape)}")
+        self._check_x(model, x, "x")
+        _check_finite(x, "x")
+        if start:
+            initial = self._states(model, states, 1) if states else None
+            with contextlib.suppress(NotFound, FailedPrecondition):
+                await self.close(session_id, owner)  # a restarted sequence begins afresh
+            session = self.sessions.open(model, initial, session_id, owner)
+        elif states:
+            raise InvalidArgument("state inputs belong on the sequence_start request; the "
+                                  "server carries the state after that")
+        else:
+            try:
+                session = await self.find(session_id, owner)
+            except (NotFound, FailedPrecondition) as exc:
+                raise InvalidArgument(f"this sequence of model {spec.name!r} is not open: send "
+                                      f"sequence_start=true on its first request ({exc})") from None
+        errors: list[RowError] = []
+        span, reserve = self._steps_plan(session.model, x[0][None], session.model.cost)
+        try:
+            async with reserve, session.lock:
+                y = await self._run_steps([session], x, errors, spec.outputs, span)
+                if errors:
+                    raise FailedPrecondition(errors[0].message)
+                current = _states_of(session) if with_states else None
+                if end:
+                    self.sessions.close(session, "ended by sequence_end")
+        except BaseException:
+            if start:
+                self.sessions.close(session, "failed on its first step")
+            raise
+        return SequenceStep(y, current)
+
+    async def reset(self, session_id: str, owner: str = "") -> Session:
+        session = await self.find(session_id, owner)
         async with session.lock:
             session.model.store.zero(session.slot)
             session.steps = 0
             session.last_used = self.sessions.clock()
         return session
 
-    async def snapshot(self, session_id: str) -> tuple[Session, dict[str, np.ndarray]]:
-        session = await self.find(session_id)
+    async def snapshot(self, session_id: str,
+                       owner: str = "") -> tuple[Session, dict[str, np.ndarray]]:
+        session = await self.find(session_id, owner)
         async with session.lock:
             states = _states_of(session)
             session.last_used = self.sessions.clock()
         return session, states
 
-    async def close(self, session_id: str) -> Session:
-        await self._adopt([session_id])
-        session = self.sessions.get(session_id)
+    async def close(self, session_id: str, owner: str = "") -> Session:
+        failed = await self._adopt([session_id], alone=True) if self.handoff is not None else {}
+        if session_id in failed:
+            raise failed[session_id]
+        session = self.sessions.get(session_id, owner)
         async with session.lock:
             self.sessions.close(session, "closed by its client")
         return session

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import AsyncIterator
-from contextlib import suppress
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
@@ -18,24 +17,19 @@ import numpy as np
 
 from service.contract import INPUT_NAME, OUTPUT_NAME
 from service.engine import Engine
-from service.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ServingError,
-    Unavailable,
-    error_for,
-)
+from service.errors import InvalidArgument, NotFound, ServingError, Unavailable
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_rpc
+from service.identity import Identities
 from service.kserve_converters import config, metadata, parameter, request_inputs, response
 from service.metrics import Call, Metrics
 from service.registry import LoadedModel
-from service.rpc_errors import abort_unless_open, internal_error, unary
+from service.rpc_errors import abort_unless_open, internal_error, status_code, unary
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["sequence", "model_configuration", "model_repository"]
 MAX_VERSION_DIGITS = 18
+MAX_SEQUENCE_ID = 256
 """Versions are int64 on the native API; longer digit strings cannot name one."""
 
 
@@ -55,17 +49,20 @@ def _version(text: str) -> int:
     return int(text)
 
 
-def sequence_session_id(model: str, sequence_id: int | str) -> str:
+def sequence_session_id(client: str, model: str, sequence_id: int | str) -> str:
     """The session behind a v2 sequence: derived, not stored, so every replica (also one that
-    adopts it after a handoff) finds the same session for the same (model, sequence id)."""
+    adopts it after a handoff) finds the same session for the same (client, model, sequence
+    id). The client is part of it, so another client's sequence 1 is another session."""
     kind = "str" if isinstance(sequence_id, str) else "int"
-    return hashlib.sha256(f"{model}\0{kind}\0{sequence_id}".encode()).hexdigest()[:32]
+    key = f"{client}\0{model}\0{kind}\0{sequence_id}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, identities: Identities) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.identities = identities
 
     @unary
     async def ServerLive(self, request: v2.ServerLiveRequest, call: Call) -> v2.ServerLiveResponse:
@@ -121,10 +118,14 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[v2.ModelStreamInferResponse]:
         """One response per request, in order; a failed request answers error_message only."""
+        try:
+            client = self.identities.client(context.invocation_metadata())
+        except ServingError as exc:
+            await context.abort(status_code(exc), str(exc))
         async for request in requests:
             await abort_unless_open(self.engine.check_open, context)
             try:
-                with self.metrics.track("ModelStreamInfer") as call:
+                with self.metrics.track("ModelStreamInfer", client) as call:
                     reply = await self._infer(request, call)
                 yield v2.ModelStreamInferResponse(infer_response=reply)
             except Exception as exc:
@@ -153,39 +154,23 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
             outputs = {OUTPUT_NAME: result.y, **{s.output: result.final_states[s.input]
                                                  for s in model.spec.states}}
             return response(model.spec, request, outputs)
-        return await self._sequence_step(model, request, sequence_id, x, inputs)
+        return await self._sequence_step(model, request, sequence_id, x, inputs, call.client)
 
     async def _sequence_step(self, model: LoadedModel, request: v2.ModelInferRequest,
-                             sequence_id: int | str, x: np.ndarray,
-                             states: dict[str, np.ndarray]) -> v2.ModelInferResponse:
+                             sequence_id: int | str, x: np.ndarray, states: dict[str, np.ndarray],
+                             client: str) -> v2.ModelInferResponse:
         spec = model.spec
-        if isinstance(sequence_id, (float, bool)):
-            raise InvalidArgument("sequence_id must be an integer or a string")
-        if x.ndim != 3 or x.shape[0] != 1:
-            raise InvalidArgument(f"a sequence request carries one sequence: x must be "
-                                  f"[1, time, {spec.features}], got {list(x.shape)}")
-        session_id = sequence_session_id(spec.name, sequence_id)
-        if parameter(request, "sequence_start"):
-            with suppress(ServingError):  # a restarted sequence begins from fresh state
-                await self.engine.close(session_id)
-            self.engine.open_session(spec.name, spec.version, states, session_id)
-        elif states:
-            raise InvalidArgument("state inputs belong on the sequence_start request; the "
-                                  "server carries the state after that")
-        outcome = await self.engine.step([session_id], x[0])
-        if outcome.errors:
-            error = outcome.errors[0]
-            if error.code in (NotFound.code, FailedPrecondition.code):
-                raise InvalidArgument(
-                    f"sequence {sequence_id!r} of model {spec.name!r} is not open: send "
-                    f"sequence_start=true on its first request ({error.message})")
-            raise error_for(error.code, error.message)
-        outputs = {OUTPUT_NAME: outcome.y}
+        if isinstance(sequence_id, (float, bool)) or \
+                (isinstance(sequence_id, str) and len(sequence_id) > MAX_SEQUENCE_ID):
+            raise InvalidArgument("sequence_id must be an integer or a string of at most "
+                                  f"{MAX_SEQUENCE_ID} characters")
         wanted = {o.name for o in request.outputs}
-        if not wanted or wanted - {OUTPUT_NAME}:
-            _, current = await self.engine.snapshot(session_id)
-            outputs.update({s.output: current[s.input][None] for s in spec.states})
-        reply = response(spec, request, outputs)
-        if parameter(request, "sequence_end"):
-            await self.engine.close(session_id)
-        return reply
+        step = await self.engine.sequence_step(
+            model, sequence_session_id(client, spec.name, sequence_id), x, states,
+            start=bool(parameter(request, "sequence_start")),
+            end=bool(parameter(request, "sequence_end")),
+            with_states=not wanted or bool(wanted - {OUTPUT_NAME}), owner=client)
+        outputs = {OUTPUT_NAME: step.y}
+        if step.states is not None:
+            outputs.update({s.output: step.states[s.input][None] for s in spec.states})
+        return response(spec, request, outputs)

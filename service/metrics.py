@@ -27,13 +27,14 @@ class Call:
     """One tracked call: counted and timed when it ends, the code taken from the exception that
     ends it, if any. Labels are learned as it goes (the model is known only after parsing)."""
 
-    __slots__ = ("metrics", "method", "model", "version", "started")
+    __slots__ = ("metrics", "method", "model", "version", "client", "started")
 
-    def __init__(self, metrics: Metrics, method: str) -> None:
+    def __init__(self, metrics: Metrics, method: str, client: str = "") -> None:
         self.metrics = metrics
         self.method = method
         self.model = ""
         self.version = ""
+        self.client = client
 
     def __enter__(self) -> Call:
         self.started = time.perf_counter()
@@ -46,7 +47,8 @@ class Call:
             code = exc.code
         else:
             code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
-        count, latency = self.metrics.children(self.model, self.version, self.method, code)
+        count, latency = self.metrics.children(self.model, self.version, self.method, code,
+                                               self.client)
         count.inc()
         latency.observe(time.perf_counter() - self.started)
 
@@ -55,8 +57,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter("rnnserve_requests", "Requests (stream messages count singly) by "
-                                "method and gRPC status code", [*MODEL, "method", "code"],
-                                registry=registry)
+                                "method, gRPC status code and client (a name from "
+                                "--auth-tokens-file, \"\" without auth)",
+                                [*MODEL, "method", "code", "client"], registry=registry)
         self.latency = Histogram("rnnserve_request_duration_seconds",
                                  "Time from request received to response ready",
                                  [*MODEL, "method"], buckets=LATENCY_BUCKETS, registry=registry)
@@ -78,18 +81,19 @@ class Metrics:
                                 registry=registry)
         self.model_events = Counter("rnnserve_model_events", "Model version loads and unloads",
                                     [*MODEL, "event"], registry=registry)
-        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
 
-    def track(self, method: str) -> Call:
+    def track(self, method: str, client: str = "") -> Call:
         """`with metrics.track(name) as call:` counts and times one call (or stream message)."""
-        return Call(self, method)
+        return Call(self, method, client)
 
-    def children(self, model: str, version: str, method: str, code: str) -> tuple[Any, Any]:
+    def children(self, model: str, version: str, method: str, code: str,
+                 client: str = "") -> tuple[Any, Any]:
         """The request counter and latency histogram for these labels, looked up once: a
         streamed step must not pay prometheus-client's labels() on every message."""
-        key = (model, version, method, code)
+        key = (model, version, method, code, client)
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = (self.requests.labels(*key),

@@ -32,7 +32,8 @@ def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
     async def handler(self: Any, request: Any,
                       context: grpc.aio.ServicerContext) -> Any:
         try:
-            with self.metrics.track(method.__name__) as call:
+            client = self.identities.client(context.invocation_metadata())
+            with self.metrics.track(method.__name__, client) as call:
                 return await method(self, request, call)
         except ServingError as exc:
             await context.abort(status_code(exc), str(exc))

@@ -22,6 +22,7 @@ from service.engine import Engine
 from service.generated.inference import grpc_service_pb2_grpc
 from service.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
 from service.handoff import RedisHandoff
+from service.identity import Identities
 from service.kserve import KServeServicer
 from service.memory import MemoryBudget, return_freed_memory
 from service.metrics import Metrics
@@ -120,18 +121,22 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     await models.sync()
     if not models.serving():
         raise RuntimeError(f"no loadable model in {config.repository}")
-    sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics)
-    handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait)
+    sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics,
+                            max_per_client=config.max_sessions_per_client)
+    handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait,
+                            config.shutdown_grace + config.handoff_wait)
                if config.state_store else None)
     engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff)
-    interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    identities = Identities.load(config.auth_token, config.auth_tokens_file)
+    interceptors = [BearerTokenInterceptor(identities)] if identities.enabled else []
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),
               ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.aio.server(interceptors=interceptors, options=limits)
     handlers = TolerantServer(server, metrics)  # undecodable requests: INVALID_ARGUMENT
-    rnnserve_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics), handlers)
+    rnnserve_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(engine, metrics, identities), handlers)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(engine, metrics), handlers)
+        KServeServicer(engine, metrics, identities), handlers)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     reflection.enable_server_reflection(

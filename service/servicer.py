@@ -20,6 +20,7 @@ from service.engine import Engine, StepOutcome
 from service.errors import InvalidArgument, ServingError
 from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from service.identity import Identities
 from service.metrics import Call, Metrics
 from service.rpc_errors import abort_unless_open, internal_error, status_code, unary
 from service.sessions import Session
@@ -48,14 +49,17 @@ def fill_step_results(results: pb.StepResults, outcome: StepOutcome) -> pb.StepR
 
 @dataclass
 class _StreamState:
+    client: str
+    """Who opened the stream; every message on it acts for that client."""
     current: str = ""
     """The session an `open` last opened or resumed; Steps without ids go to it."""
 
 
 class InferenceServicer(rpc.InferenceServicer):
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, identities: Identities) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.identities = identities
 
     @property
     def idle_timeout(self) -> float:
@@ -93,26 +97,27 @@ class InferenceServicer(rpc.InferenceServicer):
 
     @unary
     async def Step(self, request: pb.Steps, call: Call) -> pb.StepResults:
-        outcome = await self.engine.step(list(request.session_ids), to_array(request.x, "x"))
+        outcome = await self.engine.step(list(request.session_ids), to_array(request.x, "x"),
+                                         call.client)
         _label_first(call, outcome)
         return fill_step_results(pb.StepResults(), outcome)
 
     @unary
     async def ResetSession(self, request: pb.SessionRef, call: Call) -> pb.SessionInfo:
-        return self._info(await self.engine.reset(request.session_id), call)
+        return self._info(await self.engine.reset(request.session_id, call.client), call)
 
     @unary
     async def GetSessionState(self, request: pb.SessionRef, call: Call) -> pb.SessionState:
-        return self._state(*await self.engine.snapshot(request.session_id), call)
+        return self._state(*await self.engine.snapshot(request.session_id, call.client), call)
 
     @unary
     async def CloseSession(self, request: pb.SessionRef, call: Call) -> pb.SessionInfo:
-        return self._info(await self.engine.close(request.session_id), call)
+        return self._info(await self.engine.close(request.session_id, call.client), call)
 
     def _opened(self, request: pb.OpenSessionRequest, call: Call) -> pb.SessionInfo:
         return self._info(self.engine.open_session(
             request.model, request.version, to_arrays(request.initial_states, "initial_states"),
-            request.session_id), call)
+            request.session_id, call.client), call)
 
     def _info(self, session: Session, call: Call) -> pb.SessionInfo:
         """The session as the client sees it; also labels this call's metrics with its model."""
@@ -126,7 +131,10 @@ class InferenceServicer(rpc.InferenceServicer):
 
     async def Stream(self, requests: AsyncIterator[pb.StreamRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
-        stream = _StreamState()
+        try:
+            stream = _StreamState(self.identities.client(context.invocation_metadata()))
+        except ServingError as exc:
+            await context.abort(status_code(exc), str(exc))
         async for request in requests:
             await abort_unless_open(self.engine.check_open, context)
             yield await self._stream_message(request, stream)
@@ -137,10 +145,11 @@ class InferenceServicer(rpc.InferenceServicer):
         response = pb.StreamResponse(request_id=request.request_id)
         kind = request.WhichOneof("kind")
         try:
-            with self.metrics.track("Stream") as call:
+            with self.metrics.track("Stream", stream.client) as call:
                 if kind == "steps":
                     ids = list(request.steps.session_ids) or [self._current(stream)]
-                    outcome = await self.engine.step(ids, to_array(request.steps.x, "steps.x"))
+                    outcome = await self.engine.step(ids, to_array(request.steps.x, "steps.x"),
+                                                     stream.client)
                     _label_first(call, outcome)
                     fill_step_results(response.results, outcome)
                 elif kind == "open":
@@ -170,7 +179,8 @@ class InferenceServicer(rpc.InferenceServicer):
             if request.model or request.version or request.initial_states or request.session_id:
                 raise InvalidArgument("resume takes only resume_session_id: the session keeps its "
                                       "model, version and state")
-            info = self._info(await self.engine.find(request.resume_session_id), call)
+            info = self._info(await self.engine.find(request.resume_session_id, call.client),
+                              call)
         else:
             info = self._opened(request, call)
         stream.current = info.session_id
@@ -180,12 +190,13 @@ class InferenceServicer(rpc.InferenceServicer):
                        response: pb.StreamResponse, call: Call) -> None:
         session_id = control.session_id or self._current(stream)
         if control.action == pb.CONTROL_ACTION_RESET:
-            session = await self.engine.reset(session_id)
+            session = await self.engine.reset(session_id, call.client)
         elif control.action == pb.CONTROL_ACTION_SNAPSHOT:
-            response.state.CopyFrom(self._state(*await self.engine.snapshot(session_id), call))
+            response.state.CopyFrom(self._state(
+                *await self.engine.snapshot(session_id, call.client), call))
             return
         elif control.action == pb.CONTROL_ACTION_CLOSE:
-            session = await self.engine.close(session_id)
+            session = await self.engine.close(session_id, call.client)
             if stream.current == session_id:
                 stream.current = ""
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,48 +45,57 @@ class Session:
     model: LoadedModel
     slot: int
     last_used: float
+    owner: str = ""
+    """The client that opened it (its name from --auth-tokens-file; "" without auth)."""
     steps: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class SessionTable:
     def __init__(self, max_sessions: int, idle_timeout: float, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_per_client: int = 0) -> None:
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
         self.idle_timeout = idle_timeout
         self.metrics = metrics
         self.clock = clock
         self._live: dict[str, Session] = {}
-        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        """Recently ended ids: (owner, reason)."""
+        self._per_client: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._live)
 
     def open(self, model: LoadedModel, states: list[np.ndarray] | None,
-             session_id: str = "") -> Session:
+             session_id: str = "", owner: str = "") -> Session:
         """A new session, under the client's id if it chose one (so proxies can route by it)."""
         if session_id:
             check_session_id(session_id)
             if session_id in self._live:
                 raise AlreadyExists(f"session {session_id} is already open; pick a new random id")
         return self._add(model, session_id or secrets.token_hex(SESSION_ID_HEX // 2), states,
-                         0, 0.0)
+                         0, 0.0, owner)
 
     def restore(self, model: LoadedModel, session_id: str, states: list[np.ndarray], steps: int,
-                idle_seconds: float) -> Session:
-        """Take over a session another replica handed off, under its own id."""
-        return self._add(model, session_id, states, steps, idle_seconds)
+                idle_seconds: float, owner: str) -> Session:
+        """Take over a session another replica handed off, under its own id and owner."""
+        return self._add(model, session_id, states, steps, idle_seconds, owner)
 
     def _add(self, model: LoadedModel, session_id: str, states: list[np.ndarray] | None,
-             steps: int, idle_seconds: float) -> Session:
+             steps: int, idle_seconds: float, owner: str) -> Session:
         if len(self._live) >= self.max_sessions:
             raise ResourceExhausted(f"the server holds its maximum of {self.max_sessions} "
                                     "sessions; close finished sessions or retry later")
+        if self.max_per_client and self._per_client[owner] >= self.max_per_client:
+            raise ResourceExhausted(f"this client holds its maximum of {self.max_per_client} "
+                                    "sessions (--max-sessions-per-client); close finished ones")
         slot = model.store.allocate()
         if states is not None:
             model.store.write(slot, states)
-        session = Session(session_id, model, slot, self.clock() - idle_seconds, steps)
+        session = Session(session_id, model, slot, self.clock() - idle_seconds, owner, steps)
         self._live[session.id] = session
+        self._per_client[owner] += 1
         self._ended.pop(session_id, None)  # a chosen id may be reused once its session ended
         model.sessions += 1
         self.metrics.sessions.labels(*model.labels).inc()
@@ -100,14 +109,18 @@ class SessionTable:
     def live(self) -> list[Session]:
         return list(self._live.values())
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str = "") -> Session:
+        """The owner's live session. Another client's session answers exactly like an unknown
+        id, so ids cannot be probed."""
         session = self._live.get(session_id)
-        if session is not None:
+        if session is not None and session.owner == owner:
             return session
+        if session is not None:
+            raise NotFound(f"no session {session_id} on this server")
         check_session_id(session_id)
         ended = self._ended.get(session_id)
-        if ended is not None:
-            raise FailedPrecondition(f"session {session_id} was {ended}; open a new session")
+        if ended is not None and ended[0] == owner:
+            raise FailedPrecondition(f"session {session_id} was {ended[1]}; open a new session")
         raise NotFound(f"no session {session_id} on this server")
 
     def ended(self, session: Session) -> bool:
@@ -119,8 +132,11 @@ class SessionTable:
             return
         session.model.store.release(session.slot)
         session.model.sessions -= 1
+        self._per_client[session.owner] -= 1
+        if not self._per_client[session.owner]:
+            del self._per_client[session.owner]
         self.metrics.sessions.labels(*session.model.labels).dec()
-        self._ended[session.id] = reason
+        self._ended[session.id] = (session.owner, reason)
         while len(self._ended) > REMEMBER_ENDED:
             self._ended.popitem(last=False)
 
