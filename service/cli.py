@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -127,8 +128,11 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure(config.log_level)
-    asyncio.run(serve(config))
-    return 0
+    try:
+        return asyncio.run(serve(config))
+    except (ValueError, OSError, RuntimeError) as exc:  # bad tokens file, repository, ports
+        logging.getLogger("rnnserve").error("cannot serve: %s", exc)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,11 +108,23 @@ class Engine:
         self.metrics: Metrics = registry.metrics
         self.draining = False
 
+    def drain(self) -> None:
+        """From now on new work is refused with UNAVAILABLE (in-flight work still finishes)."""
+        self.draining = True
+
+    @property
+    def closing_message(self) -> str:
+        if self.handoff is not None:
+            return ("the server is shutting down; reconnect (to another replica) and resume "
+                    "your session by id")
+        return ("the server is shutting down and its sessions end with it (no --state-store); "
+                "reconnect to another replica and open a new session")
+
     def check_open(self) -> None:
-        """UNAVAILABLE once draining: callers reconnect and resume their sessions elsewhere."""
+        """UNAVAILABLE once draining: callers reconnect, and resume their sessions elsewhere
+        where a shared store holds them."""
         if self.draining:
-            raise Unavailable("the server is shutting down; reconnect (to another replica) and "
-                              "resume your session by id")
+            raise Unavailable(self.closing_message)
 
     def model(self, name: str, version: int = 0) -> LoadedModel:
         return self.registry.get(name, version)

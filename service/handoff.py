@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "rnnserve:session:"
 PARKING_KEY = "rnnserve:parking"
-"""Set, with a TTL, while some replica parks its sessions: adopters wait only then."""
+"""A sorted set of the replicas parking their sessions right now, scored by when they will be
+done at the latest (ms since the epoch): adopters wait only while it holds a live entry."""
 ADOPT_POLL = 0.05
 MAX_CONNECTIONS = 16
 POOL_WAIT = 5.0
@@ -76,23 +78,27 @@ class RedisHandoff:
         self.ttl_ms = max(1, int(ttl_seconds * 1000))
         self.wait_seconds = wait_seconds
         self.park_ms = max(1, int(park_seconds * 1000))
+        self.replica = secrets.token_hex(8)
 
     async def announce_parking(self) -> None:
         """Mark, before in-flight work ends, that this replica is about to park its sessions:
         clients sent away now may ask another replica before the sessions arrive."""
         try:
-            await self.client.set(PARKING_KEY, "1", px=self.park_ms)
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zadd(PARKING_KEY, {self.replica: _now_ms() + self.park_ms})
+                pipe.pexpire(PARKING_KEY, self.park_ms)
+                await pipe.execute()
         except self._errors as exc:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
 
     async def park(self, sessions: list[ParkedSession]) -> None:
-        """Store every session (StoreUnavailable if that fails), marking that a replica is
-        parking right now so that adopters wait for sessions not yet there."""
+        """Store every session (StoreUnavailable if that fails) and end this replica's
+        parking mark."""
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(PARKING_KEY, "1", px=self.park_ms)
                 for s in sessions:
                     pipe.set(KEY_PREFIX + s.session_id, s.encode(), px=self.ttl_ms)
+                pipe.zrem(PARKING_KEY, self.replica)  # done: adopters need not wait for us
                 await pipe.execute()
         except self._errors as exc:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
@@ -110,7 +116,7 @@ class RedisHandoff:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for session_id in missing:
                         pipe.getdel(KEY_PREFIX + session_id)
-                    pipe.exists(PARKING_KEY)
+                    pipe.zcount(PARKING_KEY, _now_ms(), "+inf")
                     *texts, parking = await pipe.execute()
             except self._errors as exc:
                 if taken:  # already out of the store: the caller restores them
@@ -133,7 +139,7 @@ class RedisHandoff:
     async def parking(self) -> bool:
         """Whether a replica is parking sessions right now (False when the store is down)."""
         try:
-            return bool(await self.client.exists(PARKING_KEY))
+            return bool(await self.client.zcount(PARKING_KEY, _now_ms(), "+inf"))
         except self._errors:
             return False
 
@@ -146,3 +152,7 @@ class RedisHandoff:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -6,6 +6,7 @@ store, the batcher, the idle timeout and the metrics.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from service.kserve_converters import config, metadata, parameter, request_input
 from service.metrics import Call, Metrics
 from service.registry import LoadedModel
 from service.rpc_errors import abort_unless_open, internal_error, status_code, unary
+from service.streams import OpenStreams
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["sequence", "model_configuration", "model_repository"]
@@ -59,10 +61,12 @@ def sequence_session_id(client: str, model: str, sequence_id: int | str) -> str:
 
 
 class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: Metrics, identities: Identities) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, identities: Identities,
+                 streams: OpenStreams) -> None:
         self.engine = engine
         self.metrics = metrics
         self.identities = identities
+        self.streams = streams
 
     @unary
     async def ServerLive(self, request: v2.ServerLiveRequest, call: Call) -> v2.ServerLiveResponse:
@@ -122,18 +126,27 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
             client = self.identities.client(context.invocation_metadata())
         except ServingError as exc:
             await context.abort(status_code(exc), str(exc))
-        async for request in requests:
-            await abort_unless_open(self.engine.check_open, context)
-            try:
-                with self.metrics.track("ModelStreamInfer", client) as call:
-                    reply = await self._infer(request, call)
-                yield v2.ModelStreamInferResponse(infer_response=reply)
-            except Exception as exc:
-                error = exc if isinstance(exc, ServingError) else internal_error("ModelStreamInfer")
-                yield v2.ModelStreamInferResponse(
-                    error_message=f"{error.code}: {error}",
-                    infer_response=v2.ModelInferResponse(model_name=request.model_name,
-                                                          id=request.id))
+        try:
+            async for request in self.streams.requests(requests):
+                await abort_unless_open(self.engine.check_open, context)
+                yield await self._stream_reply(request, client)
+        except asyncio.CancelledError:
+            if not self.engine.draining:
+                raise
+        await abort_unless_open(self.engine.check_open, context)
+
+    async def _stream_reply(self, request: v2.ModelInferRequest,
+                            client: str) -> v2.ModelStreamInferResponse:
+        try:
+            with self.metrics.track("ModelStreamInfer", client) as call:
+                reply = await self._infer(request, call)
+            return v2.ModelStreamInferResponse(infer_response=reply)
+        except Exception as exc:
+            error = exc if isinstance(exc, ServingError) else internal_error("ModelStreamInfer")
+            return v2.ModelStreamInferResponse(
+                error_message=f"{error.code}: {error}",
+                infer_response=v2.ModelInferResponse(model_name=request.model_name,
+                                                      id=request.id))
 
     def _model(self, name: str, version: str, call: Call) -> LoadedModel:
         model = self.engine.model(name, _version(version))

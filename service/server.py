@@ -21,7 +21,7 @@ from service.decoding import TolerantServer
 from service.engine import Engine
 from service.generated.inference import grpc_service_pb2_grpc
 from service.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
-from service.handoff import RedisHandoff
+from service.handoff import RedisHandoff, StoreUnavailable
 from service.identity import Identities
 from service.kserve import KServeServicer
 from service.memory import MemoryBudget, return_freed_memory
@@ -29,6 +29,7 @@ from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.servicer import InferenceServicer
 from service.sessions import SessionTable
+from service.streams import OpenStreams
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
@@ -47,6 +48,8 @@ class Server:
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
     tasks: list[asyncio.Task]
+    streams: OpenStreams
+    stopping: bool = False
 
     health_names: set[str] = field(default_factory=set)
 
@@ -68,16 +71,26 @@ class Server:
         await self.engine.registry.sync()
         await self.set_serving()
 
-    async def stop(self) -> None:
-        """Drain: health NOT_SERVING, new work UNAVAILABLE, in-flight work gets the grace period."""
-        self.engine.draining = True
+    async def stop(self) -> int:
+        """Drain: health NOT_SERVING, new work UNAVAILABLE, idle streams end at once, in-flight
+        work gets the grace period, sessions go to the shared store if there is one. Returns
+        how many sessions were lost because that handoff failed (0 on a second call)."""
+        if self.stopping:
+            return 0
+        self.stopping = True
+        self.engine.drain()
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+        self.streams.end_idle()
+        lost = 0
         try:
             parked = await asyncio.wait_for(self.engine.hand_off(), self.config.shutdown_grace)
             if parked:
                 log.info("parked %d sessions in the shared state store", parked)
-        except Exception:  # an unreachable store must not stop the drain
-            log.exception("could not hand sessions off; they end with this process")
+        except (StoreUnavailable, TimeoutError) as exc:
+            lost = len(self.engine.sessions)
+            log.error("could not hand %d sessions off to the shared state store (%s); they "
+                      "are lost", lost, exc or "timed out")
+        self.streams.end_idle()  # streams that were busy when the drain began
         await self.grpc_server.stop(self.config.shutdown_grace)
         for task in self.tasks:
             task.cancel()
@@ -89,6 +102,7 @@ class Server:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
         self.executor.shutdown(wait=False)
+        return lost
 
     @property
     def metrics_port(self) -> int | None:
@@ -128,15 +142,16 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
                if config.state_store else None)
     engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff)
     identities = Identities.load(config.auth_token, config.auth_tokens_file)
+    streams = OpenStreams()
     interceptors = [BearerTokenInterceptor(identities)] if identities.enabled else []
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),
               ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.aio.server(interceptors=interceptors, options=limits)
     handlers = TolerantServer(server, metrics)  # undecodable requests: INVALID_ARGUMENT
     rnnserve_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(engine, metrics, identities), handlers)
+        InferenceServicer(engine, metrics, identities, streams), handlers)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(engine, metrics, identities), handlers)
+        KServeServicer(engine, metrics, identities, streams), handlers)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     reflection.enable_server_reflection(
@@ -157,7 +172,8 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
 
     tasks = [asyncio.create_task(_every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4),
                                         sweep, "idle sweep"))]
-    started = Server(config, server, port, http, engine, health_servicer, executor, tasks)
+    started = Server(config, server, port, http, engine, health_servicer, executor, tasks,
+                     streams)
     if config.repository_poll > 0:
         tasks.append(asyncio.create_task(_every(config.repository_poll, started.sync_models,
                                                 "repository poll")))
@@ -168,8 +184,9 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     return started
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain within --shutdown-grace."""
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT, then drain within --shutdown-grace. The exit status: 0, or
+    1 if sessions were lost because the handoff to the shared store failed."""
     server = await create_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -177,6 +194,11 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("signal received: draining for up to %.1f s", config.shutdown_grace)
+    lost = 0
     with contextlib.suppress(asyncio.CancelledError):
-        await server.stop()
+        lost = await server.stop()
+    if lost:
+        log.error("stopped; %d sessions lost", lost)
+        return 1
     log.info("stopped")
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from service.identity import Identities
 from service.metrics import Call, Metrics
 from service.rpc_errors import abort_unless_open, internal_error, status_code, unary
 from service.sessions import Session
+from service.streams import OpenStreams
 
 
 def _label(call: Call, session: Session) -> None:
@@ -56,10 +58,12 @@ class _StreamState:
 
 
 class InferenceServicer(rpc.InferenceServicer):
-    def __init__(self, engine: Engine, metrics: Metrics, identities: Identities) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, identities: Identities,
+                 streams: OpenStreams) -> None:
         self.engine = engine
         self.metrics = metrics
         self.identities = identities
+        self.streams = streams
 
     @property
     def idle_timeout(self) -> float:
@@ -135,9 +139,14 @@ class InferenceServicer(rpc.InferenceServicer):
             stream = _StreamState(self.identities.client(context.invocation_metadata()))
         except ServingError as exc:
             await context.abort(status_code(exc), str(exc))
-        async for request in requests:
-            await abort_unless_open(self.engine.check_open, context)
-            yield await self._stream_message(request, stream)
+        try:
+            async for request in self.streams.requests(requests):
+                await abort_unless_open(self.engine.check_open, context)
+                yield await self._stream_message(request, stream)
+        except asyncio.CancelledError:
+            if not self.engine.draining:
+                raise
+        await abort_unless_open(self.engine.check_open, context)
 
     async def _stream_message(self, request: pb.StreamRequest,
                               stream: _StreamState) -> pb.StreamResponse:
