@@ -36,6 +36,10 @@ class ServerConfig:
     max_batch_rows: int = _opt(65_536, "sequences per Predict, sessions per Steps message")
     max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message accepted or sent "
                                   "(K/M/G suffixes, powers of 1024)", bytes=True)
+    max_streams_per_connection: int = _opt(100, "concurrent calls (streams) one client "
+                                                "connection may have open (HTTP/2 setting)")
+    max_concurrent_rpcs: int = _opt(2048, "calls open at once in all (a stalled stream holds "
+                                          "~140 KiB); more get RESOURCE_EXHAUSTED")
     memory_budget: int = _opt(512 * 1024 * 1024, "working memory all requests together may use "
                               "(inputs, runs, answers): larger work waits, work that could never "
                               "fit is refused (K/M/G suffixes)", bytes=True)
@@ -106,7 +110,8 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
 
 def validate(config: ServerConfig) -> None:
     positive = ("intra_op_threads", "batch_workers", "max_batch_size", "max_sessions",
-                "max_timesteps", "max_batch_rows", "max_message_bytes", "memory_budget")
+                "max_timesteps", "max_batch_rows", "max_message_bytes", "memory_budget",
+                "max_streams_per_connection", "max_concurrent_rpcs")
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

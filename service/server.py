@@ -34,6 +34,7 @@ from service.streams import OpenStreams
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
 EVICTION_PERIOD_MAX = 1.0
+STREAM_WINDOW = 64 * 1024
 
 
 @dataclass
@@ -145,8 +146,14 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     streams = OpenStreams()
     interceptors = [BearerTokenInterceptor(identities)] if identities.enabled else []
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),
-              ("grpc.max_send_message_length", config.max_message_bytes)]
-    server = grpc.aio.server(interceptors=interceptors, options=limits)
+              ("grpc.max_send_message_length", config.max_message_bytes),
+              ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+              # No window growth past the HTTP/2 default: a client that writes but never reads
+              # then holds ~64 KiB of its stream's data here, not megabytes.
+              ("grpc.http2.bdp_probe", 0),
+              ("grpc.http2.lookahead_bytes", STREAM_WINDOW)]
+    server = grpc.aio.server(interceptors=interceptors, options=limits,
+                             maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     handlers = TolerantServer(server, metrics)  # undecodable requests: INVALID_ARGUMENT
     rnnserve_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(engine, metrics, identities, streams), handlers)

@@ -1,0 +1,99 @@
+"""Per-client identity: sessions and v2 sequences belong to the client that opened them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.client import Client, RnnServeError
+from service.identity import Identities, parse_tokens
+from tests.conftest import running
+
+ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
+
+
+def code(call, *args, **kwargs) -> str:
+    with pytest.raises(RnnServeError) as err:
+        call(*args, **kwargs)
+    return err.value.code.name
+
+
+@pytest.fixture(scope="module")
+def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens"
+    path.write_text(f"# client token\nalice {ALICE}\n\nbob {BOB}  # the other one\n")
+    return path
+
+
+def test_sessions_belong_to_their_client(tokens_file: Path) -> None:
+    with running(auth_tokens_file=str(tokens_file), max_sessions_per_client=2) as srv, \
+            srv.client(token=ALICE) as alice, srv.client(token=BOB) as bob:
+        mine = alice.open_session("echo").session_id
+        alice.step(mine, [1.0])
+        for call in (bob.step, bob.snapshot, bob.reset, bob.close_session):
+            args = (mine, [1.0]) if call == bob.step else (mine,)
+            assert code(call, *args) == "NOT_FOUND"
+        with bob.stream() as stream:
+            assert code(stream.resume, mine) == "NOT_FOUND"
+        batch = bob.step_many([mine], np.ones((1, 1, 1), np.float32))
+        assert batch.errors[0].code.name == "NOT_FOUND"
+        assert alice.snapshot(mine)["h0"].shape == (4,)  # untouched by bob
+        alice.close_session(mine)
+        assert code(bob.step, mine, [1.0]) == "NOT_FOUND"  # not even "closed" for bob
+        assert code(alice.step, mine, [1.0]) == "FAILED_PRECONDITION"
+        alice.open_session("echo"), alice.open_session("echo")
+        assert code(alice.open_session, "echo") == "RESOURCE_EXHAUSTED"  # per-client quota
+        bob.open_session("echo")  # bob's quota is his own
+        assert code(srv.client(token="wrong-token-0123456789").list_models) == "UNAUTHENTICATED"
+        sample = srv.server.engine.metrics.registry.get_sample_value
+        assert sample("rnnserve_requests_total", {"model": "echo", "version": "1",
+                                                  "method": "Step", "code": "OK",
+                                                  "client": "alice"}) == 1
+
+
+def test_v2_sequences_are_per_client(tokens_file: Path) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    with running(auth_tokens_file=str(tokens_file)) as srv:
+        def infer(token: str, x: np.ndarray, **flags) -> np.ndarray:
+            client = grpcclient.InferenceServerClient(url=srv.address)
+            tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            try:
+                return client.infer("echo", [tensor], sequence_id=1,
+                                    headers={"authorization": f"Bearer {token}"},
+                                    **flags).as_numpy("y")
+            finally:
+                client.close()
+
+        x = np.ones((1, 3, 1), np.float32)
+        first = infer(ALICE, x, sequence_start=True)
+        with pytest.raises(InferenceServerException, match="not open"):
+            infer(BOB, x)  # same sequence id, another client: not alice's sequence
+        infer(BOB, x * 0, sequence_start=True)  # bob's own sequence 1
+        rest = infer(ALICE, x, sequence_end=True)
+        with Client(srv.address, token=ALICE) as client:
+            whole = client.predict("echo", np.ones((1, 6, 1), np.float32)).y
+        assert np.allclose(np.concatenate([first, rest], axis=1), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("alice short\n", "shorter than"),
+    ("alice a-long-enough-token-1 extra\n", "expected 'client-name token'"),
+    (f"alice {ALICE}\nalice {BOB}\n", "appears twice"),
+    ("bad/name a-long-enough-token-1\n", "client name"),
+    ("# nothing\n", "no 'client-name token' lines"),
+])
+def test_tokens_file_errors_name_the_line(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=fragment):
+        parse_tokens(path)
+
+
+def test_single_token_is_the_default_client() -> None:
+    identities = Identities.load("a-single-token", "")
+    assert identities.client([("authorization", "Bearer a-single-token")]) == "default"
