@@ -9,7 +9,7 @@ PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
 ORT    ?= cpu
 
-.PHONY: install install-test serve test train bench bench-scale-out proto lint docker docker-gpu docker-train clean
+.PHONY: install install-test serve test train bench bench-soak bench-scale-out proto lint docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -54,6 +54,10 @@ bench: install-test
 	$(PY) -m bench.predict
 	$(PY) -m bench.ort_options
 	$(PY) -m bench.plot
+
+# A bounded soak: churn, long streams and big Predicts side by side, server RSS per round.
+bench-soak: install-test
+	$(PY) -m bench.soak
 
 # Needs nginx and redis-server (Debian: apt-get install nginx redis-server).
 bench-scale-out: install-test

@@ -62,6 +62,32 @@ class Replica:
         self.proc.wait(10)
 
 
+class ServerProcess:
+    """`rnnserve serve` on the shipped models in its own process, its /proc status readable."""
+
+    def __init__(self, log: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.log = log
+        with open(log, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", "--repository", str(ROOT / "exported"),
+                 "--grpc-port", str(self.port), "--metrics-port", "-1", *flags],
+                cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=err)
+        wait_for_port(self.port, 60)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 class Redis:
     def __init__(self) -> None:
         self.port = free_port()

@@ -44,10 +44,11 @@ class Throttled:
     def warning(self, cause: str, message: str, *args: object) -> None:
         self._log(logging.WARNING, cause, message, args)
 
-    def error(self, cause: str, message: str, *args: object) -> None:
-        self._log(logging.ERROR, cause, message, args)
+    def error(self, cause: str, message: str, *args: object, exc_info: bool = False) -> None:
+        self._log(logging.ERROR, cause, message, args, exc_info)
 
-    def _log(self, level: int, cause: str, message: str, args: tuple) -> None:
+    def _log(self, level: int, cause: str, message: str, args: tuple,
+             exc_info: bool = False) -> None:
         now = time.monotonic()
         last, held = self._last.get(cause, (-self.interval, 0))
         if now - last < self.interval:
@@ -57,4 +58,4 @@ class Throttled:
             self._last.clear()
         self._last[cause] = (now, 0)
         suffix = f" ({held} more like it in the last {self.interval:g} s)" if held else ""
-        self.logger.log(level, message + suffix, *args)
+        self.logger.log(level, message + suffix, *args, exc_info=exc_info)

@@ -4,15 +4,16 @@ unexpected exception becomes INTERNAL with a log line, and no stack trace reache
 from __future__ import annotations
 
 import functools
-import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from service.errors import ServingError, Unavailable
+from service.logs import Throttled
 
-log = logging.getLogger(__name__)
+log = Throttled(__name__)
 
 
 def status_code(error: ServingError) -> grpc.StatusCode:
@@ -20,8 +21,10 @@ def status_code(error: ServingError) -> grpc.StatusCode:
 
 
 def internal_error(method: str) -> ServingError:
-    """An unexpected failure: logged with its trace here, reported to the client without it."""
-    log.exception("unexpected error in %s", method)
+    """An unexpected failure: logged with its trace here (once a minute per method and error
+    type), reported to the client without it."""
+    kind = type(sys.exc_info()[1]).__name__
+    log.error(f"{method}:{kind}", "unexpected error in %s", method, exc_info=True)
     return ServingError("internal error; the server log has the details")
 
 

@@ -5,7 +5,6 @@ JSON logs and an honest exit status."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.cluster import free_port, wait_for_port
+from bench.cluster import ServerProcess, free_port
 from service.client import Client, RnnServeError
 from service.config import ServerConfig
-from tests.conftest import EXPORTED, ROOT
 
 CONTAINER_LIMIT = 1024 * 2**20
 """deploy/kubernetes/rnnserve.yaml's memory limit, which the defaults are sized for."""
@@ -37,33 +35,9 @@ while sys.stdin.readline():
 """
 
 
-class Process:
-    def __init__(self, log: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.log = log
-        with open(log, "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--repository", str(EXPORTED),
-                 "--grpc-port", str(self.port), "--metrics-port", "-1", *flags],
-                cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=err)
-        wait_for_port(self.port, 60)
-        self.address = f"127.0.0.1:{self.port}"
-
-    def status(self, key: str) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_largest_default_requests_stay_within_the_container(tmp_path: Path) -> None:
-    server = Process(tmp_path / "log", "--log-level", "warning")
+    server = ServerProcess(tmp_path / "log", "--log-level", "warning")
     probe = subprocess.Popen([sys.executable, "-c", HEALTH_PROBE, server.address],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     stop = threading.Event()
@@ -114,7 +88,7 @@ def _predict(address: str, x: np.ndarray, last: bool = True) -> str:
 
 
 def test_drain_ends_idle_streams_at_once_with_json_logs(tmp_path: Path) -> None:
-    server = Process(tmp_path / "log", "--shutdown-grace", "60")
+    server = ServerProcess(tmp_path / "log", "--shutdown-grace", "60")
     try:
         with Client(server.address) as client, client.stream("echo") as idle:
             idle.step([1.0])
@@ -134,7 +108,7 @@ def test_drain_ends_idle_streams_at_once_with_json_logs(tmp_path: Path) -> None:
 
 def test_failed_handoff_exits_nonzero_and_counts_the_lost(tmp_path: Path) -> None:
     dead_store = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    server = Process(tmp_path / "log", "--state-store", dead_store, "--shutdown-grace", "5")
+    server = ServerProcess(tmp_path / "log", "--state-store", dead_store, "--shutdown-grace", "5")
     try:
         with Client(server.address) as client:
             for _ in range(3):
