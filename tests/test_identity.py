@@ -9,7 +9,7 @@ import pytest
 
 from service.client import Client, RnnServeError
 from service.identity import Identities, parse_tokens
-from tests.conftest import running
+from tests.conftest import RunningServer, running
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
 
@@ -97,3 +97,27 @@ def test_tokens_file_errors_name_the_line(tmp_path: Path, text: str, fragment: s
 def test_single_token_is_the_default_client() -> None:
     identities = Identities.load("a-single-token", "")
     assert identities.client([("authorization", "Bearer a-single-token")]) == "default"
+
+
+def test_a_failed_v2_sequence_start_leaves_the_running_sequence_alone(
+        server: RunningServer) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    def infer(x: np.ndarray, **flags) -> np.ndarray:
+        client = grpcclient.InferenceServerClient(url=server.address)
+        tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        try:
+            return client.infer("echo", [tensor], sequence_id="restart-me", **flags).as_numpy("y")
+        finally:
+            client.close()
+
+    x = np.random.default_rng(2).integers(0, 2, (1, 6, 1)).astype(np.float32)
+    first = infer(x[:, :3], sequence_start=True)
+    with pytest.raises(InferenceServerException, match="NaN"):
+        infer(np.full((1, 2, 1), np.nan, np.float32), sequence_start=True)
+    rest = infer(x[:, 3:], sequence_end=True)  # the earlier sequence, state intact
+    with Client(server.address) as client:
+        whole = client.predict("echo", x).y
+    assert np.max(np.abs(np.concatenate([first, rest], axis=1) - whole)) <= 1e-5
