@@ -6,7 +6,6 @@ store, the batcher, the idle timeout and the metrics.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from service.identity import Identities
 from service.kserve_converters import config, metadata, parameter, request_inputs, response
 from service.metrics import Call, Metrics
 from service.registry import LoadedModel
-from service.rpc_errors import abort_unless_open, internal_error, status_code, unary
+from service.rpc_errors import internal_error, stream_replies, unary
 from service.streams import OpenStreams
 
 log = logging.getLogger(__name__)
@@ -122,18 +121,9 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[v2.ModelStreamInferResponse]:
         """One response per request, in order; a failed request answers error_message only."""
-        try:
-            client = self.identities.client(context.invocation_metadata())
-        except ServingError as exc:
-            await context.abort(status_code(exc), str(exc))
-        try:
-            async for request in self.streams.requests(requests):
-                await abort_unless_open(self.engine.check_open, context)
-                yield await self._stream_reply(request, client)
-        except asyncio.CancelledError:
-            if not self.engine.draining:
-                raise
-        await abort_unless_open(self.engine.check_open, context)
+        async for reply in stream_replies(requests, context, self.engine, self.identities,
+                                          self.streams, self._stream_reply):
+            yield reply
 
     async def _stream_reply(self, request: v2.ModelInferRequest,
                             client: str) -> v2.ModelStreamInferResponse:

@@ -3,9 +3,10 @@ unexpected exception becomes INTERNAL with a log line, and no stack trace reache
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -53,3 +54,23 @@ async def abort_unless_open(check_open: Callable[[], None],
         check_open()
     except Unavailable as exc:
         await context.abort(status_code(exc), str(exc))
+
+
+async def stream_replies(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+                         engine: Any, identities: Any, streams: Any,
+                         answer: Callable[[Any, str], Awaitable[Any]]) -> AsyncIterator[Any]:
+    """A bidirectional stream for both front doors: the caller's identity once, then one
+    `answer(request, client)` per message. Once the server drains, the stream ends with
+    UNAVAILABLE: at once if it was waiting for a message, after its current one otherwise."""
+    try:
+        client = identities.client(context.invocation_metadata())
+    except ServingError as exc:
+        await context.abort(status_code(exc), str(exc))
+    try:
+        async for request in streams.requests(requests):
+            await abort_unless_open(engine.check_open, context)
+            yield await answer(request, client)
+    except asyncio.CancelledError:
+        if not engine.draining:
+            raise
+    await abort_unless_open(engine.check_open, context)

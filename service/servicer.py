@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from service.identity import Identities
 from service.metrics import Call, Metrics
-from service.rpc_errors import abort_unless_open, internal_error, status_code, unary
+from service.rpc_errors import internal_error, status_code, stream_replies, unary
 from service.sessions import Session
 from service.streams import OpenStreams
 
@@ -51,7 +50,7 @@ def fill_step_results(results: pb.StepResults, outcome: StepOutcome) -> pb.StepR
 
 @dataclass
 class _StreamState:
-    client: str
+    client: str = ""
     """Who opened the stream; every message on it acts for that client."""
     current: str = ""
     """The session an `open` last opened or resumed; Steps without ids go to it."""
@@ -135,18 +134,15 @@ class InferenceServicer(rpc.InferenceServicer):
 
     async def Stream(self, requests: AsyncIterator[pb.StreamRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
-        try:
-            stream = _StreamState(self.identities.client(context.invocation_metadata()))
-        except ServingError as exc:
-            await context.abort(status_code(exc), str(exc))
-        try:
-            async for request in self.streams.requests(requests):
-                await abort_unless_open(self.engine.check_open, context)
-                yield await self._stream_message(request, stream)
-        except asyncio.CancelledError:
-            if not self.engine.draining:
-                raise
-        await abort_unless_open(self.engine.check_open, context)
+        stream = _StreamState()
+
+        async def answer(request: pb.StreamRequest, client: str) -> pb.StreamResponse:
+            stream.client = client
+            return await self._stream_message(request, stream)
+
+        async for response in stream_replies(requests, context, self.engine, self.identities,
+                                             self.streams, answer):
+            yield response
 
     async def _stream_message(self, request: pb.StreamRequest,
                               stream: _StreamState) -> pb.StreamResponse:
