@@ -266,6 +266,10 @@ class Engine:
         """The caller's live session; adopted from the shared state store if another replica
         parked it."""
         self.check_open()
+        return await self._session(session_id, owner)
+
+    async def _session(self, session_id: str, owner: str) -> Session:
+        """The owner's session by id, adopting it first if another replica parked it."""
         failed = await self._adopt([session_id], alone=True)
         if session_id in failed:
             raise failed[session_id]
@@ -313,7 +317,7 @@ class Engine:
     async def _give_back(self, refused: list[ParkedSession]) -> None:
         try:
             await self.handoff.give_back(refused)
-        except Exception as exc:  # the store failed between taking and giving back
+        except StoreUnavailable as exc:  # the store failed between taking and giving back
             log.error("LOST %d sessions taken from the shared store that this replica could "
                       "not serve and could not park again: %s", len(refused), exc)
 
@@ -468,6 +472,7 @@ class Engine:
                                   f"[1, time, {spec.features}], got {list(x.shape)}")
         self._check_x(model, x, "x")
         _check_finite(x, "x")
+        span, reserve = self._steps_plan(model, x, model.cost)
         if start:
             initial = self._states(model, states, 1) if states else None
             with contextlib.suppress(NotFound, FailedPrecondition):
@@ -483,7 +488,6 @@ class Engine:
                 raise InvalidArgument(f"this sequence of model {spec.name!r} is not open: send "
                                       f"sequence_start=true on its first request ({exc})") from None
         errors: list[RowError] = []
-        span, reserve = self._steps_plan(session.model, x[0][None], session.model.cost)
         try:
             async with reserve, session.lock:
                 y = await self._run_steps([session], x, errors, spec.outputs, span)
@@ -515,10 +519,7 @@ class Engine:
         return session, states
 
     async def close(self, session_id: str, owner: str = "") -> Session:
-        failed = await self._adopt([session_id], alone=True) if self.handoff is not None else {}
-        if session_id in failed:
-            raise failed[session_id]
-        session = self.sessions.get(session_id, owner)
+        session = await self._session(session_id, owner)
         async with session.lock:
             self.sessions.close(session, "closed by its client")
         return session

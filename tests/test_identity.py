@@ -99,8 +99,18 @@ def test_single_token_is_the_default_client() -> None:
     assert identities.client([("authorization", "Bearer a-single-token")]) == "default"
 
 
+@pytest.mark.parametrize("bad_start, reason", [
+    (np.full((1, 2, 1), np.nan, np.float32), "NaN"),
+    (np.zeros((1, 600, 1), np.float32), "message limit"),  # answer 4,800 bytes > 4,096
+])
 def test_a_failed_v2_sequence_start_leaves_the_running_sequence_alone(
-        server: RunningServer) -> None:
+        bad_start: np.ndarray, reason: str) -> None:
+    with running(max_message_bytes=4096) as server:
+        _restart_fails_and_sequence_continues(server, bad_start, reason)
+
+
+def _restart_fails_and_sequence_continues(server: RunningServer, bad_start: np.ndarray,
+                                          reason: str) -> None:
     grpcclient = pytest.importorskip("tritonclient.grpc")
     from tritonclient.utils import InferenceServerException
 
@@ -115,8 +125,8 @@ def test_a_failed_v2_sequence_start_leaves_the_running_sequence_alone(
 
     x = np.random.default_rng(2).integers(0, 2, (1, 6, 1)).astype(np.float32)
     first = infer(x[:, :3], sequence_start=True)
-    with pytest.raises(InferenceServerException, match="NaN"):
-        infer(np.full((1, 2, 1), np.nan, np.float32), sequence_start=True)
+    with pytest.raises(InferenceServerException, match=reason):
+        infer(bad_start, sequence_start=True)
     rest = infer(x[:, 3:], sequence_end=True)  # the earlier sequence, state intact
     with Client(server.address) as client:
         whole = client.predict("echo", x).y
