@@ -30,6 +30,7 @@ OUTPUT_KINDS = ("probabilities", "sigmoid", "regression")
 SCHEMA_FILE = Path(__file__).with_name("model.schema.json")
 MAX_SPEC_BYTES = 1024 * 1024
 MAX_VERSION_DIGITS = 18
+"""Versions are int64 on the native API; longer digit strings cannot name one."""
 
 
 def state_names(cell: str, layer: int) -> list[tuple[str, str]]:

@@ -94,11 +94,15 @@ class RedisHandoff:
     async def park(self, sessions: list[ParkedSession]) -> None:
         """Store every session (StoreUnavailable if that fails) and end this replica's
         parking mark."""
+        await self._store(sessions, done_parking=True)
+
+    async def _store(self, sessions: list[ParkedSession], done_parking: bool) -> None:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for s in sessions:
                     pipe.set(KEY_PREFIX + s.session_id, s.encode(), px=self.ttl_ms)
-                pipe.zrem(PARKING_KEY, self.replica)  # done: adopters need not wait for us
+                if done_parking:
+                    pipe.zrem(PARKING_KEY, self.replica)  # adopters need not wait for us
                 await pipe.execute()
         except self._errors as exc:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
@@ -145,10 +149,7 @@ class RedisHandoff:
 
     async def give_back(self, parked: list[ParkedSession]) -> None:
         """Re-park sessions this replica cannot serve (e.g. their version is not loaded here)."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for s in parked:
-                pipe.set(KEY_PREFIX + s.session_id, s.encode(), px=self.ttl_ms)
-            await pipe.execute()
+        await self._store(parked, done_parking=False)
 
     async def close(self) -> None:
         await self.client.aclose()

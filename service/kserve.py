@@ -15,7 +15,7 @@ from importlib.metadata import version as package_version
 import grpc
 import numpy as np
 
-from service.contract import INPUT_NAME, OUTPUT_NAME
+from service.contract import INPUT_NAME, MAX_VERSION_DIGITS, OUTPUT_NAME
 from service.engine import Engine
 from service.errors import InvalidArgument, NotFound, ServingError, Unavailable
 from service.generated.inference import grpc_service_pb2 as v2
@@ -29,9 +29,8 @@ from service.streams import OpenStreams
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["sequence", "model_configuration", "model_repository"]
-MAX_VERSION_DIGITS = 18
 MAX_SEQUENCE_ID = 256
-"""Versions are int64 on the native API; longer digit strings cannot name one."""
+"""Characters in a string sequence_id: it is hashed into a session id, never stored."""
 
 
 def _server_version() -> str:

@@ -39,7 +39,7 @@ class Throttled:
     def __init__(self, name: str, interval: float = 60.0) -> None:
         self.logger = logging.getLogger(name)
         self.interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
+        self._last: dict[str, tuple[float | None, int]] = {}
 
     def warning(self, cause: str, message: str, *args: object) -> None:
         self._log(logging.WARNING, cause, message, args)
@@ -50,8 +50,8 @@ class Throttled:
     def _log(self, level: int, cause: str, message: str, args: tuple,
              exc_info: bool = False) -> None:
         now = time.monotonic()
-        last, held = self._last.get(cause, (-self.interval, 0))
-        if now - last < self.interval:
+        last, held = self._last.get(cause, (None, 0))
+        if last is not None and now - last < self.interval:
             self._last[cause] = (last, held + 1)
             return
         if len(self._last) >= MAX_CAUSES:

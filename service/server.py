@@ -91,7 +91,7 @@ class Server:
             lost = len(self.engine.sessions)
             log.error("could not hand %d sessions off to the shared state store (%s); they "
                       "are lost", lost, exc or "timed out")
-        self.streams.end_idle()  # streams that were busy when the drain began
+        self.streams.end_idle()  # streams opened while the handoff ran
         await self.grpc_server.stop(self.config.shutdown_grace)
         for task in self.tasks:
             task.cancel()

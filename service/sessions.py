@@ -113,14 +113,15 @@ class SessionTable:
         """The owner's live session. Another client's session answers exactly like an unknown
         id, so ids cannot be probed."""
         session = self._live.get(session_id)
-        if session is not None and session.owner == owner:
-            return session
         if session is not None:
-            raise NotFound(f"no session {session_id} on this server")
-        check_session_id(session_id)
-        ended = self._ended.get(session_id)
-        if ended is not None and ended[0] == owner:
-            raise FailedPrecondition(f"session {session_id} was {ended[1]}; open a new session")
+            if session.owner == owner:
+                return session
+        else:
+            check_session_id(session_id)
+            ended = self._ended.get(session_id)
+            if ended is not None and ended[0] == owner:
+                raise FailedPrecondition(f"session {session_id} was {ended[1]}; open a new "
+                                         "session")
         raise NotFound(f"no session {session_id} on this server")
 
     def ended(self, session: Session) -> bool:
