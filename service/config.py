@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -87,6 +88,14 @@ def _parse(kind: Any, text: str, unit_bytes: bool = False) -> Any:
     return {"int": int, "float": float, "str": str}.get(kind, str)(text)
 
 
+def _flag_value(kind: Any, unit_bytes: bool, text: str) -> Any:
+    """A flag's value; a bad one is reported by argparse with the reason, not a type name."""
+    try:
+        return _parse(kind, text, unit_bytes)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; an RNNSERVE_<FIELD> variable supplies the default."""
     for f in fields(ServerConfig):
@@ -97,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = _parse(f.type, os.environ[env], unit_bytes)
         shown = ",".join(default) if isinstance(default, tuple) else default
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
-                            type=lambda text, kind=f.type, b=unit_bytes: _parse(kind, text, b),
+                            type=functools.partial(_flag_value, f.type, unit_bytes),
                             choices=f.metadata.get("choices"),
                             help=f"{f.metadata['help']} (default: {shown!s}; env {env})")
 

@@ -129,6 +129,7 @@ async def _every(period: float, action, what: str) -> None:
 async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> Server:
     """Load the models and start serving on config's ports (0 picks free ones)."""
     return_freed_memory()
+    identities = Identities.load(config.auth_token, config.auth_tokens_file)  # before slow work
     metrics = Metrics(registry or CollectorRegistry())
     executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1,
                                   thread_name_prefix="ort")
@@ -142,7 +143,6 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
                             config.shutdown_grace + config.handoff_wait)
                if config.state_store else None)
     engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff)
-    identities = Identities.load(config.auth_token, config.auth_tokens_file)
     streams = OpenStreams()
     interceptors = [BearerTokenInterceptor(identities)] if identities.enabled else []
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),

@@ -136,3 +136,14 @@ def test_every_flag_reads_its_environment_variable(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ValueError):
         from_namespace(parser.parse_args(["--max-batch-size", "0"]))
     assert "RNNSERVE_MAX_BATCH_DELAY" in parser.format_help()
+
+
+def test_bad_flag_values_name_the_reason(capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_namespace(parser.parse_args(["--memory-budget", "1G"])).memory_budget == 2**30
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--memory-budget", "lots"])
+    assert "'lots' is not a size such as 512M or 1G" in capsys.readouterr().err
