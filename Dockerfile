@@ -3,7 +3,7 @@
 #   CUDA:           docker build --build-arg FLAVOR=gpu -t rnnserve:gpu .
 #   Training:       docker build --target train -t rnnserve:train .
 # The install steps are `make install` itself, so the image and a developer's machine share
-# one requirements source (pyproject.toml) and one set of commands.
+# one tested set of versions (constraints.txt) and one set of commands.
 ARG FLAVOR=cpu
 
 FROM python:3.11-slim AS base-cpu
@@ -18,7 +18,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 FROM base-${FLAVOR} AS build
 ARG FLAVOR
 WORKDIR /srv/rnnserve
-COPY pyproject.toml README.md Makefile ./
+COPY pyproject.toml setup.py MANIFEST.in constraints.txt README.md Makefile ./
 COPY proto proto
 COPY service service
 COPY training training

@@ -5,40 +5,45 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 GEN    := service/generated/rnnserve/v1/rnnserve_pb2.py
+CONSTRAINTS := constraints.txt
 PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
 ORT    ?= cpu
 
-.PHONY: install install-test serve test train bench bench-soak bench-scale-out proto lint docker docker-gpu docker-train clean
+.PHONY: install install-test constraints serve test train bench bench-soak bench-scale-out proto lint docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# Serving dependencies only (no TensorFlow), then the generated gRPC code.
-# ORT=gpu installs onnxruntime-gpu instead of onnxruntime (the CUDA image does this).
-$(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[$(ORT)]'
+# Serving dependencies only (no TensorFlow), at the tested versions; installing the package
+# generates its gRPC code from proto/ (setup.py). ORT=gpu installs onnxruntime-gpu instead of
+# onnxruntime (the CUDA image does this).
+INSTALL := $(PIP) install --quiet -c $(CONSTRAINTS)
+
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS) | $(PY)
+	$(INSTALL) -e '.[$(ORT)]'
 	touch $@
 
+# An edited .proto: rebuild the package, which regenerates the code.
 $(GEN): $(PROTOS) $(STAMP)
-	$(PY) -m service.protogen
+	$(INSTALL) --no-deps -e .
 
 install: $(STAMP) $(GEN)
 
 proto: $(STAMP)
-	$(PY) -m service.protogen
+	$(INSTALL) --no-deps -e .
 
+# Every flag also comes from its RNNSERVE_* variable (e.g. RNNSERVE_REPOSITORY=… make serve).
 serve: install
-	$(VENV)/bin/rnnserve serve --repository exported
+	$(VENV)/bin/rnnserve serve
 
 # tritonclient (the KServe v2 tests' client) declares protobuf<7, but its generated code runs on
-# our protobuf 7 (tests/test_kserve.py proves it), so it goes in without its pins.
-TRITONCLIENT := tritonclient==2.73.0 python-rapidjson==1.25
-
-$(VENV)/.installed-test: pyproject.toml $(STAMP)
-	$(PIP) install --quiet -e '.[$(ORT),training,test]'
-	$(PIP) install --quiet --no-deps $(TRITONCLIENT)
+# our protobuf 7 (tests/test_kserve.py proves it), so here it goes in without its pins. Users who
+# want it beside rnnserve: see the README (one pip command; pip then picks protobuf 6).
+$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) $(STAMP)
+	$(INSTALL) -e '.[$(ORT),training,test]'
+	$(INSTALL) --no-deps tritonclient python-rapidjson
 	touch $@
 
 install-test: install $(VENV)/.installed-test
@@ -62,6 +67,12 @@ bench-soak: install-test
 # Needs nginx and redis-server (Debian: apt-get install nginx redis-server).
 bench-scale-out: install-test
 	$(PY) -m bench.scale_out
+
+# After changing pyproject.toml's ranges: record the set the tests then pass with.
+constraints: install-test
+	{ sed -n '1,2p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -v '^rnnserve' \
+	  | LC_ALL=C sort -f; echo 'onnxruntime-gpu==1.31.1'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 lint: install-test
 	$(VENV)/bin/ruff check service training tests bench

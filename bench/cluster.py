@@ -44,7 +44,7 @@ class Replica:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--repository",
+                [sys.executable, "-m", "rnnserve", "serve", "--repository",
                  str(ROOT / "exported"), "--grpc-port", str(self.port), "--metrics-port",
                  str(self.metrics_port), "--state-store", redis_url, "--shutdown-grace", "5",
                  "--log-level", "warning", *flags], cwd=ROOT, env=env, stderr=out)
@@ -70,7 +70,7 @@ class ServerProcess:
         self.log = log
         with open(log, "w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--repository", str(ROOT / "exported"),
+                [sys.executable, "-m", "rnnserve", "serve", "--repository", str(ROOT / "exported"),
                  "--grpc-port", str(self.port), "--metrics-port", "-1", *flags],
                 cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=err)
         wait_for_port(self.port, 60)

@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service.contract import read_spec
-from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
-from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
-from service.runner import Runner
+from rnnserve.contract import read_spec
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from rnnserve.runner import Runner
 
 
 class EchoServicer(rpc.InferenceServicer):

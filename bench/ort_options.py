@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.streaming import ROOT, machine, save
-from service.contract import INPUT_NAME, MODEL_FILE, read_spec
+from rnnserve.contract import INPUT_NAME, MODEL_FILE, read_spec
 
 MODELS = ("echo", "binary_add")
 BATCHES = (1, 64)

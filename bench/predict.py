@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 
 from bench.streaming import ROOT, ServerProcess, machine, save
-from service.contract import read_spec
-from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
-from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
-from service.runner import Runner
+from rnnserve.contract import read_spec
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from rnnserve.runner import Runner
 
 MODEL_DIR = ROOT / "exported" / "binary_add" / "1"
 SMALL_BATCH, CONCURRENT, SECONDS = 8, 32, 3.0

@@ -16,7 +16,7 @@ import numpy as np
 
 from bench.cluster import Nginx, Redis, Replica
 from bench.streaming import Load, cpu_seconds, drive, machine, save
-from service.client import Client, RnnServeError
+from rnnserve.client import Client, RnnServeError
 
 STREAMS, SECONDS = 64, 3.0
 HANDOFF_SESSIONS, PACE = 100, 0.01

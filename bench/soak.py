@@ -18,7 +18,7 @@ import numpy as np
 
 from bench.cluster import ServerProcess
 from bench.streaming import save
-from service.client import Client, RnnServeError
+from rnnserve.client import Client, RnnServeError
 
 
 def churn(address: str, stop: threading.Event, counts: dict) -> None:

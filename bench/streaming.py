@@ -22,11 +22,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service.client import SESSION_HEADER, new_session_id
-from service.contract import read_spec
-from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
-from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
-from service.runner import Runner
+from rnnserve.client import SESSION_HEADER, new_session_id
+from rnnserve.contract import read_spec
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from rnnserve.runner import Runner
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -51,7 +51,7 @@ class ServerProcess:
     def __init__(self, *flags: str, echo: bool = False) -> None:
         self.port = free_port()
         command = (["-m", "bench.echo_server", str(self.port), *flags] if echo else
-                   ["-m", "service", "serve", "--grpc-port", str(self.port), "--metrics-port",
+                   ["-m", "rnnserve", "serve", "--grpc-port", str(self.port), "--metrics-port",
                     "-1", "--models", "echo", "--log-level", "warning", *flags])
         self.proc = subprocess.Popen([sys.executable, *command], cwd=ROOT)
         self.echo = echo

@@ -1,6 +1,6 @@
 """Bearer-token check on every call except the health service (probes carry no secrets).
 
-Which client a valid token belongs to is service.identity's business; the servicers ask it
+Which client a valid token belongs to is rnnserve.identity's business; the servicers ask it
 again for the name, as interceptors cannot hand values to handlers.
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from service.errors import Unauthenticated
-from service.identity import Identities
+from rnnserve.errors import Unauthenticated
+from rnnserve.identity import Identities
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 

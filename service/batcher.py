@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import Unavailable
-from service.metrics import Metrics
-from service.runner import Runner
-from service.state_store import StateStore
+from rnnserve.errors import Unavailable
+from rnnserve.metrics import Metrics
+from rnnserve.runner import Runner
+from rnnserve.state_store import StateStore
 
 log = logging.getLogger(__name__)
 

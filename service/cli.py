@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from service import config as config_module
+from rnnserve import config as config_module
 
 DEFAULT_ADDRESS = "localhost:8500"
 
@@ -60,7 +60,7 @@ def format_output(row: Iterable[float]) -> str:
 
 
 def _client(args: argparse.Namespace):
-    from service.client import Client
+    from rnnserve.client import Client
 
     return Client(args.address, token=args.token)
 
@@ -119,8 +119,8 @@ def run_health(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from service.logs import configure
-    from service.server import serve
+    from rnnserve.logs import configure
+    from rnnserve.server import serve
 
     try:
         config = config_module.from_namespace(args)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
-    from service.client import RnnServeError
+    from rnnserve.client import RnnServeError
 
     commands = {"health": run_health, "models": run_models, "predict": run_predict,
                 "stream": run_stream}

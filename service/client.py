@@ -19,8 +19,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
-from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 
 SESSION_HEADER = "x-rnnserve-session"
 ArrayLike = np.ndarray | Sequence

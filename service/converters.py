@@ -6,10 +6,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
-from service.registry import LoadedModel
-from service.sessions import Session
-from service.shapes import FLOAT32, float32_array
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.registry import LoadedModel
+from rnnserve.sessions import Session
+from rnnserve.shapes import FLOAT32, float32_array
 
 MAX_DIMS = 4
 

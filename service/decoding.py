@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.logs import Throttled
-from service.metrics import Metrics
+from rnnserve.logs import Throttled
+from rnnserve.metrics import Metrics
 
 log = Throttled(__name__)
 

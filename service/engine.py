@@ -1,6 +1,6 @@
 """The engine both front doors call: validation, whole-sequence prediction and session steps.
 
-Plain numpy in, plain numpy out; errors are service.errors classes. No gRPC here.
+Plain numpy in, plain numpy out; errors are rnnserve.errors classes. No gRPC here.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.config import ServerConfig
-from service.errors import (
+from rnnserve.config import ServerConfig
+from rnnserve.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -22,11 +22,11 @@ from service.errors import (
     ServingError,
     Unavailable,
 )
-from service.handoff import ParkedSession, RedisHandoff, StoreUnavailable
-from service.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
-from service.metrics import Metrics
-from service.registry import LoadedModel, ModelRegistry
-from service.sessions import Session, SessionTable
+from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable
+from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
+from rnnserve.metrics import Metrics
+from rnnserve.registry import LoadedModel, ModelRegistry
+from rnnserve.sessions import Session, SessionTable
 
 log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD = 1024

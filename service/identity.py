@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.errors import Unauthenticated
+from rnnserve.errors import Unauthenticated
 
 DEFAULT_CLIENT = "default"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -15,17 +15,17 @@ from importlib.metadata import version as package_version
 import grpc
 import numpy as np
 
-from service.contract import INPUT_NAME, MAX_VERSION_DIGITS, OUTPUT_NAME
-from service.engine import Engine
-from service.errors import InvalidArgument, NotFound, ServingError, Unavailable
-from service.generated.inference import grpc_service_pb2 as v2
-from service.generated.inference import grpc_service_pb2_grpc as v2_rpc
-from service.identity import Identities
-from service.kserve_converters import config, metadata, parameter, request_inputs, response
-from service.metrics import Call, Metrics
-from service.registry import LoadedModel
-from service.rpc_errors import internal_error, stream_replies, unary
-from service.streams import OpenStreams
+from rnnserve.contract import INPUT_NAME, MAX_VERSION_DIGITS, OUTPUT_NAME
+from rnnserve.engine import Engine
+from rnnserve.errors import InvalidArgument, NotFound, ServingError, Unavailable
+from rnnserve.generated.inference import grpc_service_pb2 as v2
+from rnnserve.generated.inference import grpc_service_pb2_grpc as v2_rpc
+from rnnserve.identity import Identities
+from rnnserve.kserve_converters import config, metadata, parameter, request_inputs, response
+from rnnserve.metrics import Call, Metrics
+from rnnserve.registry import LoadedModel
+from rnnserve.rpc_errors import internal_error, stream_replies, unary
+from rnnserve.streams import OpenStreams
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["sequence", "model_configuration", "model_repository"]

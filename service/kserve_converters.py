@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.contract import INPUT_NAME, OUTPUT_NAME, ModelSpec
-from service.errors import InvalidArgument
-from service.generated.inference import grpc_service_pb2 as v2
-from service.generated.inference import model_config_pb2 as mc
-from service.shapes import FLOAT32, element_count, float32_array
+from rnnserve.contract import INPUT_NAME, OUTPUT_NAME, ModelSpec
+from rnnserve.errors import InvalidArgument
+from rnnserve.generated.inference import grpc_service_pb2 as v2
+from rnnserve.generated.inference import model_config_pb2 as mc
+from rnnserve.shapes import FLOAT32, element_count, float32_array
 
 FP32 = "FP32"
 PLATFORM = "onnxruntime_onnx"

@@ -22,8 +22,8 @@ import ctypes
 from collections import deque
 from dataclasses import dataclass
 
-from service.contract import ModelSpec
-from service.errors import ResourceExhausted
+from rnnserve.contract import ModelSpec
+from rnnserve.errors import ResourceExhausted
 
 FLOAT = 4
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}

@@ -15,7 +15,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from service.errors import ServingError
+from rnnserve.errors import ServingError
 
 MODEL = ("model", "version")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract import GOLDEN_FILE, INPUT_NAME, OUTPUT_NAME
-from service.runner import Runner
+from rnnserve.contract import GOLDEN_FILE, INPUT_NAME, OUTPUT_NAME
+from rnnserve.runner import Runner
 
 GOLDEN_TOLERANCE = 1e-5
 MAX_GOLDEN_BYTES = 16 * 1024 * 1024

@@ -9,16 +9,16 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.batcher import Batcher
-from service.config import ServerConfig
-from service.contract import ModelSpec
-from service.errors import NotFound, Unavailable
-from service.memory import RunCost
-from service.metrics import Metrics
-from service.model_checks import check_model
-from service.repository import ModelVersion, scan
-from service.runner import Runner
-from service.state_store import StateStore
+from rnnserve.batcher import Batcher
+from rnnserve.config import ServerConfig
+from rnnserve.contract import ModelSpec
+from rnnserve.errors import NotFound, Unavailable
+from rnnserve.memory import RunCost
+from rnnserve.metrics import Metrics
+from rnnserve.model_checks import check_model
+from rnnserve.repository import ModelVersion, scan
+from rnnserve.runner import Runner
+from rnnserve.state_store import StateStore
 
 log = logging.getLogger(__name__)
 

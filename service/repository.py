@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.contract import MODEL_FILE, SPEC_FILE, ModelSpec, is_version_name, read_spec
+from rnnserve.contract import MODEL_FILE, SPEC_FILE, ModelSpec, is_version_name, read_spec
 
 log = logging.getLogger(__name__)
 

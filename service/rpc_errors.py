@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 
-from service.errors import ServingError, Unavailable
-from service.logs import Throttled
+from rnnserve.errors import ServingError, Unavailable
+from rnnserve.logs import Throttled
 
 log = Throttled(__name__)
 

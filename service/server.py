@@ -15,21 +15,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from service.auth import BearerTokenInterceptor
-from service.config import ServerConfig
-from service.decoding import TolerantServer
-from service.engine import Engine
-from service.generated.inference import grpc_service_pb2_grpc
-from service.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
-from service.handoff import RedisHandoff, StoreUnavailable
-from service.identity import Identities
-from service.kserve import KServeServicer
-from service.memory import MemoryBudget, return_freed_memory
-from service.metrics import Metrics
-from service.registry import ModelRegistry
-from service.servicer import InferenceServicer
-from service.sessions import SessionTable
-from service.streams import OpenStreams
+from rnnserve.auth import BearerTokenInterceptor
+from rnnserve.config import ServerConfig
+from rnnserve.decoding import TolerantServer
+from rnnserve.engine import Engine
+from rnnserve.generated.inference import grpc_service_pb2_grpc
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
+from rnnserve.handoff import RedisHandoff, StoreUnavailable
+from rnnserve.identity import Identities
+from rnnserve.kserve import KServeServicer
+from rnnserve.memory import MemoryBudget, return_freed_memory
+from rnnserve.metrics import Metrics
+from rnnserve.registry import ModelRegistry
+from rnnserve.servicer import InferenceServicer
+from rnnserve.sessions import SessionTable
+from rnnserve.streams import OpenStreams
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from service.converters import (
+from rnnserve.converters import (
     fill_tensor,
     model_info,
     session_info,
@@ -16,15 +16,15 @@ from service.converters import (
     to_tensor,
     to_tensors,
 )
-from service.engine import Engine, StepOutcome
-from service.errors import InvalidArgument, ServingError
-from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
-from service.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
-from service.identity import Identities
-from service.metrics import Call, Metrics
-from service.rpc_errors import internal_error, status_code, stream_replies, unary
-from service.sessions import Session
-from service.streams import OpenStreams
+from rnnserve.engine import Engine, StepOutcome
+from rnnserve.errors import InvalidArgument, ServingError
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from rnnserve.identity import Identities
+from rnnserve.metrics import Call, Metrics
+from rnnserve.rpc_errors import internal_error, status_code, stream_replies, unary
+from rnnserve.sessions import Session
+from rnnserve.streams import OpenStreams
 
 
 def _label(call: Call, session: Session) -> None:

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import (
+from rnnserve.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-from service.metrics import Metrics
-from service.registry import LoadedModel
+from rnnserve.metrics import Metrics
+from rnnserve.registry import LoadedModel
 
 REMEMBER_ENDED = 100_000
 SESSION_ID_HEX = 32

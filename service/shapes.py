@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.errors import InvalidArgument
+from rnnserve.errors import InvalidArgument
 
 MAX_DIMENSION = 2**31 - 1
 FLOAT32 = np.dtype("<f4")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.contract import ModelSpec
-from service.errors import ResourceExhausted
+from rnnserve.contract import ModelSpec
+from rnnserve.errors import ResourceExhausted
 
 
 class StateStore:

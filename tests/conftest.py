@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from bench.cluster import Redis
-from service.client import Client
-from service.config import ServerConfig
-from service.contract import GOLDEN_FILE, read_spec
-from service.server import Server, create_server
+from rnnserve.client import Client
+from rnnserve.config import ServerConfig
+from rnnserve.contract import GOLDEN_FILE, read_spec
+from rnnserve.server import Server, create_server
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTED = ROOT / "exported"

@@ -8,15 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from service.config import ServerConfig
-from service.contract import read_spec
-from service.engine import Engine
-from service.errors import InvalidArgument, Unavailable
-from service.memory import MemoryBudget
-from service.metrics import Metrics
-from service.registry import ModelRegistry
-from service.runner import Runner
-from service.sessions import SessionTable
+from rnnserve.config import ServerConfig
+from rnnserve.contract import read_spec
+from rnnserve.engine import Engine
+from rnnserve.errors import InvalidArgument, Unavailable
+from rnnserve.memory import MemoryBudget
+from rnnserve.metrics import Metrics
+from rnnserve.registry import ModelRegistry
+from rnnserve.runner import Runner
+from rnnserve.sessions import SessionTable
 from tests.conftest import EXPORTED
 
 

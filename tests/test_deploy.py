@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import yaml
 
-from service.config import ENV_PREFIX, ServerConfig
+from rnnserve.config import ENV_PREFIX, ServerConfig
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"

@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import Client, RnnServeError
-from service.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.client import Client, RnnServeError
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from tests.conftest import RunningServer, running
 
 

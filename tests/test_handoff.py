@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from service.client import Client, RnnServeError
+from rnnserve.client import Client, RnnServeError
 from tests.conftest import RunningServer, make_config, running
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,

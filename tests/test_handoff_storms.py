@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from bench.cluster import Redis
-from service.client import Client, RnnServeError
+from rnnserve.client import Client, RnnServeError
 from tests.conftest import RunningServer, make_config, running
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,

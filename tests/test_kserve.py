@@ -7,7 +7,7 @@ import queue
 import numpy as np
 import pytest
 
-from service.client import Client
+from rnnserve.client import Client
 from tests.conftest import RunningServer
 
 grpcclient = pytest.importorskip("tritonclient.grpc")

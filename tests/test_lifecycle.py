@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import Client, RnnServeError
-from service.config import ServerConfig, add_arguments, from_namespace
+from rnnserve.client import Client, RnnServeError
+from rnnserve.config import ServerConfig, add_arguments, from_namespace
 from tests.conftest import EXPORTED, ROOT, running
 
 
@@ -68,7 +68,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
            "RNNSERVE_SHUTDOWN_GRACE": "5", "PYTHONUNBUFFERED": "1"}
     port_file = tmp_path / "log"
     with open(port_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--repository",
+        proc = subprocess.Popen([sys.executable, "-m", "rnnserve", "serve", "--repository",
                                  str(EXPORTED)], cwd=ROOT, env=env, stderr=log)
     try:
         wait_for(lambda: "serving" in port_file.read_text())

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from bench.cluster import ServerProcess, free_port
-from service.client import Client, RnnServeError
-from service.config import ServerConfig
+from rnnserve.client import Client, RnnServeError
+from rnnserve.config import ServerConfig
 
 CONTAINER_LIMIT = 1024 * 2**20
 """deploy/kubernetes/rnnserve.yaml's memory limit, which the defaults are sized for."""

@@ -8,9 +8,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.client import Client, RnnServeError
-from service.errors import ResourceExhausted
-from service.memory import MemoryBudget, RunCost
+from rnnserve.client import Client, RnnServeError
+from rnnserve.errors import ResourceExhausted
+from rnnserve.memory import MemoryBudget, RunCost
 from tests.conftest import RunningServer, running, spec
 
 SMALL = 1024 * 1024

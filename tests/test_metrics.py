@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.client import Client
+from rnnserve.client import Client
 from tests.conftest import running
 
 

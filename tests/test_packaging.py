@@ -7,7 +7,7 @@ import subprocess
 import sys
 from dataclasses import fields
 
-from service.config import ENV_PREFIX, ServerConfig
+from rnnserve.config import ENV_PREFIX, ServerConfig
 from tests.conftest import ROOT, RunningServer
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -32,8 +32,10 @@ def test_installs_with_the_same_commands_as_make() -> None:
     runs = instructions("RUN")
     assert any("make install " in r and "ORT=${FLAVOR}" in r for r in runs)
     makefile = (ROOT / "Makefile").read_text()
-    assert "$(PIP) install --quiet -e '.[$(ORT)]'" in makefile
-    for source in ("pyproject.toml", "proto", "service", "training", "exported", "Makefile"):
+    assert "INSTALL := $(PIP) install --quiet -c $(CONSTRAINTS)" in makefile
+    assert "$(INSTALL) -e '.[$(ORT)]'" in makefile
+    for source in ("pyproject.toml", "setup.py", "constraints.txt", "proto", "service",
+                   "training", "exported", "Makefile"):
         assert any(source in line for line in instructions("COPY")), source
         assert (ROOT / source).exists()
 
@@ -60,23 +62,23 @@ def test_ci_runs_what_the_readme_tells_users() -> None:
 
 
 def test_health_command_against_a_live_server(server: RunningServer) -> None:
-    ok = subprocess.run([sys.executable, "-m", "service", "health", "--address", server.address],
+    ok = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address", server.address],
                         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "SERVING" in ok.stdout
-    down = subprocess.run([sys.executable, "-m", "service", "health", "--address",
+    down = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address",
                            "127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert down.returncode == 1
 
 
 def test_stream_command_echoes_bits_three_lines_later(server: RunningServer) -> None:
     bits = [1, 0, 1, 1, 0, 0, 1, 0]
-    out = subprocess.run([sys.executable, "-m", "service", "stream", "--model", "echo",
+    out = subprocess.run([sys.executable, "-m", "rnnserve", "stream", "--model", "echo",
                           "--address", server.address], input="\n".join(map(str, bits)),
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = [list(map(float, line.split())) for line in out.stdout.splitlines()]
     assert [int(p[1] > p[0]) for p in lines][3:] == bits[:-3]
-    bad = subprocess.run([sys.executable, "-m", "service", "stream", "--model", "echo",
+    bad = subprocess.run([sys.executable, "-m", "rnnserve", "stream", "--model", "echo",
                           "--address", server.address], input="1 2\n", cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.client import Client
+from rnnserve.client import Client
 from tests.conftest import golden, spec
 
 MODELS = ["echo", "binary_add", "digits", "forecast"]

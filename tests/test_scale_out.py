@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bench.cluster import Nginx, Replica
-from service.client import Client, RnnServeError
+from rnnserve.client import Client, RnnServeError
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nginx") is None or shutil.which("redis-server") is None,

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service.contract import (
+from rnnserve.contract import (
     GOLDEN_FILE,
     INPUT_NAME,
     MODEL_FILE,

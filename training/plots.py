@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract import ModelSpec
+from rnnserve.contract import ModelSpec
 
 
 def plot_training(losses: list[float], metrics: dict[str, float], spec: ModelSpec,

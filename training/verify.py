@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service.contract import INPUT_NAME, OUTPUT_NAME
+from rnnserve.contract import INPUT_NAME, OUTPUT_NAME
 
 TOLERANCE = 1e-5
 NATIVE_OPS = {"LSTM", "GRU", "RNN"}
