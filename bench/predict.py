@@ -11,12 +11,12 @@ import time
 
 import grpc
 import numpy as np
-
-from bench.streaming import ROOT, ServerProcess, machine, save
 from rnnserve.contract import read_spec
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.runner import Runner
+
+from bench.streaming import ROOT, ServerProcess, machine, save
 
 MODEL_DIR = ROOT / "exported" / "binary_add" / "1"
 SMALL_BATCH, CONCURRENT, SECONDS = 8, 32, 3.0

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
 from rnnserve.client import SESSION_HEADER, new_session_id
 from rnnserve.contract import read_spec
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb

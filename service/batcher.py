@@ -24,7 +24,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from rnnserve.errors import Unavailable
 from rnnserve.metrics import Metrics
 from rnnserve.runner import Runner

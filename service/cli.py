@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterable
 
 import numpy as np
-
 from rnnserve import config as config_module
 
 DEFAULT_ADDRESS = "localhost:8500"

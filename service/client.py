@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.registry import LoadedModel
 from rnnserve.sessions import Session

@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-
 from rnnserve.logs import Throttled
 from rnnserve.metrics import Metrics
 

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 from rnnserve.config import ServerConfig
 from rnnserve.errors import (
     FailedPrecondition,

@@ -14,7 +14,6 @@ from importlib.metadata import version as package_version
 
 import grpc
 import numpy as np
-
 from rnnserve.contract import INPUT_NAME, MAX_VERSION_DIGITS, OUTPUT_NAME
 from rnnserve.engine import Engine
 from rnnserve.errors import InvalidArgument, NotFound, ServingError, Unavailable

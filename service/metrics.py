@@ -14,7 +14,6 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-
 from rnnserve.errors import ServingError
 
 MODEL = ("model", "version")

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-
 from rnnserve.errors import ServingError, Unavailable
 from rnnserve.logs import Throttled
 

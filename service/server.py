@@ -14,7 +14,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
-
 from rnnserve.auth import BearerTokenInterceptor
 from rnnserve.config import ServerConfig
 from rnnserve.decoding import TolerantServer

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-
 from rnnserve.converters import (
     fill_tensor,
     model_info,

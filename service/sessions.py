@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from rnnserve.errors import (
     AlreadyExists,
     FailedPrecondition,

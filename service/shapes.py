@@ -11,7 +11,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-
 from rnnserve.errors import InvalidArgument
 
 MAX_DIMENSION = 2**31 - 1

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from bench.cluster import Redis
 from rnnserve.client import Client
 from rnnserve.config import ServerConfig
 from rnnserve.contract import GOLDEN_FILE, read_spec
 from rnnserve.server import Server, create_server
+
+from bench.cluster import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTED = ROOT / "exported"

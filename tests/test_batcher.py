@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from prometheus_client import CollectorRegistry
-
 from rnnserve.config import ServerConfig
 from rnnserve.contract import read_spec
 from rnnserve.engine import Engine
@@ -17,6 +16,7 @@ from rnnserve.metrics import Metrics
 from rnnserve.registry import ModelRegistry
 from rnnserve.runner import Runner
 from rnnserve.sessions import SessionTable
+
 from tests.conftest import EXPORTED
 
 

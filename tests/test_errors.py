@@ -7,9 +7,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-
 from rnnserve.client import Client, RnnServeError
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+
 from tests.conftest import RunningServer, running
 
 

@@ -9,9 +9,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from rnnserve.generated.inference import grpc_service_pb2 as v2
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+
 from tests.conftest import RunningServer, golden, running
 
 DOCUMENTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS",

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import redis
+from rnnserve.client import Client, RnnServeError
 
 from bench.cluster import Redis
-from rnnserve.client import Client, RnnServeError
 from tests.conftest import RunningServer, make_config, running
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,

@@ -6,8 +6,8 @@ import queue
 
 import numpy as np
 import pytest
-
 from rnnserve.client import Client
+
 from tests.conftest import RunningServer
 
 grpcclient = pytest.importorskip("tritonclient.grpc")

@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from rnnserve.client import Client, RnnServeError
 from rnnserve.config import ServerConfig, add_arguments, from_namespace
+
 from tests.conftest import EXPORTED, ROOT, running
 
 

@@ -10,8 +10,8 @@ import urllib.request
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from rnnserve.client import Client
+
 from tests.conftest import running
 
 

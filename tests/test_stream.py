@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from rnnserve.client import Client, RnnServeError
+
 from tests.conftest import RunningServer
 
 MODELS = {"echo": 1, "binary_add": 2, "digits": 8, "forecast": 1}

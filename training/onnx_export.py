@@ -11,7 +11,6 @@ import keras
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
 from rnnserve.contract import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17
