@@ -36,19 +36,58 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
-class Replica:
-    """`rnnserve serve` in its own process, sharing a Redis state store."""
+def wait_until_serving(address: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until the server's health says SERVING (its models loaded), or its process ended."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    def __init__(self, redis_url: str, log: Path, *flags: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rnnserve", "serve", "--repository",
-                 str(ROOT / "exported"), "--grpc-port", str(self.port), "--metrics-port",
-                 str(self.metrics_port), "--state-store", redis_url, "--shutdown-grace", "5",
-                 "--log-level", "warning", *flags], cwd=ROOT, env=env, stderr=out)
-        wait_for_port(self.port, 60)
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        while proc.poll() is None:
+            try:
+                if check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout:g} s")
+            time.sleep(0.05)
+
+
+class ServerProcess:
+    """`rnnserve serve` on the shipped models in its own process, its /proc status readable.
+
+    Ports are picked free and then bound by the server exclusively: if another process took
+    one in between, the server exits naming the flag, and it is started again on new ports."""
+
+    ATTEMPTS = 5
+
+    def __init__(self, log: Path, *flags: str, metrics: bool = False) -> None:
+        self.log = log
+        for _ in range(self.ATTEMPTS):
+            self.port = free_port()
+            self.metrics_port = free_port() if metrics else -1
+            with open(log, "w") as err:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "rnnserve", "serve", "--repository",
+                     str(ROOT / "exported"), "--grpc-port", str(self.port), "--metrics-port",
+                     str(self.metrics_port), *flags],
+                    cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=err)
+            self.address = f"127.0.0.1:{self.port}"
+            wait_until_serving(self.address, self.proc)
+            if self.proc.poll() is None:
+                return
+            if "cannot listen" not in log.read_text():
+                break
+        raise RuntimeError(f"rnnserve did not start: {log.read_text()[-2000:]}")
+
+    def status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
 
     def metric(self, name: str, **labels: str) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
@@ -61,31 +100,17 @@ class Replica:
         self.proc.kill()
         self.proc.wait(10)
 
-
-class ServerProcess:
-    """`rnnserve serve` on the shipped models in its own process, its /proc status readable."""
-
-    def __init__(self, log: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.log = log
-        with open(log, "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rnnserve", "serve", "--repository", str(ROOT / "exported"),
-                 "--grpc-port", str(self.port), "--metrics-port", "-1", *flags],
-                cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=err)
-        wait_for_port(self.port, 60)
-        self.address = f"127.0.0.1:{self.port}"
-
-    def status(self, key: str) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+            self.kill()
+
+
+class Replica(ServerProcess):
+    """A replica of a cluster: its own process, sharing a Redis state store."""
+
+    def __init__(self, redis_url: str, log: Path, *flags: str) -> None:
+        super().__init__(log, "--state-store", redis_url, "--shutdown-grace", "5",
+                         "--log-level", "warning", *flags, metrics=True)
 
 
 class Redis:

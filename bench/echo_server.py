@@ -16,10 +16,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
 from rnnserve.contract import read_spec
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.runner import Runner
+from rnnserve.tensors import to_tensor
 
 
 class EchoServicer(rpc.InferenceServicer):
@@ -30,7 +32,8 @@ class EchoServicer(rpc.InferenceServicer):
         self.bound = bound
 
     async def Stream(self, requests, context):
-        opened = pb.StreamResponse(opened=pb.SessionInfo(session_id="0" * 32, model="echo"))
+        opened = pb.StreamResponse(open=pb.OpenSessionResponse(
+            session=pb.Session(session_id="0" * 32, model="echo")))
         bound = None
         async for request in requests:
             if request.WhichOneof("kind") == "open":
@@ -38,20 +41,20 @@ class EchoServicer(rpc.InferenceServicer):
                     bound = self.runner.bind(1, 1)
                 yield opened
                 continue
-            rows, k = request.steps.x.shape[0], request.steps.x.shape[1]
+            rows, k = request.step.x.shape[0], request.step.x.shape[1]
             if bound is None:
                 y = np.zeros((rows, k, 2), "<f4")
             elif not self.bound:
-                x = np.frombuffer(request.steps.x.data, "<f4").reshape(bound.x.shape)
+                x = np.frombuffer(request.step.x.data, "<f4").reshape(bound.x.shape)
                 y, bound.states = self.runner.run(x, bound.states)
             else:
-                bound.x[...] = np.frombuffer(request.steps.x.data, "<f4").reshape(bound.x.shape)
+                bound.x[...] = np.frombuffer(request.step.x.data, "<f4").reshape(bound.x.shape)
                 self.runner.run_bound(bound)
                 for state, final in zip(bound.states, bound.finals):
                     state[...] = final
                 y = bound.y
-            yield pb.StreamResponse(request_id=request.request_id, results=pb.StepResults(
-                y=pb.Tensor(shape=y.shape, data=y.tobytes()), steps=[k] * rows))
+            yield pb.StreamResponse(request_id=request.request_id, step=pb.StepResponse(
+                y=to_tensor(y), steps=[k] * rows))
 
 
 async def main(port: int, model: str) -> None:

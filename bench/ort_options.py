@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from rnnserve.contract import INPUT_NAME, MODEL_FILE, read_spec
 
 from bench.streaming import ROOT, machine, save
+from rnnserve.contract import INPUT_NAME, MODEL_FILE, read_spec
 
 MODELS = ("echo", "binary_add")
 BATCHES = (1, 64)

@@ -11,12 +11,13 @@ import time
 
 import grpc
 import numpy as np
+
+from bench.streaming import ROOT, ServerProcess, machine, save
 from rnnserve.contract import read_spec
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.runner import Runner
-
-from bench.streaming import ROOT, ServerProcess, machine, save
+from rnnserve.tensors import to_tensor
 
 MODEL_DIR = ROOT / "exported" / "binary_add" / "1"
 SMALL_BATCH, CONCURRENT, SECONDS = 8, 32, 3.0
@@ -46,7 +47,7 @@ def in_process(x: np.ndarray) -> float:
 
 
 def request(x: np.ndarray) -> pb.PredictRequest:
-    return pb.PredictRequest(model="binary_add", x=pb.Tensor(shape=x.shape, data=x.tobytes()))
+    return pb.PredictRequest(model="binary_add", x=to_tensor(x))
 
 
 async def many_small(port: int, x: np.ndarray) -> float:

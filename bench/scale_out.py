@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from rnnserve.client import Client, RnnServeError
 
 from bench.cluster import Nginx, Redis, Replica
 from bench.streaming import Load, cpu_seconds, drive, machine, save
+from rnnserve.client import Client, RnnServeError
 
 STREAMS, SECONDS = 64, 3.0
 HANDOFF_SESSIONS, PACE = 100, 0.01

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from rnnserve.client import Client, RnnServeError
 
 from bench.cluster import ServerProcess
 from bench.streaming import save
+from rnnserve.client import Client, RnnServeError
 
 
 def churn(address: str, stop: threading.Event, counts: dict) -> None:

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
 from rnnserve.client import SESSION_HEADER, new_session_id
 from rnnserve.contract import read_spec
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.runner import Runner
+from rnnserve.tensors import to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -63,7 +65,7 @@ class ServerProcess:
             return [f"{i:032x}" for i in range(count)]
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             stub = rpc.InferenceStub(channel)
-            return [stub.OpenSession(pb.OpenSessionRequest(model="echo")).session_id
+            return [stub.OpenSession(pb.OpenSessionRequest(model="echo")).session.session_id
                     for _ in range(count)]
 
     def cpu_seconds(self) -> float:
@@ -75,7 +77,7 @@ class ServerProcess:
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             stub = rpc.InferenceStub(channel)
             for session_id in ids:
-                stub.CloseSession(pb.SessionRef(session_id=session_id))
+                stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -97,7 +99,7 @@ async def drive(server: ServerProcess, load: Load, seconds: float) -> dict[str, 
     steps = 0
     rows = load.sessions_per_message or 1
     x = np.ones((rows, load.k, 1), "<f4")
-    tensor = pb.Tensor(shape=x.shape, data=x.tobytes())
+    tensor = to_tensor(x)
     id_sets = ([server.session_ids(rows) for _ in range(load.streams)]
                if load.sessions_per_message else [[] for _ in range(load.streams)])
     start, stop, stopped, clocked = (asyncio.Event() for _ in range(4))
@@ -113,24 +115,23 @@ async def drive(server: ServerProcess, load: Load, seconds: float) -> dict[str, 
                 await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(
                     model="echo", session_id=session_id)))
                 opened = await call.read()
-                assert opened.WhichOneof("kind") == "opened", opened
-            request = pb.StreamRequest(steps=pb.Steps(session_ids=ids, x=tensor))
+                assert opened.WhichOneof("kind") == "open", opened
+            request = pb.StreamRequest(step=pb.StepRequest(session_ids=ids, x=tensor))
             await start.wait()
             while not stop.is_set():
                 t0 = time.perf_counter()
                 await call.write(request)
                 response = await call.read()
                 latencies.append(time.perf_counter() - t0)
-                assert response.WhichOneof("kind") == "results", response
-                assert not response.results.errors, response.results.errors
+                assert response.WhichOneof("kind") == "step", response
+                assert not response.step.errors, response.step.errors
                 steps += rows * load.k
             running -= 1
             if not running:
                 stopped.set()
             await clocked.wait()
             if not ids and not server.echo:  # rounds must not pile up sessions
-                await call.write(pb.StreamRequest(control=pb.Control(
-                    action=pb.CONTROL_ACTION_CLOSE)))
+                await call.write(pb.StreamRequest(close=pb.CloseSessionRequest()))
                 await call.read()
             await call.done_writing()
 

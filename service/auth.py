@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import grpc
+
 from rnnserve.errors import Unauthenticated
 from rnnserve.identity import Identities
 

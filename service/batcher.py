@@ -24,6 +24,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from rnnserve.errors import Unavailable
 from rnnserve.metrics import Metrics
 from rnnserve.runner import Runner
@@ -86,7 +87,8 @@ class Batcher:
 
     async def _submit(self, work: Work) -> Result:
         if self._closed:
-            raise Unavailable("this model version is unloading; retry on the latest version")
+            raise Unavailable("this model version is unloading; retry on the latest version",
+                              retry_after=0.0)
         self._pending.append(work)
         self._pending_rows += work.rows
         self._schedule()

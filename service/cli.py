@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -12,14 +13,29 @@ import sys
 from collections.abc import Iterable
 
 import numpy as np
+
+from rnnserve import __version__
 from rnnserve import config as config_module
 
 DEFAULT_ADDRESS = "localhost:8500"
 
 
+def _client_flags(cmd: argparse.ArgumentParser) -> None:
+    """How every client command reaches the server: address, TLS, token."""
+    env = os.environ.get
+    cmd.add_argument("--address", default=env("RNNSERVE_ADDRESS", DEFAULT_ADDRESS),
+                     help=f"server host:port (default: {DEFAULT_ADDRESS}; env RNNSERVE_ADDRESS)")
+    cmd.add_argument("--tls-ca", default=env("RNNSERVE_TLS_CA") or None,
+                     help="PEM file of the CA that signed the server's certificate: connect "
+                          "with TLS (env RNNSERVE_TLS_CA; default: plaintext)")
+    cmd.add_argument("--token", default=env("RNNSERVE_AUTH_TOKEN") or None,
+                     help="bearer token, when the server requires one (env RNNSERVE_AUTH_TOKEN)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnserve", description="Serve recurrent ONNX models over "
                                 "gRPC: whole sequences and stateful streams.")
+    p.add_argument("--version", action="version", version=f"rnnserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server (every flag also from RNNSERVE_*)")
     config_module.add_arguments(serve)
@@ -28,12 +44,11 @@ def parser() -> argparse.ArgumentParser:
                        ("predict", "predict whole sequences read from stdin"),
                        ("stream", "stream stdin lines as timesteps of one session")):
         cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument("--address", default=os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS))
-        cmd.add_argument("--token", default=os.environ.get("RNNSERVE_AUTH_TOKEN") or None,
-                         help="bearer token (env RNNSERVE_AUTH_TOKEN)")
+        _client_flags(cmd)
         if name not in ("models", "health"):
-            cmd.add_argument("--model", required=True)
-            cmd.add_argument("--version", type=int, default=0, help="0: the latest")
+            cmd.add_argument("--model", required=True, help="model name (see `rnnserve models`)")
+            cmd.add_argument("--model-version", type=int, default=0,
+                             help="model version (default: 0, the latest)")
     sub.choices["predict"].add_argument(
         "--last-only", action="store_true", help="print only each sequence's last output")
     sub.choices["predict"].epilog = (
@@ -61,18 +76,17 @@ def format_output(row: Iterable[float]) -> str:
 def _client(args: argparse.Namespace):
     from rnnserve.client import Client
 
-    return Client(args.address, token=args.token)
+    return Client(args.address, token=args.token, tls_ca=args.tls_ca)
 
 
 def run_stream(args: argparse.Namespace) -> int:
     """One stdin line → one timestep → one printed line, as soon as its output arrives."""
-    with _client(args) as client, client.stream(args.model, args.version) as session:
+    with _client(args) as client, client.stream(args.model, args.model_version) as session:
         for line in sys.stdin:
             if not line.strip():
                 continue
             for row in session.step(parse_timestep(line)):
                 print(format_output(row), flush=True)
-        session.close()
     return 0
 
 
@@ -82,7 +96,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print("error: no sequences on stdin", file=sys.stderr)
         return 2
     with _client(args) as client:
-        result = client.predict(args.model, sequences, version=args.version,
+        result = client.predict(args.model, sequences, version=args.model_version,
                                 last_only=args.last_only)
     lengths = [len(s) for s in sequences]
     outputs = (result.y.tolist() if args.last_only
@@ -106,12 +120,13 @@ def run_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    client = _client(args)
+    with client:
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=3).status
+            status = health_pb2_grpc.HealthStub(client.channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=3, metadata=client.metadata).status
         except grpc.RpcError as exc:
-            print(f"unhealthy: {exc.code().name}", file=sys.stderr)
+            print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
@@ -127,6 +142,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure(config.log_level)
+    if importlib.util.find_spec("onnxruntime") is None:
+        print("error: ONNX Runtime is not installed: pip install 'rnnserve[cpu]' (or "
+              "'rnnserve[gpu]' for CUDA)", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(serve(config))
     except (ValueError, OSError, RuntimeError) as exc:  # bad tokens file, repository, ports

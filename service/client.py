@@ -1,55 +1,65 @@
-"""A small typed client for rnnserve.v1 (the CLI and the tests use it).
+"""Typed clients for rnnserve.v1: `Client` (blocking) and `AsyncClient` (asyncio).
 
     with Client("localhost:8500") as client:
         y = client.predict("binary_add", x).y
-        with client.stream("echo") as session:
+        with client.stream("echo") as session:      # the session closes on leaving the block
             for bit in bits:
-                print(session.step([[bit]]))
+                print(session.step([bit]))
+
+    async with AsyncClient("localhost:8500") as client:
+        async with client.stream("echo") as session:
+            y = await session.step([1.0])
+
+Both share every message they build and read (below); only the transport differs. Leaving a
+`stream()` block closes its session; call `detach()` inside it to keep the session on the server
+(to `resume` it later, from this or another process, by `session_id`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+from google.rpc import status_pb2
+
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from rnnserve.status import BY_VALUE, from_rpc_error, retry_after
+from rnnserve.tensors import answer_array, to_tensor
 
 SESSION_HEADER = "x-rnnserve-session"
 ArrayLike = np.ndarray | Sequence
+Model = pb.Model
+Session = pb.Session
 
 
 class RnnServeError(Exception):
-    """A failed call or stream message: the gRPC status code and the server's message."""
+    """A failed call or stream message: the gRPC status code, the server's message, and how
+    long to wait before retrying when the server says so (None: retrying unchanged won't help)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
     @classmethod
-    def from_status(cls, code: int, message: str) -> RnnServeError:
-        by_value = {c.value[0]: c for c in grpc.StatusCode}
-        return cls(by_value.get(code, grpc.StatusCode.UNKNOWN), message)
+    def from_status(cls, status: status_pb2.Status) -> RnnServeError:
+        return cls(BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN), status.message,
+                   retry_after(status))
 
-
-def to_tensor(array: ArrayLike) -> pb.Tensor:
-    a = np.ascontiguousarray(array, "<f4")
-    return pb.Tensor(shape=a.shape, data=a.tobytes())
-
-
-def to_array(tensor: pb.Tensor) -> np.ndarray:
-    return np.frombuffer(tensor.data, "<f4").reshape(tuple(tensor.shape))
-
-
-def to_arrays(tensors: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
-    return {name: to_array(t) for name, t in tensors.items()}
+    @classmethod
+    def from_rpc_error(cls, exc: grpc.RpcError) -> RnnServeError:
+        return cls.from_status(from_rpc_error(exc))
 
 
 @dataclass(frozen=True)
@@ -69,23 +79,16 @@ class StepBatch:
     errors: dict[int, RnnServeError]
 
 
-def _step_batch(results: pb.StepResults) -> StepBatch:
-    return StepBatch(to_array(results.y), list(results.steps),
-                     {e.row: RnnServeError.from_status(e.code, e.message) for e in results.errors})
-
-
-def _single(batch: StepBatch) -> np.ndarray:
-    if batch.errors:
-        raise batch.errors[0]
-    return batch.y[0]
-
-
 def new_session_id() -> str:
     """A random 128-bit session id, as the server would pick."""
     return secrets.token_hex(16)
 
 
-def _states(states: dict[str, ArrayLike] | None) -> dict[str, pb.Tensor]:
+def _arrays(tensors: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
+    return {name: answer_array(t) for name, t in tensors.items()}
+
+
+def _states(states: Mapping[str, ArrayLike] | None) -> dict[str, pb.Tensor]:
     return {k: to_tensor(v) for k, v in (states or {}).items()}
 
 
@@ -95,21 +98,85 @@ def _timesteps(x: ArrayLike) -> np.ndarray:
     return a[None] if a.ndim == 1 else a
 
 
+def _predict_request(model: str, x: ArrayLike | Sequence[ArrayLike], version: int,
+                     initial_states: Mapping[str, ArrayLike] | None,
+                     last_only: bool) -> pb.PredictRequest:
+    """x: [batch, time, features], or a list of [time_i, features] sequences of any lengths."""
+    lengths: list[int] = []
+    if isinstance(x, np.ndarray):
+        batch = x
+    else:
+        seqs = [np.asarray(s, "<f4") for s in x]
+        lengths = [len(s) for s in seqs]
+        batch = np.zeros((len(seqs), max(lengths), seqs[0].shape[-1]), "<f4")
+        for row, s in enumerate(seqs):
+            batch[row, :len(s)] = s
+        if len(set(lengths)) == 1:
+            lengths = []
+    mode = pb.OUTPUT_MODE_LAST_STEP if last_only else pb.OUTPUT_MODE_ALL_STEPS
+    return pb.PredictRequest(model=model, version=version, x=to_tensor(batch), lengths=lengths,
+                             initial_states=_states(initial_states), output_mode=mode)
+
+
+def _prediction(response: pb.PredictResponse) -> Prediction:
+    return Prediction(answer_array(response.y), _arrays(response.final_states), response.model,
+                      response.version)
+
+
+def _open_request(model: str, version: int, initial_states: Mapping[str, ArrayLike] | None,
+                  session_id: str) -> pb.OpenSessionRequest:
+    return pb.OpenSessionRequest(model=model, version=version,
+                                 initial_states=_states(initial_states), session_id=session_id)
+
+
+def _step_batch(response: pb.StepResponse) -> StepBatch:
+    return StepBatch(answer_array(response.y), list(response.steps),
+                     {e.row: RnnServeError.from_status(e.status) for e in response.errors})
+
+
+def _single(batch: StepBatch) -> np.ndarray:
+    if batch.errors:
+        raise batch.errors[0]
+    return batch.y[0]
+
+
+def _one_session_step(session_id: str, x: ArrayLike) -> pb.StepRequest:
+    return pb.StepRequest(session_ids=[session_id] if session_id else [],
+                          x=to_tensor(_timesteps(x)[None]))
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _routed(metadata: tuple, session_id: str) -> tuple:
+    """Metadata plus the session id a proxy routes by."""
+    return metadata + (((SESSION_HEADER, session_id),) if session_id else ())
+
+
+def _credentials(tls_ca: Path | str | None) -> grpc.ChannelCredentials | None:
+    return grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
+
+
 class Client:
+    """A blocking client. `tls_ca`: PEM file of the CA that signed the server's certificate
+    (TLS on); `token`: the bearer token when the server wants one."""
+
     def __init__(self, address: str, token: str | None = None,
-                 root_certificates: Path | None = None, timeout: float | None = 30.0,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates.read_bytes())
-            self.channel = grpc.secure_channel(address, creds, options)
-        else:
-            self.channel = grpc.insecure_channel(address, options)
+                 tls_ca: Path | str | None = None, timeout: float | None = 30.0,
+                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
+        options = _channel_options(max_message_bytes)
+        creds = _credentials(tls_ca)
+        self.channel = (grpc.secure_channel(address, creds, options) if creds
+                        else grpc.insecure_channel(address, options))
         self.stub = rpc.InferenceStub(self.channel)
         self.timeout = timeout
-        self.metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ())
+        self.metadata = _metadata(token)
 
     def __enter__(self) -> Client:
         return self
@@ -120,76 +187,62 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: str, request, session_id: str = ""):
-        metadata = self.metadata + (((SESSION_HEADER, session_id),) if session_id else ())
+    def _call(self, method: str, request: Any, session_id: str = "") -> Any:
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout, metadata=metadata)
+            return getattr(self.stub, method)(request, timeout=self.timeout,
+                                              metadata=_routed(self.metadata, session_id))
         except grpc.RpcError as exc:
-            raise RnnServeError(exc.code(), exc.details()) from None
+            raise RnnServeError.from_rpc_error(exc) from None
 
-    def list_models(self) -> list[pb.ModelInfo]:
+    def list_models(self) -> list[Model]:
         return list(self._call("ListModels", pb.ListModelsRequest()).models)
 
-    def get_model(self, model: str, version: int = 0) -> pb.ModelInfo:
-        return self._call("GetModel", pb.GetModelRequest(model=model, version=version))
+    def get_model(self, model: str, version: int = 0) -> Model:
+        return self._call("GetModel", pb.GetModelRequest(model=model, version=version)).model
 
     def predict(self, model: str, x: ArrayLike | Sequence[ArrayLike], *, version: int = 0,
-                initial_states: dict[str, ArrayLike] | None = None,
+                initial_states: Mapping[str, ArrayLike] | None = None,
                 last_only: bool = False) -> Prediction:
         """x: [batch, time, features], or a list of [time_i, features] sequences of any lengths."""
-        lengths: list[int] = []
-        if isinstance(x, np.ndarray):
-            batch = x
-        else:
-            seqs = [np.asarray(s, "<f4") for s in x]
-            lengths = [len(s) for s in seqs]
-            batch = np.zeros((len(seqs), max(lengths), seqs[0].shape[-1]), "<f4")
-            for row, s in enumerate(seqs):
-                batch[row, :len(s)] = s
-            if len(set(lengths)) == 1:
-                lengths = []
-        mode = pb.OUTPUT_MODE_LAST_STEP if last_only else pb.OUTPUT_MODE_ALL_STEPS
-        response = self._call("Predict", pb.PredictRequest(
-            model=model, version=version, x=to_tensor(batch), lengths=lengths,
-            initial_states=_states(initial_states), output_mode=mode))
-        return Prediction(to_array(response.y), to_arrays(response.final_states),
-                          response.model, response.version)
+        return _prediction(self._call("Predict", _predict_request(
+            model, x, version, initial_states, last_only)))
 
     def open_session(self, model: str, version: int = 0,
-                     initial_states: dict[str, ArrayLike] | None = None) -> pb.SessionInfo:
+                     initial_states: Mapping[str, ArrayLike] | None = None) -> Session:
         """The client picks the id, so a proxy routes this call like every later one."""
         session_id = new_session_id()
-        return self._call("OpenSession", pb.OpenSessionRequest(
-            model=model, version=version, initial_states=_states(initial_states),
-            session_id=session_id), session_id)
+        return self._call("OpenSession", _open_request(model, version, initial_states,
+                                                       session_id), session_id).session
 
     def step(self, session_id: str, x: ArrayLike) -> np.ndarray:
         """One session, k timesteps ([k, features] or one [features] step) → [k, outputs]."""
-        return _single(self.step_many([session_id], _timesteps(x)[None]))
+        return _single(_step_batch(self._call("Step", _one_session_step(session_id, x),
+                                              session_id)))
 
     def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
         """x [rows, k, features], a row per session; failed rows are reported, not raised."""
-        request = pb.Steps(session_ids=session_ids, x=to_tensor(x))
+        request = pb.StepRequest(session_ids=session_ids, x=to_tensor(x))
         only = session_ids[0] if len(session_ids) == 1 else ""
         return _step_batch(self._call("Step", request, only))
 
-    def reset(self, session_id: str) -> pb.SessionInfo:
-        return self._call("ResetSession", pb.SessionRef(session_id=session_id), session_id)
+    def reset(self, session_id: str) -> Session:
+        return self._call("ResetSession", pb.ResetSessionRequest(session_id=session_id),
+                          session_id).session
 
     def snapshot(self, session_id: str) -> dict[str, np.ndarray]:
-        state = self._call("GetSessionState", pb.SessionRef(session_id=session_id), session_id)
-        return to_arrays(state.states)
+        return _arrays(self._call("GetSessionState", pb.GetSessionStateRequest(
+            session_id=session_id), session_id).states)
 
-    def close_session(self, session_id: str) -> pb.SessionInfo:
-        return self._call("CloseSession", pb.SessionRef(session_id=session_id), session_id)
+    def close_session(self, session_id: str) -> Session:
+        return self._call("CloseSession", pb.CloseSessionRequest(session_id=session_id),
+                          session_id).session
 
     def stream(self, model: str = "", version: int = 0,
-               initial_states: dict[str, ArrayLike] | None = None,
+               initial_states: Mapping[str, ArrayLike] | None = None,
                resume: str = "") -> StreamSession:
         """Open a stream and, given a model (or a session id to resume), its session."""
         session_id = resume or (new_session_id() if model else "")
-        stream = StreamSession(self.stub, self.metadata + (
-            ((SESSION_HEADER, session_id),) if session_id else ()))
+        stream = StreamSession(self.stub, _routed(self.metadata, session_id))
         if resume:
             stream.resume(resume)
         elif model:
@@ -197,77 +250,102 @@ class Client:
         return stream
 
 
-_END = object()
+class _StreamBase:
+    """What both stream classes share: request ids, answers, errors and the exit rule."""
+
+    def __init__(self) -> None:
+        self._next_id = 0
+        self.session: Session | None = None
+        self.detached = False
+
+    def _request(self, **kind: Any) -> pb.StreamRequest:
+        self._next_id += 1
+        return pb.StreamRequest(request_id=self._next_id, **kind)
+
+    @staticmethod
+    def _answer(response: pb.StreamResponse, kind: str) -> Any:
+        if response.WhichOneof("kind") == "error":
+            raise RnnServeError.from_status(response.error)
+        return getattr(response, kind)
+
+    def detach(self) -> str:
+        """Leave the session open on the server when this stream ends; returns its id, which
+        `resume` takes (until the server's idle timeout evicts it)."""
+        self.detached = True
+        return self.session.session_id if self.session is not None else ""
+
+    def _closing_on_exit(self) -> bool:
+        return self.session is not None and not self.detached
 
 
-class StreamSession:
+class StreamSession(_StreamBase):
     """One bidirectional Stream; each call sends a message and waits for its response."""
 
     def __init__(self, stub: rpc.InferenceStub, metadata: tuple) -> None:
+        super().__init__()
         self._requests: queue.Queue = queue.Queue()
         self._responses: Iterator[pb.StreamResponse] = stub.Stream(
             iter(self._requests.get, _END), metadata=metadata)
-        self._next_id = 0
-        self.session: pb.SessionInfo | None = None
 
     def __enter__(self) -> StreamSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Close the session (unless detached), then end the stream. If the stream is gone
+        already, the server's idle timeout ends the session."""
+        if self._closing_on_exit():
+            with contextlib.suppress(RnnServeError):
+                self.close()
         self.end()
 
-    def send(self, request: pb.StreamRequest) -> pb.StreamResponse:
-        self._next_id += 1
-        request.request_id = self._next_id
+    def send(self, request: pb.StreamRequest, kind: str) -> Any:
         self._requests.put(request)
         try:
-            response = next(self._responses)
+            return self._answer(next(self._responses), kind)
         except grpc.RpcError as exc:
-            raise RnnServeError(exc.code(), exc.details()) from None
-        if response.WhichOneof("kind") == "error":
-            raise RnnServeError.from_status(response.error.code, response.error.message)
-        return response
+            raise RnnServeError.from_rpc_error(exc) from None
+        except StopIteration:
+            raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the stream ended") from None
 
     def open(self, model: str, version: int = 0,
-             initial_states: dict[str, ArrayLike] | None = None,
-             session_id: str = "") -> pb.SessionInfo:
-        request = pb.StreamRequest(open=pb.OpenSessionRequest(
-            model=model, version=version, initial_states=_states(initial_states),
-            session_id=session_id))
-        self.session = self.send(request).opened
+             initial_states: Mapping[str, ArrayLike] | None = None,
+             session_id: str = "") -> Session:
+        self.session = self.send(self._request(open=_open_request(
+            model, version, initial_states, session_id)), "open").session
         return self.session
 
-    def resume(self, session_id: str) -> pb.SessionInfo:
-        request = pb.StreamRequest(open=pb.OpenSessionRequest(resume_session_id=session_id))
-        self.session = self.send(request).opened
+    def resume(self, session_id: str) -> Session:
+        self.session = self.send(self._request(resume=pb.ResumeSessionRequest(
+            session_id=session_id)), "resume").session
         return self.session
 
     def step(self, x: ArrayLike) -> np.ndarray:
         """k timesteps of the stream's session ([k, features] or one [features]) → [k, outputs]."""
-        a = _timesteps(x)
-        return _single(_step_batch(self.send(pb.StreamRequest(
-            steps=pb.Steps(x=to_tensor(a[None])))).results))
+        return _single(_step_batch(self.send(self._request(step=_one_session_step("", x)),
+                                             "step")))
 
     def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
         """Steps for many sessions in one message: x [rows, k, features], a row per session."""
-        return _step_batch(self.send(pb.StreamRequest(
-            steps=pb.Steps(session_ids=session_ids, x=to_tensor(x)))).results)
+        return _step_batch(self.send(self._request(step=pb.StepRequest(
+            session_ids=session_ids, x=to_tensor(x))), "step"))
 
-    def _control(self, action: int, session_id: str) -> pb.StreamResponse:
-        return self.send(pb.StreamRequest(control=pb.Control(action=action,
-                                                             session_id=session_id)))
-
-    def reset(self, session_id: str = "") -> pb.SessionInfo:
-        return self._control(pb.CONTROL_ACTION_RESET, session_id).session
+    def reset(self, session_id: str = "") -> Session:
+        return self.send(self._request(reset=pb.ResetSessionRequest(session_id=session_id)),
+                         "reset").session
 
     def snapshot(self, session_id: str = "") -> dict[str, np.ndarray]:
-        return to_arrays(self._control(pb.CONTROL_ACTION_SNAPSHOT, session_id).state.states)
+        return _arrays(self.send(self._request(get_state=pb.GetSessionStateRequest(
+            session_id=session_id)), "get_state").states)
 
-    def close(self, session_id: str = "") -> pb.SessionInfo:
-        return self._control(pb.CONTROL_ACTION_CLOSE, session_id).session
+    def close(self, session_id: str = "") -> Session:
+        closed = self.send(self._request(close=pb.CloseSessionRequest(session_id=session_id)),
+                           "close").session
+        if self.session is not None and closed.session_id == self.session.session_id:
+            self.session = None
+        return closed
 
     def end(self) -> None:
-        """Half-close the stream; sessions stay alive on the server until closed or idle."""
+        """Half-close the stream (its sessions stay on the server until closed or idle)."""
         self._requests.put(_END)
         with contextlib.suppress(grpc.RpcError):
             for _ in self._responses:
@@ -276,3 +354,165 @@ class StreamSession:
     def cancel(self) -> None:
         """Drop the stream abruptly, as a crashed client would."""
         self._responses.cancel()
+
+
+_END = object()
+
+
+class AsyncClient:
+    """The asyncio client: the same calls as `Client`, awaited."""
+
+    def __init__(self, address: str, token: str | None = None,
+                 tls_ca: Path | str | None = None, timeout: float | None = 30.0,
+                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
+        options = _channel_options(max_message_bytes)
+        creds = _credentials(tls_ca)
+        self.channel = (grpc.aio.secure_channel(address, creds, options) if creds
+                        else grpc.aio.insecure_channel(address, options))
+        self.stub = rpc.InferenceStub(self.channel)
+        self.timeout = timeout
+        self.metadata = _metadata(token)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, method: str, request: Any, session_id: str = "") -> Any:
+        try:
+            return await getattr(self.stub, method)(
+                request, timeout=self.timeout, metadata=_routed(self.metadata, session_id))
+        except grpc.RpcError as exc:
+            raise RnnServeError.from_rpc_error(exc) from None
+
+    async def list_models(self) -> list[Model]:
+        return list((await self._call("ListModels", pb.ListModelsRequest())).models)
+
+    async def get_model(self, model: str, version: int = 0) -> Model:
+        return (await self._call("GetModel", pb.GetModelRequest(model=model,
+                                                                version=version))).model
+
+    async def predict(self, model: str, x: ArrayLike | Sequence[ArrayLike], *, version: int = 0,
+                      initial_states: Mapping[str, ArrayLike] | None = None,
+                      last_only: bool = False) -> Prediction:
+        return _prediction(await self._call("Predict", _predict_request(
+            model, x, version, initial_states, last_only)))
+
+    async def open_session(self, model: str, version: int = 0,
+                           initial_states: Mapping[str, ArrayLike] | None = None) -> Session:
+        session_id = new_session_id()
+        return (await self._call("OpenSession", _open_request(
+            model, version, initial_states, session_id), session_id)).session
+
+    async def step(self, session_id: str, x: ArrayLike) -> np.ndarray:
+        return _single(_step_batch(await self._call("Step", _one_session_step(session_id, x),
+                                                    session_id)))
+
+    async def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
+        request = pb.StepRequest(session_ids=session_ids, x=to_tensor(x))
+        only = session_ids[0] if len(session_ids) == 1 else ""
+        return _step_batch(await self._call("Step", request, only))
+
+    async def reset(self, session_id: str) -> Session:
+        return (await self._call("ResetSession", pb.ResetSessionRequest(
+            session_id=session_id), session_id)).session
+
+    async def snapshot(self, session_id: str) -> dict[str, np.ndarray]:
+        return _arrays((await self._call("GetSessionState", pb.GetSessionStateRequest(
+            session_id=session_id), session_id)).states)
+
+    async def close_session(self, session_id: str) -> Session:
+        return (await self._call("CloseSession", pb.CloseSessionRequest(
+            session_id=session_id), session_id)).session
+
+    def stream(self, model: str = "", version: int = 0,
+               initial_states: Mapping[str, ArrayLike] | None = None,
+               resume: str = "") -> AsyncStreamSession:
+        """`async with client.stream(model) as session:` opens the stream and its session."""
+        session_id = resume or (new_session_id() if model else "")
+        return AsyncStreamSession(self.stub, _routed(self.metadata, session_id), model,
+                                  version, initial_states, resume, session_id)
+
+
+class AsyncStreamSession(_StreamBase):
+    """One bidirectional Stream on asyncio; the session opens (or resumes) on entering."""
+
+    def __init__(self, stub: rpc.InferenceStub, metadata: tuple, model: str, version: int,
+                 initial_states: Mapping[str, ArrayLike] | None, resume: str,
+                 session_id: str) -> None:
+        super().__init__()
+        self._call = stub.Stream(metadata=metadata)
+        self._lock = asyncio.Lock()
+        self._opening = (model, version, initial_states, resume, session_id)
+
+    async def __aenter__(self) -> AsyncStreamSession:
+        model, version, initial_states, resume, session_id = self._opening
+        if resume:
+            await self.resume(resume)
+        elif model:
+            await self.open(model, version, initial_states, session_id)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._closing_on_exit():
+            with contextlib.suppress(RnnServeError):
+                await self.close()
+        await self.end()
+
+    async def send(self, request: pb.StreamRequest, kind: str) -> Any:
+        """One message, one answer; concurrent callers take turns so answers match."""
+        async with self._lock:
+            try:
+                await self._call.write(request)
+                response = await self._call.read()
+            except grpc.RpcError as exc:
+                raise RnnServeError.from_rpc_error(exc) from None
+        if response is grpc.aio.EOF:
+            raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the stream ended")
+        return self._answer(response, kind)
+
+    async def open(self, model: str, version: int = 0,
+                   initial_states: Mapping[str, ArrayLike] | None = None,
+                   session_id: str = "") -> Session:
+        self.session = (await self.send(self._request(open=_open_request(
+            model, version, initial_states, session_id)), "open")).session
+        return self.session
+
+    async def resume(self, session_id: str) -> Session:
+        self.session = (await self.send(self._request(resume=pb.ResumeSessionRequest(
+            session_id=session_id)), "resume")).session
+        return self.session
+
+    async def step(self, x: ArrayLike) -> np.ndarray:
+        return _single(_step_batch(await self.send(
+            self._request(step=_one_session_step("", x)), "step")))
+
+    async def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
+        return _step_batch(await self.send(self._request(step=pb.StepRequest(
+            session_ids=session_ids, x=to_tensor(x))), "step"))
+
+    async def reset(self, session_id: str = "") -> Session:
+        return (await self.send(self._request(reset=pb.ResetSessionRequest(
+            session_id=session_id)), "reset")).session
+
+    async def snapshot(self, session_id: str = "") -> dict[str, np.ndarray]:
+        return _arrays((await self.send(self._request(get_state=pb.GetSessionStateRequest(
+            session_id=session_id)), "get_state")).states)
+
+    async def close(self, session_id: str = "") -> Session:
+        closed = (await self.send(self._request(close=pb.CloseSessionRequest(
+            session_id=session_id)), "close")).session
+        if self.session is not None and closed.session_id == self.session.session_id:
+            self.session = None
+        return closed
+
+    async def end(self) -> None:
+        """Half-close the stream and wait for the server to finish it."""
+        with contextlib.suppress(grpc.RpcError):
+            await self._call.done_writing()
+            while await self._call.read() is not grpc.aio.EOF:
+                pass

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+
 from rnnserve.logs import Throttled
 from rnnserve.metrics import Metrics
 

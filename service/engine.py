@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from rnnserve.config import ServerConfig
+from rnnserve.contract import ModelSpec
 from rnnserve.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -30,12 +32,49 @@ from rnnserve.sessions import Session, SessionTable
 log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD = 1024
 ROW_OVERHEAD = 16
+UNKNOWN_MODEL = "(unknown)"
 """Room in a response for its framing and names, and per row for its step count and framing."""
 
 
 @dataclass(frozen=True)
+class ModelView:
+    """A model version as the front doors describe it: the engine's answer, not its internals."""
+
+    spec: ModelSpec
+    versions: list[int]
+    """Every version of this model open for new work, ascending."""
+    ready: bool
+    """False while the version loads and once the server drains."""
+    state: str = "READY"
+    """READY, LOADING or UNAVAILABLE (KServe's repository index names)."""
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.spec.name, str(self.spec.version)
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """A session as its client sees it, taken when the call that returns it ran."""
+
+    session_id: str
+    model: str
+    version: int
+    steps: int
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.model, str(self.version)
+
+    @classmethod
+    def of(cls, session: Session) -> SessionView:
+        return cls(session.id, session.model.spec.name, session.model.spec.version,
+                   session.steps)
+
+
+@dataclass(frozen=True)
 class PredictResult:
-    model: LoadedModel
+    model: ModelView
     y: np.ndarray
     final_states: dict[str, np.ndarray]
 
@@ -53,7 +92,8 @@ class StepOutcome:
     """[rows, k, outputs]; NaN in failed rows."""
     steps: list[int]
     errors: list[RowError]
-    sessions: list[Session | None]
+    labels: tuple[str, str] | None
+    """The first live row's model and version (rows may span models); None if none is live."""
 
 
 @dataclass(frozen=True)
@@ -96,24 +136,91 @@ def _check_finite(array: np.ndarray, what: str) -> None:
         raise InvalidArgument(f"{what} contains NaN or Inf")
 
 
+def _first_labels(sessions: list[Session | None]) -> tuple[str, str] | None:
+    return next((s.model.labels for s in sessions if s is not None), None)
+
+
 class Engine:
+    """What the front doors and the server call, and all they call: models, sessions, drain."""
+
     def __init__(self, config: ServerConfig, registry: ModelRegistry, sessions: SessionTable,
                  budget: MemoryBudget, handoff: RedisHandoff | None = None) -> None:
         self.config = config
         self.budget = budget
-        self.registry = registry
-        self.sessions = sessions
-        self.handoff = handoff
+        self._registry = registry
+        self._sessions = sessions
+        self._handoff = handoff
         self.metrics: Metrics = registry.metrics
-        self.draining = False
+        self._draining = False
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds without a step after which a session is evicted."""
+        return self._sessions.idle_timeout
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def ready(self) -> bool:
+        """Ready for new work: not draining, and some model version is loaded and ready."""
+        return not self._draining and bool(self._registry.serving())
+
+    def models(self) -> list[ModelView]:
+        """Every version open for new work, then those still loading (not ready)."""
+        served = [self._view(m) for m in self._registry.serving()]
+        return served + [ModelView(spec, self._registry.versions(spec.name), False, "LOADING")
+                         for spec in self._registry.loading()]
+
+    def describe(self, name: str, version: int = 0) -> ModelView:
+        """The named version, or the latest; NOT_FOUND or UNAVAILABLE (loading) otherwise."""
+        return self._view(self._registry.get(name, version))
+
+    def model_label(self, name: str) -> str:
+        """The metrics label for a requested model: its name when this server knows it, one
+        fixed label otherwise, so clients cannot mint label values (one time series each)."""
+        known = {m.spec.name for m in self._registry.serving()} | {
+            s.name for s in self._registry.loading()}
+        return name if name in known else UNKNOWN_MODEL
+
+    def model_ready(self, name: str, version: int = 0) -> bool:
+        try:
+            return self.describe(name, version).ready
+        except (NotFound, Unavailable):
+            return False
+
+    def _view(self, model: LoadedModel) -> ModelView:
+        ready = not self._draining
+        return ModelView(model.spec, self._registry.versions(model.spec.name), ready,
+                         "READY" if ready else "UNAVAILABLE")
+
+    async def sync_models(self) -> None:
+        """Load versions that appeared in the repository, retire those that disappeared."""
+        await self._registry.sync()
+
+    def evict_idle(self) -> int:
+        return self._sessions.evict_idle()
 
     def drain(self) -> None:
-        """From now on new work is refused with UNAVAILABLE (in-flight work still finishes)."""
-        self.draining = True
+        """From now on new work is refused with UNAVAILABLE (in-flight work still finishes) and
+        no model reports ready."""
+        self._draining = True
+
+    async def shutdown(self) -> None:
+        """After the drain: end the sessions left here, unload the models, close the store."""
+        self._sessions.close_all("ended by a server shutdown")
+        await self._registry.close()
+        if self._handoff is not None:
+            await self._handoff.close()
 
     @property
     def closing_message(self) -> str:
-        if self.handoff is not None:
+        if self._handoff is not None:
             return ("the server is shutting down; reconnect (to another replica) and resume "
                     "your session by id")
         return ("the server is shutting down and its sessions end with it (no --state-store); "
@@ -122,11 +229,8 @@ class Engine:
     def check_open(self) -> None:
         """UNAVAILABLE once draining: callers reconnect, and resume their sessions elsewhere
         where a shared store holds them."""
-        if self.draining:
-            raise Unavailable(self.closing_message)
-
-    def model(self, name: str, version: int = 0) -> LoadedModel:
-        return self.registry.get(name, version)
+        if self._draining:
+            raise Unavailable(self.closing_message, retry_after=1.0)
 
     def _check_x(self, model: LoadedModel, x: np.ndarray, what: str) -> None:
         spec = model.spec
@@ -172,7 +276,7 @@ class Engine:
     async def predict(self, name: str, version: int, x: np.ndarray, lengths: list[int],
                       initial_states: dict[str, np.ndarray], last_only: bool) -> PredictResult:
         self.check_open()
-        model = self.model(name, version)
+        model = self._registry.get(name, version)
         self._check_x(model, x, "x")
         rows, time = x.shape[:2]
         lens = np.asarray(lengths or [time] * rows, np.int64)
@@ -184,7 +288,7 @@ class Engine:
         async with reserve:
             y, finals = await self._predict_chunks(model, x, lens, states, last_only, chunk)
         names = [s.input for s in model.spec.states]
-        return PredictResult(model, y, dict(zip(names, finals)))
+        return PredictResult(self._view(model), y, dict(zip(names, finals)))
 
     def _answer_bytes(self, model: LoadedModel, rows: int, steps: int, states: bool) -> int:
         """The response's size, refused up front when it would exceed the message limit."""
@@ -255,15 +359,18 @@ class Engine:
         return y, finals
 
     def open_session(self, name: str, version: int, initial_states: dict[str, np.ndarray],
-                     session_id: str = "", owner: str = "") -> Session:
+                     session_id: str = "", owner: str = "") -> SessionView:
         self.check_open()
-        model = self.model(name, version)
+        model = self._registry.get(name, version)
         states = self._states(model, initial_states, 1) if initial_states else None
-        return self.sessions.open(model, states, session_id, owner)
+        return SessionView.of(self._sessions.open(model, states, session_id, owner))
 
-    async def find(self, session_id: str, owner: str = "") -> Session:
-        """The caller's live session; adopted from the shared state store if another replica
-        parked it."""
+    async def resume_session(self, session_id: str, owner: str = "") -> SessionView:
+        """The caller's live session, adopted from the shared store if another replica parked
+        it: what a stream's `resume` answers."""
+        return SessionView.of(await self._find(session_id, owner))
+
+    async def _find(self, session_id: str, owner: str) -> Session:
         self.check_open()
         return await self._session(session_id, owner)
 
@@ -272,39 +379,39 @@ class Engine:
         failed = await self._adopt([session_id], alone=True)
         if session_id in failed:
             raise failed[session_id]
-        return self.sessions.get(session_id, owner)
+        return self._sessions.get(session_id, owner)
 
     async def _adopt(self, session_ids: list[str], alone: bool) -> dict[str, ServingError]:
         """Adopt the parked sessions among the ids not live here; the ids whose adoption failed,
         with the error for their row. A message's live rows never wait for the others: only
         when no row is live here (`alone`) does it wait for a replica parking right now."""
-        if self.handoff is None:
+        if self._handoff is None:
             return {}
-        missing = [i for i in dict.fromkeys(session_ids) if self.sessions.adoptable(i)]
+        missing = [i for i in dict.fromkeys(session_ids) if self._sessions.adoptable(i)]
         if not missing:
             return {}
         wait = alone or len(missing) == len(session_ids)
         try:
-            taken = await self.handoff.adopt(missing, wait)
+            taken = await self._handoff.adopt(missing, wait)
         except StoreUnavailable as exc:
             error = Unavailable(f"{exc}; sessions parked by other replicas cannot be reached now, "
-                                "retry shortly")
+                                "retry shortly", retry_after=1.0)
             return dict.fromkeys(missing, error)
         refused = [parked for parked in taken.values() if not self._restore(parked)]
         if refused:
             await self._give_back(refused)
-        if wait or len(taken) == len(missing) or not await self.handoff.parking():
+        if wait or len(taken) == len(missing) or not await self._handoff.parking():
             return {}
         busy = Unavailable("this session may be on its way from a replica that is shutting "
-                           "down; retry in a moment")
+                           "down; retry in a moment", retry_after=0.2)
         return {i: busy for i in missing if i not in taken}
 
     def _restore(self, parked: ParkedSession) -> bool:
         """Make a taken session live here, in the same loop turn as it left the store."""
         try:
-            model = self.registry.get(parked.model, parked.version)
+            model = self._registry.get(parked.model, parked.version)
             states = [parked.states[s.input] for s in model.spec.states]
-            self.sessions.restore(model, parked.session_id, states, parked.steps,
+            self._sessions.restore(model, parked.session_id, states, parked.steps,
                                   parked.idle_seconds, parked.owner)
         except (ServingError, KeyError, ValueError) as exc:
             log.warning("cannot adopt session %s (%s v%d): %s; left for another replica",
@@ -315,7 +422,7 @@ class Engine:
 
     async def _give_back(self, refused: list[ParkedSession]) -> None:
         try:
-            await self.handoff.give_back(refused)
+            await self._handoff.give_back(refused)
         except StoreUnavailable as exc:  # the store failed between taking and giving back
             log.error("LOST %d sessions taken from the shared store that this replica could "
                       "not serve and could not park again: %s", len(refused), exc)
@@ -323,17 +430,17 @@ class Engine:
     async def hand_off(self) -> int:
         """On drain: once in-flight steps are done, park every session in the shared store.
         Raises StoreUnavailable (the sessions stay live here) if the store cannot take them."""
-        if self.handoff is None:
+        if self._handoff is None:
             return 0
-        await self.handoff.announce_parking()
-        live = self.sessions.live()
+        await self._handoff.announce_parking()
+        live = self._sessions.live()
         async with _Locked(live):
-            now = self.sessions.clock()
+            now = self._sessions.clock()
             parked = [ParkedSession(s.id, s.owner, s.model.spec.name, s.model.spec.version,
                                     s.steps, now - s.last_used, _states_of(s)) for s in live]
-            await self.handoff.park(parked)
+            await self._handoff.park(parked)
             for session in live:
-                self.sessions.close(session, "handed off to another replica")
+                self._sessions.close(session, "handed off to another replica")
                 self.metrics.handoffs.labels(*session.model.labels, "parked").inc()
         return len(parked)
 
@@ -341,7 +448,7 @@ class Engine:
                    owner: str = "") -> StepOutcome:
         """Advance each row's session by x's k timesteps. Rows fail alone; others proceed."""
         self.check_open()
-        failed = await self._adopt(session_ids, alone=False) if self.handoff is not None else {}
+        failed = await self._adopt(session_ids, alone=False) if self._handoff is not None else {}
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] != len(session_ids):
@@ -351,7 +458,7 @@ class Engine:
         valid = [s for s in sessions if s is not None]
         if not valid:
             return StepOutcome(np.full((*x.shape[:2], 0), np.nan, np.float32),
-                               [0] * len(sessions), errors, sessions)
+                               [0] * len(sessions), errors, None)
         outputs = valid[0].model.spec.outputs
         span, reserve = self._steps_plan(valid[0].model, x, cost)
         async with reserve, _Locked(valid):
@@ -359,7 +466,7 @@ class Engine:
         steps = [s.steps if s is not None else 0 for s in sessions]
         if errors:
             errors.sort(key=lambda e: e.row)
-        return StepOutcome(y, steps, errors, sessions)
+        return StepOutcome(y, steps, errors, _first_labels(sessions))
 
     def _steps_plan(self, first: LoadedModel, x: np.ndarray,
                     cost: RunCost) -> tuple[int, Reservation]:
@@ -394,7 +501,7 @@ class Engine:
                 seen.add(session_id)
                 if session_id in failed:
                     raise failed[session_id]
-                session = self.sessions.get(session_id, owner)
+                session = self._sessions.get(session_id, owner)
                 spec = session.model.spec
                 if spec.features != x.shape[2]:
                     raise InvalidArgument(f"session {session_id} ({spec.name}) takes "
@@ -422,7 +529,7 @@ class Engine:
         for row, session in enumerate(sessions):
             if session is None:
                 continue
-            if self.sessions.ended(session):  # closed or evicted while we waited for its lock
+            if self._sessions.ended(session):  # closed or evicted while we waited for its lock
                 sessions[row] = None
                 errors.append(RowError(row, FailedPrecondition.code,
                                        f"session {session.id} ended before this step ran"))
@@ -436,7 +543,7 @@ class Engine:
                                                      np.ascontiguousarray(x[:, t:t + span]),
                                                      outputs)
                                 for t in range(0, k, span)], axis=1)
-        now = self.sessions.clock()
+        now = self._sessions.clock()
         for rows in groups.values():
             for r in rows:
                 sessions[r].steps += k
@@ -458,13 +565,15 @@ class Engine:
             y[rows] = y_rows
         return y
 
-    async def sequence_step(self, model: LoadedModel, session_id: str, x: np.ndarray,
+    async def sequence_step(self, name: str, version: int, session_id: str, x: np.ndarray,
                             states: dict[str, np.ndarray], start: bool, end: bool,
                             with_states: bool, owner: str) -> SequenceStep:
         """One request of a v2 sequence: start (replacing an earlier sequence of that id), step,
         read the states and end, all under the session's lock. Everything the client sent is
         checked before the earlier sequence is touched, and a start whose step fails leaves no
         sequence open."""
+        self.check_open()
+        model = self._registry.get(name, version)
         spec = model.spec
         if x.ndim != 3 or x.shape[0] != 1:
             raise InvalidArgument(f"a sequence request carries one sequence: x must be "
@@ -475,14 +584,14 @@ class Engine:
         if start:
             initial = self._states(model, states, 1) if states else None
             with contextlib.suppress(NotFound, FailedPrecondition):
-                await self.close(session_id, owner)  # a restarted sequence begins afresh
-            session = self.sessions.open(model, initial, session_id, owner)
+                await self.close_session(session_id, owner)  # a restart begins afresh
+            session = self._sessions.open(model, initial, session_id, owner)
         elif states:
             raise InvalidArgument("state inputs belong on the sequence_start request; the "
                                   "server carries the state after that")
         else:
             try:
-                session = await self.find(session_id, owner)
+                session = await self._find(session_id, owner)
             except (NotFound, FailedPrecondition) as exc:
                 raise InvalidArgument(f"this sequence of model {spec.name!r} is not open: send "
                                       f"sequence_start=true on its first request ({exc})") from None
@@ -494,31 +603,32 @@ class Engine:
                     raise FailedPrecondition(errors[0].message)
                 current = _states_of(session) if with_states else None
                 if end:
-                    self.sessions.close(session, "ended by sequence_end")
+                    self._sessions.close(session, "ended by sequence_end")
         except BaseException:
             if start:
-                self.sessions.close(session, "failed on its first step")
+                self._sessions.close(session, "failed on its first step")
             raise
         return SequenceStep(y, current)
 
-    async def reset(self, session_id: str, owner: str = "") -> Session:
-        session = await self.find(session_id, owner)
+    async def reset_session(self, session_id: str, owner: str = "") -> SessionView:
+        session = await self._find(session_id, owner)
         async with session.lock:
             session.model.store.zero(session.slot)
             session.steps = 0
-            session.last_used = self.sessions.clock()
-        return session
+            session.last_used = self._sessions.clock()
+            return SessionView.of(session)
 
-    async def snapshot(self, session_id: str,
-                       owner: str = "") -> tuple[Session, dict[str, np.ndarray]]:
-        session = await self.find(session_id, owner)
+    async def session_state(self, session_id: str,
+                            owner: str = "") -> tuple[SessionView, dict[str, np.ndarray]]:
+        """The session and a copy of its state tensors, taken together under its lock."""
+        session = await self._find(session_id, owner)
         async with session.lock:
             states = _states_of(session)
-            session.last_used = self.sessions.clock()
-        return session, states
+            session.last_used = self._sessions.clock()
+            return SessionView.of(session), states
 
-    async def close(self, session_id: str, owner: str = "") -> Session:
+    async def close_session(self, session_id: str, owner: str = "") -> SessionView:
         session = await self._session(session_id, owner)
         async with session.lock:
-            self.sessions.close(session, "closed by its client")
-        return session
+            self._sessions.close(session, "closed by its client")
+            return SessionView.of(session)

@@ -9,6 +9,12 @@ from __future__ import annotations
 class ServingError(Exception):
     code = "INTERNAL"
 
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds after which the same call may succeed (google.rpc.RetryInfo); None: do not
+        retry unchanged."""
+
 
 class InvalidArgument(ServingError):
     code = "INVALID_ARGUMENT"

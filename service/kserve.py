@@ -9,20 +9,19 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import AsyncIterator
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 
 import grpc
 import numpy as np
+
+from rnnserve import __version__
 from rnnserve.contract import INPUT_NAME, MAX_VERSION_DIGITS, OUTPUT_NAME
-from rnnserve.engine import Engine
-from rnnserve.errors import InvalidArgument, NotFound, ServingError, Unavailable
+from rnnserve.engine import Engine, ModelView
+from rnnserve.errors import InvalidArgument, ServingError
 from rnnserve.generated.inference import grpc_service_pb2 as v2
 from rnnserve.generated.inference import grpc_service_pb2_grpc as v2_rpc
 from rnnserve.identity import Identities
 from rnnserve.kserve_converters import config, metadata, parameter, request_inputs, response
 from rnnserve.metrics import Call, Metrics
-from rnnserve.registry import LoadedModel
 from rnnserve.rpc_errors import internal_error, stream_replies, unary
 from rnnserve.streams import OpenStreams
 
@@ -30,13 +29,6 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ["sequence", "model_configuration", "model_repository"]
 MAX_SEQUENCE_ID = 256
 """Characters in a string sequence_id: it is hashed into a session id, never stored."""
-
-
-def _server_version() -> str:
-    try:
-        return package_version("rnnserve")
-    except PackageNotFoundError:
-        return "dev"
 
 
 def _version(text: str) -> int:
@@ -72,43 +64,39 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
     @unary
     async def ServerReady(self, request: v2.ServerReadyRequest,
                           call: Call) -> v2.ServerReadyResponse:
-        ready = not self.engine.draining and bool(self.engine.registry.serving())
-        return v2.ServerReadyResponse(ready=ready)
+        return v2.ServerReadyResponse(ready=self.engine.ready)
 
     @unary
     async def ModelReady(self, request: v2.ModelReadyRequest, call: Call) -> v2.ModelReadyResponse:
-        try:
-            model = self.engine.model(request.name, _version(request.version))
-        except (NotFound, Unavailable):
-            return v2.ModelReadyResponse(ready=False)
-        return v2.ModelReadyResponse(ready=model.ready and not self.engine.draining)
+        return v2.ModelReadyResponse(
+            ready=self.engine.model_ready(request.name, _version(request.version)))
 
     @unary
     async def ServerMetadata(self, request: v2.ServerMetadataRequest,
                              call: Call) -> v2.ServerMetadataResponse:
-        return v2.ServerMetadataResponse(name="rnnserve", version=_server_version(),
+        return v2.ServerMetadataResponse(name="rnnserve", version=__version__,
                                          extensions=EXTENSIONS)
 
     @unary
     async def ModelMetadata(self, request: v2.ModelMetadataRequest,
                             call: Call) -> v2.ModelMetadataResponse:
         model = self._model(request.name, request.version, call)
-        return metadata(model.spec, self.engine.registry.versions(model.spec.name))
+        return metadata(model.spec, model.versions)
 
     @unary
     async def ModelConfig(self, request: v2.ModelConfigRequest,
                           call: Call) -> v2.ModelConfigResponse:
         model = self._model(request.name, request.version, call)
-        return v2.ModelConfigResponse(config=config(model.spec, self.engine.sessions.idle_timeout))
+        return v2.ModelConfigResponse(config=config(model.spec, self.engine.idle_timeout))
 
     @unary
     async def RepositoryIndex(self, request: v2.RepositoryIndexRequest,
                               call: Call) -> v2.RepositoryIndexResponse:
         index = v2.RepositoryIndexResponse()
-        for model in self.engine.registry.serving():
+        for model in self.engine.models():
             if model.ready or not request.ready:
                 index.models.add(name=model.spec.name, version=str(model.spec.version),
-                                 state="READY" if model.ready else "UNAVAILABLE")
+                                 state=model.state)
         return index
 
     @unary
@@ -136,8 +124,9 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
                 infer_response=v2.ModelInferResponse(model_name=request.model_name,
                                                       id=request.id))
 
-    def _model(self, name: str, version: str, call: Call) -> LoadedModel:
-        model = self.engine.model(name, _version(version))
+    def _model(self, name: str, version: str, call: Call) -> ModelView:
+        call.model = self.engine.model_label(name)
+        model = self.engine.describe(name, _version(version))
         call.model, call.version = model.labels
         return model
 
@@ -157,7 +146,7 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
             return response(model.spec, request, outputs)
         return await self._sequence_step(model, request, sequence_id, x, inputs, call.client)
 
-    async def _sequence_step(self, model: LoadedModel, request: v2.ModelInferRequest,
+    async def _sequence_step(self, model: ModelView, request: v2.ModelInferRequest,
                              sequence_id: int | str, x: np.ndarray, states: dict[str, np.ndarray],
                              client: str) -> v2.ModelInferResponse:
         spec = model.spec
@@ -167,7 +156,7 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
                                   f"{MAX_SEQUENCE_ID} characters")
         wanted = {o.name for o in request.outputs}
         step = await self.engine.sequence_step(
-            model, sequence_session_id(client, spec.name, sequence_id), x, states,
+            spec.name, spec.version, sequence_session_id(client, spec.name, sequence_id), x, states,
             start=bool(parameter(request, "sequence_start")),
             end=bool(parameter(request, "sequence_end")),
             with_states=not wanted or bool(wanted - {OUTPUT_NAME}), owner=client)

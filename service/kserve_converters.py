@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from rnnserve.contract import INPUT_NAME, OUTPUT_NAME, ModelSpec
 from rnnserve.errors import InvalidArgument
 from rnnserve.generated.inference import grpc_service_pb2 as v2

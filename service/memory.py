@@ -97,7 +97,7 @@ class MemoryBudget:
         if self.queued + nbytes > self.capacity:
             raise ResourceExhausted(
                 f"the memory budget ({_mib(self.capacity)}) is taken by other requests and "
-                f"{_mib(self.queued)} more wait for it; retry with backoff")
+                f"{_mib(self.queued)} more wait for it; retry with backoff", retry_after=0.1)
         future = asyncio.get_running_loop().create_future()
         entry = (nbytes, future)
         self._waiters.append(entry)

@@ -14,6 +14,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+
 from rnnserve.errors import ServingError
 
 MODEL = ("model", "version")

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
 from rnnserve.contract import GOLDEN_FILE, INPUT_NAME, OUTPUT_NAME
 from rnnserve.runner import Runner
 

@@ -31,7 +31,6 @@ class LoadedModel:
     store: StateStore
     batcher: Batcher
     cost: RunCost
-    ready: bool = True
     retiring: bool = False
     sessions: int = 0
 
@@ -41,18 +40,24 @@ class LoadedModel:
 
 
 class ModelRegistry:
-    def __init__(self, config: ServerConfig, metrics: Metrics, executor: Executor) -> None:
+    def __init__(self, config: ServerConfig, metrics: Metrics, executor: Executor,
+                 runner: type[Runner] = Runner) -> None:
         self.config = config
+        self.runner = runner
+        """The class that runs a version; tests inject one that fails or stalls on cue."""
         self.metrics = metrics
         self.executor = executor
         self.run_slots = asyncio.Semaphore(config.batch_workers)
         self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._loading: dict[tuple[str, int], ModelSpec] = {}
+        """Versions being loaded now: listed, not ready, not yet served."""
         self._rejected: dict[Path, tuple] = {}
         """Versions that failed to load, by directory, with their files' signature then."""
         self._reported: dict[Path, str] = {}
 
     def _load(self, found: ModelVersion) -> Runner:
-        runner = Runner(found.spec, found.path, self.config.device, self.config.intra_op_threads)
+        runner = self.runner(found.spec, found.path, self.config.device,
+                             self.config.intra_op_threads)
         check_model(runner, found.path)
         return runner
 
@@ -64,6 +69,9 @@ class ModelRegistry:
                                             self.config.models)
         for path, reason in result.problems.items():
             self._report(path, reason)
+        self._loading.update({key: version.spec for key, version in result.found.items()
+                              if key not in self._models
+                              and self._rejected.get(version.path) != version.signature})
         for key, version in sorted(result.found.items()):
             if key in self._models:  # already loaded; back on disk if it was retiring
                 self._models[key].retiring = False
@@ -76,6 +84,8 @@ class ModelRegistry:
                 self._rejected[version.path] = version.signature
                 self._report(version.path, _one_line(exc))
                 continue
+            finally:
+                del self._loading[key]
             self._rejected.pop(version.path, None)
             self._add(version, runner)
         self._reported = {path: reason for path, reason in self._reported.items()
@@ -118,6 +128,9 @@ class ModelRegistry:
         """Versions open for new work, by name then version."""
         return [m for k, m in sorted(self._models.items()) if not m.retiring]
 
+    def loading(self) -> list[ModelSpec]:
+        return [spec for _, spec in sorted(self._loading.items())]
+
     def versions(self, name: str) -> list[int]:
         return [m.spec.version for m in self.serving() if m.spec.name == name]
 
@@ -126,20 +139,19 @@ class ModelRegistry:
         if not name:
             raise NotFound("no model named; ListModels shows what is served")
         versions = self.versions(name)
+        if not versions and any(loading == name for loading, _ in self._loading):
+            raise Unavailable(f"model {name!r} is loading; retry shortly", retry_after=1.0)
         if not versions:
             known = ", ".join(sorted({m.spec.name for m in self.serving()})) or "none"
             raise NotFound(f"no model {name!r} (served: {known})")
         chosen = version or versions[-1]
+        if (name, chosen) in self._loading:
+            raise Unavailable(f"model {name!r} v{chosen} is loading; retry shortly",
+                              retry_after=1.0)
         model = self._models.get((name, chosen))
         if model is None or model.retiring:
             raise NotFound(f"model {name!r} has no version {chosen} (loaded: {versions})")
-        if not model.ready:
-            raise Unavailable(f"model {name!r} v{chosen} is not ready")
         return model
-
-    def set_ready(self, ready: bool) -> None:
-        for model in self._models.values():
-            model.ready = ready
 
 
 def _one_line(exc: Exception) -> str:

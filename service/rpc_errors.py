@@ -10,14 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from rnnserve.errors import ServingError, Unavailable
 from rnnserve.logs import Throttled
+from rnnserve.status import abort
 
 log = Throttled(__name__)
-
-
-def status_code(error: ServingError) -> grpc.StatusCode:
-    return grpc.StatusCode[error.code]
 
 
 def internal_error(method: str) -> ServingError:
@@ -39,9 +37,9 @@ def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
             with self.metrics.track(method.__name__, client) as call:
                 return await method(self, request, call)
         except ServingError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await abort(context, exc)
         except Exception:
-            await context.abort(grpc.StatusCode.INTERNAL, str(internal_error(method.__name__)))
+            await abort(context, internal_error(method.__name__))
 
     return handler
 
@@ -52,7 +50,7 @@ async def abort_unless_open(check_open: Callable[[], None],
     try:
         check_open()
     except Unavailable as exc:
-        await context.abort(status_code(exc), str(exc))
+        await abort(context, exc)
 
 
 async def stream_replies(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
@@ -64,7 +62,7 @@ async def stream_replies(requests: AsyncIterator[Any], context: grpc.aio.Service
     try:
         client = identities.client(context.invocation_metadata())
     except ServingError as exc:
-        await context.abort(status_code(exc), str(exc))
+        await abort(context, exc)
     try:
         async for request in streams.requests(requests):
             await abort_unless_open(engine.check_open, context)

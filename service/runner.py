@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from rnnserve.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, ModelSpec
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
+
 from rnnserve.auth import BearerTokenInterceptor
 from rnnserve.config import ServerConfig
 from rnnserve.decoding import TolerantServer
@@ -26,6 +29,7 @@ from rnnserve.kserve import KServeServicer
 from rnnserve.memory import MemoryBudget, return_freed_memory
 from rnnserve.metrics import Metrics
 from rnnserve.registry import ModelRegistry
+from rnnserve.runner import Runner
 from rnnserve.servicer import InferenceServicer
 from rnnserve.sessions import SessionTable
 from rnnserve.streams import OpenStreams
@@ -59,8 +63,8 @@ class Server:
         if self.engine.draining:
             return
         status = health_pb2.HealthCheckResponse
-        names = {m.spec.name for m in self.engine.registry.serving()}
-        await self.health.set("", status.SERVING)
+        names = {m.spec.name for m in self.engine.models() if m.ready}
+        await self.health.set("", status.SERVING if self.engine.ready else status.NOT_SERVING)
         for name in names - self.health_names:
             await self.health.set(name, status.SERVING)
         for name in self.health_names - names:
@@ -68,7 +72,7 @@ class Server:
         self.health_names = names
 
     async def sync_models(self) -> None:
-        await self.engine.registry.sync()
+        await self.engine.sync_models()
         await self.set_serving()
 
     async def stop(self) -> int:
@@ -87,17 +91,14 @@ class Server:
             if parked:
                 log.info("parked %d sessions in the shared state store", parked)
         except (StoreUnavailable, TimeoutError) as exc:
-            lost = len(self.engine.sessions)
+            lost = self.engine.live_sessions
             log.error("could not hand %d sessions off to the shared state store (%s); they "
                       "are lost", lost, exc or "timed out")
         self.streams.end_idle()  # streams opened while the handoff ran
         await self.grpc_server.stop(self.config.shutdown_grace)
         for task in self.tasks:
             task.cancel()
-        self.engine.sessions.close_all("ended by a server shutdown")
-        await self.engine.registry.close()
-        if self.engine.handoff is not None:
-            await self.engine.handoff.close()
+        await self.engine.shutdown()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
@@ -125,18 +126,52 @@ async def _every(period: float, action, what: str) -> None:
             log.exception("%s failed", what)
 
 
-async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> Server:
-    """Load the models and start serving on config's ports (0 picks free ones)."""
+def _bind_grpc(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """The gRPC port, exclusively: without SO_REUSEPORT a second server on the same port fails
+    here instead of sharing it (clients would then alternate between the two)."""
+    address = f"{config.host}:{config.grpc_port}"
+    credentials = _credentials(config)
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials
+                else server.add_insecure_port(address))
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise PortUnavailable(f"--grpc-port {config.grpc_port}: cannot listen on {address} "
+                              "(in use by another server, or not an address of this host)")
+    return port
+
+
+def _start_metrics(config: ServerConfig, metrics: Metrics):
+    if config.metrics_port < 0:
+        return None
+    try:
+        http, _ = start_http_server(config.metrics_port, addr=config.host,
+                                    registry=metrics.registry)
+    except OSError as exc:
+        raise PortUnavailable(f"--metrics-port {config.metrics_port}: cannot listen on "
+                              f"{config.host}:{config.metrics_port} ({exc.strerror or exc}); "
+                              "-1 disables metrics") from None
+    return http
+
+
+class PortUnavailable(OSError):
+    """A port flag names a port this process cannot listen on; the message names the flag."""
+
+
+async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None, *,
+                        clock: Callable[[], float] = time.monotonic,
+                        runner: type[Runner] = Runner) -> Server:
+    """Listen on config's ports (0 picks free ones), then load the models: health and readiness
+    say NOT_SERVING until the first version is loaded, so probes see the load happen. `clock`
+    (idle time) and `runner` (model runs) are what tests replace to control time and faults."""
     return_freed_memory()
     identities = Identities.load(config.auth_token, config.auth_tokens_file)  # before slow work
     metrics = Metrics(registry or CollectorRegistry())
     executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1,
                                   thread_name_prefix="ort")
-    models = ModelRegistry(config, metrics, executor)
-    await models.sync()
-    if not models.serving():
-        raise RuntimeError(f"no loadable model in {config.repository}")
-    sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics,
+    models = ModelRegistry(config, metrics, executor, runner)
+    sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics, clock,
                             max_per_client=config.max_sessions_per_client)
     handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait,
                             config.shutdown_grace + config.handoff_wait)
@@ -147,6 +182,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),
               ("grpc.max_send_message_length", config.max_message_bytes),
               ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+              ("grpc.so_reuseport", 0),
               # No window growth past the HTTP/2 default: a client that writes but never reads
               # then holds ~64 KiB of its stream's data here, not megabytes.
               ("grpc.http2.bdp_probe", 0),
@@ -159,34 +195,34 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeServicer(engine, metrics, identities, streams), handlers)
     health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), handlers)
-    address = f"{config.host}:{config.grpc_port}"
-    credentials = _credentials(config)
-    port = (server.add_secure_port(address, credentials) if credentials
-            else server.add_insecure_port(address))
-    http = None
-    if config.metrics_port >= 0:
-        http, _ = start_http_server(config.metrics_port, addr=config.host,
-                                    registry=metrics.registry)
+    port = _bind_grpc(server, config)
+    http = _start_metrics(config, metrics)
     await server.start()
+    started = Server(config, server, port, http, engine, health_servicer, executor, [],
+                     streams)
+    await started.sync_models()
+    if not engine.ready:
+        await started.stop()
+        raise RuntimeError(f"no loadable model in {config.repository} (--repository)")
 
     async def sweep() -> None:
-        sessions.evict_idle()
+        engine.evict_idle()
 
-    tasks = [asyncio.create_task(_every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4),
-                                        sweep, "idle sweep"))]
-    started = Server(config, server, port, http, engine, health_servicer, executor, tasks,
-                     streams)
+    started.tasks.append(asyncio.create_task(
+        _every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4), sweep, "idle sweep")))
     if config.repository_poll > 0:
-        tasks.append(asyncio.create_task(_every(config.repository_poll, started.sync_models,
-                                                "repository poll")))
-    await started.set_serving()
-    log.info("serving %s on %s:%d (metrics on %s)",
-             ", ".join(f"{m.spec.name} v{m.spec.version}" for m in models.serving()),
-             config.host, port, started.metrics_port)
+        started.tasks.append(asyncio.create_task(_every(config.repository_poll,
+                                                        started.sync_models, "repository poll")))
+    metrics_at = f"; metrics on :{started.metrics_port}" if http is not None else \
+        "; metrics disabled"
+    log.info("serving %s on %s:%d%s",
+             ", ".join(f"{m.spec.name} v{m.spec.version}" for m in engine.models()),
+             config.host, port, metrics_at)
     return started
 
 

@@ -6,45 +6,37 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from rnnserve.converters import (
-    fill_tensor,
-    model_info,
-    session_info,
-    to_array,
-    to_arrays,
-    to_tensor,
-    to_tensors,
-)
-from rnnserve.engine import Engine, StepOutcome
+
+from rnnserve.engine import Engine, ModelView, SessionView, StepOutcome
 from rnnserve.errors import InvalidArgument, ServingError
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.identity import Identities
 from rnnserve.metrics import Call, Metrics
-from rnnserve.rpc_errors import internal_error, status_code, stream_replies, unary
-from rnnserve.sessions import Session
+from rnnserve.rpc_errors import internal_error, stream_replies, unary
+from rnnserve.status import row_status, to_status
 from rnnserve.streams import OpenStreams
+from rnnserve.tensors import fill_tensor, to_array, to_arrays, to_tensor, to_tensors
 
 
-def _label(call: Call, session: Session) -> None:
-    call.model, call.version = session.model.labels
+def model_message(view: ModelView) -> pb.Model:
+    spec = view.spec
+    return pb.Model(
+        name=spec.name, version=spec.version, versions=view.versions, task=spec.task,
+        description=spec.description, cell=spec.cell, layers=spec.layers, units=spec.units,
+        features=spec.features, outputs=spec.outputs, output_kind=spec.output_kind,
+        states=[pb.StateInfo(name=s.input, output=s.output, size=s.size,
+                             datatype=pb.DATA_TYPE_FP32) for s in spec.states],
+        ready=view.ready, datatype=pb.DATA_TYPE_FP32)
 
 
-def _label_first(call: Call, outcome: StepOutcome) -> None:
-    """Label a multi-session call by its first live session (rows may span models)."""
-    for session in outcome.sessions:
-        if session is not None:
-            _label(call, session)
-            return
-
-
-def fill_step_results(results: pb.StepResults, outcome: StepOutcome) -> pb.StepResults:
+def fill_step_response(response: pb.StepResponse, outcome: StepOutcome) -> pb.StepResponse:
     """Written into the message in place: a streamed step must not build and copy a second."""
-    fill_tensor(results.y, outcome.y)
-    results.steps.extend(outcome.steps)
+    fill_tensor(response.y, outcome.y)
+    response.steps.extend(outcome.steps)
     for e in outcome.errors:
-        results.errors.add(row=e.row, code=grpc.StatusCode[e.code].value[0], message=e.message)
-    return results
+        response.errors.add(row=e.row, status=row_status(e.code, e.message))
+    return response
 
 
 @dataclass
@@ -52,7 +44,7 @@ class _StreamState:
     client: str = ""
     """Who opened the stream; every message on it acts for that client."""
     current: str = ""
-    """The session an `open` last opened or resumed; Steps without ids go to it."""
+    """The session an `open` or `resume` last named; messages without an id go to it."""
 
 
 class InferenceServicer(rpc.InferenceServicer):
@@ -63,73 +55,77 @@ class InferenceServicer(rpc.InferenceServicer):
         self.identities = identities
         self.streams = streams
 
-    @property
-    def idle_timeout(self) -> float:
-        return self.engine.sessions.idle_timeout
-
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
-        registry = self.engine.registry
-        return pb.ListModelsResponse(models=[model_info(m, registry.versions(m.spec.name))
-                                             for m in registry.serving()])
+        return pb.ListModelsResponse(models=[model_message(m) for m in self.engine.models()])
 
     @unary
-    async def GetModel(self, request: pb.GetModelRequest, call: Call) -> pb.ModelInfo:
-        model = self.engine.model(request.model, request.version)
-        call.model, call.version = model.labels
-        return model_info(model, self.engine.registry.versions(request.model))
+    async def GetModel(self, request: pb.GetModelRequest, call: Call) -> pb.GetModelResponse:
+        call.model = self.engine.model_label(request.model)  # also when the lookup fails
+        view = self.engine.describe(request.model, request.version)
+        call.model, call.version = view.labels
+        return pb.GetModelResponse(model=model_message(view))
 
     @unary
     async def Predict(self, request: pb.PredictRequest, call: Call) -> pb.PredictResponse:
+        call.model = self.engine.model_label(request.model)
         result = await self.engine.predict(
             request.model, request.version, to_array(request.x, "x"), list(request.lengths),
             to_arrays(request.initial_states, "initial_states"),
             request.output_mode == pb.OUTPUT_MODE_LAST_STEP)
         call.model, call.version = result.model.labels
-        return pb.PredictResponse(model=result.model.spec.name,
-                                  version=result.model.spec.version, y=to_tensor(result.y),
+        spec = result.model.spec
+        return pb.PredictResponse(model=spec.name, version=spec.version, y=to_tensor(result.y),
                                   final_states=to_tensors(result.final_states))
 
     @unary
-    async def OpenSession(self, request: pb.OpenSessionRequest, call: Call) -> pb.SessionInfo:
-        if request.resume_session_id:
-            raise InvalidArgument("resume_session_id belongs in a Stream's open message; unary "
-                                  "calls name the session directly")
-        return self._opened(request, call)
+    async def OpenSession(self, request: pb.OpenSessionRequest,
+                          call: Call) -> pb.OpenSessionResponse:
+        return pb.OpenSessionResponse(session=self._open(request, call))
 
     @unary
-    async def Step(self, request: pb.Steps, call: Call) -> pb.StepResults:
+    async def Step(self, request: pb.StepRequest, call: Call) -> pb.StepResponse:
         outcome = await self.engine.step(list(request.session_ids), to_array(request.x, "x"),
                                          call.client)
-        _label_first(call, outcome)
-        return fill_step_results(pb.StepResults(), outcome)
+        if outcome.labels is not None:
+            call.model, call.version = outcome.labels
+        return fill_step_response(pb.StepResponse(), outcome)
 
     @unary
-    async def ResetSession(self, request: pb.SessionRef, call: Call) -> pb.SessionInfo:
-        return self._info(await self.engine.reset(request.session_id, call.client), call)
+    async def ResetSession(self, request: pb.ResetSessionRequest,
+                           call: Call) -> pb.ResetSessionResponse:
+        return pb.ResetSessionResponse(session=self._session(
+            await self.engine.reset_session(request.session_id, call.client), call))
 
     @unary
-    async def GetSessionState(self, request: pb.SessionRef, call: Call) -> pb.SessionState:
-        return self._state(*await self.engine.snapshot(request.session_id, call.client), call)
+    async def GetSessionState(self, request: pb.GetSessionStateRequest,
+                              call: Call) -> pb.GetSessionStateResponse:
+        return await self._state(request.session_id, call)
 
     @unary
-    async def CloseSession(self, request: pb.SessionRef, call: Call) -> pb.SessionInfo:
-        return self._info(await self.engine.close(request.session_id, call.client), call)
+    async def CloseSession(self, request: pb.CloseSessionRequest,
+                           call: Call) -> pb.CloseSessionResponse:
+        return pb.CloseSessionResponse(session=self._session(
+            await self.engine.close_session(request.session_id, call.client), call))
 
-    def _opened(self, request: pb.OpenSessionRequest, call: Call) -> pb.SessionInfo:
-        return self._info(self.engine.open_session(
+    def _open(self, request: pb.OpenSessionRequest, call: Call) -> pb.Session:
+        call.model = self.engine.model_label(request.model)
+        return self._session(self.engine.open_session(
             request.model, request.version, to_arrays(request.initial_states, "initial_states"),
             request.session_id, call.client), call)
 
-    def _info(self, session: Session, call: Call) -> pb.SessionInfo:
-        """The session as the client sees it; also labels this call's metrics with its model."""
-        _label(call, session)
-        return session_info(session, self.idle_timeout)
+    async def _state(self, session_id: str, call: Call) -> pb.GetSessionStateResponse:
+        view, states = await self.engine.session_state(session_id, call.client)
+        return pb.GetSessionStateResponse(session=self._session(view, call),
+                                          states=to_tensors(states))
 
-    def _state(self, session: Session, states: dict, call: Call) -> pb.SessionState:
-        _label(call, session)
-        return pb.SessionState(session=session_info(session, self.idle_timeout),
-                               states=to_tensors(states))
+    def _session(self, view: SessionView, call: Call) -> pb.Session:
+        """The session as the client sees it; also labels this call's metrics with its model."""
+        call.model, call.version = view.labels
+        session = pb.Session(session_id=view.session_id, model=view.model,
+                             version=view.version, steps=view.steps)
+        session.idle_timeout.FromNanoseconds(int(self.engine.idle_timeout * 1e9))
+        return session
 
     async def Stream(self, requests: AsyncIterator[pb.StreamRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
@@ -150,59 +146,64 @@ class InferenceServicer(rpc.InferenceServicer):
         kind = request.WhichOneof("kind")
         try:
             with self.metrics.track("Stream", stream.client) as call:
-                if kind == "steps":
-                    ids = list(request.steps.session_ids) or [self._current(stream)]
-                    outcome = await self.engine.step(ids, to_array(request.steps.x, "steps.x"),
-                                                     stream.client)
-                    _label_first(call, outcome)
-                    fill_step_results(response.results, outcome)
-                elif kind == "open":
-                    response.opened.CopyFrom(await self._stream_open(request.open, stream, call))
-                elif kind == "control":
-                    await self._control(request.control, stream, response, call)
+                if kind == "step":
+                    await self._stream_step(request.step, stream, response, call)
+                elif kind is None:
+                    raise InvalidArgument("empty StreamRequest: set open, resume, step, reset, "
+                                          "get_state or close")
                 else:
-                    raise InvalidArgument("empty StreamRequest: set open, steps or control")
+                    await self._stream_session_call(kind, getattr(request, kind), stream,
+                                                    response, call)
         except ServingError as exc:
-            response.error.CopyFrom(pb.Status(code=status_code(exc).value[0], message=str(exc)))
+            response.error.CopyFrom(to_status(exc))
         except Exception:
-            error = internal_error("Stream")
-            response.error.CopyFrom(pb.Status(code=grpc.StatusCode.INTERNAL.value[0],
-                                              message=str(error)))
+            response.error.CopyFrom(to_status(internal_error("Stream")))
         return response
+
+    async def _stream_step(self, request: pb.StepRequest, stream: _StreamState,
+                           response: pb.StreamResponse, call: Call) -> None:
+        """Named sessions report failed rows in the answer; the stream's own session (no ids)
+        fails the message as a whole, like every other one-session operation."""
+        own = not request.session_ids
+        ids = [self._current(stream)] if own else list(request.session_ids)
+        outcome = await self.engine.step(ids, to_array(request.x, "step.x"), stream.client)
+        if own and outcome.errors:
+            error = outcome.errors[0]
+            response.error.CopyFrom(row_status(error.code, error.message))
+            return
+        if outcome.labels is not None:
+            call.model, call.version = outcome.labels
+        fill_step_response(response.step, outcome)
+
+    async def _stream_session_call(self, kind: str, request, stream: _StreamState,
+                                   response: pb.StreamResponse, call: Call) -> None:
+        client = stream.client
+        if kind == "open":
+            session = self._open(request, call)
+            stream.current = session.session_id
+            response.open.session.CopyFrom(session)
+            return
+        if kind == "resume" and not request.session_id:
+            raise InvalidArgument("resume.session_id is required: the session to continue")
+        session_id = request.session_id or self._current(stream)
+        if kind == "resume":
+            response.resume.session.CopyFrom(self._session(
+                await self.engine.resume_session(session_id, client), call))
+            stream.current = session_id
+        elif kind == "reset":
+            response.reset.session.CopyFrom(self._session(
+                await self.engine.reset_session(session_id, client), call))
+        elif kind == "get_state":
+            response.get_state.CopyFrom(await self._state(session_id, call))
+        else:  # close
+            response.close.session.CopyFrom(self._session(
+                await self.engine.close_session(session_id, client), call))
+            if stream.current == session_id:
+                stream.current = ""
 
     @staticmethod
     def _current(stream: _StreamState) -> str:
         if not stream.current:
-            raise InvalidArgument("no session on this stream yet: send `open` first, or name the "
-                                  "sessions in steps.session_ids")
+            raise InvalidArgument("no session on this stream yet: send `open` or `resume` "
+                                  "first, or name the session")
         return stream.current
-
-    async def _stream_open(self, request: pb.OpenSessionRequest, stream: _StreamState,
-                           call: Call) -> pb.SessionInfo:
-        if request.resume_session_id:
-            if request.model or request.version or request.initial_states or request.session_id:
-                raise InvalidArgument("resume takes only resume_session_id: the session keeps its "
-                                      "model, version and state")
-            info = self._info(await self.engine.find(request.resume_session_id, call.client),
-                              call)
-        else:
-            info = self._opened(request, call)
-        stream.current = info.session_id
-        return info
-
-    async def _control(self, control: pb.Control, stream: _StreamState,
-                       response: pb.StreamResponse, call: Call) -> None:
-        session_id = control.session_id or self._current(stream)
-        if control.action == pb.CONTROL_ACTION_RESET:
-            session = await self.engine.reset(session_id, call.client)
-        elif control.action == pb.CONTROL_ACTION_SNAPSHOT:
-            response.state.CopyFrom(self._state(
-                *await self.engine.snapshot(session_id, call.client), call))
-            return
-        elif control.action == pb.CONTROL_ACTION_CLOSE:
-            session = await self.engine.close(session_id, call.client)
-            if stream.current == session_id:
-                stream.current = ""
-        else:
-            raise InvalidArgument("control.action must be RESET, SNAPSHOT or CLOSE")
-        response.session.CopyFrom(self._info(session, call))

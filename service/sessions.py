@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from rnnserve.errors import (
     AlreadyExists,
     FailedPrecondition,

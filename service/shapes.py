@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+
 from rnnserve.errors import InvalidArgument
 
 MAX_DIMENSION = 2**31 - 1

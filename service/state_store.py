@@ -7,6 +7,7 @@ scatter the final states back, so no step allocates per-session arrays.
 from __future__ import annotations
 
 import numpy as np
+
 from rnnserve.contract import ModelSpec
 from rnnserve.errors import ResourceExhausted
 

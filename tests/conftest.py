@@ -11,22 +11,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from bench.cluster import Redis
 from rnnserve.client import Client
 from rnnserve.config import ServerConfig
 from rnnserve.contract import GOLDEN_FILE, read_spec
 from rnnserve.server import Server, create_server
-
-from bench.cluster import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTED = ROOT / "exported"
 MODELS = sorted(p.parent.parent.name for p in EXPORTED.glob("*/*/model.onnx"))
 
 
+class FakeClock:
+    """Monotonic time that moves only when a test says so (idle timeouts without sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class RunningServer:
     """A server on its own event loop thread, so tests can use the blocking client."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, **inject) -> None:
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self.error: BaseException | None = None
@@ -34,7 +47,8 @@ class RunningServer:
         def run() -> None:
             asyncio.set_event_loop(self.loop)
             try:
-                self.server: Server = self.loop.run_until_complete(create_server(config))
+                self.server: Server = self.loop.run_until_complete(
+                    create_server(config, **inject))
             except BaseException as exc:
                 self.error = exc
                 started.set()
@@ -53,6 +67,14 @@ class RunningServer:
         """Run a coroutine on the server's loop (for engine-level checks)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
+    def sweep(self) -> int:
+        """Run the idle sweep now (tests with a FakeClock): how many sessions it evicted."""
+
+        async def evict() -> int:
+            return self.server.engine.evict_idle()
+
+        return self.call(evict())
+
     def stop(self) -> None:
         self.call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -68,8 +90,10 @@ def make_config(**overrides) -> ServerConfig:
 
 
 @contextmanager
-def running(**overrides) -> Iterator[RunningServer]:
-    server = RunningServer(make_config(**overrides))
+def running(clock=None, runner=None, **overrides) -> Iterator[RunningServer]:
+    """A server of its own; `clock` and `runner` replace the real ones (see create_server)."""
+    inject = {k: v for k, v in (("clock", clock), ("runner", runner)) if v is not None}
+    server = RunningServer(make_config(**overrides), **inject)
     try:
         yield server
     finally:

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from prometheus_client import CollectorRegistry
+
 from rnnserve.config import ServerConfig
 from rnnserve.contract import read_spec
 from rnnserve.engine import Engine
@@ -16,7 +17,6 @@ from rnnserve.metrics import Metrics
 from rnnserve.registry import ModelRegistry
 from rnnserve.runner import Runner
 from rnnserve.sessions import SessionTable
-
 from tests.conftest import EXPORTED
 
 
@@ -24,9 +24,16 @@ async def make_engine(**overrides) -> Engine:
     config = ServerConfig(repository=EXPORTED, **overrides)
     metrics = Metrics(CollectorRegistry())
     registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
-    await registry.sync()
-    return Engine(config, registry, SessionTable(config.max_sessions, 60, metrics),
-                  MemoryBudget(config.memory_budget))
+    engine = Engine(config, registry, SessionTable(config.max_sessions, 60, metrics),
+                    MemoryBudget(config.memory_budget))
+    await engine.sync_models()
+    return engine
+
+
+async def arrive_after(turns: int) -> None:
+    """Let other tasks run `turns` times first: a random arrival order without a clock."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
 
 
 def test_concurrent_sessions_coalesce_and_match_unbatched_runs() -> None:
@@ -41,17 +48,17 @@ def test_concurrent_sessions_coalesce_and_match_unbatched_runs() -> None:
         sessions = [engine.open_session("binary_add", 0, {}) for _ in xs]
 
         async def drive(i: int) -> np.ndarray:
-            await asyncio.sleep(rng.uniform(0, 0.002))  # random arrival order
-            outs = [(await engine.step([sessions[i].id], xs[i, t][None, None])).y[0]
+            await arrive_after(int(rng.integers(0, 4)))
+            outs = [(await engine.step([sessions[i].session_id], xs[i, t][None, None])).y[0]
                     for t in range(xs.shape[1])]
             return np.concatenate(outs)
 
         ys = await asyncio.gather(*(drive(i) for i in range(len(xs))))
         labels = {"model": "binary_add", "version": "1"}
-        sample = engine.registry.metrics.registry.get_sample_value
+        sample = engine.metrics.registry.get_sample_value
         mean_rows = (sample("rnnserve_batch_size_sum", labels)
                      / sample("rnnserve_batch_size_count", labels))
-        await engine.registry.close()
+        await engine.shutdown()
         return ys, mean_rows
 
     ys, mean_rows = asyncio.run(main())
@@ -69,7 +76,7 @@ def test_engine_validates_before_queueing() -> None:
             assert "[rows, timesteps, 1]" in str(exc)
         else:
             raise AssertionError("accepted 3 features for a 1-feature model")
-        await engine.registry.close()
+        await engine.shutdown()
 
     asyncio.run(main())
 
@@ -105,11 +112,12 @@ def test_inline_threaded_and_unbatched_steps_agree() -> None:
         sessions = [engine.open_session("binary_add", 0, {}) for _ in xs]
 
         async def drive(i: int) -> np.ndarray:
-            return np.concatenate([(await engine.step([sessions[i].id], xs[i, t:t + 1][None]))
-                                   .y[0] for t in range(xs.shape[1])])
+            session = sessions[i].session_id
+            return np.concatenate([(await engine.step([session], xs[i, t:t + 1][None])).y[0]
+                                   for t in range(xs.shape[1])])
 
         ys = np.stack(await asyncio.gather(*(drive(i) for i in range(len(xs)))))
-        await engine.registry.close()
+        await engine.shutdown()
         return ys
 
     inline = asyncio.run(run())
@@ -121,15 +129,18 @@ def test_inline_threaded_and_unbatched_steps_agree() -> None:
 
 def test_cancelled_steps_leave_state_alone_and_close_fails_queued_work() -> None:
     async def main() -> None:
-        engine = await make_engine()
-        model = engine.model("echo")
-        session = engine.open_session("echo", 0, {})
+        config = ServerConfig(repository=EXPORTED)
+        metrics = Metrics(CollectorRegistry())
+        registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
+        await registry.sync()
+        model = registry.get("echo")
+        session = SessionTable(10, 60, metrics).open(model, None)
         x = np.ones((1, 1, 1), np.float32)
         before = model.store.read(session.slot)
         queued = asyncio.ensure_future(model.batcher.step([session.slot], x))
         await asyncio.sleep(0)  # queued, its flush not yet run
         queued.cancel()
-        await asyncio.sleep(0.01)
+        await asyncio.gather(queued, return_exceptions=True)
         assert queued.cancelled()
         assert all(np.array_equal(a, b) for a, b in zip(before, model.store.read(session.slot)))
         await model.batcher.step([session.slot], x)  # the batcher still works
@@ -150,6 +161,6 @@ def test_cancelled_steps_leave_state_alone_and_close_fails_queued_work() -> None
             pass
         else:
             raise AssertionError("a closed batcher took new work")
-        await engine.registry.close()
+        await registry.close()
 
     asyncio.run(main())

@@ -6,8 +6,8 @@ import re
 from dataclasses import fields
 
 import yaml
-from rnnserve.config import ENV_PREFIX, ServerConfig
 
+from rnnserve.config import ENV_PREFIX, ServerConfig
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 import pytest
+
 from rnnserve.client import Client, RnnServeError
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
-
-from tests.conftest import RunningServer, running
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from tests.conftest import FakeClock, RunningServer, running
 
 
 def code_of(fn, *args, **kwargs) -> str:
@@ -45,13 +44,30 @@ def test_bad_predict_inputs(client: Client, x: np.ndarray, why: str) -> None:
     assert code_of(client.predict, "echo", x) == "INVALID_ARGUMENT", why
 
 
-def test_bad_lengths_states_and_wire_format(client: Client) -> None:
+def raw_predict(server: RunningServer, request: pb.PredictRequest) -> str:
+    """The status of a Predict built by hand (wire-format mistakes the client never makes)."""
+    with grpc.insecure_channel(server.address) as channel:
+        try:
+            rpc.InferenceStub(channel).Predict(request, timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.details()
+            return exc.code().name
+    return "OK"
+
+
+def test_bad_lengths_states_and_wire_format(server: RunningServer, client: Client) -> None:
     x = np.zeros((2, 3, 1), np.float32)
-    request = pb.PredictRequest(model="echo", x=pb.Tensor(shape=[2, 3, 1], data=b"\0" * 7))
-    assert code_of(client._call, "Predict", request) == "INVALID_ARGUMENT"
-    request = pb.PredictRequest(model="echo", x=pb.Tensor(shape=[2, 3, 1], data=x.tobytes()),
-                                lengths=[3, 4])
-    assert code_of(client._call, "Predict", request) == "INVALID_ARGUMENT"
+    fp32 = pb.DATA_TYPE_FP32
+    short = pb.Tensor(datatype=fp32, shape=[2, 3, 1], data=b"\0" * 7)
+    assert raw_predict(server, pb.PredictRequest(model="echo", x=short)) == "INVALID_ARGUMENT"
+    for datatype in (pb.DATA_TYPE_UNSPECIFIED, 99):  # bytes alone do not say what they hold
+        untyped = pb.Tensor(datatype=datatype, shape=[2, 3, 1], data=x.tobytes())
+        assert raw_predict(server, pb.PredictRequest(model="echo", x=untyped)) == \
+            "INVALID_ARGUMENT"
+    whole = pb.Tensor(datatype=fp32, shape=[2, 3, 1], data=x.tobytes())
+    assert raw_predict(server, pb.PredictRequest(model="echo", x=whole)) == "OK"
+    assert raw_predict(server, pb.PredictRequest(model="echo", x=whole, lengths=[3, 4])) == \
+        "INVALID_ARGUMENT"
     assert code_of(client.predict, "echo", x, initial_states={"h9": np.zeros((2, 4))}) == \
         "INVALID_ARGUMENT"
     assert code_of(client.predict, "echo", x, initial_states={"h0": np.zeros((2, 5))}) == \
@@ -64,7 +80,7 @@ def test_bad_stream_messages_keep_the_stream_alive(client: Client) -> None:
     with client.stream("echo") as stream:
         assert code_of(stream.step, [1.0, 2.0]) == "INVALID_ARGUMENT"
         assert code_of(stream.step, [float("nan")]) == "INVALID_ARGUMENT"
-        assert code_of(stream.send, pb.StreamRequest()) == "INVALID_ARGUMENT"
+        assert code_of(stream.send, pb.StreamRequest(), "error") == "INVALID_ARGUMENT"
         assert code_of(stream.open, "nope") == "NOT_FOUND"
         assert code_of(stream.step_many, ["a" * 32, "a" * 32], np.zeros((1, 1, 1))) == \
             "INVALID_ARGUMENT"
@@ -86,18 +102,21 @@ def test_oversize_requests(server: RunningServer) -> None:
 
 
 def test_max_sessions_and_idle_eviction() -> None:
-    with running(max_sessions=3, session_idle_timeout=0.4) as srv, srv.client() as client:
+    clock = FakeClock()
+    with running(max_sessions=3, session_idle_timeout=60, clock=clock) as srv, \
+            srv.client() as client:
         ids = [client.open_session("echo").session_id for _ in range(3)]
         assert code_of(client.open_session, "echo") == "RESOURCE_EXHAUSTED"
         client.close_session(ids[0])
         ids[0] = client.open_session("echo").session_id
-        live = srv.server.engine.sessions
-        deadline = time.monotonic() + 10
-        while len(live) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(live) == 0
+        clock.advance(59)
+        client.step(ids[0], [1.0])  # a step keeps its session alive
+        assert srv.sweep() == 0
+        clock.advance(2)
+        assert srv.sweep() == 2
+        assert srv.server.engine.live_sessions == 1
         assert code_of(client.step, ids[1], [1.0]) == "FAILED_PRECONDITION"
-        with pytest.raises(RnnServeError, match="evicted after 0.4 s idle"):
+        with pytest.raises(RnnServeError, match="evicted after 60 s idle"):
             client.step(ids[2], [1.0])
         client.open_session("echo")  # slots came back
 

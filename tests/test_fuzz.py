@@ -9,9 +9,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from rnnserve.generated.inference import grpc_service_pb2 as v2
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
-
 from tests.conftest import RunningServer, golden, running
 
 DOCUMENTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS",
@@ -34,7 +34,7 @@ def tensors(draw) -> pb.Tensor:
         data = np.full(count, draw(floats), "<f4").tobytes()
     else:
         data = draw(st.binary(max_size=64))
-    return pb.Tensor(shape=shape, data=data)
+    return pb.Tensor(datatype=draw(st.sampled_from([1, 1, 1, 0, 7])), shape=shape, data=data)
 
 
 session_ids = st.one_of(st.just(""), st.text(max_size=40), st.sampled_from(["f" * 32, "0" * 32]))
@@ -44,14 +44,19 @@ predicts = st.builds(pb.PredictRequest, model=names, version=st.integers(-5, 2**
                      initial_states=st.dictionaries(st.sampled_from(["h0", "c0", "zz"]),
                                                     tensors(), max_size=2),
                      output_mode=st.integers(0, 5))
+by_id = st.sampled_from([pb.ResumeSessionRequest, pb.ResetSessionRequest,
+                         pb.GetSessionStateRequest, pb.CloseSessionRequest])
 stream_requests = st.one_of(
     st.builds(lambda o: pb.StreamRequest(open=o),
               st.builds(pb.OpenSessionRequest, model=names, version=st.integers(-1, 3),
-                        resume_session_id=session_ids, session_id=session_ids)),
-    st.builds(lambda s: pb.StreamRequest(steps=s),
-              st.builds(pb.Steps, session_ids=st.lists(session_ids, max_size=3), x=tensors())),
-    st.builds(lambda c: pb.StreamRequest(control=c),
-              st.builds(pb.Control, action=st.integers(0, 7), session_id=session_ids)),
+                        session_id=session_ids)),
+    st.builds(lambda s: pb.StreamRequest(step=s),
+              st.builds(pb.StepRequest, session_ids=st.lists(session_ids, max_size=3),
+                        x=tensors())),
+    st.builds(lambda kind, session_id: pb.StreamRequest(**{
+        {pb.ResumeSessionRequest: "resume", pb.ResetSessionRequest: "reset",
+         pb.GetSessionStateRequest: "get_state", pb.CloseSessionRequest: "close"}[kind]:
+        kind(session_id=session_id)}), by_id, session_ids),
     st.just(pb.StreamRequest()))
 
 

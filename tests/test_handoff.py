@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-from rnnserve.client import Client, RnnServeError
 
+from rnnserve.client import Client, RnnServeError
 from tests.conftest import RunningServer, make_config, running
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import redis
-from rnnserve.client import Client, RnnServeError
 
 from bench.cluster import Redis
+from rnnserve.client import Client, RnnServeError
 from tests.conftest import RunningServer, make_config, running
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -34,7 +34,7 @@ def test_hundreds_of_parked_sessions_adopted_in_one_message(redis_url: str) -> N
         adopted = on_b.step_many(ids, x)
         assert set(lookups) == {"NOT_FOUND"}, "unknown ids: NOT_FOUND, fast, never INTERNAL"
         assert not adopted.errors and adopted.steps == [6] * 400
-        assert len(b.server.engine.sessions) == 400
+        assert b.server.engine.live_sessions == 400
         store = redis.Redis.from_url(redis_url)
         assert store.exists(*(f"rnnserve:session:{i}" for i in ids)) == 0
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from rnnserve.client import Client, RnnServeError
 from rnnserve.identity import Identities, parse_tokens
-
 from tests.conftest import RunningServer, running
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"

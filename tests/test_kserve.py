@@ -6,12 +6,19 @@ import queue
 
 import numpy as np
 import pytest
-from rnnserve.client import Client
 
-from tests.conftest import RunningServer
+from rnnserve.client import Client
+from tests.conftest import RunningServer, running
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server():
+    """Its own server: these tests count live sessions, which no other test may change."""
+    with running() as own:
+        yield own
 
 
 @pytest.fixture
@@ -86,7 +93,7 @@ def test_unary_sequences_interleaved(triton, client: Client) -> None:
 
 def test_streamed_sequences_interleaved(triton, server: RunningServer) -> None:
     bits = np.random.default_rng(3).integers(0, 2, (4, 40)).astype(np.float32)
-    live_before = len(server.server.engine.sessions)
+    live_before = server.server.engine.live_sessions
     responses: queue.Queue = queue.Queue()
     triton.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
@@ -112,7 +119,7 @@ def test_streamed_sequences_interleaved(triton, server: RunningServer) -> None:
     finally:
         triton.stop_stream()
     assert np.array_equal(predicted[:, 3:], bits[:, :-3].astype(int))
-    assert len(server.server.engine.sessions) == live_before  # ended sequences freed sessions
+    assert server.server.engine.live_sessions == live_before  # ended sequences freed sessions
 
 
 def test_bad_requests(triton) -> None:
@@ -138,9 +145,9 @@ def test_bad_requests(triton) -> None:
 
 
 def test_sequences_share_the_native_session_store(server: RunningServer, triton) -> None:
-    sessions = server.server.engine.sessions
-    before = len(sessions)
+    engine = server.server.engine
+    before = engine.live_sessions
     triton.infer("echo", [x_input(np.ones((1, 1, 1)))], sequence_id=4242, sequence_start=True)
-    assert len(sessions) == before + 1
+    assert engine.live_sessions == before + 1
     triton.infer("echo", [x_input(np.ones((1, 1, 1)))], sequence_id=4242, sequence_end=True)
-    assert len(sessions) == before
+    assert engine.live_sessions == before

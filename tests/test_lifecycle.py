@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,9 +16,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from rnnserve.client import Client, RnnServeError
 from rnnserve.config import ServerConfig, add_arguments, from_namespace
-
 from tests.conftest import EXPORTED, ROOT, running
 
 
@@ -48,8 +49,9 @@ def test_repository_poll_loads_and_retires_versions(tmp_path: Path) -> None:
             client.open_session("echo", version=1)
         assert err.value.code.name == "NOT_FOUND"
         client.close_session(pinned.session_id)
-        engine = srv.server.engine
-        wait_for(lambda: all(m.spec.version == 2 for m in engine.registry._models.values()))
+        unloads = srv.server.engine.metrics.registry.get_sample_value
+        wait_for(lambda: unloads("rnnserve_model_events_total",
+                                 {"model": "echo", "version": "1", "event": "unload"}) == 1)
 
 
 def test_broken_model_is_skipped_not_fatal(tmp_path: Path) -> None:
@@ -73,7 +75,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     try:
         wait_for(lambda: "serving" in port_file.read_text())
         line = next(ln for ln in port_file.read_text().splitlines() if "serving" in ln)
-        port = int(line.split("127.0.0.1:")[1].split(" ")[0])
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
         with Client(f"127.0.0.1:{port}") as client, client.stream("echo") as stream, \
                 grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stream.step([1.0])
@@ -114,8 +116,15 @@ def test_tls(tmp_path: Path) -> None:
         serialization.NoEncryption()))
     with running(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")) as srv:
         address = f"localhost:{srv.server.port}"
-        with Client(address, root_certificates=tmp_path / "cert.pem") as secure:
+        with Client(address, tls_ca=tmp_path / "cert.pem") as secure:
             assert secure.predict("echo", np.ones((1, 4, 1))).y.shape == (1, 4, 2)
+        probe = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address", address],
+                               env={**os.environ, "RNNSERVE_TLS_CA": str(tmp_path / "cert.pem")},
+                               capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0 and "SERVING" in probe.stdout  # the container's probe
+        plaintext = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address",
+                                    address], capture_output=True, text=True, timeout=60)
+        assert plaintext.returncode == 1
         with Client(address, timeout=2) as plain:
             with pytest.raises(RnnServeError) as err:
                 plain.list_models()

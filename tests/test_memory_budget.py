@@ -7,10 +7,10 @@ import asyncio
 
 import numpy as np
 import pytest
+
 from rnnserve.client import Client, RnnServeError
 from rnnserve.errors import ResourceExhausted
 from rnnserve.memory import MemoryBudget, RunCost
-
 from tests.conftest import RunningServer, running, spec
 
 SMALL = 1024 * 1024

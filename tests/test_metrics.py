@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import urllib.request
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from rnnserve.client import Client
 
-from tests.conftest import running
+from rnnserve.client import Client, RnnServeError
+from tests.conftest import FakeClock, running
 
 
 def scrape(port: int) -> dict[str, list]:
@@ -26,27 +25,26 @@ def value(samples: list, name: str, **labels: str) -> float:
 
 
 def test_metrics_count_what_happened() -> None:
-    with running(session_idle_timeout=0.3) as srv, Client(srv.address) as client:
+    clock = FakeClock()
+    with running(clock=clock) as srv, Client(srv.address) as client:
         client.predict("binary_add", np.zeros((3, 8, 2), np.float32))
         with client.stream("echo") as stream:
             for bit in (1, 0, 1, 1):
                 stream.step([bit])
             stream.step(np.ones((4, 1)))
-        try:
-            client.predict("nope", np.zeros((1, 1, 1)))
-        except Exception:
-            pass
+            stream.detach()  # left open: the idle sweep ends it
+        for name in ("nope", "nope-2"):  # unknown names share one label, not one each
+            with pytest.raises(RnnServeError):
+                client.predict(name, np.zeros((1, 1, 1)))
         families = scrape(srv.server.metrics_port)
-        deadline = time.monotonic() + 10  # the stream's session was left open: the sweep ends it
-        while time.monotonic() < deadline and value(
-                scrape(srv.server.metrics_port)["rnnserve_session_evictions"],
-                "rnnserve_session_evictions_total") < 1:
-            time.sleep(0.05)
+        clock.advance(srv.server.config.session_idle_timeout + 1)
+        assert srv.sweep() == 1
         after = scrape(srv.server.metrics_port)
     requests = families["rnnserve_requests"]
     assert value(requests, "rnnserve_requests_total", model="binary_add", method="Predict",
                  code="OK") == 1
-    assert value(requests, "rnnserve_requests_total", method="Predict", code="NOT_FOUND") == 1
+    assert value(requests, "rnnserve_requests_total", method="Predict", code="NOT_FOUND",
+                 model="(unknown)") == 2
     assert value(requests, "rnnserve_requests_total", model="echo", version="1",
                  method="Stream", code="OK") == 6  # open + 5 step messages
     assert value(families["rnnserve_timesteps"], "rnnserve_timesteps_total", model="echo") == 8

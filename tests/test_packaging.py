@@ -8,7 +8,6 @@ import sys
 from dataclasses import fields
 
 from rnnserve.config import ENV_PREFIX, ServerConfig
-
 from tests.conftest import ROOT, RunningServer
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

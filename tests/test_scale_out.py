@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rnnserve.client import Client, RnnServeError
 
 from bench.cluster import Nginx, Replica
+from rnnserve.client import Client, RnnServeError
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nginx") is None or shutil.which("redis-server") is None,

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from rnnserve.client import Client, RnnServeError
 
+from rnnserve.client import Client, RnnServeError
 from tests.conftest import RunningServer
 
 MODELS = {"echo": 1, "binary_add": 2, "digits": 8, "forecast": 1}
@@ -147,7 +147,7 @@ def test_unary_session_calls(client: Client) -> None:
     x = sample("digits", 1, 8, seed=10)[0]
     whole = client.predict("digits", x[None]).y[0]
     info = client.open_session("digits", version=1)
-    assert len(info.session_id) == 32 and info.idle_timeout_seconds == 300
+    assert len(info.session_id) == 32 and info.idle_timeout.seconds == 300
     ys = np.concatenate([client.step(info.session_id, row) for row in x])
     assert close(ys, whole) <= 1e-5
     assert client.snapshot(info.session_id)["h0"].shape == (16,)

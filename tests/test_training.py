@@ -15,8 +15,8 @@ pytest.importorskip("tensorflow", reason="training extra not installed")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import keras  # noqa: E402
-from rnnserve.contract import CELLS, read_spec  # noqa: E402
 
+from rnnserve.contract import CELLS, read_spec  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from training.architecture import Architecture, build_model  # noqa: E402
 from training.onnx_export import ExportError, to_onnx  # noqa: E402

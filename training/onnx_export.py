@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
 from rnnserve.contract import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17

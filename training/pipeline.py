@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import onnx
 import onnxruntime as ort
+
 from rnnserve.contract import (
     GOLDEN_FILE,
     INPUT_NAME,
@@ -24,7 +25,6 @@ from rnnserve.contract import (
     version_dir,
     write_spec,
 )
-
 from training.architecture import build_model
 from training.onnx_export import OPSET, to_onnx
 from training.plots import plot_training

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import onnx
 import onnxruntime as ort
+
 from rnnserve.contract import INPUT_NAME, OUTPUT_NAME
 
 TOLERANCE = 1e-5
