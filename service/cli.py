@@ -133,19 +133,19 @@ def run_health(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from rnnserve.logs import configure
-    from rnnserve.server import serve
-
     try:
         config = config_module.from_namespace(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure(config.log_level)
     if importlib.util.find_spec("onnxruntime") is None:
         print("error: ONNX Runtime is not installed: pip install 'rnnserve[cpu]' (or "
               "'rnnserve[gpu]' for CUDA)", file=sys.stderr)
         return 2
+    from rnnserve.logs import configure
+    from rnnserve.server import serve
+
+    configure(config.log_level)
     try:
         return asyncio.run(serve(config))
     except (ValueError, OSError, RuntimeError) as exc:  # bad tokens file, repository, ports

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +131,9 @@ def _bind_grpc(server: grpc.aio.Server, config: ServerConfig) -> int:
     """The gRPC port, exclusively: without SO_REUSEPORT a second server on the same port fails
     here instead of sharing it (clients would then alternate between the two)."""
     address = f"{config.host}:{config.grpc_port}"
+    if config.grpc_port and not _can_listen(config.host, config.grpc_port):
+        raise PortUnavailable(f"--grpc-port {config.grpc_port}: {address} is in use (another "
+                              "server?)")
     credentials = _credentials(config)
     try:
         port = (server.add_secure_port(address, credentials) if credentials
@@ -140,6 +144,20 @@ def _bind_grpc(server: grpc.aio.Server, config: ServerConfig) -> int:
         raise PortUnavailable(f"--grpc-port {config.grpc_port}: cannot listen on {address} "
                               "(in use by another server, or not an address of this host)")
     return port
+
+
+def _can_listen(host: str, port: int) -> bool:
+    """Whether a listener could bind host:port now. Asked first because gRPC's own failure
+    adds a C++ log line to the one-line error; its failure below stays the real check."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT ok
+            probe.bind(address)
+    except OSError:
+        return False
+    return True
 
 
 def _start_metrics(config: ServerConfig, metrics: Metrics):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import fields
+from pathlib import Path
 
+from rnnserve import __version__
 from rnnserve.config import ENV_PREFIX, ServerConfig
 from tests.conftest import ROOT, RunningServer
 
@@ -96,3 +103,58 @@ def test_server_reflection_lists_the_services(server: RunningServer) -> None:
         assert {"rnnserve.v1.Inference", "grpc.health.v1.Health"} <= services
         descriptor = database.FindFileContainingSymbol("rnnserve.v1.Inference")
         assert descriptor.package == "rnnserve.v1"
+
+
+def _serve(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rnnserve", "serve", "--repository",
+                           str(ROOT / "exported"), "--models", "echo", *flags], cwd=ROOT,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_busy_ports_fail_in_one_line_naming_the_flag(server: RunningServer) -> None:
+    """gRPC's SO_REUSEPORT default would let a second server share the port (clients would
+    alternate between the two): it must fail instead."""
+    second = _serve("--grpc-port", str(server.server.port), "--metrics-port", "-1")
+    assert second.returncode == 2
+    (line,) = second.stderr.strip().splitlines()
+    assert f"--grpc-port {server.server.port}" in json.loads(line)["message"]
+    busy_metrics = _serve("--grpc-port", "0", "--metrics-port", str(server.server.metrics_port))
+    assert busy_metrics.returncode == 2
+    (line,) = busy_metrics.stderr.strip().splitlines()
+    assert f"--metrics-port {server.server.metrics_port}" in json.loads(line)["message"]
+
+
+def test_version_flags_and_client_help() -> None:
+    version = subprocess.run([sys.executable, "-m", "rnnserve", "--version"],
+                             capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"rnnserve {__version__}"
+    for command in ("health", "models", "predict", "stream"):
+        text = subprocess.run([sys.executable, "-m", "rnnserve", command, "--help"],
+                              capture_output=True, text=True, timeout=60).stdout
+        for flag in ("--address", "--tls-ca", "--token", "RNNSERVE_TLS_CA"):
+            assert flag in text, (command, flag)
+        if command in ("predict", "stream"):
+            assert "--model-version" in text
+
+
+def test_make_serve_honours_rnnserve_variables(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "exported" / "echo", repo / "echo")
+    env = {**os.environ, "RNNSERVE_REPOSITORY": str(repo), "RNNSERVE_GRPC_PORT": "0",
+           "RNNSERVE_METRICS_PORT": "-1"}
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        make = subprocess.Popen(["make", "--no-print-directory", "serve"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "serving" not in log.read_text() and make.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        os.killpg(make.pid, signal.SIGTERM)
+        make.wait(60)
+    (line,) = [json.loads(ln) for ln in log.read_text().splitlines() if "serving" in ln]
+    assert line["message"].startswith("serving echo v1 on 127.0.0.1:")
+    assert line["message"].endswith("; metrics disabled")
