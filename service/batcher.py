@@ -206,12 +206,19 @@ class Batcher:
                 work.future.set_exception(exc)
 
     def _finish(self, group: list[Work], results: list[Result], started: float) -> None:
+        """Answer the callers still waiting. A step's final states reach its slots here, on the
+        event loop, only if its caller still waits: a caller cancelled while the run was in a
+        thread leaves its session exactly as it was (state and step count)."""
         rows = 0
-        for work, result in zip(group, results):
+        for work, (y, finals) in zip(group, results):
             self._queue_wait.observe(started - work.enqueued)
             rows += work.rows
-            if not work.future.done():
-                work.future.set_result(result)
+            if work.future.done():
+                continue
+            if work.slots is not None:
+                self.store.scatter(work.slots, finals, work.x.shape[1])
+                finals = []  # a step's caller reads only y; its states live in the store
+            work.future.set_result((y, finals))
         self._compute.observe(self._loop.time() - started)
         self._batch_size.observe(rows)
         self._timesteps.inc(rows * group[0].x.shape[1])
@@ -242,16 +249,13 @@ class Batcher:
 
     def _split(self, group: list[Work], y: np.ndarray, finals: list[np.ndarray],
                reused: bool) -> list[Result]:
-        """Each work's rows: final states into its slots (steps) or back to it (predictions).
-        Rows of `reused` buffers are copied out, as the next run overwrites them."""
+        """Each work's rows. Rows of `reused` buffers are copied out, as the next run overwrites
+        them, except a step's final states: `_finish` scatters them before any other run."""
         results, start = [], 0
         for work in group:
             end = start + work.rows
             mine = [f[start:end] for f in finals]
-            if work.slots is not None:
-                self.store.scatter(work.slots, mine)
-                mine = []  # a step's caller reads only y; its states live in the store
-            elif reused:
+            if reused and work.slots is None:
                 mine = [m.copy() for m in mine]
             results.append((y[start:end].copy() if reused else y[start:end], mine))
             start = end

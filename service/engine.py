@@ -22,6 +22,7 @@ from rnnserve.errors import (
     ResourceExhausted,
     ServingError,
     Unavailable,
+    error_for,
 )
 from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable
 from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
@@ -537,32 +538,52 @@ class Engine:
             groups.setdefault(session.model, []).append(row)
         k = x.shape[1]
         if span >= k:
-            y = await self._run_span(groups, sessions, x, outputs)
+            y = await self._run_span(groups, sessions, x, outputs, errors)
         else:
             y = np.concatenate([await self._run_span(groups, sessions,
                                                      np.ascontiguousarray(x[:, t:t + span]),
-                                                     outputs)
+                                                     outputs, errors)
                                 for t in range(0, k, span)], axis=1)
         now = self._sessions.clock()
         for rows in groups.values():
             for r in rows:
-                sessions[r].steps += k
                 sessions[r].last_used = now
         return y
 
     async def _run_span(self, groups: dict[LoadedModel, list[int]],
-                        sessions: list[Session | None], x: np.ndarray,
-                        outputs: int) -> np.ndarray:
+                        sessions: list[Session | None], x: np.ndarray, outputs: int,
+                        errors: list[RowError]) -> np.ndarray:
+        """One run per model. A model whose run fails fails only its own rows (their sessions
+        unchanged, see Batcher._finish); they leave `groups` and `sessions` for later spans."""
+        if not groups:  # every row failed or ended
+            return np.full((*x.shape[:2], outputs), np.nan, np.float32)
         whole = len(groups) == 1 and len(next(iter(groups.values()))) == len(x)
         coros = [model.batcher.step([sessions[r].slot for r in rows],
                                     x if whole else x[rows])
                  for model, rows in groups.items()]
-        results = [await coros[0]] if len(coros) == 1 else await asyncio.gather(*coros)
-        if whole:
+        if len(coros) == 1:
+            try:
+                results = [await coros[0]]
+            except Exception as exc:  # CancelledError passes: the caller left
+                results = [exc]
+        else:
+            results = await asyncio.gather(*coros, return_exceptions=True)
+        if whole and not isinstance(results[0], BaseException):
             return results[0]
         y = np.full((*x.shape[:2], outputs), np.nan, np.float32)
-        for rows, y_rows in zip(groups.values(), results):
-            y[rows] = y_rows
+        for (model, rows), result in zip(list(groups.items()), results):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                error = result if isinstance(result, ServingError) else ServingError(
+                    f"the run of {model.spec.name} v{model.spec.version} failed; the server "
+                    "log has the details")
+                errors.extend(RowError(r, error.code, str(error)) for r in rows)
+                for r in rows:
+                    sessions[r] = None
+                del groups[model]
+                continue
+            y[rows] = result
         return y
 
     async def sequence_step(self, name: str, version: int, session_id: str, x: np.ndarray,
@@ -600,7 +621,7 @@ class Engine:
             async with reserve, session.lock:
                 y = await self._run_steps([session], x, errors, spec.outputs, span)
                 if errors:
-                    raise FailedPrecondition(errors[0].message)
+                    raise error_for(errors[0].code, errors[0].message)
                 current = _states_of(session) if with_states else None
                 if end:
                     self._sessions.close(session, "ended by sequence_end")
@@ -630,5 +651,6 @@ class Engine:
     async def close_session(self, session_id: str, owner: str = "") -> SessionView:
         session = await self._session(session_id, owner)
         async with session.lock:
+            view = SessionView.of(session)  # before its slot goes back to the store
             self._sessions.close(session, "closed by its client")
-            return SessionView.of(session)
+            return view

@@ -47,8 +47,16 @@ class Session:
     last_used: float
     owner: str = ""
     """The client that opened it (its name from --auth-tokens-file; "" without auth)."""
-    steps: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def steps(self) -> int:
+        """Timesteps applied since it opened or was reset (kept with the state, in its slot)."""
+        return int(self.model.store.steps[self.slot])
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.model.store.steps[self.slot] = value
 
 
 class SessionTable:
@@ -93,7 +101,8 @@ class SessionTable:
         slot = model.store.allocate()
         if states is not None:
             model.store.write(slot, states)
-        session = Session(session_id, model, slot, self.clock() - idle_seconds, owner, steps)
+        session = Session(session_id, model, slot, self.clock() - idle_seconds, owner)
+        session.steps = steps
         self._live[session.id] = session
         self._per_client[owner] += 1
         self._ended.pop(session_id, None)  # a chosen id may be reused once its session ended

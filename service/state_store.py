@@ -1,7 +1,9 @@
 """Preallocated recurrent state per model version: one [capacity, size] array per state tensor.
 
 A session owns a slot (a row index). Steps gather the rows of a batch into the ORT feed and
-scatter the final states back, so no step allocates per-session arrays.
+scatter the final states back, so no step allocates per-session arrays. A slot's step count is
+kept here too and moves with its state in the same scatter: whatever happens to the caller (a
+cancelled call, a failed run), a session's `steps` says whether its state advanced.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ class StateStore:
     def __init__(self, spec: ModelSpec, capacity: int) -> None:
         self.capacity = capacity
         self.arrays = [np.zeros((capacity, s.size), np.float32) for s in spec.states]
+        self.steps = np.zeros(capacity, np.int64)
         self._free = list(range(capacity - 1, -1, -1))
 
     @property
@@ -34,8 +37,10 @@ class StateStore:
         self._free.append(slot)
 
     def zero(self, slot: int) -> None:
+        """Zero states, zero steps: a new or reset session."""
         for array in self.arrays:
             array[slot] = 0.0
+        self.steps[slot] = 0
 
     def write(self, slot: int, states: list[np.ndarray]) -> None:
         for array, state in zip(self.arrays, states):
@@ -51,10 +56,13 @@ class StateStore:
             return [array[slots[0]:slots[0] + 1] for array in self.arrays]
         return [array[slots] for array in self.arrays]
 
-    def scatter(self, slots: list[int], states: list[np.ndarray]) -> None:
+    def scatter(self, slots: list[int], states: list[np.ndarray], steps: int) -> None:
+        """The slots' new states, `steps` timesteps on from the last."""
         if len(slots) == 1:
             for array, state in zip(self.arrays, states):
                 array[slots[0]] = state[0]
+            self.steps[slots[0]] += steps
             return
         for array, state in zip(self.arrays, states):
             array[slots] = state
+        self.steps[slots] += steps

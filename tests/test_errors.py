@@ -153,11 +153,3 @@ def test_auth_token_and_open_health() -> None:
             check = health_pb2_grpc.HealthStub(channel).Check
             assert check(health_pb2.HealthCheckRequest(service="echo")).status == \
                 health_pb2.HealthCheckResponse.SERVING
-
-
-def test_client_deadlines_are_honoured(server: RunningServer) -> None:
-    x = np.zeros((4096, 8, 2), np.float32)
-    with server.client(timeout=0.0005) as hurried:
-        assert code_of(hurried.predict, "binary_add", x) == "DEADLINE_EXCEEDED"
-    with server.client() as patient:
-        assert patient.predict("binary_add", x[:2]).y.shape == (2, 8, 1)
