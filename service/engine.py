@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,9 +201,10 @@ class Engine:
         return ModelView(model.spec, self._registry.versions(model.spec.name), ready,
                          "READY" if ready else "UNAVAILABLE")
 
-    async def sync_models(self) -> None:
-        """Load versions that appeared in the repository, retire those that disappeared."""
-        await self._registry.sync()
+    async def sync_models(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Load versions that appeared in the repository, retire those that disappeared;
+        `changed` is awaited whenever what is loading or served changes."""
+        await self._registry.sync(changed)
 
     def evict_idle(self) -> int:
         return self._sessions.evict_idle()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,15 @@ class ModelRegistry:
         check_model(runner, found.path)
         return runner
 
-    async def sync(self) -> None:
+    async def sync(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load versions that appeared on disk; retire those that disappeared. A broken entry
-        is reported once (until its files change) and skipped; it never blocks the others."""
+        is reported once (until its files change) and skipped; it never blocks the others.
+        `changed` (health) is awaited when loads begin and as each one ends."""
+
+        async def tell() -> None:
+            if changed is not None:
+                await changed()
+
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.executor, scan, self.config.repository,
                                             self.config.models)
@@ -72,6 +79,8 @@ class ModelRegistry:
         self._loading.update({key: version.spec for key, version in result.found.items()
                               if key not in self._models
                               and self._rejected.get(version.path) != version.signature})
+        if self._loading:
+            await tell()
         for key, version in sorted(result.found.items()):
             if key in self._models:  # already loaded; back on disk if it was retiring
                 self._models[key].retiring = False
@@ -88,6 +97,7 @@ class ModelRegistry:
                 del self._loading[key]
             self._rejected.pop(version.path, None)
             self._add(version, runner)
+            await tell()
         self._reported = {path: reason for path, reason in self._reported.items()
                           if path in result.problems or path in self._rejected}
         for key, model in list(self._models.items()):

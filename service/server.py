@@ -56,24 +56,36 @@ class Server:
     streams: OpenStreams
     stopping: bool = False
 
-    health_names: set[str] = field(default_factory=set)
+    synced: bool = False
+    """The first repository scan is done (until then the server is not ready)."""
+    health_names: dict[str, int] = field(default_factory=dict)
+    """The status each model name's health entry was last set to."""
 
     async def set_serving(self) -> None:
-        """Health per model follows the registry: SERVING while a version of it serves,
-        SERVICE_UNKNOWN once its last version is gone (after a drain began, nothing changes)."""
+        """Health per model follows the registry: NOT_SERVING while its only versions load,
+        SERVING while a version of it serves, SERVICE_UNKNOWN once its last version is gone
+        (after a drain began, nothing changes: every entry is NOT_SERVING)."""
         if self.engine.draining:
             return
         status = health_pb2.HealthCheckResponse
-        names = {m.spec.name for m in self.engine.models() if m.ready}
-        await self.health.set("", status.SERVING if self.engine.ready else status.NOT_SERVING)
-        for name in names - self.health_names:
-            await self.health.set(name, status.SERVING)
-        for name in self.health_names - names:
+        models = self.engine.models()
+        ready = {m.spec.name for m in models if m.ready}
+        wanted = {m.spec.name: status.SERVING if m.spec.name in ready else status.NOT_SERVING
+                  for m in models}
+        whole = self.synced and self.engine.ready
+        await self.health.set("", status.SERVING if whole else status.NOT_SERVING)
+        for name, serving in wanted.items():
+            if self.health_names.get(name) != serving:
+                await self.health.set(name, serving)
+        for name in self.health_names.keys() - wanted.keys():
             await self.health.set(name, status.SERVICE_UNKNOWN)
-        self.health_names = names
+        self.health_names = wanted
 
     async def sync_models(self) -> None:
-        await self.engine.sync_models()
+        """Scan the repository; health follows each load as it happens, and the server as a
+        whole turns SERVING once the first scan's loads are done."""
+        await self.engine.sync_models(self.set_serving)
+        self.synced = True
         await self.set_serving()
 
     async def stop(self) -> int:

@@ -7,6 +7,7 @@ while the test holds it.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,14 @@ def faulty_runner() -> type[Runner]:
     class FaultyRunner(Runner):
         stalled = threading.Event()
         release = threading.Event()
+        hold_loading: set[str] = set()
+        """Model names whose load waits until `release` (it looks like a slow load)."""
+
+        def __init__(self, spec, directory, *args) -> None:
+            if spec.name in FaultyRunner.hold_loading:
+                FaultyRunner.stalled.set()
+                assert FaultyRunner.release.wait(60), "the test never released the load"
+            super().__init__(spec, directory, *args)
 
         def _cue(self, x: np.ndarray) -> None:
             if (x == FAIL).any():
@@ -61,10 +70,7 @@ def two_echo_versions(tmp_path: Path) -> Path:
 
 
 def serving(server: RunningServer) -> bool:
-    with grpc.insecure_channel(server.address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
+    return health(server, "") == health_pb2.HealthCheckResponse.SERVING
 
 
 def bits(seed: int, steps: int) -> np.ndarray:
@@ -171,3 +177,40 @@ def test_retiring_a_version_during_a_predict(tmp_path: Path) -> None:
         unloads = srv.server.engine.metrics.registry.get_sample_value(
             "rnnserve_model_events_total", {"model": "echo", "version": "1", "event": "unload"})
         assert unloads == 1
+
+
+def test_readiness_follows_a_slow_load(tmp_path: Path) -> None:
+    """A version that is loading is listed, not ready, and answers UNAVAILABLE with a retry
+    delay; health and the v2 readiness calls say the same, and all turn once it is loaded."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    runner = faulty_runner()
+    runner.hold_loading = {"forecast"}
+    repo = tmp_path / "repo"
+    shutil.copytree(EXPORTED / "echo", repo / "echo")
+    with running(repository=repo, runner=runner) as srv, srv.client() as client:
+        triton = grpcclient.InferenceServerClient(srv.address)
+        shutil.copytree(EXPORTED / "forecast", repo / "forecast")
+        scan = asyncio.run_coroutine_threadsafe(srv.server.sync_models(), srv.loop)
+        assert runner.stalled.wait(30)
+        listed = {m.name: m.ready for m in client.list_models()}
+        assert listed == {"echo": True, "forecast": False}
+        with pytest.raises(RnnServeError) as err:
+            client.predict("forecast", np.ones((1, 2, 1)))
+        assert err.value.code.name == "UNAVAILABLE" and err.value.retry_after == 1.0
+        assert health(srv, "forecast") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health(srv, "") == health_pb2.HealthCheckResponse.SERVING  # echo serves
+        assert triton.is_server_ready() and not triton.is_model_ready("forecast")
+        index = {m.name: m.state for m in triton.get_model_repository_index().models}
+        assert index == {"echo": "READY", "forecast": "LOADING"}
+        runner.release.set()
+        scan.result(60)
+        assert health(srv, "forecast") == health_pb2.HealthCheckResponse.SERVING
+        assert triton.is_model_ready("forecast")
+        assert client.predict("forecast", np.ones((1, 2, 1))).y.shape == (1, 2, 1)
+        triton.close()
+
+
+def health(server: RunningServer, service: str) -> int:
+    with grpc.insecure_channel(server.address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5).status
