@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS) | $(PY)
 	touch $@
 
 # An edited .proto: rebuild the package, which regenerates the code.
-$(GEN): $(PROTOS) $(STAMP)
+$(GEN): $(PROTOS)
 	$(INSTALL) --no-deps -e .
 
 install: $(STAMP) $(GEN)
