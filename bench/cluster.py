@@ -24,16 +24,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> bool:
+    """Until `proc` listens on the port (True), or has exited (False: e.g. the port was taken
+    between free_port() and its bind)."""
     deadline = time.monotonic() + timeout
-    while True:
+    while proc.poll() is None:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
+            return True
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+    return False
+
+
+def on_free_port(launch, attempts: int = 5) -> tuple[int, subprocess.Popen]:
+    """Start `launch(port)` on a free port, again on another if someone took it meanwhile."""
+    for _ in range(attempts):
+        port = free_port()
+        proc = launch(port)
+        if wait_for_port(port, proc):
+            return port, proc
+    raise RuntimeError(f"could not start {launch} on a free port in {attempts} attempts")
 
 
 def wait_until_serving(address: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -115,11 +128,9 @@ class Replica(ServerProcess):
 
 class Redis:
     def __init__(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind",
-                                      "127.0.0.1", "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL)
-        wait_for_port(self.port)
+        self.port, self.proc = on_free_port(lambda port: subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL))
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
@@ -131,15 +142,17 @@ class Nginx:
     """nginx from deploy/nginx/rnnserve.conf.template, hashing sessions across `replicas`."""
 
     def __init__(self, prefix: Path, replicas: list[Replica]) -> None:
-        self.port = free_port()
         servers = "\n".join(f"        server 127.0.0.1:{r.port};" for r in replicas)
         conf = prefix / "nginx.conf"
-        conf.write_text(TEMPLATE.read_text().replace("@LISTEN@", str(self.port))
-                        .replace("@SERVERS@", servers).replace("@PREFIX@", str(prefix)))
-        with open(prefix / "nginx.log", "w") as log:
-            self.proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g",
-                                          "daemon off;"], stderr=log)
-        wait_for_port(self.port)
+
+        def launch(port: int) -> subprocess.Popen:
+            conf.write_text(TEMPLATE.read_text().replace("@LISTEN@", str(port))
+                            .replace("@SERVERS@", servers).replace("@PREFIX@", str(prefix)))
+            with open(prefix / "nginx.log", "w") as log:
+                return subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g",
+                                         "daemon off;"], stderr=log)
+
+        self.port, self.proc = on_free_port(launch)
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
