@@ -78,7 +78,10 @@ class ServerProcess:
     ATTEMPTS = 5
 
     def __init__(self, log: Path, *flags: str, metrics: bool = False) -> None:
+        """One process (--workers 1) unless `flags` name --workers."""
         self.log = log
+        if "--workers" not in flags:
+            flags = ("--workers", "1", *flags)
         for _ in range(self.ATTEMPTS):
             self.port = free_port()
             self.metrics_port = free_port() if metrics else -1

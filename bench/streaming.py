@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench.cluster import wait_until_serving
 from rnnserve.client import SESSION_HEADER, new_session_id
 from rnnserve.contract import read_spec
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
@@ -53,12 +54,14 @@ class ServerProcess:
         self.port = free_port()
         command = (["-m", "bench.echo_server", str(self.port), *flags] if echo else
                    ["-m", "rnnserve", "serve", "--grpc-port", str(self.port), "--metrics-port",
-                    "-1", "--models", "echo", "--log-level", "warning", *flags])
+                    "-1", "--workers", "1", "--models", "echo", "--log-level", "warning", *flags])
         self.proc = subprocess.Popen([sys.executable, *command], cwd=ROOT)
         self.echo = echo
-        channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        grpc.channel_ready_future(channel).result(timeout=60)
-        channel.close()
+        if echo:
+            with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+                grpc.channel_ready_future(channel).result(timeout=60)
+        else:
+            wait_until_serving(f"127.0.0.1:{self.port}", self.proc)
 
     def session_ids(self, count: int) -> list[str]:
         if self.echo:

@@ -146,6 +146,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from rnnserve.server import serve
 
     configure(config.log_level)
+    workers = config_module.worker_count(config)
+    if workers > 1:
+        from rnnserve.supervisor import supervise
+
+        return supervise(config, workers)
     try:
         return asyncio.run(serve(config))
     except (ValueError, OSError, RuntimeError) as exc:  # bad tokens file, repository, ports

@@ -19,6 +19,9 @@ class ServerConfig:
     repository: Path = _opt(Path("exported"), "model repository: <name>/<version>/model.onnx")
     models: tuple[str, ...] = _opt((), "serve only these models (comma-separated); default all")
     host: str = _opt("127.0.0.1", "address to bind (0.0.0.0 in the container)")
+    workers: str = _opt("auto", "worker processes serving the gRPC port, each with its own "
+                        "event loop, models and sessions: a number, or auto (the CPUs this "
+                        "process may use: affinity and cgroup CPU quota)")
     grpc_port: int = _opt(8500, "gRPC port (0 picks a free one)")
     metrics_port: int = _opt(8000, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     device: str = _opt("auto", "auto (CUDA when present), cpu or cuda",
@@ -117,7 +120,20 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
     return config
 
 
+def worker_count(config: ServerConfig) -> int:
+    """--workers as a number (auto: the CPUs this process may use)."""
+    if config.workers.strip().lower() == "auto":
+        from rnnserve.cpus import available_cpus
+
+        return available_cpus()
+    return int(config.workers)
+
+
 def validate(config: ServerConfig) -> None:
+    if config.workers.strip().lower() != "auto" and not (
+            config.workers.strip().isdigit() and int(config.workers) >= 1):
+        raise ValueError(f"--workers must be a number of at least 1, or auto; got "
+                         f"{config.workers!r}")
     positive = ("intra_op_threads", "batch_workers", "max_batch_size", "max_sessions",
                 "max_timesteps", "max_batch_rows", "max_message_bytes", "memory_budget",
                 "max_streams_per_connection", "max_concurrent_rpcs")

@@ -30,6 +30,7 @@ from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, Ru
 from rnnserve.metrics import Metrics
 from rnnserve.registry import LoadedModel, ModelRegistry
 from rnnserve.sessions import Session, SessionTable
+from rnnserve.siblings import Siblings
 
 log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD = 1024
@@ -146,12 +147,14 @@ class Engine:
     """What the front doors and the server call, and all they call: models, sessions, drain."""
 
     def __init__(self, config: ServerConfig, registry: ModelRegistry, sessions: SessionTable,
-                 budget: MemoryBudget, handoff: RedisHandoff | None = None) -> None:
+                 budget: MemoryBudget, handoff: RedisHandoff | None = None,
+                 siblings: Siblings | None = None) -> None:
         self.config = config
         self.budget = budget
         self._registry = registry
         self._sessions = sessions
         self._handoff = handoff
+        self._siblings = siblings
         self.metrics: Metrics = registry.metrics
         self._draining = False
 
@@ -220,6 +223,8 @@ class Engine:
         await self._registry.close()
         if self._handoff is not None:
             await self._handoff.close()
+        if self._siblings is not None:
+            await self._siblings.close()
 
     @property
     def closing_message(self) -> str:
@@ -379,28 +384,57 @@ class Engine:
 
     async def _session(self, session_id: str, owner: str) -> Session:
         """The owner's session by id, adopting it first if another replica parked it."""
-        failed = await self._adopt([session_id], alone=True)
+        failed = await self._adopt([session_id], alone=True, owner=owner)
         if session_id in failed:
             raise failed[session_id]
         return self._sessions.get(session_id, owner)
 
-    async def _adopt(self, session_ids: list[str], alone: bool) -> dict[str, ServingError]:
-        """Adopt the parked sessions among the ids not live here; the ids whose adoption failed,
-        with the error for their row. A message's live rows never wait for the others: only
-        when no row is live here (`alone`) does it wait for a replica parking right now."""
-        if self._handoff is None:
+    async def _adopt(self, session_ids: list[str], alone: bool,
+                     owner: str) -> dict[str, ServingError]:
+        """Bring the ids not live here from where they are: a sibling worker of this server,
+        else the shared store where another replica parked them. Returns the ids whose
+        adoption failed, with the error for their row. A message's live rows never wait for
+        the others: only when no row is live here (`alone`) does it wait for a replica parking
+        right now."""
+        if self._handoff is None and self._siblings is None:
             return {}
         missing = [i for i in dict.fromkeys(session_ids) if self._sessions.adoptable(i)]
         if not missing:
             return {}
-        wait = alone or len(missing) == len(session_ids)
+        failed: dict[str, ServingError] = {}
+        if self._siblings is not None:
+            missing, failed = await self._from_siblings(missing, owner)
+        if missing and self._handoff is not None:
+            failed.update(await self._from_store(missing, alone or len(missing) ==
+                                                 len(session_ids)))
+        return failed
+
+    async def _from_siblings(self, missing: list[str], owner: str
+                             ) -> tuple[list[str], dict[str, ServingError]]:
+        """Move the owner's sessions here from the workers that hold them; the ids still
+        missing, and those a sibling ended (FAILED_PRECONDITION, as if ended here)."""
+        moved, ended = await self._siblings.take(missing, owner)
+        refused: dict[int, list[ParkedSession]] = {}
+        for source, parked in moved.values():
+            if self._restore(parked, "moved"):
+                continue
+            refused.setdefault(source, []).append(parked)
+        for source, sessions in refused.items():
+            for lost in await self._siblings.give_back(source, sessions):
+                log.error("LOST session %s: it could be neither held here nor given back to "
+                          "worker %d", lost, source)
+        failed = {i: FailedPrecondition(f"session {i} was {why}; open a new session")
+                  for i, why in ended.items()}
+        return [i for i in missing if i not in moved and i not in failed], failed
+
+    async def _from_store(self, missing: list[str], wait: bool) -> dict[str, ServingError]:
         try:
             taken = await self._handoff.adopt(missing, wait)
         except StoreUnavailable as exc:
             error = Unavailable(f"{exc}; sessions parked by other replicas cannot be reached now, "
                                 "retry shortly", retry_after=1.0)
             return dict.fromkeys(missing, error)
-        refused = [parked for parked in taken.values() if not self._restore(parked)]
+        refused = [parked for parked in taken.values() if not self._restore(parked, "adopted")]
         if refused:
             await self._give_back(refused)
         if wait or len(taken) == len(missing) or not await self._handoff.parking():
@@ -409,8 +443,9 @@ class Engine:
                            "down; retry in a moment", retry_after=0.2)
         return {i: busy for i in missing if i not in taken}
 
-    def _restore(self, parked: ParkedSession) -> bool:
-        """Make a taken session live here, in the same loop turn as it left the store."""
+    def _restore(self, parked: ParkedSession, how: str) -> bool:
+        """Make a taken session live here, in the same loop turn as it left the store or its
+        sibling; `how` labels the handoff metric (adopted, moved)."""
         try:
             model = self._registry.get(parked.model, parked.version)
             states = [parked.states[s.input] for s in model.spec.states]
@@ -420,8 +455,36 @@ class Engine:
             log.warning("cannot adopt session %s (%s v%d): %s; left for another replica",
                         parked.session_id, parked.model, parked.version, exc)
             return False
-        self.metrics.handoffs.labels(*model.labels, "adopted").inc()
+        self.metrics.handoffs.labels(*model.labels, how).inc()
         return True
+
+    async def release_sessions(self, session_ids: list[str], owner: str
+                               ) -> tuple[list[ParkedSession], dict[str, str]]:
+        """For a sibling worker that got a call for them: let the owner's sessions among the
+        ids go, each after its in-flight steps, with their state; and why the others ended
+        here, if they did. Sessions of a retiring version stay (the asker cannot serve it)."""
+        moved: list[ParkedSession] = []
+        ended: dict[str, str] = {}
+        for session_id in session_ids:
+            session = self._sessions.find(session_id)
+            if session is None or session.owner != owner or session.model.retiring:
+                reason = self._sessions.ended_reason(session_id, owner)
+                if session is None and reason is not None:
+                    ended[session_id] = reason
+                continue
+            async with session.lock:
+                if self._sessions.ended(session):  # while we waited for its lock
+                    continue
+                moved.append(ParkedSession(
+                    session.id, session.owner, session.model.spec.name,
+                    session.model.spec.version, session.steps,
+                    self._sessions.clock() - session.last_used, _states_of(session)))
+                self._sessions.release(session)  # its slot is free from here
+        return moved, ended
+
+    def take_back(self, sessions: list[ParkedSession]) -> list[str]:
+        """Sessions this worker released that their asker could not hold: live here again."""
+        return [p.session_id for p in sessions if not self._restore(p, "returned")]
 
     async def _give_back(self, refused: list[ParkedSession]) -> None:
         try:
@@ -451,7 +514,8 @@ class Engine:
                    owner: str = "") -> StepOutcome:
         """Advance each row's session by x's k timesteps. Rows fail alone; others proceed."""
         self.check_open()
-        failed = await self._adopt(session_ids, alone=False) if self._handoff is not None else {}
+        failed = (await self._adopt(session_ids, alone=False, owner=owner)
+                  if self._handoff is not None or self._siblings is not None else {})
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] != len(session_ids):

@@ -73,7 +73,8 @@ class Metrics:
                                     registry=registry)
         self.timesteps = Counter("rnnserve_timesteps", "Timesteps processed", MODEL,
                                  registry=registry)
-        self.sessions = Gauge("rnnserve_sessions", "Live sessions", MODEL, registry=registry)
+        self.sessions = Gauge("rnnserve_sessions", "Live sessions", MODEL, registry=registry,
+                              multiprocess_mode="livesum")  # with --workers: their sum
         self.evictions = Counter("rnnserve_session_evictions", "Sessions ended by the server, "
                                  "by reason", [*MODEL, "reason"], registry=registry)
         self.handoffs = Counter("rnnserve_session_handoffs", "Sessions parked in (on drain) or "

@@ -23,6 +23,7 @@ from rnnserve.config import ServerConfig
 from rnnserve.decoding import TolerantServer
 from rnnserve.engine import Engine
 from rnnserve.generated.inference import grpc_service_pb2_grpc
+from rnnserve.generated.rnnserve.internal.v1 import siblings_pb2_grpc
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
 from rnnserve.handoff import RedisHandoff, StoreUnavailable
 from rnnserve.identity import Identities
@@ -33,6 +34,7 @@ from rnnserve.registry import ModelRegistry
 from rnnserve.runner import Runner
 from rnnserve.servicer import InferenceServicer
 from rnnserve.sessions import SessionTable
+from rnnserve.siblings import Siblings, SiblingsServicer, WorkerPlace, socket_path
 from rnnserve.streams import OpenStreams
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class Server:
     executor: ThreadPoolExecutor
     tasks: list[asyncio.Task]
     streams: OpenStreams
+    internal: grpc.aio.Server | None = None
+    """A worker's unix-socket server for its siblings' session lookups."""
     stopping: bool = False
 
     synced: bool = False
@@ -109,6 +113,8 @@ class Server:
                       "are lost", lost, exc or "timed out")
         self.streams.end_idle()  # streams opened while the handoff ran
         await self.grpc_server.stop(self.config.shutdown_grace)
+        if self.internal is not None:
+            await self.internal.stop(0)
         for task in self.tasks:
             task.cancel()
         await self.engine.shutdown()
@@ -139,11 +145,12 @@ async def _every(period: float, action, what: str) -> None:
             log.exception("%s failed", what)
 
 
-def _bind_grpc(server: grpc.aio.Server, config: ServerConfig) -> int:
+def _bind_grpc(server: grpc.aio.Server, config: ServerConfig, shared: bool) -> int:
     """The gRPC port, exclusively: without SO_REUSEPORT a second server on the same port fails
-    here instead of sharing it (clients would then alternate between the two)."""
+    here instead of sharing it (clients would then alternate between the two). A worker
+    (`shared`) joins its siblings on the port its supervisor checked and holds."""
     address = f"{config.host}:{config.grpc_port}"
-    if config.grpc_port and not _can_listen(config.host, config.grpc_port):
+    if config.grpc_port and not shared and not can_listen(config.host, config.grpc_port):
         raise PortUnavailable(f"--grpc-port {config.grpc_port}: {address} is in use (another "
                               "server?)")
     credentials = _credentials(config)
@@ -158,7 +165,7 @@ def _bind_grpc(server: grpc.aio.Server, config: ServerConfig) -> int:
     return port
 
 
-def _can_listen(host: str, port: int) -> bool:
+def can_listen(host: str, port: int) -> bool:
     """Whether a listener could bind host:port now. Asked first because gRPC's own failure
     adds a C++ log line to the one-line error; its failure below stays the real check."""
     try:
@@ -172,12 +179,12 @@ def _can_listen(host: str, port: int) -> bool:
     return True
 
 
-def _start_metrics(config: ServerConfig, metrics: Metrics):
+def start_metrics(config: ServerConfig, registry: CollectorRegistry):
+    """/metrics on --metrics-port (None when -1 disables it)."""
     if config.metrics_port < 0:
         return None
     try:
-        http, _ = start_http_server(config.metrics_port, addr=config.host,
-                                    registry=metrics.registry)
+        http, _ = start_http_server(config.metrics_port, addr=config.host, registry=registry)
     except OSError as exc:
         raise PortUnavailable(f"--metrics-port {config.metrics_port}: cannot listen on "
                               f"{config.host}:{config.metrics_port} ({exc.strerror or exc}); "
@@ -189,12 +196,27 @@ class PortUnavailable(OSError):
     """A port flag names a port this process cannot listen on; the message names the flag."""
 
 
+async def _start_internal(engine: Engine, worker: WorkerPlace) -> grpc.aio.Server:
+    internal = grpc.aio.server()
+    siblings_pb2_grpc.add_SiblingsServicer_to_server(SiblingsServicer(engine), internal)
+    path = socket_path(worker.run_dir, worker.index)
+    path.unlink(missing_ok=True)  # left by this worker's crashed predecessor
+    internal.add_insecure_port(f"unix:{path}")
+    await internal.start()
+    return internal
+
+
 async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None, *,
                         clock: Callable[[], float] = time.monotonic,
-                        runner: type[Runner] = Runner) -> Server:
+                        runner: type[Runner] = Runner,
+                        worker: WorkerPlace | None = None) -> Server:
     """Listen on config's ports (0 picks free ones), then load the models: health and readiness
     say NOT_SERVING until the first version is loaded, so probes see the load happen. `clock`
-    (idle time) and `runner` (model runs) are what tests replace to control time and faults."""
+    (idle time) and `runner` (model runs) are what tests replace to control time and faults.
+
+    A `worker` of a supervised server shares the port with its siblings and listens only once
+    its models are loaded (the kernel then never hands it a connection it cannot serve); it
+    answers its siblings' session lookups on a unix socket from the start."""
     return_freed_memory()
     identities = Identities.load(config.auth_token, config.auth_tokens_file)  # before slow work
     metrics = Metrics(registry or CollectorRegistry())
@@ -206,13 +228,17 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait,
                             config.shutdown_grace + config.handoff_wait)
                if config.state_store else None)
-    engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff)
+    siblings = (Siblings(worker.run_dir, worker.index, worker.count)
+                if worker is not None and worker.count > 1 else None)
+    engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff,
+                    siblings)
+    internal = await _start_internal(engine, worker) if siblings is not None else None
     streams = OpenStreams()
     interceptors = [BearerTokenInterceptor(identities)] if identities.enabled else []
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),
               ("grpc.max_send_message_length", config.max_message_bytes),
               ("grpc.max_concurrent_streams", config.max_streams_per_connection),
-              ("grpc.so_reuseport", 0),
+              ("grpc.so_reuseport", int(worker is not None)),
               # No window growth past the HTTP/2 default: a client that writes but never reads
               # then holds ~64 KiB of its stream's data here, not megabytes.
               ("grpc.http2.bdp_probe", 0),
@@ -230,15 +256,18 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), handlers)
-    port = _bind_grpc(server, config)
-    http = _start_metrics(config, metrics)
-    await server.start()
+    port = _bind_grpc(server, config, shared=worker is not None)
+    http = start_metrics(config, metrics.registry)
+    if worker is None:
+        await server.start()
     started = Server(config, server, port, http, engine, health_servicer, executor, [],
-                     streams)
+                     streams, internal)
     await started.sync_models()
     if not engine.ready:
         await started.stop()
         raise RuntimeError(f"no loadable model in {config.repository} (--repository)")
+    if worker is not None:
+        await server.start()
 
     async def sweep() -> None:
         engine.evict_idle()
@@ -248,22 +277,26 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     if config.repository_poll > 0:
         started.tasks.append(asyncio.create_task(_every(config.repository_poll,
                                                         started.sync_models, "repository poll")))
-    metrics_at = f"; metrics on :{started.metrics_port}" if http is not None else \
-        "; metrics disabled"
-    log.info("serving %s on %s:%d%s",
+    metrics_at = (f"; metrics on :{started.metrics_port}" if http is not None else
+                  "; metrics disabled" if worker is None else "")
+    log.info("%sserving %s on %s:%d%s", f"worker {worker.index}: " if worker else "",
              ", ".join(f"{m.spec.name} v{m.spec.version}" for m in engine.models()),
              config.host, port, metrics_at)
     return started
 
 
-async def serve(config: ServerConfig) -> int:
+async def serve(config: ServerConfig, worker: WorkerPlace | None = None,
+                on_ready: Callable[[int], None] | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain within --shutdown-grace. The exit status: 0, or
-    1 if sessions were lost because the handoff to the shared store failed."""
-    server = await create_server(config)
+    1 if sessions were lost because the handoff to the shared store failed. `on_ready` gets
+    the port once the server serves (a worker tells its supervisor)."""
+    server = await create_server(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(server.port)
     await stop.wait()
     log.info("signal received: draining for up to %.1f s", config.shutdown_grace)
     lost = 0

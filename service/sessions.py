@@ -138,17 +138,33 @@ class SessionTable:
 
     def close(self, session: Session, reason: str) -> None:
         """End a session; `reason` reads as 'session … was <reason>'."""
-        if self._live.pop(session.id, None) is None:
+        if not self.release(session):
             return
+        self._ended[session.id] = (session.owner, reason)
+        while len(self._ended) > REMEMBER_ENDED:
+            self._ended.popitem(last=False)
+
+    def release(self, session: Session) -> bool:
+        """Let a session go without ending it (it moves to another worker): its slot is free
+        and its id is not remembered as ended, so a later call may bring it back."""
+        if self._live.pop(session.id, None) is None:
+            return False
         session.model.store.release(session.slot)
         session.model.sessions -= 1
         self._per_client[session.owner] -= 1
         if not self._per_client[session.owner]:
             del self._per_client[session.owner]
         self.metrics.sessions.labels(*session.model.labels).dec()
-        self._ended[session.id] = (session.owner, reason)
-        while len(self._ended) > REMEMBER_ENDED:
-            self._ended.popitem(last=False)
+        return True
+
+    def find(self, session_id: str) -> Session | None:
+        """The live session by id, whoever owns it (for moves between workers)."""
+        return self._live.get(session_id)
+
+    def ended_reason(self, session_id: str, owner: str) -> str | None:
+        """Why the owner's session ended here, if it did recently."""
+        ended = self._ended.get(session_id)
+        return ended[1] if ended is not None and ended[0] == owner else None
 
     def evict_idle(self) -> int:
         """Close sessions idle past the timeout; a session with work in flight is never idle."""

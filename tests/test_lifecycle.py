@@ -67,6 +67,7 @@ def test_broken_model_is_skipped_not_fatal(tmp_path: Path) -> None:
 
 def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     env = {**os.environ, "RNNSERVE_GRPC_PORT": "0", "RNNSERVE_METRICS_PORT": "-1",
+           "RNNSERVE_WORKERS": "1",
            "RNNSERVE_SHUTDOWN_GRACE": "5", "PYTHONUNBUFFERED": "1"}
     port_file = tmp_path / "log"
     with open(port_file, "w") as log:

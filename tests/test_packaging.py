@@ -142,7 +142,7 @@ def test_make_serve_honours_rnnserve_variables(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "exported" / "echo", repo / "echo")
     env = {**os.environ, "RNNSERVE_REPOSITORY": str(repo), "RNNSERVE_GRPC_PORT": "0",
-           "RNNSERVE_METRICS_PORT": "-1"}
+           "RNNSERVE_METRICS_PORT": "-1", "RNNSERVE_WORKERS": "1"}
     log = tmp_path / "log"
     with open(log, "w") as out:
         make = subprocess.Popen(["make", "--no-print-directory", "serve"], cwd=ROOT, env=env,

@@ -1,0 +1,279 @@
+"""`rnnserve serve --workers N`: N worker processes serve one port; a parent keeps them.
+
+Why processes: Python's gRPC transport is most of a step's cost, and one process saturates one
+core (bench/streaming.py). Each worker has its own event loop, ONNX Runtime sessions and state
+slots, and listens on the same port with SO_REUSEPORT, so the kernel spreads connections over
+them (the pattern of grpc's multiprocessing example). Sessions follow their calls between
+workers (rnnserve.siblings).
+
+The parent:
+- refuses a port another server holds (it checks before any worker binds, then holds the
+  port in the workers' SO_REUSEPORT group with a socket that never listens);
+- gives each worker 1/N of --memory-budget, so the budget holds for the server as a whole;
+- serves the one /metrics: prometheus-client's multiprocess mode sums the workers' files, and
+  a collector adds per-worker CPU, memory and restarts;
+- restarts a worker that dies (a crash, the OOM killer, SIGKILL);
+- forwards SIGTERM/SIGINT: every worker drains, and the exit status is the worst of theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from rnnserve.config import ServerConfig
+from rnnserve.server import PortUnavailable, can_listen, start_metrics
+from rnnserve.siblings import WorkerPlace
+
+log = logging.getLogger(__name__)
+METRICS_DIR = "metrics"
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+"""Seconds before restarting a worker that keeps dying, by how many times in a row it died
+without becoming ready."""
+STOP_MARGIN = 10.0
+"""Seconds a draining worker gets past its own deadline before it is killed."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _worker_main(config: ServerConfig, place: WorkerPlace, ready) -> None:
+    """A worker process (spawned: a fresh interpreter, so no state leaks from the parent)."""
+    import asyncio
+
+    from rnnserve.logs import configure
+    from rnnserve.server import serve
+
+    configure(config.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a terminal's ^C
+    try:
+        code = asyncio.run(serve(config, place, on_ready=lambda port: ready.send(port)))
+    except (ValueError, OSError, RuntimeError) as exc:
+        logging.getLogger("rnnserve").error("worker %d cannot serve: %s", place.index, exc)
+        code = 2
+    raise SystemExit(code)
+
+
+def _hold_port(config: ServerConfig) -> socket.socket:
+    """Check the gRPC port is free, then join it to the workers' SO_REUSEPORT group with a
+    socket that never listens: a second server's check fails from now on, and port 0 becomes
+    a concrete port for every worker."""
+    if config.grpc_port and not can_listen(config.host, config.grpc_port):
+        raise PortUnavailable(f"--grpc-port {config.grpc_port}: {config.host}:"
+                              f"{config.grpc_port} is in use (another server?)")
+    family, kind, proto, _, address = socket.getaddrinfo(
+        config.host, config.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    held = socket.socket(family, kind, proto)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(address)
+    return held
+
+
+class _WorkerStats:
+    """Per-worker CPU, memory and restarts, from /proc: the figures multiprocess mode cannot
+    sum (each worker's process_* metrics would describe one process only)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        cpu = CounterMetricFamily("rnnserve_worker_cpu_seconds", "CPU time of each worker "
+                                  "process (user + system)", labels=["worker"])
+        rss = GaugeMetricFamily("rnnserve_worker_resident_memory_bytes", "Resident memory of "
+                                "each worker process", labels=["worker"])
+        for index, process in sorted(self.supervisor.processes.items()):
+            try:
+                fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # it just died; the supervisor restarts it
+            cpu.add_metric([str(index)], (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+            rss.add_metric([str(index)], int(fields[21]) * PAGE)
+        restarts = CounterMetricFamily("rnnserve_worker_restarts", "Workers started again "
+                                       "after they died", labels=[])
+        restarts.add_metric([], self.supervisor.restarts)
+        workers = GaugeMetricFamily("rnnserve_workers", "Worker processes serving")
+        workers.add_metric([], len(self.supervisor.ready))
+        return [cpu, rss, restarts, workers]
+
+
+class Supervisor:
+    def __init__(self, config: ServerConfig, count: int) -> None:
+        self.config = config
+        self.count = count
+        self.run_dir = Path(tempfile.mkdtemp(prefix="rnnserve-"))
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: dict[int, multiprocessing.Process] = {}
+        self.pipes: dict[int, object] = {}
+        self.ready: set[int] = set()
+        self.failures: dict[int, int] = {}
+        self.restarts = 0
+        self.stopping = False
+
+    def run(self) -> int:
+        metrics_dir = self.run_dir / METRICS_DIR
+        metrics_dir.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before the workers start
+        try:
+            held = _hold_port(self.config)
+            port = held.getsockname()[1]
+            worker_config = dataclasses.replace(
+                self.config, grpc_port=port, metrics_port=-1,
+                memory_budget=max(1, self.config.memory_budget // self.count))
+            http = start_metrics(self.config, self._registry())
+        except OSError as exc:
+            log.error("cannot serve: %s", exc)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return 2
+        try:
+            return self._supervise(worker_config, port, http)
+        finally:
+            held.close()
+            if http is not None:
+                http.shutdown()
+                http.server_close()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _registry(self):
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(_WorkerStats(self))
+        return registry
+
+    def _start(self, index: int, config: ServerConfig) -> None:
+        receive, send = self.context.Pipe(duplex=False)
+        place = WorkerPlace(index, self.count, self.run_dir)
+        process = self.context.Process(target=_worker_main, args=(config, place, send),
+                                       name=f"rnnserve-worker-{index}", daemon=False)
+        process.start()
+        send.close()
+        self.processes[index] = process
+        self.pipes[index] = receive
+
+    def _supervise(self, config: ServerConfig, port: int, http) -> int:
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        previous = signal.set_wakeup_fd(wake_write)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            for index in range(self.count):
+                self._start(index, config)
+            codes = self._watch(config, port, http, wake_read)
+        finally:
+            signal.set_wakeup_fd(previous)
+            os.close(wake_read)
+            os.close(wake_write)
+        worst = max(codes.values(), default=0)
+        log.info("stopped (%d workers; worst exit status %d)", self.count, worst)
+        return worst
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            for process in self.processes.values():
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGTERM)
+
+    def _watch(self, config: ServerConfig, port: int, http, wake: int) -> dict[int, int]:
+        """Until every worker has exited after a stop: readiness, deaths and restarts."""
+        codes: dict[int, int] = {}
+        announced = False
+        deadline = None
+        while self.processes:
+            if self.stopping and deadline is None:
+                deadline = time.monotonic() + self.config.shutdown_grace + \
+                    self.config.handoff_wait + STOP_MARGIN
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            waiting = {p.sentinel: (i, p) for i, p in self.processes.items()}
+            pipes = {id(pipe): (i, pipe) for i, pipe in self.pipes.items()}
+            events = wait([*waiting, *self.pipes.values(), wake], timeout)
+            if not events and deadline is not None:
+                self._kill_all()
+                continue
+            if wake in events:
+                os.read(wake, 512)
+            for event in events:  # readiness first: a worker may be ready, then die
+                index, pipe = pipes.get(id(event), (None, None))
+                if pipe is not None and self.pipes.get(index) is pipe:
+                    self._ready(index, pipe)
+            for event in events:
+                index, process = waiting.get(event, (None, None)) if isinstance(event, int) \
+                    else (None, None)
+                if process is not None and self.processes.get(index) is process:
+                    code = self._died(index, config)
+                    if code is not None:
+                        codes[index] = code
+            if not announced and len(self.ready) == self.count:
+                announced = True
+                metrics = (f"metrics on :{http.server_port}" if http is not None
+                           else "metrics disabled")
+                log.info("serving on %s:%d with %d workers; %s", self.config.host, port,
+                         self.count, metrics)
+        return codes
+
+    def _ready(self, index: int, pipe) -> None:
+        try:
+            pipe.recv()
+        except EOFError:  # the worker died before it was ready; its sentinel says so
+            self.pipes.pop(index).close()
+            return
+        self.ready.add(index)
+        self.failures[index] = 0
+        self.pipes.pop(index).close()
+
+    def _died(self, index: int, config: ServerConfig) -> int | None:
+        """A worker ended: its exit status when stopping (or when it never got ready at the
+        first start: the server cannot serve); otherwise it is started again."""
+        from prometheus_client import multiprocess
+
+        process = self.processes.pop(index)
+        process.join()  # its sentinel may be ready before its exit status is
+        pipe = self.pipes.pop(index, None)
+        if pipe is not None:
+            pipe.close()
+        multiprocess.mark_process_dead(process.pid)  # its live gauges stop counting
+        was_ready = index in self.ready
+        self.ready.discard(index)
+        code = process.exitcode if process.exitcode >= 0 else 128 - process.exitcode
+        if self.stopping:  # one still starting held no sessions: its end is no failure
+            return code if was_ready else 0
+        failures = self.failures.get(index, 0)
+        if not was_ready and self.restarts == 0 and failures == 0 and code == 2:
+            log.error("worker %d could not start (exit status %d): stopping", index, code)
+            self._on_signal(signal.SIGTERM, None)
+            return code
+        how = f"exit status {code}" if process.exitcode >= 0 else \
+            f"signal {signal.Signals(-process.exitcode).name}"
+        self.failures[index] = 0 if was_ready else failures + 1
+        pause = RESTART_BACKOFF[min(self.failures[index], len(RESTART_BACKOFF) - 1)] \
+            if self.failures[index] else 0.0
+        log.error("worker %d (pid %d) died (%s): starting it again%s", index, process.pid,
+                  how, f" in {pause:g} s" if pause else "")
+        time.sleep(pause)
+        self.restarts += 1
+        self._start(index, config)
+        return None
+
+    def _kill_all(self) -> None:
+        for index, process in self.processes.items():
+            if process.is_alive():
+                log.error("worker %d did not stop in time: killed", index)
+                process.kill()
+
+
+def supervise(config: ServerConfig, count: int) -> int:
+    return Supervisor(config, count).run()
