@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import queue
 import secrets
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +148,12 @@ def _one_session_step(session_id: str, x: ArrayLike) -> pb.StepRequest:
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    # A connection of its own: gRPC would otherwise share one TCP connection between channels
+    # to the same address, and a server's workers (or a proxy's replicas) are chosen per
+    # connection.
     return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.use_local_subchannel_pool", 1)]
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -163,18 +169,43 @@ def _credentials(tls_ca: Path | str | None) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
 
 
+class _Connections:
+    """`count` connections to one address. A server's workers (and a proxy's replicas) are
+    chosen per connection, so a client with several spreads its sessions over them; each
+    session's calls always take the same connection, so the session stays where it is."""
+
+    def __init__(self, transport: Any, address: str, tls_ca: Path | str | None,
+                 max_message_bytes: int, count: int) -> None:
+        if count < 1:
+            raise ValueError("connections must be at least 1")
+        options = _channel_options(max_message_bytes)
+        creds = _credentials(tls_ca)
+        self.channels = [transport.secure_channel(address, creds, options) if creds
+                         else transport.insecure_channel(address, options)
+                         for _ in range(count)]
+        self.stubs = [rpc.InferenceStub(c) for c in self.channels]
+        self._turn = itertools.cycle(range(count))
+
+    def stub(self, session_id: str = "") -> rpc.InferenceStub:
+        """The session's connection; calls without a session take turns."""
+        if len(self.stubs) == 1:
+            return self.stubs[0]
+        if not session_id:
+            return self.stubs[next(self._turn)]
+        return self.stubs[zlib.crc32(session_id.encode()) % len(self.stubs)]
+
+
 class Client:
     """A blocking client. `tls_ca`: PEM file of the CA that signed the server's certificate
-    (TLS on); `token`: the bearer token when the server wants one."""
+    (TLS on); `token`: the bearer token when the server wants one; `connections`: how many
+    connections to spread sessions over (a server with --workers N serves each connection
+    in one worker; a message naming several sessions should keep to one connection)."""
 
     def __init__(self, address: str, token: str | None = None,
                  tls_ca: Path | str | None = None, timeout: float | None = 30.0,
-                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
-        options = _channel_options(max_message_bytes)
-        creds = _credentials(tls_ca)
-        self.channel = (grpc.secure_channel(address, creds, options) if creds
-                        else grpc.insecure_channel(address, options))
-        self.stub = rpc.InferenceStub(self.channel)
+                 max_message_bytes: int = 16 * 1024 * 1024, connections: int = 1) -> None:
+        self.connections = _Connections(grpc, address, tls_ca, max_message_bytes, connections)
+        self.channel = self.connections.channels[0]
         self.timeout = timeout
         self.metadata = _metadata(token)
 
@@ -185,12 +216,13 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.connections.channels:
+            channel.close()
 
     def _call(self, method: str, request: Any, session_id: str = "") -> Any:
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout,
-                                              metadata=_routed(self.metadata, session_id))
+            return getattr(self.connections.stub(session_id), method)(
+                request, timeout=self.timeout, metadata=_routed(self.metadata, session_id))
         except grpc.RpcError as exc:
             raise RnnServeError.from_rpc_error(exc) from None
 
@@ -242,7 +274,8 @@ class Client:
                resume: str = "") -> StreamSession:
         """Open a stream and, given a model (or a session id to resume), its session."""
         session_id = resume or (new_session_id() if model else "")
-        stream = StreamSession(self.stub, _routed(self.metadata, session_id))
+        stream = StreamSession(self.connections.stub(session_id),
+                               _routed(self.metadata, session_id))
         if resume:
             stream.resume(resume)
         elif model:
@@ -360,16 +393,13 @@ _END = object()
 
 
 class AsyncClient:
-    """The asyncio client: the same calls as `Client`, awaited."""
+    """The asyncio client: the same calls and arguments as `Client`, awaited."""
 
     def __init__(self, address: str, token: str | None = None,
                  tls_ca: Path | str | None = None, timeout: float | None = 30.0,
-                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
-        options = _channel_options(max_message_bytes)
-        creds = _credentials(tls_ca)
-        self.channel = (grpc.aio.secure_channel(address, creds, options) if creds
-                        else grpc.aio.insecure_channel(address, options))
-        self.stub = rpc.InferenceStub(self.channel)
+                 max_message_bytes: int = 16 * 1024 * 1024, connections: int = 1) -> None:
+        self.connections = _Connections(grpc.aio, address, tls_ca, max_message_bytes,
+                                        connections)
         self.timeout = timeout
         self.metadata = _metadata(token)
 
@@ -380,11 +410,12 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.connections.channels:
+            await channel.close()
 
     async def _call(self, method: str, request: Any, session_id: str = "") -> Any:
         try:
-            return await getattr(self.stub, method)(
+            return await getattr(self.connections.stub(session_id), method)(
                 request, timeout=self.timeout, metadata=_routed(self.metadata, session_id))
         except grpc.RpcError as exc:
             raise RnnServeError.from_rpc_error(exc) from None
@@ -434,7 +465,8 @@ class AsyncClient:
                resume: str = "") -> AsyncStreamSession:
         """`async with client.stream(model) as session:` opens the stream and its session."""
         session_id = resume or (new_session_id() if model else "")
-        return AsyncStreamSession(self.stub, _routed(self.metadata, session_id), model,
+        return AsyncStreamSession(self.connections.stub(session_id),
+                                  _routed(self.metadata, session_id), model,
                                   version, initial_states, resume, session_id)
 
 

@@ -256,7 +256,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), handlers)
-    port = _bind_grpc(server, config, shared=worker is not None)
+    port = _bind_grpc(server, config, shared=False) if worker is None else config.grpc_port
     http = start_metrics(config, metrics.registry)
     if worker is None:
         await server.start()
@@ -266,7 +266,8 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     if not engine.ready:
         await started.stop()
         raise RuntimeError(f"no loadable model in {config.repository} (--repository)")
-    if worker is not None:
+    if worker is not None:  # gRPC listens as it binds: not before the models are loaded
+        _bind_grpc(server, config, shared=True)
         await server.start()
 
     async def sweep() -> None:

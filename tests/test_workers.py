@@ -1,0 +1,205 @@
+"""`rnnserve serve --workers 2`: one port, two worker processes, one supervisor, for real.
+
+Every call below opens a new connection, so the kernel (SO_REUSEPORT) picks a worker for each:
+sessions and v2 sequences must continue exactly wherever their calls land.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.cluster import ServerProcess
+from rnnserve.client import Client
+from rnnserve.config import ServerConfig
+from tests.conftest import ROOT
+
+WORKERS = 2
+
+
+class Workers(ServerProcess):
+    """The supervised server, ready once the supervisor says every worker serves."""
+
+    def __init__(self, log: Path, *flags: str) -> None:
+        super().__init__(log, "--workers", str(WORKERS), *flags, metrics=True)
+        deadline = time.monotonic() + 120
+        while f"with {WORKERS} workers" not in log.read_text():
+            assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+
+    def worker_pids(self) -> list[int]:
+        found = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "spawn_main"],
+                               capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in found]
+
+    def scrape(self) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name = line.split("{")[0].split(" ")[0]
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return values
+
+    def messages(self) -> list[str]:
+        return [json.loads(line)["message"] for line in self.log.read_text().splitlines()
+                if line.startswith("{")]
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    server = Workers(tmp_path / "log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def fresh(server: Workers) -> Client:
+    """A client on a connection of its own: the kernel picks the worker."""
+    return Client(server.address)
+
+
+def test_sessions_continue_exactly_on_whichever_worker_gets_the_call(workers: Workers) -> None:
+    rng = np.random.default_rng(1)
+    xs = rng.integers(0, 2, (6, 24, 2)).astype(np.float32)
+    with fresh(workers) as client:
+        expected = client.predict("binary_add", xs).y
+
+    def drive(row: int) -> np.ndarray:
+        with fresh(workers) as client:
+            session = client.open_session("binary_add").session_id
+        outputs = []
+        for t in range(xs.shape[1]):
+            with fresh(workers) as client:
+                outputs.append(client.step(session, xs[row, t:t + 1]))
+        with fresh(workers) as client, client.stream(resume=session) as stream:
+            assert stream.session.steps == xs.shape[1]
+        return np.concatenate(outputs)
+
+    with ThreadPoolExecutor(len(xs)) as pool:  # many clients at once
+        got = list(pool.map(drive, range(len(xs))))
+    assert np.max(np.abs(np.stack(got) - expected)) <= 1e-5
+    metrics = workers.scrape()
+    assert metrics["rnnserve_session_handoffs_total"] >= 10, "calls really moved sessions"
+    assert metrics["rnnserve_sessions"] == 0  # every stream block closed its session
+    assert metrics["rnnserve_workers"] == WORKERS
+
+
+def test_v2_sequences_continue_across_workers(workers: Workers) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    x = np.random.default_rng(2).uniform(320, 370, (1, 12, 1)).astype(np.float32)
+    outputs = []
+    for t in range(x.shape[1]):
+        triton = grpcclient.InferenceServerClient(workers.address)
+        tensor = grpcclient.InferInput("x", [1, 1, 1], "FP32")
+        tensor.set_data_from_numpy(x[:, t:t + 1])
+        outputs.append(triton.infer("forecast", [tensor], sequence_id="moving-seq",
+                                    sequence_start=t == 0,
+                                    sequence_end=t == x.shape[1] - 1).as_numpy("y"))
+        triton.close()
+    with fresh(workers) as client:
+        whole = client.predict("forecast", x).y
+    assert np.max(np.abs(np.concatenate(outputs, axis=1) - whole)) <= 1e-5
+
+
+def test_metrics_are_one_sum_over_the_workers(workers: Workers) -> None:
+    opened = []
+    for _ in range(12):
+        with fresh(workers) as client:
+            opened.append(client.open_session("echo").session_id)
+    metrics = workers.scrape()
+    assert metrics["rnnserve_sessions"] == 12
+    assert metrics["rnnserve_requests_total"] >= 12
+    per_worker = [line for line in urllib.request.urlopen(
+        f"http://127.0.0.1:{workers.metrics_port}/metrics", timeout=5).read().decode()
+        .splitlines() if line.startswith("rnnserve_worker_cpu_seconds_total")]
+    assert len(per_worker) == WORKERS
+
+
+def test_a_killed_worker_is_replaced_and_the_server_stays_serving(workers: Workers) -> None:
+    """Connections the killed worker held (or had queued) are reset, as with any process
+    that dies; a probe that reconnects (wait_for_ready) always finds a serving worker."""
+    victim = workers.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    statuses = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(workers.address) as channel:
+            statuses.append(health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5, wait_for_ready=True).status)
+        pids = workers.worker_pids()
+        if len(pids) == WORKERS and victim not in pids and \
+                workers.scrape().get("rnnserve_workers") == WORKERS:
+            break
+        time.sleep(0.05)
+    assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
+    assert victim not in workers.worker_pids() and len(workers.worker_pids()) == WORKERS
+    assert workers.scrape()["rnnserve_worker_restarts_total"] == 1
+    assert any("died (signal SIGKILL)" in m for m in workers.messages())
+    with fresh(workers) as client:
+        assert client.predict("echo", np.ones((1, 3, 1))).y.shape == (1, 3, 2)
+
+
+def test_sigterm_drains_every_worker(workers: Workers) -> None:
+    with fresh(workers) as client, client.stream("echo") as stream:
+        stream.step([1.0])
+        workers.proc.send_signal(signal.SIGTERM)
+        assert workers.proc.wait(60) == 0
+    messages = workers.messages()
+    assert messages.count("stopped") == WORKERS
+    assert any(m.startswith("stopped (2 workers") for m in messages)
+    assert not workers.worker_pids()
+
+
+def test_a_port_held_by_workers_refuses_another_server(workers: Workers) -> None:
+    for count in ("1", "2"):
+        other = subprocess.run([sys.executable, "-m", "rnnserve", "serve", "--workers", count,
+                                "--grpc-port", str(workers.port), "--metrics-port", "-1"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert other.returncode == 2, other.stderr
+        assert f"--grpc-port {workers.port}" in other.stderr
+
+
+def test_auto_is_the_cpus_this_process_may_use(tmp_path: Path) -> None:
+    from rnnserve.config import worker_count
+    from rnnserve.cpus import available_cpus, quota_cpus
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert quota_cpus(tmp_path) == 2  # 1.5 CPUs round up
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert quota_cpus(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert quota_cpus(v1) == 1
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert available_cpus(tmp_path) == 1
+    assert worker_count(ServerConfig(workers="auto")) == available_cpus()
+    assert worker_count(ServerConfig(workers="3")) == 3
+
+
+def test_a_client_with_several_connections_keeps_each_session_on_one(workers: Workers) -> None:
+    xs = np.random.default_rng(3).integers(0, 2, (12, 10, 1)).astype(np.float32)
+    with Client(workers.address, connections=4) as client:
+        assert len({id(c) for c in client.connections.channels}) == 4
+        sessions = [client.open_session("echo").session_id for _ in xs]
+        got = np.stack([np.concatenate([client.step(s, x[t:t + 1]) for t in range(len(x))])
+                        for s, x in zip(sessions, xs)])
+        assert np.max(np.abs(got - client.predict("echo", xs).y)) <= 1e-5
+    assert workers.scrape().get("rnnserve_session_handoffs_total", 0) == 0  # none moved
