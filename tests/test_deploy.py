@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 
+import kubernetes_validate
+import pytest
 import yaml
 
 from rnnserve.config import ENV_PREFIX, ServerConfig
@@ -32,7 +34,7 @@ def test_every_piece_is_there() -> None:
 def test_replicas_match_the_server_flags_and_image() -> None:
     pod = find("Deployment", "rnnserve")["spec"]["template"]
     (container,) = pod["spec"]["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     known = {ENV_PREFIX + f.name.upper() for f in fields(ServerConfig)}
     assert set(env) <= known, set(env) - known
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -51,7 +53,7 @@ def test_replicas_match_the_server_flags_and_image() -> None:
 def test_state_store_proxy_and_policies_point_at_each_other() -> None:
     deployment = find("Deployment", "rnnserve")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    env = {e["name"]: e["value"]
+    env = {e["name"]: e.get("value")
            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     host, port = re.match(r"redis://([^:/]+):(\d+)/\d+$", env["RNNSERVE_STATE_STORE"]).groups()
     redis = find("Service", host)
@@ -68,3 +70,17 @@ def test_state_store_proxy_and_policies_point_at_each_other() -> None:
     assert find("PodDisruptionBudget", "rnnserve")["spec"]["selector"]["matchLabels"] == labels
     target = find("HorizontalPodAutoscaler", "rnnserve")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "rnnserve")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_manifests_validate_against_the_kubernetes_schemas(doc: dict) -> None:
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_workers_follow_the_pods_cpu_limit() -> None:
+    (container,) = find("Deployment", "rnnserve")["spec"]["template"]["spec"]["containers"]
+    (workers,) = [e for e in container["env"] if e["name"] == "RNNSERVE_WORKERS"]
+    field = workers["valueFrom"]["resourceFieldRef"]
+    assert (field["resource"], field["divisor"]) == ("limits.cpu", "1")
+    assert field["containerName"] == container["name"]
+    assert "cpu" in container["resources"]["limits"]
