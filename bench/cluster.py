@@ -117,8 +117,13 @@ class ServerProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
+        """Drain and exit (workers included); killed if that takes too long."""
         if self.proc.poll() is None:
-            self.kill()
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 class Replica(ServerProcess):

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from rnnserve.auth import BearerTokenInterceptor
 from rnnserve.config import ServerConfig
@@ -30,12 +29,14 @@ from rnnserve.identity import Identities
 from rnnserve.kserve import KServeServicer
 from rnnserve.memory import MemoryBudget, return_freed_memory
 from rnnserve.metrics import Metrics
+from rnnserve.ports import PortUnavailable, can_listen, start_metrics
 from rnnserve.registry import ModelRegistry
 from rnnserve.runner import Runner
 from rnnserve.servicer import InferenceServicer
 from rnnserve.sessions import SessionTable
-from rnnserve.siblings import Siblings, SiblingsServicer, WorkerPlace, socket_path
+from rnnserve.siblings import Siblings, SiblingsServicer, socket_path
 from rnnserve.streams import OpenStreams
+from rnnserve.supervisor import WorkerPlace
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
@@ -163,37 +164,6 @@ def _bind_grpc(server: grpc.aio.Server, config: ServerConfig, shared: bool) -> i
         raise PortUnavailable(f"--grpc-port {config.grpc_port}: cannot listen on {address} "
                               "(in use by another server, or not an address of this host)")
     return port
-
-
-def can_listen(host: str, port: int) -> bool:
-    """Whether a listener could bind host:port now. Asked first because gRPC's own failure
-    adds a C++ log line to the one-line error; its failure below stays the real check."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT ok
-            probe.bind(address)
-    except OSError:
-        return False
-    return True
-
-
-def start_metrics(config: ServerConfig, registry: CollectorRegistry):
-    """/metrics on --metrics-port (None when -1 disables it)."""
-    if config.metrics_port < 0:
-        return None
-    try:
-        http, _ = start_http_server(config.metrics_port, addr=config.host, registry=registry)
-    except OSError as exc:
-        raise PortUnavailable(f"--metrics-port {config.metrics_port}: cannot listen on "
-                              f"{config.host}:{config.metrics_port} ({exc.strerror or exc}); "
-                              "-1 disables metrics") from None
-    return http
-
-
-class PortUnavailable(OSError):
-    """A port flag names a port this process cannot listen on; the message names the flag."""
 
 
 async def _start_internal(engine: Engine, worker: WorkerPlace) -> grpc.aio.Server:

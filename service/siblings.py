@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -26,16 +25,6 @@ from rnnserve.handoff import ParkedSession
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 5.0
 """A sibling that does not answer in time (restarting, wedged) is skipped for this call."""
-
-
-@dataclass(frozen=True)
-class WorkerPlace:
-    """Where a worker process stands among its siblings (given by the supervisor)."""
-
-    index: int
-    count: int
-    run_dir: Path
-    """The supervisor's private directory: the workers' sockets, the metrics files."""
 
 
 def socket_path(run_dir: Path, index: int) -> Path:

@@ -24,17 +24,28 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
 from rnnserve.config import ServerConfig
-from rnnserve.server import PortUnavailable, can_listen, start_metrics
-from rnnserve.siblings import WorkerPlace
+from rnnserve.ports import hold_port, start_metrics
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerPlace:
+    """Where a worker process stands among its siblings (given by the supervisor)."""
+
+    index: int
+    count: int
+    run_dir: Path
+    """The supervisor's private directory: the workers' sockets, the metrics files."""
+
+
 METRICS_DIR = "metrics"
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 """Seconds before restarting a worker that keeps dying, by how many times in a row it died
@@ -42,7 +53,23 @@ without becoming ready."""
 STOP_MARGIN = 10.0
 """Seconds a draining worker gets past its own deadline before it is killed."""
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _end_with_parent() -> None:
+    """Drain (SIGTERM) when the supervisor dies, even by SIGKILL: no orphaned workers holding
+    the port. Linux's parent-death signal; the check after it closes the race with a parent
+    that died before it was set."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own stop ends workers
+        return
+    if os.getppid() != parent or parent == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker_main(config: ServerConfig, place: WorkerPlace, ready) -> None:
@@ -54,28 +81,13 @@ def _worker_main(config: ServerConfig, place: WorkerPlace, ready) -> None:
 
     configure(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a terminal's ^C
+    _end_with_parent()
     try:
         code = asyncio.run(serve(config, place, on_ready=lambda port: ready.send(port)))
     except (ValueError, OSError, RuntimeError) as exc:
         logging.getLogger("rnnserve").error("worker %d cannot serve: %s", place.index, exc)
         code = 2
     raise SystemExit(code)
-
-
-def _hold_port(config: ServerConfig) -> socket.socket:
-    """Check the gRPC port is free, then join it to the workers' SO_REUSEPORT group with a
-    socket that never listens: a second server's check fails from now on, and port 0 becomes
-    a concrete port for every worker."""
-    if config.grpc_port and not can_listen(config.host, config.grpc_port):
-        raise PortUnavailable(f"--grpc-port {config.grpc_port}: {config.host}:"
-                              f"{config.grpc_port} is in use (another server?)")
-    family, kind, proto, _, address = socket.getaddrinfo(
-        config.host, config.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    held = socket.socket(family, kind, proto)
-    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    held.bind(address)
-    return held
 
 
 class _WorkerStats:
@@ -125,7 +137,7 @@ class Supervisor:
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before the workers start
         try:
-            held = _hold_port(self.config)
+            held = hold_port(self.config)
             port = held.getsockname()[1]
             worker_config = dataclasses.replace(
                 self.config, grpc_port=port, metrics_port=-1,

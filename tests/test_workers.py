@@ -203,3 +203,13 @@ def test_a_client_with_several_connections_keeps_each_session_on_one(workers: Wo
                         for s, x in zip(sessions, xs)])
         assert np.max(np.abs(got - client.predict("echo", xs).y)) <= 1e-5
     assert workers.scrape().get("rnnserve_session_handoffs_total", 0) == 0  # none moved
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(workers: Workers) -> None:
+    pids = workers.worker_pids()
+    workers.proc.kill()
+    workers.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() < deadline, "orphaned workers still hold the port"
+        time.sleep(0.1)
