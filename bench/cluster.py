@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 TEMPLATE = ROOT / "deploy" / "nginx" / "rnnserve.conf.template"
 
 
@@ -90,14 +91,52 @@ class ServerProcess:
                     [sys.executable, "-m", "rnnserve", "serve", "--repository",
                      str(ROOT / "exported"), "--grpc-port", str(self.port), "--metrics-port",
                      str(self.metrics_port), *flags],
-                    cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=err)
+                    cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    stdout=subprocess.DEVNULL, stderr=err)
             self.address = f"127.0.0.1:{self.port}"
-            wait_until_serving(self.address, self.proc)
-            if self.proc.poll() is None:
-                return
+            try:
+                wait_until_serving(self.address, self.proc)
+                if self.proc.poll() is None:
+                    self._wait_for_every_worker(flags)
+                    return
+            except BaseException:
+                self.stop()
+                raise
             if "cannot listen" not in log.read_text():
                 break
         raise RuntimeError(f"rnnserve did not start: {log.read_text()[-2000:]}")
+
+    def _wait_for_every_worker(self, flags: tuple[str, ...]) -> None:
+        """Health answers once one worker serves; the supervisor tells when all of them do
+        (its rnnserve_workers gauge, or its log line when metrics are off)."""
+        count = flags[flags.index("--workers") + 1]
+        if count in ("1", "auto"):
+            return
+        deadline = time.monotonic() + 120
+        while not (self.metric("rnnserve_workers") == int(count) if self.metrics_port > 0
+                   else f"with {count} workers" in self.log.read_text()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"rnnserve did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def pids(self) -> list[int]:
+        """The server's processes: the supervisor (or the only process) and its workers."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [self.proc.pid, *map(int, children.read_text().split())]
+        except OSError:
+            return [self.proc.pid]
+
+    def cpu_seconds(self) -> float:
+        """CPU time of every process of the server (user + system)."""
+        total = 0.0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return total
 
     def status(self, key: str) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -106,10 +145,11 @@ class ServerProcess:
         raise KeyError(key)
 
     def metric(self, name: str, **labels: str) -> float:
+        """The sum of a family's samples with these labels (0 if it has none yet)."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
                                       timeout=5).read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + "{")
+                   if line.startswith((name + "{", name + " "))
                    and all(f'{k}="{v}"' in line for k, v in labels.items()))
 
     def kill(self) -> None:

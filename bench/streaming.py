@@ -33,6 +33,7 @@ from rnnserve.tensors import to_tensor
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STREAMS_PER_CONNECTION = 64
 
 
 def free_port() -> int:
@@ -96,8 +97,10 @@ class Load:
     """0: each stream drives its own session; n: each message carries steps for n sessions."""
 
 
-async def drive(server: ServerProcess, load: Load, seconds: float) -> dict[str, float]:
-    """Ping-pong on `load.streams` streams; steps, round trips and server CPU while clocked."""
+async def drive(server: ServerProcess, load: Load, seconds: float,
+                connections: int = 1) -> dict[str, float]:
+    """Ping-pong on `load.streams` streams, spread over `connections` connections (a server's
+    workers are picked per connection); steps, round trips and server CPU while clocked."""
     latencies: list[float] = []
     steps = 0
     rows = load.sessions_per_message or 1
@@ -107,13 +110,19 @@ async def drive(server: ServerProcess, load: Load, seconds: float) -> dict[str, 
                if load.sessions_per_message else [[] for _ in range(load.streams)])
     start, stop, stopped, clocked = (asyncio.Event() for _ in range(4))
     running = len(id_sets)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = rpc.InferenceStub(channel)
+    # The server allows --max-streams-per-connection (100) streams per connection; streams past
+    # that would wait for a slot that frees only when the round ends.
+    connections = max(connections, -(-load.streams // STREAMS_PER_CONNECTION))
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}",
+                                          [("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(connections)]
+    stubs = [rpc.InferenceStub(channel) for channel in channels]
+    try:
 
-        async def one(ids: list[str]) -> None:
+        async def one(index: int, ids: list[str]) -> None:
             nonlocal steps, running
             session_id = new_session_id()  # and the routing header: a proxy spreads the streams
-            call = stub.Stream(metadata=((SESSION_HEADER, session_id),))
+            call = stubs[index % connections].Stream(metadata=((SESSION_HEADER, session_id),))
             if not ids:
                 await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(
                     model="echo", session_id=session_id)))
@@ -138,7 +147,7 @@ async def drive(server: ServerProcess, load: Load, seconds: float) -> dict[str, 
                 await call.read()
             await call.done_writing()
 
-        tasks = [asyncio.create_task(one(ids)) for ids in id_sets]
+        tasks = [asyncio.create_task(one(i, ids)) for i, ids in enumerate(id_sets)]
         await asyncio.sleep(0.5)  # every stream open before the clock starts
         cpu0, t0 = server.cpu_seconds(), time.perf_counter()
         start.set()
@@ -148,6 +157,9 @@ async def drive(server: ServerProcess, load: Load, seconds: float) -> dict[str, 
         cpu, wall = server.cpu_seconds() - cpu0, time.perf_counter() - t0
         clocked.set()
         await asyncio.gather(*tasks)
+    finally:
+        for channel in channels:
+            await channel.close()
     if load.sessions_per_message:
         for ids in id_sets:
             server.close_sessions(ids)
@@ -157,9 +169,10 @@ async def drive(server: ServerProcess, load: Load, seconds: float) -> dict[str, 
             "server_cpu_us_per_step": cpu / steps * 1e6}
 
 
-def measure(server: ServerProcess, load: Load, seconds: float) -> dict[str, float]:
-    asyncio.run(drive(server, load, 0.2))  # warm-up: connections, first runs, buffers
-    return asyncio.run(drive(server, load, seconds))
+def measure(server: ServerProcess, load: Load, seconds: float,
+            connections: int = 1) -> dict[str, float]:
+    asyncio.run(drive(server, load, 0.2, connections))  # warm-up: connections, runs, buffers
+    return asyncio.run(drive(server, load, seconds, connections))
 
 
 def ort_ceiling(batch: int, seconds: float) -> float:

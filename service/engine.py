@@ -155,6 +155,9 @@ class Engine:
         self._sessions = sessions
         self._handoff = handoff
         self._siblings = siblings
+        self._claims: list[str] = []
+        self._claiming: asyncio.Task | None = None
+        self._claim_ttl_ms = int(2 * config.session_idle_timeout * 1000)
         self.metrics: Metrics = registry.metrics
         self._draining = False
 
@@ -371,7 +374,9 @@ class Engine:
         self.check_open()
         model = self._registry.get(name, version)
         states = self._states(model, initial_states, 1) if initial_states else None
-        return SessionView.of(self._sessions.open(model, states, session_id, owner))
+        session = self._sessions.open(model, states, session_id, owner)
+        self._claim([session.id])
+        return SessionView.of(session)
 
     async def resume_session(self, session_id: str, owner: str = "") -> SessionView:
         """The caller's live session, adopted from the shared store if another replica parked
@@ -405,8 +410,8 @@ class Engine:
         if self._siblings is not None:
             missing, failed = await self._from_siblings(missing, owner)
         if missing and self._handoff is not None:
-            failed.update(await self._from_store(missing, alone or len(missing) ==
-                                                 len(session_ids)))
+            failed.update(await self._from_store(
+                missing, alone or len(missing) == len(session_ids), owner))
         return failed
 
     async def _from_siblings(self, missing: list[str], owner: str
@@ -427,9 +432,14 @@ class Engine:
                   for i, why in ended.items()}
         return [i for i in missing if i not in moved and i not in failed], failed
 
-    async def _from_store(self, missing: list[str], wait: bool) -> dict[str, ServingError]:
+    async def _from_store(self, missing: list[str], wait: bool,
+                          owner: str) -> dict[str, ServingError]:
+        """Parked sessions, else those another live replica holds: asked to park them now."""
         try:
             taken = await self._handoff.adopt(missing, wait)
+            held = [i for i in missing if i not in taken]
+            if held and await self._handoff.request_release(held, owner):
+                taken.update(await self._handoff.adopt(held, wait=False, expected=True))
         except StoreUnavailable as exc:
             error = Unavailable(f"{exc}; sessions parked by other replicas cannot be reached now, "
                                 "retry shortly", retry_after=1.0)
@@ -456,7 +466,47 @@ class Engine:
                         parked.session_id, parked.model, parked.version, exc)
             return False
         self.metrics.handoffs.labels(*model.labels, how).inc()
+        self._claim([parked.session_id])
         return True
+
+    def _claim(self, session_ids: list[str]) -> None:
+        """Record, in the background and batched, that this process holds these sessions, so
+        another replica that gets their calls can ask for them (with --state-store)."""
+        if self._handoff is None:
+            return
+        self._claims.extend(session_ids)
+        if self._claiming is None:
+            self._claiming = asyncio.get_running_loop().create_task(self._flush_claims())
+
+    async def _flush_claims(self) -> None:
+        try:
+            while self._claims:
+                ids, self._claims = self._claims, []
+                await self._handoff.claim(ids, self._claim_ttl_ms)
+        finally:
+            self._claiming = None
+
+    async def refresh_claims(self) -> None:
+        """Renew the records of every live session before they expire."""
+        if self._handoff is not None:
+            await self._handoff.claim([s.id for s in self._sessions.live()],
+                                      self._claim_ttl_ms)
+
+    async def park_on_request(self, session_ids: list[str], owner: str) -> None:
+        """Another replica got calls for these sessions: park them for it (after their
+        in-flight steps). If the store fails meanwhile they stay live here."""
+        moved, _ = await self.release_sessions(session_ids, owner)
+        if not moved:
+            return
+        try:
+            await self._handoff.give_back(moved)
+        except StoreUnavailable as exc:
+            log.warning("could not park %d requested sessions (%s); they stay here",
+                        len(moved), exc)
+            self.take_back(moved)
+            return
+        for parked in moved:
+            self.metrics.handoffs.labels(parked.model, str(parked.version), "released").inc()
 
     async def release_sessions(self, session_ids: list[str], owner: str
                                ) -> tuple[list[ParkedSession], dict[str, str]]:

@@ -1,9 +1,16 @@
-"""Session handoff through Redis: a draining replica parks its sessions, any replica adopts one.
+"""Session handoff through Redis: a draining replica parks its sessions, any replica adopts one;
+and a replica that gets a call for a session another live replica holds asks for it.
 
 Adoption is GETDEL, so exactly one replica can take a parked session, and the adopter restores
 it in the same event-loop turn as the reply arrives (or parks it again); the record expires after
 the idle timeout like the session itself would have. All ids of one message go in one pipeline,
 so a message naming hundreds of parked sessions costs one round trip and one connection.
+
+On demand: every process records which sessions it holds (`rnnserve:owner:<id>`, refreshed
+while they live). When a proxy's hash ring changes (a scale-up adds a replica), calls for a
+session reach a replica that does not hold it; that replica publishes a release request on the
+holder's channel, the holder parks the session after its in-flight steps, and the asker adopts
+it as above. Redis does all the coordination; there is no cluster protocol of our own.
 """
 
 from __future__ import annotations
@@ -21,10 +28,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "rnnserve:session:"
+OWNER_PREFIX = "rnnserve:owner:"
+"""Which process holds a live session (its `replica` id), so another can ask for it."""
+RELEASE_CHANNEL = "rnnserve:release:"
+"""Pub/sub channel per process: requests to park some of its sessions now."""
+RESUBSCRIBE_PAUSE = 1.0
 PARKING_KEY = "rnnserve:parking"
 """A sorted set of the replicas parking their sessions right now, scored by when they will be
 done at the latest (ms since the epoch): adopters wait only while it holds a live entry."""
 ADOPT_POLL = 0.05
+FIRST_POLL = 0.0005
 MAX_CONNECTIONS = 16
 POOL_WAIT = 5.0
 SOCKET_TIMEOUT = 5.0
@@ -107,14 +120,16 @@ class RedisHandoff:
         except self._errors as exc:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
 
-    async def adopt(self, session_ids: list[str], wait: bool) -> dict[str, ParkedSession]:
+    async def adopt(self, session_ids: list[str], wait: bool,
+                    expected: bool = False) -> dict[str, ParkedSession]:
         """Take the parked sessions among `session_ids`, in one round trip per try. While a
-        replica is parking (and `wait`), missing ids are asked for again until the handoff wait
-        ends. Each session taken is removed from the store; the caller must restore it or
-        give it back."""
+        replica is parking (and `wait`), or while their holders were asked to park them
+        (`expected`), missing ids are asked for again until the handoff wait ends. Each
+        session taken is removed from the store; the caller must restore it or give it back."""
         deadline = time.monotonic() + self.wait_seconds
         taken: dict[str, ParkedSession] = {}
         missing = list(session_ids)
+        tries = 0
         while missing:
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
@@ -135,9 +150,10 @@ class RedisHandoff:
                     log.error("LOST session %s: its parked record is unreadable (%s)",
                               session_id, exc)
             missing = [i for i in missing if i not in taken]
-            if not (missing and parking and wait) or time.monotonic() >= deadline:
+            if not (missing and (parking and wait or expected)) or time.monotonic() >= deadline:
                 break
-            await asyncio.sleep(ADOPT_POLL)
+            tries += 1  # a holder asked to park takes a millisecond or two: look again soon
+            await asyncio.sleep(min(ADOPT_POLL, FIRST_POLL * 2 ** tries))
         return taken
 
     async def parking(self) -> bool:
@@ -150,6 +166,59 @@ class RedisHandoff:
     async def give_back(self, parked: list[ParkedSession]) -> None:
         """Re-park sessions this replica cannot serve (e.g. their version is not loaded here)."""
         await self._store(parked, done_parking=False)
+
+    async def claim(self, session_ids: list[str], ttl_ms: int) -> None:
+        """Record this process as the holder of these sessions. Best effort: without a record
+        a call elsewhere finds no holder to ask, and answers NOT_FOUND."""
+        if not session_ids:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for session_id in session_ids:
+                    pipe.set(OWNER_PREFIX + session_id, self.replica, px=ttl_ms)
+                await pipe.execute()
+        except self._errors as exc:
+            log.warning("could not record %d sessions as held here: %s", len(session_ids), exc)
+
+    async def request_release(self, session_ids: list[str], owner: str) -> bool:
+        """Ask the processes holding these sessions to park them now; whether any heard."""
+        try:
+            holders = await self.client.mget([OWNER_PREFIX + i for i in session_ids])
+            by_holder: dict[str, list[str]] = {}
+            for session_id, holder in zip(session_ids, holders):
+                if holder is not None and holder.decode() != self.replica:
+                    by_holder.setdefault(holder.decode(), []).append(session_id)
+            heard = 0
+            for holder, ids in by_holder.items():
+                heard += await self.client.publish(RELEASE_CHANNEL + holder,
+                                                   json.dumps({"ids": ids, "owner": owner}))
+        except self._errors as exc:
+            raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
+        return heard > 0
+
+    async def serve_releases(self, release) -> None:
+        """Until cancelled: park what other replicas ask for. `release(ids, owner)` lets the
+        sessions go (after their in-flight steps) and returns them; they are parked, or taken
+        back by `restore` if the store fails meanwhile."""
+        while True:
+            try:
+                async with self.client.pubsub() as pubsub:
+                    await pubsub.subscribe(RELEASE_CHANNEL + self.replica)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            await self._release(release, message["data"])
+            except self._errors as exc:
+                log.warning("release requests unheard until the store is back: %s", exc)
+                await asyncio.sleep(RESUBSCRIBE_PAUSE)
+
+    async def _release(self, release, data: bytes) -> None:
+        try:
+            request = json.loads(data)
+            ids, owner = [str(i) for i in request["ids"]], str(request["owner"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored an unreadable release request")
+            return
+        await release(ids, owner)
 
     async def close(self) -> None:
         await self.client.aclose()

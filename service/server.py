@@ -248,6 +248,10 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     if config.repository_poll > 0:
         started.tasks.append(asyncio.create_task(_every(config.repository_poll,
                                                         started.sync_models, "repository poll")))
+    if handoff is not None:  # sessions held here can be asked for by other replicas
+        started.tasks.append(asyncio.create_task(handoff.serve_releases(engine.park_on_request)))
+        started.tasks.append(asyncio.create_task(_every(
+            config.session_idle_timeout / 3, engine.refresh_claims, "session records")))
     metrics_at = (f"; metrics on :{started.metrics_port}" if http is not None else
                   "; metrics disabled" if worker is None else "")
     log.info("%sserving %s on %s:%d%s", f"worker {worker.index}: " if worker else "",

@@ -79,3 +79,39 @@ def test_v2_sequences_survive_a_handoff(redis_url: str) -> None:
             whole = client.predict("forecast", x).y
     got = np.concatenate([first, rest], axis=1)
     assert np.max(np.abs(got - whole) / (1 + np.abs(whole))) <= 1e-5
+
+
+def test_sessions_follow_their_calls_to_another_live_replica(redis_url: str) -> None:
+    """A rehash (e.g. a scale-up) sends a live session's calls to another replica while its
+    holder is still up: the holder parks it on request and it continues exactly, both ways,
+    for unary calls, streams and v2 sequences."""
+    import time
+
+    import redis
+
+    store = redis.Redis.from_url(redis_url)
+    x = bits(3, 1, 40, 2)[0]
+    with running(state_store=redis_url) as a, running(state_store=redis_url) as b, \
+            Client(a.address) as on_a, Client(b.address) as on_b:
+        expected = on_a.predict("binary_add", x[None]).y[0]
+        session = on_a.open_session("binary_add").session_id
+        deadline = time.monotonic() + 10
+        while not store.exists(f"rnnserve:owner:{session}"):  # recorded in the background
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        got, moved_ms = [], []
+        for t in range(len(x)):
+            here = (on_a, on_b)[(t // 5) % 2]  # five steps on a, five on b, ...
+            start = time.perf_counter()
+            got.append(here.step(session, x[t:t + 1]))
+            if t % 5 == 0 and t:
+                moved_ms.append((time.perf_counter() - start) * 1e3)
+        assert np.max(np.abs(np.concatenate(got) - expected)) <= 1e-5
+        with on_a.stream(resume=session) as stream:  # a stream's resume moves it too
+            assert stream.session.steps == len(x)
+        for server in (a, b):
+            sample = server.server.engine.metrics.registry.get_sample_value
+            assert sample("rnnserve_session_handoffs_total", {
+                "model": "binary_add", "version": "1", "direction": "released"}) >= 3
+        print(f"moves between live replicas: p50 {np.percentile(moved_ms, 50):.2f} ms, "
+              f"max {max(moved_ms):.2f} ms over {len(moved_ms)}")
