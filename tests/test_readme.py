@@ -205,26 +205,29 @@ def test_pip_install_beside_tritonclient(tmp_path: Path) -> None:
 
 
 TRITON_BESIDE_RNNSERVE = """
-import subprocess, sys, time
+import re, subprocess, sys
 import google.protobuf, numpy as np
 import tritonclient.grpc as grpcclient
 from rnnserve.client import Client
 
 print("protobuf", google.protobuf.__version__)
 server = subprocess.Popen([sys.executable, "-m", "rnnserve", "serve", "--repository",
-                           sys.argv[1], "--grpc-port", "0", "--metrics-port", "-1"],
-                          stderr=subprocess.PIPE, text=True)
-for line in server.stderr:
-    if "serving" in line:
-        break
-port = line.split("127.0.0.1:")[1].split(";")[0]
-with Client(f"127.0.0.1:{port}") as client:
-    assert client.predict("echo", np.ones((1, 4, 1))).y.shape == (1, 4, 2)
-triton = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-x = grpcclient.InferInput("x", [1, 1, 1], "FP32")
-x.set_data_from_numpy(np.ones((1, 1, 1), np.float32))
-y = triton.infer("echo", [x], sequence_id=7, sequence_start=True).as_numpy("y")
-assert y.shape == (1, 1, 2)
-server.terminate()
+                           sys.argv[1], "--grpc-port", "0", "--metrics-port", "-1",
+                           "--workers", "1"], stderr=subprocess.PIPE, text=True)
+try:
+    for line in server.stderr:
+        found = re.search(r"serving .* on 127\\.0\\.0\\.1:(\\d+)", line)
+        if found:
+            break
+    address = f"127.0.0.1:{found.group(1)}"
+    with Client(address, timeout=30) as client:
+        assert client.predict("echo", np.ones((1, 4, 1))).y.shape == (1, 4, 2)
+    triton = grpcclient.InferenceServerClient(address)
+    x = grpcclient.InferInput("x", [1, 1, 1], "FP32")
+    x.set_data_from_numpy(np.ones((1, 1, 1), np.float32))
+    y = triton.infer("echo", [x], sequence_id=7, sequence_start=True).as_numpy("y")
+    assert y.shape == (1, 1, 2)
+finally:
+    server.terminate()
 assert server.wait(30) == 0
 """
