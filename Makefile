@@ -57,6 +57,7 @@ train: install-test
 bench: install-test
 	$(PY) -m bench.streaming
 	$(PY) -m bench.predict
+	$(PY) -m bench.v2_unary
 	$(PY) -m bench.ort_options
 	$(PY) -m bench.plot
 

@@ -5,6 +5,9 @@ the echo model once per message through bound ONNX Runtime buffers holding the s
 metrics); --model run does the same through plain `session.run`, to show what binding is worth
 in a live server.
 
+The same floors answer KServe v2 `ModelInfer` (unary) with a response of the size rnnserve
+sends, for bench/v2_unary.py: one bound run per call on one state, no sequence bookkeeping.
+
 Run as `python -m bench.echo_server PORT [--model bound|run]`; bench/streaming.py starts it.
 """
 
@@ -18,6 +21,8 @@ import grpc
 import numpy as np
 
 from rnnserve.contract import read_spec
+from rnnserve.generated.inference import grpc_service_pb2 as v2
+from rnnserve.generated.inference import grpc_service_pb2_grpc as v2_rpc
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.runner import Runner
@@ -57,6 +62,30 @@ class EchoServicer(rpc.InferenceServicer):
                 y=to_tensor(y), steps=[k] * rows))
 
 
+class EchoV2Servicer(v2_rpc.GRPCInferenceServiceServicer):
+    """ModelInfer answered with y [1, 1, 2] FP32, after one model run when a runner is given."""
+
+    def __init__(self, runner: Runner | None) -> None:
+        self.bound = runner.bind(1, 1) if runner is not None else None
+        self.runner = runner
+
+    async def ModelInfer(self, request, context):
+        if self.bound is None:
+            y = np.zeros((1, 1, 2), "<f4")
+        else:
+            self.bound.x[...] = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(
+                self.bound.x.shape)
+            self.runner.run_bound(self.bound)
+            for state, final in zip(self.bound.states, self.bound.finals):
+                state[...] = final
+            y = self.bound.y
+        response = v2.ModelInferResponse(model_name=request.model_name, model_version="1",
+                                         id=request.id)
+        response.outputs.add(name="y", datatype="FP32", shape=list(y.shape))
+        response.raw_output_contents.append(y.tobytes())
+        return response
+
+
 async def main(port: int, model: str) -> None:
     runner = None
     if model:
@@ -64,6 +93,7 @@ async def main(port: int, model: str) -> None:
         runner = Runner(read_spec(directory), directory, "cpu", 1)
     server = grpc.aio.server()
     rpc.add_InferenceServicer_to_server(EchoServicer(runner, model == "bound"), server)
+    v2_rpc.add_GRPCInferenceServiceServicer_to_server(EchoV2Servicer(runner), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
