@@ -6,6 +6,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from rnnserve.config import ServerConfig
@@ -161,6 +162,33 @@ def test_cancelled_steps_leave_state_alone_and_close_fails_queued_work() -> None
             pass
         else:
             raise AssertionError("a closed batcher took new work")
+        await registry.close()
+
+    asyncio.run(main())
+
+
+def test_a_lone_step_runs_at_once_and_company_still_batches() -> None:
+    """With nothing else ready on the loop, a step is answered before it would suspend (no
+    flush callback, no wake-up); steps that arrive together still share one run."""
+
+    async def main() -> None:
+        config = ServerConfig(repository=EXPORTED)
+        metrics = Metrics(CollectorRegistry())
+        registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
+        await registry.sync()
+        model = registry.get("echo")
+        table = SessionTable(10, 60, metrics)
+        slots = [table.open(model, None).slot for _ in range(4)]
+        x = np.ones((1, 1, 1), np.float32)
+        lone = model.batcher.step(slots[:1], x)
+        with pytest.raises(StopIteration) as done:  # finished on its first resumption
+            lone.send(None)
+        assert done.value.value.shape == (1, 1, 2)
+        runs = metrics.registry.get_sample_value
+        before = runs("rnnserve_batch_size_count", {"model": "echo", "version": "1"})
+        await asyncio.gather(*(model.batcher.step([s], x) for s in slots))
+        after = runs("rnnserve_batch_size_count", {"model": "echo", "version": "1"})
+        assert after - before == 1  # four steps, one run
         await registry.close()
 
     asyncio.run(main())
