@@ -31,6 +31,15 @@ async def make_engine(**overrides) -> Engine:
     return engine
 
 
+async def echo_model() -> tuple[ModelRegistry, Metrics]:
+    """A registry of the shipped models, for tests of one model's batcher."""
+    config = ServerConfig(repository=EXPORTED)
+    metrics = Metrics(CollectorRegistry())
+    registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
+    await registry.sync()
+    return registry, metrics
+
+
 async def arrive_after(turns: int) -> None:
     """Let other tasks run `turns` times first: a random arrival order without a clock."""
     for _ in range(turns):
@@ -130,10 +139,7 @@ def test_inline_threaded_and_unbatched_steps_agree() -> None:
 
 def test_cancelled_steps_leave_state_alone_and_close_fails_queued_work() -> None:
     async def main() -> None:
-        config = ServerConfig(repository=EXPORTED)
-        metrics = Metrics(CollectorRegistry())
-        registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
-        await registry.sync()
+        registry, metrics = await echo_model()
         model = registry.get("echo")
         session = SessionTable(10, 60, metrics).open(model, None)
         x = np.ones((1, 1, 1), np.float32)
@@ -172,10 +178,7 @@ def test_a_lone_step_runs_at_once_and_company_still_batches() -> None:
     flush callback, no wake-up); steps that arrive together still share one run."""
 
     async def main() -> None:
-        config = ServerConfig(repository=EXPORTED)
-        metrics = Metrics(CollectorRegistry())
-        registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
-        await registry.sync()
+        registry, metrics = await echo_model()
         model = registry.get("echo")
         table = SessionTable(10, 60, metrics)
         slots = [table.open(model, None).slot for _ in range(4)]
