@@ -232,10 +232,13 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         await server.start()
     started = Server(config, server, port, http, engine, health_servicer, executor, [],
                      streams, internal)
-    await started.sync_models()
-    if not engine.ready:
+    try:
+        await started.sync_models()
+        if not engine.ready:
+            raise RuntimeError(f"no loadable model in {config.repository} (--repository)")
+    except BaseException:  # a bad repository: stop what runs, so the error is the only output
         await started.stop()
-        raise RuntimeError(f"no loadable model in {config.repository} (--repository)")
+        raise
     if worker is not None:  # gRPC listens as it binds: not before the models are loaded
         _bind_grpc(server, config, shared=True)
         await server.start()
