@@ -209,3 +209,15 @@ def test_workers_do_not_outlive_a_killed_supervisor(workers: Workers) -> None:
     while any(Path(f"/proc/{pid}").exists() for pid in pids):
         assert time.monotonic() < deadline, "orphaned workers still hold the port"
         time.sleep(0.1)
+
+
+def test_a_repository_no_worker_can_serve_stops_the_server_with_its_reason(
+        tmp_path: Path) -> None:
+    failed = subprocess.run([sys.executable, "-m", "rnnserve", "serve", "--workers", "2",
+                             "--repository", str(tmp_path / "missing"), "--grpc-port", "0",
+                             "--metrics-port", "-1"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert failed.returncode == 2
+    messages = [json.loads(line)["message"] for line in failed.stderr.splitlines()]
+    assert any("not a directory" in m for m in messages)
+    assert any("could not start" in m for m in messages)
