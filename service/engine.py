@@ -604,7 +604,9 @@ class Engine:
         """Each row's session or error, and the run cost of all live rows taken together."""
         self._check_limits(x, "x")
         # One reduction on the common path; rows are told apart only when something is off.
-        bad_values = None if math.isfinite(x.sum()) else ~np.isfinite(x).all(axis=(1, 2))
+        with np.errstate(over="ignore"):  # huge finite values may sum to inf: then look closer
+            total = x.sum()
+        bad_values = None if math.isfinite(total) else ~np.isfinite(x).all(axis=(1, 2))
         sessions: list[Session | None] = []
         errors: list[RowError] = []
         seen: set[str] = set()
