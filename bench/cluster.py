@@ -5,6 +5,7 @@ Shared by tests/test_scale_out.py and bench/scale_out.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,6 +24,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time (user + system) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> bool:
@@ -131,11 +138,8 @@ class ServerProcess:
         """CPU time of every process of the server (user + system)."""
         total = 0.0
         for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            with contextlib.suppress(OSError):  # a worker that just died
+                total += cpu_seconds(pid)
         return total
 
     def status(self, key: str) -> int:

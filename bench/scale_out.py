@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cluster import Nginx, Redis, Replica
-from bench.streaming import Load, cpu_seconds, drive, machine, save
+from bench.cluster import Nginx, Redis, Replica, cpu_seconds
+from bench.streaming import Load, drive, machine, save
 from rnnserve.client import Client, RnnServeError
 
 STREAMS, SECONDS = 64, 3.0

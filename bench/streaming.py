@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.cluster import wait_until_serving
+from bench.cluster import cpu_seconds, free_port, wait_until_serving
 from rnnserve.client import SESSION_HEADER, new_session_id
 from rnnserve.contract import read_spec
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
@@ -32,19 +31,7 @@ from rnnserve.tensors import to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STREAMS_PER_CONNECTION = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
 class ServerProcess:

@@ -35,8 +35,8 @@ from rnnserve.siblings import Siblings
 log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD = 1024
 ROW_OVERHEAD = 16
-UNKNOWN_MODEL = "(unknown)"
 """Room in a response for its framing and names, and per row for its step count and framing."""
+UNKNOWN_MODEL = "(unknown)"
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,13 @@ class ModelView:
     spec: ModelSpec
     versions: list[int]
     """Every version of this model open for new work, ascending."""
-    ready: bool
-    """False while the version loads and once the server drains."""
-    state: str = "READY"
-    """READY, LOADING or UNAVAILABLE (KServe's repository index names)."""
+    state: str
+    """READY, LOADING or UNAVAILABLE (draining): KServe's repository index names."""
+
+    @property
+    def ready(self) -> bool:
+        """False while the version loads and once the server drains."""
+        return self.state == "READY"
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -134,6 +137,13 @@ def _states_of(session: Session) -> dict[str, np.ndarray]:
                                                      session.model.store.read(session.slot))}
 
 
+def _parked(session: Session, now: float) -> ParkedSession:
+    """The session as it leaves this process (the caller holds its lock)."""
+    return ParkedSession(session.id, session.owner, session.model.spec.name,
+                         session.model.spec.version, session.steps, now - session.last_used,
+                         _states_of(session))
+
+
 def _check_finite(array: np.ndarray, what: str) -> None:
     if not np.isfinite(array).all():
         raise InvalidArgument(f"{what} contains NaN or Inf")
@@ -155,6 +165,8 @@ class Engine:
         self._sessions = sessions
         self._handoff = handoff
         self._siblings = siblings
+        self._elsewhere = handoff is not None or siblings is not None
+        """Sessions not live here may be held by a sibling worker or another replica."""
         self._claims: list[str] = []
         self._claiming: asyncio.Task | None = None
         self._claim_ttl_ms = int(2 * config.session_idle_timeout * 1000)
@@ -182,7 +194,7 @@ class Engine:
     def models(self) -> list[ModelView]:
         """Every version open for new work, then those still loading (not ready)."""
         served = [self._view(m) for m in self._registry.serving()]
-        return served + [ModelView(spec, self._registry.versions(spec.name), False, "LOADING")
+        return served + [ModelView(spec, self._registry.versions(spec.name), "LOADING")
                          for spec in self._registry.loading()]
 
     def describe(self, name: str, version: int = 0) -> ModelView:
@@ -192,9 +204,7 @@ class Engine:
     def model_label(self, name: str) -> str:
         """The metrics label for a requested model: its name when this server knows it, one
         fixed label otherwise, so clients cannot mint label values (one time series each)."""
-        known = {m.spec.name for m in self._registry.serving()} | {
-            s.name for s in self._registry.loading()}
-        return name if name in known else UNKNOWN_MODEL
+        return name if self._registry.knows(name) else UNKNOWN_MODEL
 
     def model_ready(self, name: str, version: int = 0) -> bool:
         try:
@@ -203,9 +213,8 @@ class Engine:
             return False
 
     def _view(self, model: LoadedModel) -> ModelView:
-        ready = not self._draining
-        return ModelView(model.spec, self._registry.versions(model.spec.name), ready,
-                         "READY" if ready else "UNAVAILABLE")
+        return ModelView(model.spec, self._registry.versions(model.spec.name),
+                         "UNAVAILABLE" if self._draining else "READY")
 
     async def sync_models(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load versions that appeared in the repository, retire those that disappeared;
@@ -401,7 +410,7 @@ class Engine:
         adoption failed, with the error for their row. A message's live rows never wait for
         the others: only when no row is live here (`alone`) does it wait for a replica parking
         right now."""
-        if self._handoff is None and self._siblings is None:
+        if not self._elsewhere:
             return {}
         missing = [i for i in dict.fromkeys(session_ids) if self._sessions.adoptable(i)]
         if not missing:
@@ -525,10 +534,7 @@ class Engine:
             async with session.lock:
                 if self._sessions.ended(session):  # while we waited for its lock
                     continue
-                moved.append(ParkedSession(
-                    session.id, session.owner, session.model.spec.name,
-                    session.model.spec.version, session.steps,
-                    self._sessions.clock() - session.last_used, _states_of(session)))
+                moved.append(_parked(session, self._sessions.clock()))
                 self._sessions.release(session)  # its slot is free from here
         return moved, ended
 
@@ -552,8 +558,7 @@ class Engine:
         live = self._sessions.live()
         async with _Locked(live):
             now = self._sessions.clock()
-            parked = [ParkedSession(s.id, s.owner, s.model.spec.name, s.model.spec.version,
-                                    s.steps, now - s.last_used, _states_of(s)) for s in live]
+            parked = [_parked(s, now) for s in live]
             await self._handoff.park(parked)
             for session in live:
                 self._sessions.close(session, "handed off to another replica")
@@ -565,7 +570,7 @@ class Engine:
         """Advance each row's session by x's k timesteps. Rows fail alone; others proceed."""
         self.check_open()
         failed = (await self._adopt(session_ids, alone=False, owner=owner)
-                  if self._handoff is not None or self._siblings is not None else {})
+                  if self._elsewhere else {})  # no coroutine on the common path
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] != len(session_ids):
@@ -752,8 +757,7 @@ class Engine:
     async def reset_session(self, session_id: str, owner: str = "") -> SessionView:
         session = await self._find(session_id, owner)
         async with session.lock:
-            session.model.store.zero(session.slot)
-            session.steps = 0
+            session.model.store.zero(session.slot)  # its state and its step count
             session.last_used = self._sessions.clock()
             return SessionView.of(session)
 

@@ -142,7 +142,14 @@ class ModelRegistry:
         return [spec for _, spec in sorted(self._loading.items())]
 
     def versions(self, name: str) -> list[int]:
-        return [m.spec.version for m in self.serving() if m.spec.name == name]
+        """The versions of `name` open for new work, ascending."""
+        return sorted(version for (found, version), model in self._models.items()
+                      if found == name and not model.retiring)
+
+    def knows(self, name: str) -> bool:
+        """Whether some version of `name` is loaded or loading here."""
+        return any(found == name for found, _ in self._models) or \
+            any(found == name for found, _ in self._loading)
 
     def get(self, name: str, version: int = 0) -> LoadedModel:
         """The named version, or the latest when version is 0."""

@@ -238,14 +238,14 @@ class Supervisor:
         return codes
 
     def _ready(self, index: int, pipe) -> None:
-        try:
-            pipe.recv()
-        except EOFError:  # the worker died before it was ready; its sentinel says so
-            self.pipes.pop(index).close()
-            return
+        del self.pipes[index]
+        with pipe:
+            try:
+                pipe.recv()
+            except EOFError:  # the worker died before it was ready; its sentinel says so
+                return
         self.ready.add(index)
         self.failures[index] = 0
-        self.pipes.pop(index).close()
 
     def _died(self, index: int, config: ServerConfig) -> int | None:
         """A worker ended: its exit status when stopping (or when it never got ready at the
