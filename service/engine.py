@@ -383,9 +383,14 @@ class Engine:
         self.check_open()
         model = self._registry.get(name, version)
         states = self._states(model, initial_states, 1) if initial_states else None
+        return SessionView.of(self._open(model, states, session_id, owner))
+
+    def _open(self, model: LoadedModel, states: list[np.ndarray] | None, session_id: str,
+              owner: str) -> Session:
+        """A new session, recorded as held here so other replicas can ask for it."""
         session = self._sessions.open(model, states, session_id, owner)
         self._claim([session.id])
-        return SessionView.of(session)
+        return session
 
     async def resume_session(self, session_id: str, owner: str = "") -> SessionView:
         """The caller's live session, adopted from the shared store if another replica parked
@@ -729,7 +734,7 @@ class Engine:
             initial = self._states(model, states, 1) if states else None
             with contextlib.suppress(NotFound, FailedPrecondition):
                 await self.close_session(session_id, owner)  # a restart begins afresh
-            session = self._sessions.open(model, initial, session_id, owner)
+            session = self._open(model, initial, session_id, owner)
         elif states:
             raise InvalidArgument("state inputs belong on the sequence_start request; the "
                                   "server carries the state after that")

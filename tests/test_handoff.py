@@ -115,3 +115,41 @@ def test_sessions_follow_their_calls_to_another_live_replica(redis_url: str) -> 
                 "model": "binary_add", "version": "1", "direction": "released"}) >= 3
         print(f"moves between live replicas: p50 {np.percentile(moved_ms, 50):.2f} ms, "
               f"max {max(moved_ms):.2f} ms over {len(moved_ms)}")
+
+
+def test_v2_sequences_follow_their_calls_to_another_live_replica(redis_url: str) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import time
+
+    import redis
+
+    from rnnserve.kserve import sequence_session_id
+
+    store = redis.Redis.from_url(redis_url)
+    x = np.random.default_rng(6).uniform(320, 370, (1, 8, 1)).astype(np.float32)
+    with running(state_store=redis_url) as a, running(state_store=redis_url) as b:
+        clients = {s: grpcclient.InferenceServerClient(s.address) for s in (a, b)}
+
+        def infer(server: RunningServer, t: int, **flags) -> np.ndarray:
+            tensor = grpcclient.InferInput("x", [1, 1, 1], "FP32")
+            tensor.set_data_from_numpy(x[:, t:t + 1])
+            return clients[server].infer("forecast", [tensor], sequence_id="walks",
+                                         **flags).as_numpy("y")
+
+        outputs = [infer(a, 0, sequence_start=True)]
+        record = f"rnnserve:owner:{sequence_session_id('', 'forecast', 'walks')}"
+        deadline = time.monotonic() + 10
+        while not store.exists(record):  # the start's holder record, written in the background
+            assert time.monotonic() < deadline, "the sequence start was never recorded"
+            time.sleep(0.01)
+        outputs += [infer(b, t) for t in range(1, 4)]  # moved to b while a lives
+        outputs += [infer(a, t, sequence_end=t == x.shape[1] - 1)  # and back
+                    for t in range(4, x.shape[1])]
+        sample = a.server.engine.metrics.registry.get_sample_value
+        assert sample("rnnserve_session_handoffs_total", {
+            "model": "forecast", "version": "1", "direction": "released"}) == 1
+        for client in clients.values():
+            client.close()
+        with Client(a.address) as client:
+            whole = client.predict("forecast", x).y
+    assert np.max(np.abs(np.concatenate(outputs, axis=1) - whole)) <= 1e-5
