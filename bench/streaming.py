@@ -51,12 +51,12 @@ class ServerProcess:
         else:
             wait_until_serving(f"127.0.0.1:{self.port}", self.proc)
 
-    def session_ids(self, count: int) -> list[str]:
+    def session_ids(self, count: int, model: str = "echo") -> list[str]:
         if self.echo:
             return [f"{i:032x}" for i in range(count)]
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             stub = rpc.InferenceStub(channel)
-            return [stub.OpenSession(pb.OpenSessionRequest(model="echo")).session.session_id
+            return [stub.OpenSession(pb.OpenSessionRequest(model=model)).session.session_id
                     for _ in range(count)]
 
     def cpu_seconds(self) -> float:
@@ -82,6 +82,8 @@ class Load:
     """Timesteps per session per message."""
     sessions_per_message: int = 0
     """0: each stream drives its own session; n: each message carries steps for n sessions."""
+    model: str = "echo"
+    features: int = 1
 
 
 async def drive(server: ServerProcess, load: Load, seconds: float,
@@ -91,9 +93,9 @@ async def drive(server: ServerProcess, load: Load, seconds: float,
     latencies: list[float] = []
     steps = 0
     rows = load.sessions_per_message or 1
-    x = np.ones((rows, load.k, 1), "<f4")
+    x = np.ones((rows, load.k, load.features), "<f4")
     tensor = to_tensor(x)
-    id_sets = ([server.session_ids(rows) for _ in range(load.streams)]
+    id_sets = ([server.session_ids(rows, load.model) for _ in range(load.streams)]
                if load.sessions_per_message else [[] for _ in range(load.streams)])
     start, stop, stopped, clocked = (asyncio.Event() for _ in range(4))
     running = len(id_sets)
@@ -112,7 +114,7 @@ async def drive(server: ServerProcess, load: Load, seconds: float,
             call = stubs[index % connections].Stream(metadata=((SESSION_HEADER, session_id),))
             if not ids:
                 await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(
-                    model="echo", session_id=session_id)))
+                    model=load.model, session_id=session_id)))
                 opened = await call.read()
                 assert opened.WhichOneof("kind") == "open", opened
             request = pb.StreamRequest(step=pb.StepRequest(session_ids=ids, x=tensor))

@@ -43,9 +43,9 @@ class Server(ServerProcess):
                          "--log-level", "warning", metrics=True)
         self.workers = workers
 
-    def session_ids(self, count: int) -> list[str]:
+    def session_ids(self, count: int, model: str = "echo") -> list[str]:
         with Client(self.address) as client:
-            return [client.open_session("echo").session_id for _ in range(count)]
+            return [client.open_session(model).session_id for _ in range(count)]
 
     def close_sessions(self, ids: list[str]) -> None:
         with Client(self.address) as client:

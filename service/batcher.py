@@ -28,11 +28,20 @@ import numpy as np
 from rnnserve.errors import Unavailable
 from rnnserve.metrics import Metrics
 from rnnserve.runner import Runner
-from rnnserve.state_store import StateStore
+from rnnserve.state_store import Slots
 
 log = logging.getLogger(__name__)
 
 Result = tuple[np.ndarray, list[np.ndarray]]
+
+
+@dataclass(eq=False)
+class Ran:
+    """A group's run: each work's result, and for steps the final states still to commit."""
+
+    results: list[Result]
+    slots: list[int] | None = None
+    finals: object = None
 
 
 @dataclass(eq=False)
@@ -53,7 +62,7 @@ class Work:
 
 
 class Batcher:
-    def __init__(self, runner: Runner, store: StateStore, metrics: Metrics, labels: tuple[str, str],
+    def __init__(self, runner: Runner, store: Slots, metrics: Metrics, labels: tuple[str, str],
                  executor: Executor, run_slots: asyncio.Semaphore, max_batch_size: int,
                  max_batch_delay_s: float, inline_steps: int) -> None:
         self.runner = runner
@@ -144,9 +153,9 @@ class Batcher:
     def _flush(self) -> None:
         self._flush_at = None
         while self._pending:
-            groups: dict[int, list[Work]] = {}
-            for work in self._take_batch():
-                groups.setdefault(work.x.shape[1], []).append(work)
+            groups: dict[tuple[int, bool], list[Work]] = {}
+            for work in self._take_batch():  # steps and predictions of equal length apart
+                groups.setdefault((work.x.shape[1], work.slots is None), []).append(work)
             if any(self._threads(group) for group in groups.values()):
                 self._threaded = self._loop.create_task(self._run_groups(list(groups.values())))
                 return
@@ -177,11 +186,11 @@ class Batcher:
             return
         started = self._loop.time()
         try:
-            results = self._run_sync(group, inline=True)
+            ran = self._run_sync(group, inline=True)
         except Exception as exc:  # a failed run fails its own items, never the batcher
             self._fail(group, exc)
             return
-        self._finish(group, results, started)
+        self._finish(group, ran, started)
 
     async def _run_groups(self, groups: list[list[Work]]) -> None:
         """A batch with a large group: that group runs in a thread while new work queues."""
@@ -208,11 +217,11 @@ class Batcher:
         for work in group:
             work.run = run
         try:
-            results = await run
+            ran = await run
         except Exception as exc:
             self._fail(group, exc)
             return
-        self._finish(group, results, started)
+        self._finish(group, ran, started)
 
     @staticmethod
     def _fail(group: list[Work], exc: Exception) -> None:
@@ -221,64 +230,80 @@ class Batcher:
             if not work.future.done():
                 work.future.set_exception(exc)
 
-    def _finish(self, group: list[Work], results: list[Result], started: float) -> None:
+    def _finish(self, group: list[Work], ran: Ran, started: float) -> None:
         """Answer the callers still waiting. A step's final states reach its slots here, on the
         event loop, only if its caller still waits: a caller cancelled while the run was in a
         thread leaves its session exactly as it was (state and step count)."""
+        k = group[0].x.shape[1]
+        if ran.slots is not None:
+            try:
+                self._commit(group, ran, k)
+            except Exception as exc:  # the state stays as it was; so does the step count
+                self._fail(group, exc)
+                return
         rows = 0
-        for work, (y, finals) in zip(group, results):
+        for work, result in zip(group, ran.results):
             self._queue_wait.observe(started - work.enqueued)
             rows += work.rows
-            if work.future.done():
-                continue
-            if work.slots is not None:
-                self.store.scatter(work.slots, finals, work.x.shape[1])
-                finals = []  # a step's caller reads only y; its states live in the store
-            work.future.set_result((y, finals))
+            if not work.future.done():
+                work.future.set_result(result)
         self._compute.observe(self._loop.time() - started)
         self._batch_size.observe(rows)
-        self._timesteps.inc(rows * group[0].x.shape[1])
+        self._timesteps.inc(rows * k)
 
-    def _run_sync(self, group: list[Work], inline: bool = False) -> list[Result]:
-        """One run for the group; on the event loop (`inline`) through reused bound buffers."""
+    def _commit(self, group: list[Work], ran: Ran, k: int) -> None:
+        waiting = [not work.future.done() for work in group]
+        if all(waiting):
+            self.store.commit(ran.slots, ran.finals, k)
+            return
+        start = 0
+        for work, waits in zip(group, waiting):
+            if waits:
+                self.store.commit_rows(work.slots, ran.finals, start, k)
+            start += work.rows
+
+    def _run_sync(self, group: list[Work], inline: bool = False) -> Ran:
+        """One run for the group (all steps or all predictions); on the event loop (`inline`)
+        through reused bound buffers."""
+        if group[0].slots is not None:
+            slots = group[0].slots if len(group) == 1 else [s for w in group for s in w.slots]
+            y, finals, reused = self.store.step([w.x for w in group], slots, inline)
+            return Ran(self._split(group, y, [], reused), slots, finals)
         rows = sum(w.rows for w in group)
         bound = self.runner.buffers(rows, group[0].x.shape[1]) if inline else None
         if bound is None:
             y, finals = self.runner.run(*self._joined(group))
-            return self._split(group, y, finals, reused=False)
+            return Ran(self._split(group, y, finals, reused=False))
         start = 0
         for work in group:
             end = start + work.rows
             bound.x[start:end] = work.x
-            for i, state in enumerate(self._states_of(work)):
+            for i, state in enumerate(work.states):
                 bound.states[i][start:end] = state
             start = end
         self.runner.run_bound(bound)
-        return self._split(group, bound.y, bound.finals, reused=True)
+        return Ran(self._split(group, bound.y, bound.finals, reused=True))
 
-    def _joined(self, group: list[Work]) -> tuple[np.ndarray, list[np.ndarray]]:
+    @staticmethod
+    def _joined(group: list[Work]) -> tuple[np.ndarray, list[np.ndarray]]:
         if len(group) == 1:
-            return group[0].x, self._states_of(group[0])
-        parts = [self._states_of(w) for w in group]
+            return group[0].x, group[0].states
         return (np.concatenate([w.x for w in group]),
-                [np.concatenate(states) for states in zip(*parts)])
+                [np.concatenate(states) for states in zip(*(w.states for w in group))])
 
-    def _split(self, group: list[Work], y: np.ndarray, finals: list[np.ndarray],
+    @staticmethod
+    def _split(group: list[Work], y: np.ndarray, finals: list[np.ndarray],
                reused: bool) -> list[Result]:
-        """Each work's rows. Rows of `reused` buffers are copied out, as the next run overwrites
-        them, except a step's final states: `_finish` scatters them before any other run."""
+        """Each work's rows of y and of a prediction's final states (a step's stay with the
+        store until committed). Rows of `reused` buffers are copied out: the next run
+        overwrites them."""
         results, start = [], 0
         for work in group:
             end = start + work.rows
-            mine = [f[start:end] for f in finals]
-            if reused and work.slots is None:
-                mine = [m.copy() for m in mine]
+            mine = [f[start:end].copy() if reused else f[start:end] for f in finals]
             results.append((y[start:end].copy() if reused else y[start:end], mine))
             start = end
         return results
-
-    def _states_of(self, work: Work) -> list[np.ndarray]:
-        return self.store.gather(work.slots) if work.slots is not None else work.states
 
 
 def _live(group: list[Work]) -> list[Work]:

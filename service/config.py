@@ -26,6 +26,10 @@ class ServerConfig:
     metrics_port: int = _opt(8000, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     device: str = _opt("auto", "auto (CUDA when present), cpu or cuda",
                        choices=("auto", "cpu", "cuda"))
+    session_state: str = _opt("auto", "where session state lives between steps: device (the "
+                              "provider's memory: on CUDA a step moves only x and y), host, or "
+                              "auto (device on CUDA, host on CPU)",
+                              choices=("auto", "device", "host"))
     intra_op_threads: int = _opt(1, "ONNX Runtime threads per run; 1 suits tiny recurrent models")
     batch_workers: int = _opt(2, "ONNX Runtime runs that may execute at once, across models")
     max_batch_size: int = _opt(256, "rows one coalesced ONNX Runtime run may take")

@@ -13,13 +13,14 @@ from pathlib import Path
 from rnnserve.batcher import Batcher
 from rnnserve.config import ServerConfig
 from rnnserve.contract import ModelSpec
+from rnnserve.device_state import DeviceStateStore
 from rnnserve.errors import NotFound, Unavailable
 from rnnserve.memory import RunCost
 from rnnserve.metrics import Metrics
 from rnnserve.model_checks import check_model
 from rnnserve.repository import ModelVersion, scan
 from rnnserve.runner import Runner
-from rnnserve.state_store import StateStore
+from rnnserve.state_store import Slots, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class LoadedModel:
     spec: ModelSpec
     path: Path
     runner: Runner
-    store: StateStore
+    store: Slots
     batcher: Batcher
     cost: RunCost
     retiring: bool = False
@@ -115,14 +116,22 @@ class ModelRegistry:
 
     def _add(self, version: ModelVersion, runner: Runner) -> None:
         labels = (version.spec.name, str(version.spec.version))
-        store = StateStore(version.spec, self.config.max_sessions)
+        store = self._store(version.spec, runner)
         batcher = Batcher(runner, store, self.metrics, labels, self.executor, self.run_slots,
                           self.config.max_batch_size, self.config.max_batch_delay / 1e6,
                           self.config.inline_steps)
         self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher,
                                                 RunCost.of(version.spec))
         self.metrics.model_events.labels(*labels, "load").inc()
-        log.info("loaded %s v%d on %s", *version.key, runner.provider)
+        log.info("loaded %s v%d on %s, session state on the %s", *version.key, runner.provider,
+                 "device" if isinstance(store, DeviceStateStore) else "host")
+
+    def _store(self, spec: ModelSpec, runner: Runner) -> Slots:
+        """--session-state: auto keeps state where the model runs (CUDA: on the device)."""
+        placement = self.config.session_state
+        if placement == "device" or (placement == "auto" and runner.device_type == "cuda"):
+            return DeviceStateStore(spec, self.config.max_sessions, runner)
+        return StateStore(spec, self.config.max_sessions, runner)
 
     async def _unload(self, key: tuple[str, int]) -> None:
         model = self._models.pop(key)

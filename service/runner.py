@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -12,6 +15,7 @@ import onnxruntime as ort
 from rnnserve.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, ModelSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -37,37 +41,99 @@ class Buffers:
     finals: list[np.ndarray]
 
 
+class ShapeCache(Generic[T]):
+    """Buffers per run shape, made on first use; past `limit` shapes the least recently used
+    one is dropped (a client sending ever-new shapes cannot grow it)."""
+
+    def __init__(self, make: Callable[..., T], limit: int = BOUND_SHAPES) -> None:
+        self._make = make
+        self._limit = limit
+        self._kept: dict[Hashable, T] = {}
+
+    def get(self, *shape: int) -> T:
+        kept = self._kept.pop(shape, None)
+        if kept is None:
+            kept = self._make(*shape)
+            if len(self._kept) >= self._limit:
+                del self._kept[next(iter(self._kept))]
+        self._kept[shape] = kept
+        return kept
+
+
+@functools.cache
+def cuda_loads() -> str:
+    """'' when ONNX Runtime's CUDA provider really loads here, else why not. Asked once per
+    process: the onnxruntime-gpu wheel lists the provider even where libcudart or cuDNN is
+    missing, and a session then falls back to CPU with a multi-line error of its own."""
+    if CUDA not in ort.get_available_providers():
+        return f"this ONNX Runtime ({ort.__version__}) has no CUDA provider"
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:  # CUDA and cuDNN from the nvidia-* pip packages (ORT >= 1.21)
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the probe below tells
+            log.debug("onnxruntime.preload_dlls: %s", exc)
+    from rnnserve.slot_graphs import probe_model  # a one-node graph, no model needed
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the fallback's own error lines; ours says it once
+    try:
+        session = ort.InferenceSession(probe_model(), options, providers=[CUDA, CPU])
+    except Exception as exc:  # noqa: BLE001
+        return f"the CUDA provider failed to start: {' '.join(str(exc).split())[:200]}"
+    if CUDA not in session.get_providers():
+        return ("the CUDA provider did not load (libcudart/cuDNN missing? install "
+                "rnnserve[gpu] with CUDA 13 and cuDNN 9)")
+    return ""
+
+
 def providers_for(device: str) -> list[str]:
-    available = ort.get_available_providers()
+    """--device: cuda must load or the server does not start; auto uses it when it loads."""
+    if device == "cpu":
+        return [CPU]
+    why = cuda_loads()
+    if not why:
+        return [CUDA, CPU]
     if device == "cuda":
-        if CUDA not in available:
-            raise RuntimeError(f"--device cuda, but this ONNX Runtime offers only {available}")
-        return [CUDA, CPU]
-    if device == "auto" and CUDA in available:
-        return [CUDA, CPU]
+        raise RuntimeError(f"--device cuda: {why}")
+    if CUDA in ort.get_available_providers():  # a GPU build that cannot use the GPU
+        _say_once(f"--device auto runs on CPU: {why}")
     return [CPU]
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    log.warning(line)
+
+
+def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
+    """What every rnnserve session runs with."""
+    options = ort.SessionOptions()
+    # Tiny recurrent graphs: thread hand-offs cost more than they save, and the sequential
+    # executor avoids the parallel executor's scheduling overhead.
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The arena keeps a large run's peak for the life of the process (1.2 GB after one
+    # 65536x31 forecast run; 94 MB without). Without it a one-step run costs the same
+    # (17.6 vs 18.0 µs in a loop), so memory goes back to the system after every run.
+    options.enable_cpu_mem_arena = False
+    return options
 
 
 class Runner:
     def __init__(self, spec: ModelSpec, directory: Path, device: str, intra_op_threads: int):
-        options = ort.SessionOptions()
-        # Tiny recurrent graphs: thread hand-offs cost more than they save, and the sequential
-        # executor avoids the parallel executor's scheduling overhead.
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # The arena keeps a large run's peak for the life of the process (1.2 GB after one
-        # 65536x31 forecast run; 94 MB without). Without it a one-step run costs the same
-        # (17.6 vs 18.0 µs in a loop), so memory goes back to the system after every run.
-        options.enable_cpu_mem_arena = False
         self.spec = spec
-        self.session = ort.InferenceSession(str(directory / MODEL_FILE), options,
+        self.session = ort.InferenceSession(str(directory / MODEL_FILE),
+                                            session_options(intra_op_threads),
                                             providers=providers_for(device))
         self.provider = self.session.get_providers()[0]
+        self.device_type = "cuda" if self.provider == CUDA else "cpu"
+        """Where the provider keeps tensors: OrtValues for device-resident state go there."""
         self.state_inputs = [s.input for s in spec.states]
         self.outputs = [OUTPUT_NAME, *(s.output for s in spec.states)]
-        self._bound: dict[tuple[int, int], Buffers] = {}
+        self._bound = ShapeCache(self.bind)
 
     def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {INPUT_NAME: x, **dict(zip(self.state_inputs, states))}
@@ -79,14 +145,7 @@ class Runner:
         allocate; their run time dwarfs it). Event-loop runs only: one run uses them at a time."""
         if rows * steps > BOUND_MAX_STEPS:
             return None
-        key = (rows, steps)
-        buffers = self._bound.pop(key, None)
-        if buffers is None:
-            buffers = self.bind(rows, steps)
-            if len(self._bound) >= BOUND_SHAPES:
-                del self._bound[next(iter(self._bound))]  # the least recently used shape
-        self._bound[key] = buffers
-        return buffers
+        return self._bound.get(rows, steps)
 
     def bind(self, rows: int, steps: int) -> Buffers:
         """New buffers for [rows, steps] runs, owned by the caller."""
@@ -104,5 +163,6 @@ class Runner:
         return buffers
 
     def run_bound(self, buffers: Buffers) -> None:
-        """One run from buffers.x and .states into buffers.y and .finals."""
+        """One run from buffers.x and .states into buffers.y and .finals (numpy arrays, or
+        OrtValues in the provider's memory for device-resident state)."""
         self.session.run_with_iobinding(buffers.binding)

@@ -31,7 +31,7 @@ from rnnserve.memory import MemoryBudget, return_freed_memory
 from rnnserve.metrics import Metrics
 from rnnserve.ports import PortUnavailable, can_listen, start_metrics
 from rnnserve.registry import ModelRegistry
-from rnnserve.runner import Runner
+from rnnserve.runner import Runner, providers_for
 from rnnserve.servicer import InferenceServicer
 from rnnserve.sessions import SessionTable
 from rnnserve.siblings import Siblings, SiblingsServicer, socket_path
@@ -189,6 +189,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     answers its siblings' session lookups on a unix socket from the start."""
     return_freed_memory()
     identities = Identities.load(config.auth_token, config.auth_tokens_file)  # before slow work
+    providers_for(config.device)  # --device cuda without a working CUDA provider stops here
     metrics = Metrics(registry or CollectorRegistry())
     executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1,
                                   thread_name_prefix="ort")

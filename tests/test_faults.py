@@ -77,9 +77,11 @@ def bits(seed: int, steps: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 2, (steps, 1)).astype(np.float32)
 
 
-def test_a_failing_run_fails_only_its_own_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("state", ["host", "device"])
+def test_a_failing_run_fails_only_its_own_rows(tmp_path: Path, state: str) -> None:
     runner = faulty_runner()
-    with running(repository=two_echo_versions(tmp_path), runner=runner) as srv, \
+    with running(repository=two_echo_versions(tmp_path), runner=runner,
+                 session_state=state) as srv, \
             srv.client() as client:
         v1 = client.open_session("echo", version=1).session_id
         v2 = client.open_session("echo", version=2).session_id
@@ -103,12 +105,14 @@ def test_a_failing_run_fails_only_its_own_rows(tmp_path: Path) -> None:
         assert serving(srv)
 
 
-def test_cancellation_while_a_run_is_in_a_thread() -> None:
+@pytest.mark.parametrize("state", ["host", "device"])
+def test_cancellation_while_a_run_is_in_a_thread(state: str) -> None:
     """A caller that gives up while its run is in a worker thread leaves its session exactly
-    as it was; work queued behind the run is answered once it ends."""
+    as it was, wherever its state lives; work queued behind the run is answered once it ends."""
     runner = faulty_runner()
-    with running(runner=runner, inline_steps=0) as srv, srv.client() as client, \
-            Client(srv.address, timeout=2) as hurried, ThreadPoolExecutor(2) as pool:
+    with running(runner=runner, inline_steps=0, session_state=state) as srv, \
+            srv.client() as client, Client(srv.address, timeout=2) as hurried, \
+            ThreadPoolExecutor(2) as pool:
         stalled = client.open_session("echo").session_id
         other = client.open_session("echo").session_id
         client.step(stalled, bits(2, 2))
