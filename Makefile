@@ -10,7 +10,7 @@ PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
 ORT    ?= cpu
 
-.PHONY: install install-test constraints serve test train bench bench-soak bench-workers bench-scale-out proto lint docker docker-gpu docker-train clean
+.PHONY: install install-test constraints serve test train bench bench-soak bench-workers bench-gpu bench-scale-out proto lint docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -64,6 +64,11 @@ bench: install-test
 # A bounded soak: churn, long streams and big Predicts side by side, server RSS per round.
 bench-soak: install-test
 	$(PY) -m bench.soak
+
+# CPU vs CUDA with host state vs CUDA with device-resident state, parity first (bench/gpu.py;
+# needs onnxruntime-gpu: make install ORT=gpu).
+bench-gpu: install-test
+	$(PY) -m bench.gpu
 
 # Steps/s and server CPU per step for 1, 2, 4, ... workers side by side (bench/workers.py).
 bench-workers: install-test

@@ -3,8 +3,8 @@ checked for parity and then measured side by side in one run on this machine.
 
 Parity, over the wire, for every shipped model: Predict of whole sequences and the same
 sequences streamed one timestep per Step (all sessions in one message), on each server; every
-server's outputs and final states within rtol = atol = 1e-5 of the CPU server's. A failed check
-stops the run before any figure is printed.
+server's outputs and final states within rtol = atol = 1e-5 of the CPU server's. The figures
+are still measured after a failed check (GPU time is scarce), but the run exits 1.
 
 Then, in interleaved rounds (medians; machines are noisy), on binary_add (2-layer LSTM, four
 state tensors of 20): 1, 64 and 256 streams of one timestep per message; 1,000 and 10,000
@@ -82,8 +82,8 @@ class Server(ServerProcess):
 
 
 def parity(servers: dict[str, Server], reference: str) -> list[str]:
-    """Every model, whole and streamed, on every server against the reference server; lines
-    that describe each comparison (the worst difference), raising on the first failure."""
+    """Every model, whole and streamed, on every server against the reference server: a line
+    per comparison with its verdict and worst difference."""
     lines = []
     rng = np.random.default_rng(0)
     for model in MODELS:
@@ -99,9 +99,9 @@ def parity(servers: dict[str, Server], reference: str) -> list[str]:
                      "streamed vs own whole": (streamed, whole)}
             for what, (a, b) in pairs.items():
                 worst = float(np.max(np.abs(a - b)))
-                if not np.allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE):
-                    raise AssertionError(f"{model} {what} on {label}: off by {worst:.3g}")
-                lines.append(f"{model:10s} {label:34s} {what:22s} max |diff| {worst:.2e}")
+                verdict = "ok" if np.allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE) else "FAILED"
+                lines.append(f"{verdict:6s} {model:10s} {label:34s} {what:22s} "
+                             f"max |diff| {worst:.2e}")
     return lines
 
 
@@ -192,7 +192,9 @@ def main() -> int:
     save("gpu", machine=where, parity=checks, table=table,
          predict={label: statistics.median(v) for label, v in predicts.items()},
          rounds=args.rounds, seconds=args.seconds)
-    return 0
+    failed = [line for line in checks if line.startswith("FAILED")]
+    print("\nparity: " + (f"{len(failed)} FAILED" if failed else f"all {len(checks)} ok"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
