@@ -33,9 +33,12 @@ class DeviceBuffers:
     x: np.ndarray
     y: np.ndarray
     slots: np.ndarray
-    """int64 [rows]: gather reads it, scatter reads it as [rows, 1]."""
+    """int64 [rows, 1], copied to `slots_value` (which gather and scatter read) before a run."""
+    slots_value: ort.OrtValue
     states: list[ort.OrtValue]
     finals: list[ort.OrtValue]
+    uploads: list[tuple[ort.OrtValue, np.ndarray]]
+    """x's device value: Runner.run_bound refreshes it."""
 
 
 class DeviceStateStore(Slots):
@@ -53,30 +56,38 @@ class DeviceStateStore(Slots):
         self._bound = ShapeCache(self._bind)
 
     def _values(self, rows: int) -> list[ort.OrtValue]:
-        return [ort.OrtValue.ortvalue_from_shape_and_type((rows, n), np.float32, self.device, 0)
-                for n in self.sizes]
+        return [self._value((rows, n), np.float32) for n in self.sizes]
 
     def _bind(self, rows: int, steps: int) -> DeviceBuffers:
+        """x and slots go to the device through values of their own, even on CPU, so CI runs
+        the very path a GPU does (bind_host)."""
         spec, runner = self.spec, self.runner
+        slots = np.zeros((rows, 1), np.int64)
         b = DeviceBuffers(runner.session.io_binding(), self._gather.io_binding(),
                           self._scatter.io_binding(),
                           np.zeros((rows, steps, spec.features), np.float32),
-                          np.zeros((rows, steps, spec.outputs), np.float32),
-                          np.zeros(rows, np.int64), self._values(rows), self._values(rows))
-        b.binding.bind_cpu_input(INPUT_NAME, b.x)
+                          np.zeros((rows, steps, spec.outputs), np.float32), slots,
+                          self._value(slots.shape, np.int64), self._values(rows),
+                          self._values(rows), [])
+        x = self._value(b.x.shape, np.float32)
+        b.uploads.append((x, b.x))
+        b.binding.bind_ortvalue_input(INPUT_NAME, x)
         b.binding.bind_output(OUTPUT_NAME, "cpu", 0, np.float32, list(b.y.shape), b.y.ctypes.data)
         for name, value in zip(runner.state_inputs, b.states):
             b.binding.bind_ortvalue_input(name, value)
         for name, value in zip(runner.outputs[1:], b.finals):
             b.binding.bind_ortvalue_output(name, value)
-        b.gather.bind_cpu_input(graphs.SLOTS, b.slots)
-        b.scatter.bind_cpu_input(graphs.SLOTS, b.slots.reshape(rows, 1))
+        b.gather.bind_ortvalue_input(graphs.SLOTS, b.slots_value)
+        b.scatter.bind_ortvalue_input(graphs.SLOTS, b.slots_value)
         for i, (table, state, final) in enumerate(zip(self.tables, b.states, b.finals)):
             b.gather.bind_ortvalue_input(graphs.table(i), table)
             b.gather.bind_ortvalue_output(graphs.rows(i), state)
             self._bind_tables(b.scatter, i, table)
             b.scatter.bind_ortvalue_input(graphs.update(i), final)
         return b
+
+    def _value(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
 
     @staticmethod
     def _bind_tables(binding: ort.IOBinding, i: int, table: ort.OrtValue) -> None:
@@ -92,7 +103,8 @@ class DeviceStateStore(Slots):
             b.x[...] = xs[0]
         else:
             np.concatenate(xs, out=b.x)
-        b.slots[:] = slots
+        b.slots[:, 0] = slots
+        b.slots_value.update_inplace(b.slots)
         self._gather.run_with_iobinding(b.gather)
         self.runner.run_bound(b)
         return b.y, b, inline
@@ -124,7 +136,7 @@ class DeviceStateStore(Slots):
 
     def read(self, slot: int) -> list[np.ndarray]:
         binding = self._gather.io_binding()
-        index = np.asarray([slot], np.int64)  # alive through the run
+        index = np.asarray([[slot]], np.int64)  # alive through the run
         binding.bind_cpu_input(graphs.SLOTS, index)
         for i, table in enumerate(self.tables):
             binding.bind_ortvalue_input(graphs.table(i), table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -42,6 +42,22 @@ class Buffers:
     states: list[np.ndarray]
     y: np.ndarray
     finals: list[np.ndarray]
+    uploads: list[tuple[ort.OrtValue, np.ndarray]] = field(default_factory=list)
+    """Host inputs the run reads through values of the provider's own (see bind_host)."""
+
+
+def bind_host(binding: ort.IOBinding, name: str, array: np.ndarray, device: str,
+              uploads: list[tuple[ort.OrtValue, np.ndarray]]) -> None:
+    """Bind a host array that is refilled before every run. On CPU it is bound as it is and
+    read at each run. Elsewhere IOBinding copies a host input to the device once, when it is
+    bound (on CUDA every step saw the first step's x), so the array gets a device value of its
+    own, refreshed from it before each run (`uploads`, done by Runner.run_bound)."""
+    if device == "cpu":
+        binding.bind_cpu_input(name, array)
+        return
+    value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype.type, device, 0)
+    binding.bind_ortvalue_input(name, value)
+    uploads.append((value, array))
 
 
 class ShapeCache(Generic[T]):
@@ -159,7 +175,7 @@ class Runner:
                           np.zeros((rows, steps, spec.outputs), np.float32),
                           [np.zeros((rows, s.size), np.float32) for s in spec.states])
         for name, array in ((INPUT_NAME, buffers.x), *zip(self.state_inputs, buffers.states)):
-            buffers.binding.bind_cpu_input(name, array)
+            bind_host(buffers.binding, name, array, self.device_type, buffers.uploads)
         for name, array in zip(self.outputs, (buffers.y, *buffers.finals)):
             buffers.binding.bind_output(name, "cpu", 0, np.float32, list(array.shape),
                                         array.ctypes.data)
@@ -168,4 +184,6 @@ class Runner:
     def run_bound(self, buffers: Buffers) -> None:
         """One run from buffers.x and .states into buffers.y and .finals (numpy arrays, or
         OrtValues in the provider's memory for device-resident state)."""
+        for value, array in buffers.uploads:
+            value.update_inplace(array)
         self.session.run_with_iobinding(buffers.binding)

@@ -1,7 +1,7 @@
 """Small ONNX graphs that move session state between the slot tables and a run, executed by
 the same ONNX Runtime provider as the model, so state that lives on a GPU stays there.
 
-gather: tables t0..tn [capacity, size_i] and slots [rows] -> rows r0..rn [rows, size_i].
+gather: tables t0..tn [capacity, size_i] and slots [rows, 1] -> rows r0..rn [rows, size_i].
 scatter: tables, slots [rows, 1] and updates u0..un [rows, size_i] -> tables o0..on, bound by
 the caller to the same memory as t0..tn: ScatterND skips copying its input to its output when
 they are one buffer (ONNX Runtime's CPU and CUDA kernels both check), so a step writes only
@@ -52,8 +52,8 @@ def _float(name: str, *dims: str | int) -> object:
 def gather_model(sizes: tuple[int, ...]) -> bytes:
     """Rows of every state table at the given slots, in one run."""
     inputs = [_float(table(i), "capacity", n) for i, n in enumerate(sizes)]
-    inputs.append(helper.make_tensor_value_info(SLOTS, TensorProto.INT64, ["rows"]))
-    nodes = [helper.make_node("Gather", [table(i), SLOTS], [rows(i)], axis=0)
+    inputs.append(helper.make_tensor_value_info(SLOTS, TensorProto.INT64, ["rows", 1]))
+    nodes = [helper.make_node("GatherND", [table(i), SLOTS], [rows(i)])
              for i in range(len(sizes))]
     outputs = [_float(rows(i), "rows", n) for i, n in enumerate(sizes)]
     return _model(nodes, inputs, outputs, "gather_slots")
