@@ -138,7 +138,22 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     # 65536x31 forecast run; 94 MB without). Without it a one-step run costs the same
     # (17.6 vs 18.0 µs in a loop), so memory goes back to the system after every run.
     options.enable_cpu_mem_arena = False
+    # ONNX Runtime's own warnings are plain text on stderr; what an operator needs from them
+    # (a node placed on CPU) rnnserve logs itself, as JSON like every other line.
+    options.log_severity_level = 3
     return options
+
+
+NO_CUDA_KERNEL = {"RNN"}
+"""Recurrent ops ONNX Runtime's CUDA provider has no kernel for (1.31): they run on the CPU,
+with copies around them, inside a CUDA session."""
+
+
+def _ops_off_gpu(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({node.op_type for node in model.graph.node} & NO_CUDA_KERNEL)
 
 
 class Runner:
@@ -150,6 +165,10 @@ class Runner:
         self.provider = self.session.get_providers()[0]
         self.device_type = "cuda" if self.provider == CUDA else "cpu"
         """Where the provider keeps tensors: OrtValues for device-resident state go there."""
+        if self.provider == CUDA and (slow := _ops_off_gpu(directory / MODEL_FILE)):
+            log.warning("%s v%d: ONNX Runtime has no CUDA kernel for %s; those nodes run on "
+                        "the CPU, with copies to and from the GPU around them", spec.name,
+                        spec.version, ", ".join(slow))
         self.state_inputs = [s.input for s in spec.states]
         self.outputs = [OUTPUT_NAME, *(s.output for s in spec.states)]
         self._bound = ShapeCache(self.bind)
