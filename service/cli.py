@@ -49,12 +49,54 @@ def parser() -> argparse.ArgumentParser:
             cmd.add_argument("--model", required=True, help="model name (see `rnnserve models`)")
             cmd.add_argument("--model-version", type=int, default=0,
                              help="model version (default: 0, the latest)")
+    _import_flags(sub.add_parser(
+        "import", help="wrap a recurrent ONNX graph (PyTorch nn.LSTM/GRU/RNN, any layout) into "
+        "a model version, proven equal to the original",
+        description="Wrap a recurrent ONNX graph into <repository>/<name>/<version>/ "
+        "(model.onnx, model.json, golden.npz), proven equal to the original whole and streamed. "
+        "Each LSTM/GRU/RNN node gets its own state tensors (h<i>, plus c<i> for an LSTM)."))
     sub.choices["predict"].add_argument(
         "--last-only", action="store_true", help="print only each sequence's last output")
     sub.choices["predict"].epilog = (
         "stdin: JSON (a list of sequences, each a list of timesteps, each a list of features) "
         "or CSV (one timestep per line, a blank line between sequences). Output: JSON.")
     return p
+
+
+def _import_flags(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("graph", help="the .onnx file")
+    cmd.add_argument("--name", required=True, help="the model's name in the repository")
+    cmd.add_argument("--version", type=int, default=1, help="version to write (default 1)")
+    cmd.add_argument("--repository", default=os.environ.get("RNNSERVE_REPOSITORY", "exported"),
+                     help="model repository (default: exported; env RNNSERVE_REPOSITORY)")
+    layout = cmd.add_mutually_exclusive_group()
+    layout.add_argument("--time-major", dest="time_major", action="store_true", default=None,
+                        help="the input is [time, batch, features] (default: found by running)")
+    layout.add_argument("--batch-first", dest="time_major", action="store_false",
+                        help="the input is [batch, time, features]")
+    cmd.add_argument("--input", default="", help="the sequence input's name, where the graph "
+                     "has several candidates")
+    cmd.add_argument("--output", default="", help="the per-step output's name, likewise")
+    cmd.add_argument("--output-kind", default="regression",
+                     help="what y holds: regression (default), sigmoid or probabilities")
+    cmd.add_argument("--description", default="", help="for model.json")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rnnserve.importer import ImportRefused, describe, import_graph
+
+    try:
+        written = import_graph(Path(args.graph), args.name, args.version,
+                               Path(args.repository), time_major=args.time_major,
+                               input_name=args.input, output_name=args.output,
+                               output_kind=args.output_kind, description=args.description)
+    except ImportRefused as exc:
+        print(f"error: cannot import {args.graph}: {exc}", file=sys.stderr)
+        return 2
+    print(describe(written))
+    return 0
 
 
 def parse_timestep(line: str) -> list[float]:
@@ -162,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "import":
+        return run_import(args)
     from rnnserve.client import RnnServeError
 
     commands = {"health": run_health, "models": run_models, "predict": run_predict,

@@ -1,0 +1,560 @@
+"""`rnnserve import`: a recurrent ONNX graph from another exporter (PyTorch's nn.LSTM/GRU/RNN,
+time-major or batch-first, states stacked [layers, batch, hidden] or none at all), wrapped into
+rnnserve's contract and proven equal to the original before anything is written.
+
+The wrapping does not try to understand how the original feeds its recurrent operators their
+initial states: every native LSTM/GRU/RNN node gets state inputs and outputs of its own
+([batch, hidden] each; h, plus c for an LSTM), wired straight to its initial_h/initial_c and
+Y_h/Y_c. The pairing of a state input with its output is then the operator's own, never a
+guess, and whatever the original computed its initial states from falls away. x and y get
+Transposes where the original is time-major, which is found by running it, not by reading
+names.
+
+The proof: the original runs with random inputs and random states of its own (its per-node
+initial states are read out of the run), the wrapped graph runs whole from those same states,
+and then one timestep at a time with its states carried; outputs and final states must agree
+within 1e-5. Graphs it cannot serve exactly (bidirectional or reversed recurrences, no
+recurrent operator, no output per timestep, anything that fails the proof) are refused with a
+one-line reason, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from rnnserve.contract import (
+    GOLDEN_FILE,
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_KINDS,
+    OUTPUT_NAME,
+    ModelSpec,
+    StateSpec,
+    state_names,
+    version_dir,
+    write_spec,
+)
+
+CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN": "simple_rnn"}
+INITIAL_H, INITIAL_C = 5, 6
+"""Input positions of initial_h and initial_c on ONNX's LSTM, GRU and RNN operators."""
+TOLERANCE = 1e-5
+PREFIX = "src/"
+"""Every tensor of the original is renamed under this prefix, so the contract's names (x, y,
+h0, …) can never collide with the original's (PyTorch names its inputs h0 and c0)."""
+BATCH, TIME = 3, 5
+"""Distinct sizes, so a run's shapes tell the batch axis from the time axis."""
+
+
+class ImportRefused(ValueError):
+    """What makes the graph unservable, in one line."""
+
+
+@dataclass(frozen=True)
+class Recurrence:
+    """One recurrent node of the original and the contract states it gets."""
+
+    node: onnx.NodeProto
+    cell: str
+    hidden: int
+    batch_axis: int
+    """Of its initial_h and Y_h: 1 for layout 0 ([directions, batch, hidden]), 0 for layout 1."""
+    states: list[tuple[str, str, int]]
+    """(contract input, contract output, operator input position) per state tensor."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    x: str
+    y: str
+    time_major: bool
+    """x is [time, batch, features]."""
+    y_time_major: bool
+    y_squeeze: bool
+    """y comes out as ONNX's raw [time, directions, batch, hidden]: squeeze the directions."""
+    features: int
+    outputs: int
+    recurrences: list[Recurrence]
+
+
+def import_graph(graph: Path, name: str, version: int, repository: Path, *,
+                 time_major: bool | None = None, input_name: str = "", output_name: str = "",
+                 output_kind: str = "regression", description: str = "") -> Path:
+    """Write repository/name/version/ (model.onnx, model.json, golden.npz) for the graph; the
+    directory written. ImportRefused (and nothing written) when it cannot be served exactly."""
+    if output_kind not in OUTPUT_KINDS:
+        raise ImportRefused(f"--output-kind must be one of {', '.join(OUTPUT_KINDS)}")
+    target = version_dir(repository, name, version)
+    if target.exists():
+        raise ImportRefused(f"{target} already exists; pick another --version")
+    original = _load(graph)
+    model = _renamed(original)
+    plan = _plan(model, time_major, input_name, output_name)
+    wrapped = _wrap(model, plan)
+    golden, checks = _prove(original, wrapped, plan)
+    spec = ModelSpec(
+        name=name, version=version, task="imported",
+        description=description or f"imported from {graph.name} "
+        f"({', '.join(r.node.op_type for r in plan.recurrences)})",
+        cell=plan.recurrences[0].cell, layers=len(plan.recurrences),
+        units=max(r.hidden for r in plan.recurrences), features=plan.features,
+        outputs=plan.outputs, output_kind=output_kind,
+        states=tuple(StateSpec(i, o, r.hidden) for r in plan.recurrences for i, o, _ in r.states),
+        extra={"imported": {
+            "source": graph.name,
+            "sha256": hashlib.sha256(graph.read_bytes()).hexdigest(),
+            "producer": f"{original.producer_name} {original.producer_version}".strip(),
+            "recurrent_ops": [f"{r.node.op_type} ({r.node.name or 'unnamed'})"
+                              for r in plan.recurrences],
+            "x_layout": "time-major" if plan.time_major else "batch-first",
+            "verification": checks}})
+    spec.validate()
+    return _write(target, wrapped, spec, golden)
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # OSError, protobuf's DecodeError, the checker's ValidationError
+        raise ImportRefused(f"{path} is not a valid ONNX model: {_line(exc)}") from None
+    return model
+
+
+def _renamed(original: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    _prefix_graph(model.graph)
+    return model
+
+
+def _prefix_graph(graph: onnx.GraphProto) -> None:
+    def name(n: str) -> str:
+        return PREFIX + n if n else n
+
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        value.name = name(value.name)
+    for tensor in graph.initializer:
+        tensor.name = name(tensor.name)
+    for node in graph.node:
+        node.input[:] = [name(n) for n in node.input]
+        node.output[:] = [name(n) for n in node.output]
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                _prefix_graph(sub)
+
+
+def _plan(model: onnx.ModelProto, time_major: bool | None, input_name: str,
+          output_name: str) -> Plan:
+    graph = model.graph
+    nodes = [n for n in graph.node if n.op_type in CELLS]
+    if not nodes:
+        loops = sorted({n.op_type for n in graph.node if n.op_type in ("Loop", "Scan")})
+        if loops:
+            raise ImportRefused(f"its recurrence is a generic {'/'.join(loops)}, not a native "
+                                "LSTM, GRU or RNN operator: export those (PyTorch nn.LSTM/GRU/"
+                                "RNN do; for Keras use `python -m training export`)")
+        raise ImportRefused("it has no recurrent operator (LSTM, GRU or RNN): nothing to carry "
+                            "between steps")
+    recurrences = [_recurrence(node, index) for index, node in enumerate(nodes)]
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    # x flows into the first recurrent node's X (a stacked h0 reaches only later layers' X);
+    # y comes from the last one's Y (stacked final states come from Y_h outputs).
+    x = _pick(inputs, input_name, "input", lambda i: _reaches(graph, i.name, nodes[0], 0))
+    y = _pick(list(graph.output), output_name, "output",
+              lambda o: _derives(graph, o.name, nodes[-1].output[0]))
+    features = _sequence_shape(x)
+    return _probe(model, x.name, y.name, features, recurrences, time_major)
+
+
+def _recurrence(node: onnx.NodeProto, index: int) -> Recurrence:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    direction = attrs.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    if direction != "forward":
+        raise ImportRefused(f"its {node.op_type} {node.name!r} runs {direction}: its output at a "
+                            "step depends on later steps, so it cannot be streamed")
+    if "hidden_size" not in attrs:
+        raise ImportRefused(f"its {node.op_type} {node.name!r} has no hidden_size")
+    cell = CELLS[node.op_type]
+    positions = [INITIAL_H, INITIAL_C] if cell == "lstm" else [INITIAL_H]
+    names = state_names(cell, index)
+    return Recurrence(node, cell, int(attrs["hidden_size"]),
+                      0 if attrs.get("layout", 0) == 1 else 1,
+                      [(i, o, p) for (i, o), p in zip(names, positions, strict=True)])
+
+
+def _pick(candidates: list, chosen: str, what: str, fits) -> onnx.ValueInfoProto:
+    """The graph's sequence input (or per-step output): the one named, or the only fit."""
+    if chosen:
+        named = [c for c in candidates if c.name == PREFIX + chosen]
+        if not named:
+            raise ImportRefused(f"the graph has no {what} {chosen!r}; it has "
+                                f"{', '.join(c.name.removeprefix(PREFIX) for c in candidates)}")
+        return named[0]
+    fitting = [c for c in candidates if fits(c)]
+    if len(fitting) != 1:
+        names = ", ".join(c.name.removeprefix(PREFIX) for c in fitting) or "none"
+        raise ImportRefused(f"cannot tell which {what} is the sequence ({names} could be); "
+                            f"name it with --{what} NAME")
+    return fitting[0]
+
+
+def _reaches(graph: onnx.GraphProto, start: str, node: onnx.NodeProto, position: int) -> bool:
+    """Whether tensor `start` flows into input `position` of `node`."""
+    target = node.input[position]
+    seen, frontier = {start}, [start]
+    while frontier:
+        tensor = frontier.pop()
+        if tensor == target:
+            return True
+        for consumer in graph.node:
+            if tensor in consumer.input:
+                fresh = [o for o in consumer.output if o and o not in seen]
+                seen.update(fresh)
+                frontier += fresh
+    return False
+
+
+def _derives(graph: onnx.GraphProto, end: str, source: str) -> bool:
+    """Whether tensor `end` is computed from tensor `source`."""
+    producer = {o: n for n in graph.node for o in n.output}
+    seen, frontier = {end}, [end]
+    while frontier:
+        tensor = frontier.pop()
+        if tensor == source:
+            return True
+        node = producer.get(tensor)
+        if node is not None:
+            fresh = [i for i in node.input if i and i not in seen]
+            seen.update(fresh)
+            frontier += fresh
+    return False
+
+
+def _sequence_shape(value: onnx.ValueInfoProto) -> int:
+    """Features per step of the sequence input; its batch and time must be free."""
+    name = value.name.removeprefix(PREFIX)
+    dims = value.type.tensor_type.shape.dim
+    if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ImportRefused(f"input {name!r} is not float32")
+    if len(dims) != 3 or not dims[2].HasField("dim_value"):
+        raise ImportRefused(f"input {name!r} must be rank 3 with a fixed feature size ([time, "
+                            "batch, features] or [batch, time, features])")
+    if dims[0].HasField("dim_value") or dims[1].HasField("dim_value"):
+        fixed = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+        raise ImportRefused(f"input {name!r} has fixed batch or time sizes {fixed}: export "
+                            "with dynamic axes for both (torch.onnx.export's dynamic_axes)")
+    return int(dims[2].dim_value)
+
+
+def _probe(model: onnx.ModelProto, x: str, y: str, features: int,
+           recurrences: list[Recurrence], time_major: bool | None) -> Plan:
+    """Run the wrapped graph under each layout the flags allow: the one that runs (batch and
+    time differ, so the other fails on a shape) is the graph's, and y's shape tells its own."""
+    layouts = [time_major] if time_major is not None else [False, True]
+    errors = []
+    for layout in layouts:
+        plan = Plan(x, y, layout, False, False, features, 0, recurrences)
+        try:
+            session = _session(_wrap(model, plan, raw_y=True))
+        except Exception as exc:  # noqa: BLE001 - ORT raises several kinds for a bad graph
+            errors.append(_line(exc))
+            continue
+        rng = np.random.default_rng(0)
+        feeds = {INPUT_NAME: rng.standard_normal((BATCH, TIME, features)).astype(np.float32)}
+        for r in recurrences:
+            for state, _, _ in r.states:
+                feeds[state] = np.zeros((BATCH, r.hidden), np.float32)
+        try:
+            raw = session.run([OUTPUT_NAME], feeds)[0]
+        except Exception as exc:  # noqa: BLE001
+            errors.append(_line(exc))
+            continue
+        return _y_layout(plan, raw.shape)
+    raise ImportRefused(f"it does not run as a [batch, time, {features}] or [time, batch, "
+                        f"{features}] sequence model here: {errors[-1]}")
+
+
+def _y_layout(plan: Plan, shape: tuple[int, ...]) -> Plan:
+    squeeze = len(shape) == 4 and shape[1] == 1
+    dims = (shape[0], *shape[2:]) if squeeze else shape
+    if len(dims) != 3 or {dims[0], dims[1]} != {BATCH, TIME}:
+        raise ImportRefused(f"its output {plan.y.removeprefix(PREFIX)!r} has shape {list(shape)} "
+                            f"for {BATCH} sequences of {TIME} steps: rnnserve needs one output "
+                            "per timestep ([batch, time, outputs]); export the per-step output")
+    return Plan(plan.x, plan.y, plan.time_major, dims[0] == TIME, squeeze, plan.features,
+                int(dims[2]), plan.recurrences)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _wrap(source: onnx.ModelProto, plan: Plan, raw_y: bool = False) -> onnx.ModelProto:
+    """The contract around the (renamed) original: x, per-node states, y and final states."""
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    graph = model.graph
+    opset = _opset(model)
+    added: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+
+    def axes(op: str, data: str, axis: int, out: str) -> onnx.NodeProto:
+        if opset < 13:
+            return helper.make_node(op, [data], [out], axes=[axis])
+        name = f"axes_{axis}"
+        if not any(t.name == name for t in initializers):
+            initializers.append(helper.make_tensor(name, TensorProto.INT64, [1], [axis]))
+        return helper.make_node(op, [data, name], [out])
+
+    batch, time = "batch", "time"
+    if plan.time_major:
+        added.append(helper.make_node("Transpose", [INPUT_NAME], [plan.x], perm=[1, 0, 2]))
+    else:
+        added.append(helper.make_node("Identity", [INPUT_NAME], [plan.x]))
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
+                                            [batch, time, plan.features])]
+    outputs = []
+    if raw_y:
+        added.append(helper.make_node("Identity", [plan.y], [OUTPUT_NAME]))
+        outputs.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, None))
+    else:
+        y = plan.y
+        if plan.y_squeeze:
+            added.append(axes("Squeeze", y, 1, "y_squeezed"))
+            y = "y_squeezed"
+        added.append(helper.make_node("Transpose", [y], [OUTPUT_NAME], perm=[1, 0, 2])
+                     if plan.y_time_major else helper.make_node("Identity", [y], [OUTPUT_NAME]))
+        outputs.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
+                                                     [batch, time, plan.outputs]))
+    for r in plan.recurrences:
+        node = _same_node(graph, r.node)
+        while len(node.input) <= r.states[-1][2]:
+            node.input.append("")
+        while len(node.output) < 1 + len(r.states):
+            node.output.append("")
+        for k, (state_in, state_out, position) in enumerate(r.states):
+            fed = f"{state_in}_fed"
+            added.append(axes("Unsqueeze", state_in, 1 - r.batch_axis, fed))
+            node.input[position] = fed
+            final = node.output[1 + k] or f"{state_out}_raw"
+            node.output[1 + k] = final
+            added.append(axes("Squeeze", final, 1 - r.batch_axis, state_out))
+            inputs.append(helper.make_tensor_value_info(state_in, TensorProto.FLOAT,
+                                                        [batch, r.hidden]))
+            outputs.append(helper.make_tensor_value_info(state_out, TensorProto.FLOAT,
+                                                         [batch, r.hidden]))
+    kept = [*added, *graph.node]
+    del graph.node[:]
+    graph.node.extend(_live(kept, [o.name for o in outputs]))
+    used = {i for n in graph.node for i in n.input}
+    graph.initializer.extend(initializers)
+    live_initializers = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live_initializers)
+    del graph.input[:]
+    graph.input.extend(inputs)
+    del graph.output[:]
+    graph.output.extend(outputs)
+    del graph.value_info[:]
+    return model
+
+
+def _same_node(graph: onnx.GraphProto, node: onnx.NodeProto) -> onnx.NodeProto:
+    """The copy's node that was `node` in the plan's graph (same outputs, same op)."""
+    return next(n for n in graph.node if n.op_type == node.op_type and
+                list(n.output) == list(node.output) and list(n.input) == list(node.input))
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes the outputs depend on, in their order (the original's are topological)."""
+    producer = {o: n for n in nodes for o in n.output if o}
+    needed: set[int] = set()
+    frontier = list(outputs)
+    seen = set(frontier)
+    while frontier:
+        node = producer.get(frontier.pop())
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        for name in (*node.input, *_outer_names(node)):
+            if name and name not in seen:
+                seen.add(name)
+                frontier.append(name)
+    return [n for n in nodes if id(n) in needed]
+
+
+def _outer_names(node: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs (If, Loop, Scan bodies) read from the enclosing graph."""
+    names = []
+    for attribute in node.attribute:
+        for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+            local = {i.name for i in sub.input} | {t.name for t in sub.initializer} | \
+                {o for n in sub.node for o in n.output}
+            names += [i for n in sub.node for i in (*n.input, *_outer_names(n))
+                      if i and i not in local]
+    return names
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _prove(original: onnx.ModelProto, wrapped: onnx.ModelProto,
+           plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The golden set and the worst differences, or ImportRefused."""
+    rng = np.random.default_rng(1)
+    batch, steps = 4, 9
+    x = rng.standard_normal((batch, steps, plan.features)).astype(np.float32)
+    probe = _with_outputs(original, plan)
+    feeds = {}
+    for value in probe.graph.input:
+        if value.name in {t.name for t in probe.graph.initializer}:
+            continue
+        if value.name == plan.x.removeprefix(PREFIX):
+            feeds[value.name] = x.transpose(1, 0, 2) if plan.time_major else x
+        else:
+            feeds[value.name] = _random_like(value, batch, rng)
+    try:
+        got = dict(zip([o.name for o in probe.graph.output],
+                       _session(probe).run(None, feeds), strict=True))
+    except Exception as exc:  # noqa: BLE001
+        raise ImportRefused(f"the original graph does not run on random inputs: {_line(exc)}") \
+            from None
+    y = got[plan.y.removeprefix(PREFIX)]
+    y = y[:, 0] if plan.y_squeeze else y
+    expected_y = y.transpose(1, 0, 2) if plan.y_time_major else y
+    initial, expected_finals = {}, {}
+    for r in plan.recurrences:
+        for state_in, state_out, _ in r.states:
+            fed = got.get(f"probe_{state_in}")
+            initial[state_in] = (np.zeros((batch, r.hidden), np.float32) if fed is None else
+                                 np.take(fed, 0, axis=1 - r.batch_axis))
+            expected_finals[state_out] = np.take(got[f"probe_{state_out}"], 0,
+                                                 axis=1 - r.batch_axis)
+    session = _session(wrapped)
+    names = [o.name for o in wrapped.graph.output]
+    whole = dict(zip(names, session.run(None, {INPUT_NAME: x, **initial}), strict=True))
+    state = dict(initial)
+    streamed_y = []
+    for t in range(steps):
+        step = dict(zip(names, session.run(None, {INPUT_NAME: x[:, t:t + 1], **state}),
+                        strict=True))
+        streamed_y.append(step[OUTPUT_NAME])
+        state = {i: step[o] for r in plan.recurrences for i, o, _ in r.states}
+    checks = {
+        "whole_vs_original": _worst([(whole[OUTPUT_NAME], expected_y)] +
+                                    [(whole[o], expected_finals[o]) for o in expected_finals]),
+        "streamed_vs_original": _worst(
+            [(np.concatenate(streamed_y, axis=1), expected_y)] +
+            [(state[i], expected_finals[o]) for r in plan.recurrences for i, o, _ in r.states])}
+    for what, error in checks.items():
+        if not error <= TOLERANCE:
+            where = "run whole" if what.startswith("whole") else "streamed one step at a time"
+            raise ImportRefused(f"the wrapped graph, {where}, differs from the original by "
+                                f"{error:.3g} (tolerance {TOLERANCE:g}): its outputs do not "
+                                "follow from its recurrent states alone, so it cannot be "
+                                "served step by step")
+    golden = {INPUT_NAME: x, **initial, "expected_y": expected_y,
+              **{f"expected_{o}": v for o, v in expected_finals.items()}}
+    return golden, {"tolerance": TOLERANCE, **checks}
+
+
+def _with_outputs(original: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """The original, also returning each recurrent node's initial and final states, so the
+    wrapped graph can start where the original's own state inputs put it."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(original)
+    graph = probe.graph
+    extra = []
+    for r in plan.recurrences:
+        node = next(n for n in graph.node if n.op_type == r.node.op_type and
+                    [PREFIX + o if o else o for o in n.output] == list(r.node.output))
+        while len(node.output) < 1 + len(r.states):
+            node.output.append("")
+        for k, (state_in, state_out, position) in enumerate(r.states):
+            if len(node.input) > position and node.input[position]:
+                extra.append(helper.make_node("Identity", [node.input[position]],
+                                              [f"probe_{state_in}"]))
+                graph.output.append(helper.make_tensor_value_info(f"probe_{state_in}",
+                                                                  TensorProto.FLOAT, None))
+            if not node.output[1 + k]:
+                node.output[1 + k] = f"probe_{state_out}_raw"
+            extra.append(helper.make_node("Identity", [node.output[1 + k]],
+                                          [f"probe_{state_out}"]))
+            graph.output.append(helper.make_tensor_value_info(f"probe_{state_out}",
+                                                              TensorProto.FLOAT, None))
+    graph.node.extend(extra)
+    return probe
+
+
+def _random_like(value: onnx.ValueInfoProto, batch: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Random values for one of the original's other inputs (its states): fixed dims as they
+    are, the symbolic one is the batch."""
+    dims = [d.dim_value if d.HasField("dim_value") else batch
+            for d in value.type.tensor_type.shape.dim]
+    if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ImportRefused(f"input {value.name!r} is neither the sequence nor a float state; "
+                            "rnnserve feeds only x and recurrent states")
+    return (0.5 * rng.standard_normal(dims)).astype(np.float32)
+
+
+def _worst(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    return max(float(np.max(np.abs(a - b) / (1 + np.abs(b)))) for a, b in pairs)
+
+
+def _write(target: Path, model: onnx.ModelProto, spec: ModelSpec,
+           golden: dict[str, np.ndarray]) -> Path:
+    """All three files into a temporary directory beside the target, checked by the server's
+    own load checks, then renamed into place: a scan never sees half a version."""
+    from rnnserve.model_checks import check_model
+    from rnnserve.runner import Runner
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        onnx.save(model, str(staging / MODEL_FILE))
+        write_spec(staging, spec)
+        np.savez(staging / GOLDEN_FILE, **golden)
+        try:
+            check_model(Runner(spec, staging, "cpu", 1), staging)
+        except ValueError as exc:
+            raise ImportRefused(f"the wrapped graph fails the server's load checks: "
+                                f"{_line(exc)}") from None
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 240 else text[:239] + "…"
+
+
+def describe(directory: Path) -> str:
+    """What `rnnserve import` prints: the version written and how to call it."""
+    spec = json.loads((directory / "model.json").read_text())
+    states = ", ".join(s["input"] for s in spec["states"])
+    checks = spec["imported"]["verification"]
+    return (f"wrote {directory}: {spec['layers']} recurrent op(s), x [batch, time, "
+            f"{spec['input']['features']}] -> y [batch, time, {spec['output']['size']}], states "
+            f"{states}; equal to the original within {checks['whole_vs_original']:.1e} whole and "
+            f"{checks['streamed_vs_original']:.1e} streamed")
