@@ -26,6 +26,9 @@ MODEL_FILE = "model.onnx"
 SPEC_FILE = "model.json"
 GOLDEN_FILE = "golden.npz"
 CELLS = ("lstm", "gru", "simple_rnn")
+"""The cells training builds and model.json names."""
+LOOP = "loop"
+"""The cell of an imported graph whose recurrence is a generic ONNX Loop (rnnserve import)."""
 OUTPUT_KINDS = ("probabilities", "sigmoid", "regression")
 SCHEMA_FILE = Path(__file__).with_name("model.schema.json")
 MAX_SPEC_BYTES = 1024 * 1024
@@ -109,8 +112,8 @@ class ModelSpec:
         if len(set(names)) != len(names) or {INPUT_NAME, OUTPUT_NAME} & set(names):
             raise ValueError("states: every state input and output name must be unique and "
                              f"differ from {INPUT_NAME!r} and {OUTPUT_NAME!r}")
-        if self.cell not in CELLS:
-            raise ValueError(f"cell {self.cell!r} is not one of {CELLS}")
+        if self.cell not in (*CELLS, LOOP):
+            raise ValueError(f"cell {self.cell!r} is not one of {(*CELLS, LOOP)}")
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output kind {self.output_kind!r} is not one of {OUTPUT_KINDS}")
         if min(self.layers, self.units, self.features, self.outputs) < 1:

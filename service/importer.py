@@ -35,6 +35,7 @@ from onnx import TensorProto, helper
 from rnnserve.contract import (
     GOLDEN_FILE,
     INPUT_NAME,
+    LOOP,
     MODEL_FILE,
     OUTPUT_KINDS,
     OUTPUT_NAME,
@@ -45,7 +46,7 @@ from rnnserve.contract import (
     write_spec,
 )
 
-CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN": "simple_rnn"}
+NATIVE = {"LSTM": "lstm", "GRU": "gru", "RNN": "simple_rnn"}
 INITIAL_H, INITIAL_C = 5, 6
 """Input positions of initial_h and initial_c on ONNX's LSTM, GRU and RNN operators."""
 TOLERANCE = 1e-5
@@ -61,16 +62,30 @@ class ImportRefused(ValueError):
 
 
 @dataclass(frozen=True)
+class State:
+    """One contract state of a recurrent node: where it goes in and comes out."""
+
+    input: str
+    output: str
+    size: int
+    fed_at: int
+    """The node's input position it replaces (initial_h/initial_c; a Loop's carried value)."""
+    comes_out: int
+    """The node's output position of its final value (Y_h/Y_c; a Loop's final carried value)."""
+
+
+@dataclass(frozen=True)
 class Recurrence:
     """One recurrent node of the original and the contract states it gets."""
 
     node: onnx.NodeProto
     cell: str
-    hidden: int
-    batch_axis: int
-    """Of its initial_h and Y_h: 1 for layout 0 ([directions, batch, hidden]), 0 for layout 1."""
-    states: list[tuple[str, str, int]]
-    """(contract input, contract output, operator input position) per state tensor."""
+    states: list[State]
+    directions_axis: int | None
+    """The [1] axis native ops put in initial_h and Y_h (0 for layout 0, 1 for layout 1);
+    None for a Loop, whose carried states are [batch, size] already."""
+    sequence_outputs: list[str]
+    """Outputs with a value per timestep: Y, or a Loop's scan outputs."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +122,10 @@ def import_graph(graph: Path, name: str, version: int, repository: Path, *,
         description=description or f"imported from {graph.name} "
         f"({', '.join(r.node.op_type for r in plan.recurrences)})",
         cell=plan.recurrences[0].cell, layers=len(plan.recurrences),
-        units=max(r.hidden for r in plan.recurrences), features=plan.features,
+        units=max(st.size for r in plan.recurrences for st in r.states),
+        features=plan.features,
         outputs=plan.outputs, output_kind=output_kind,
-        states=tuple(StateSpec(i, o, r.hidden) for r in plan.recurrences for i, o, _ in r.states),
+        states=tuple(StateSpec(st.input, st.output, st.size) for st in _states(plan)),
         extra={"imported": {
             "source": graph.name,
             "sha256": hashlib.sha256(graph.read_bytes()).hexdigest(),
@@ -117,7 +133,8 @@ def import_graph(graph: Path, name: str, version: int, repository: Path, *,
             "recurrent_ops": [f"{r.node.op_type} ({r.node.name or 'unnamed'})"
                               for r in plan.recurrences],
             "x_layout": "time-major" if plan.time_major else "batch-first",
-            "verification": checks}})
+            "verification": checks,
+            "notes": _notes(plan)}})
     spec.validate()
     return _write(target, wrapped, spec, golden)
 
@@ -157,28 +174,26 @@ def _prefix_graph(graph: onnx.GraphProto) -> None:
 def _plan(model: onnx.ModelProto, time_major: bool | None, input_name: str,
           output_name: str) -> Plan:
     graph = model.graph
-    nodes = [n for n in graph.node if n.op_type in CELLS]
+    nodes = [n for n in graph.node if n.op_type in (*NATIVE, "Loop")]
     if not nodes:
-        loops = sorted({n.op_type for n in graph.node if n.op_type in ("Loop", "Scan")})
-        if loops:
-            raise ImportRefused(f"its recurrence is a generic {'/'.join(loops)}, not a native "
-                                "LSTM, GRU or RNN operator: export those (PyTorch nn.LSTM/GRU/"
-                                "RNN do; for Keras use `python -m training export`)")
-        raise ImportRefused("it has no recurrent operator (LSTM, GRU or RNN): nothing to carry "
-                            "between steps")
+        raise ImportRefused("it has no recurrent operator (LSTM, GRU, RNN or a Loop over time): "
+                            "nothing to carry between steps")
     recurrences = [_recurrence(node, index) for index, node in enumerate(nodes)]
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
     # x flows into the first recurrent node's X (a stacked h0 reaches only later layers' X);
-    # y comes from the last one's Y (stacked final states come from Y_h outputs).
-    x = _pick(inputs, input_name, "input", lambda i: _reaches(graph, i.name, nodes[0], 0))
+    # y comes from the last one's per-step output (stacked final states come from Y_h).
+    first, last = recurrences[0], recurrences[-1]
+    x = _pick(inputs, input_name, "input", lambda i: _reaches(graph, i.name, first))
     y = _pick(list(graph.output), output_name, "output",
-              lambda o: _derives(graph, o.name, nodes[-1].output[0]))
+              lambda o: any(_derives(graph, o.name, s) for s in last.sequence_outputs))
     features = _sequence_shape(x)
     return _probe(model, x.name, y.name, features, recurrences, time_major)
 
 
 def _recurrence(node: onnx.NodeProto, index: int) -> Recurrence:
+    if node.op_type == "Loop":
+        return _loop(node, index)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     direction = attrs.get("direction", b"forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
@@ -187,12 +202,37 @@ def _recurrence(node: onnx.NodeProto, index: int) -> Recurrence:
                             "step depends on later steps, so it cannot be streamed")
     if "hidden_size" not in attrs:
         raise ImportRefused(f"its {node.op_type} {node.name!r} has no hidden_size")
-    cell = CELLS[node.op_type]
+    cell = NATIVE[node.op_type]
     positions = [INITIAL_H, INITIAL_C] if cell == "lstm" else [INITIAL_H]
-    names = state_names(cell, index)
-    return Recurrence(node, cell, int(attrs["hidden_size"]),
-                      0 if attrs.get("layout", 0) == 1 else 1,
-                      [(i, o, p) for (i, o), p in zip(names, positions, strict=True)])
+    hidden = int(attrs["hidden_size"])
+    states = [State(i, o, hidden, p, 1 + k) for k, ((i, o), p)
+              in enumerate(zip(state_names(cell, index), positions, strict=True))]
+    return Recurrence(node, cell, states, 1 if attrs.get("layout", 0) == 1 else 0,
+                      [node.output[0]])
+
+
+def _loop(node: onnx.NodeProto, index: int) -> Recurrence:
+    """A Loop over time, as tf2onnx writes Keras GRU and SimpleRNN: its carried float values
+    of rank 2 are the states ([batch, size]); its scan outputs the per-step values."""
+    body = next(a.g for a in node.attribute if a.name == "body")
+    carried = len(node.input) - 2
+    states = []
+    for k, value in enumerate(body.input[2:2 + carried]):
+        tensor = value.type.tensor_type
+        if tensor.elem_type != TensorProto.FLOAT or len(tensor.shape.dim) != 2:
+            continue
+        size = tensor.shape.dim[1]
+        if not size.HasField("dim_value"):
+            raise ImportRefused(f"its Loop {node.name!r} carries {value.name!r} without a fixed "
+                                "size; cannot tell its state size")
+        n = len(states)
+        states.append(State(f"h{index}" if n == 0 else f"h{index}_{n}",
+                            f"h{index}_out" if n == 0 else f"h{index}_{n}_out",
+                            int(size.dim_value), 2 + k, k))
+    if not states:
+        raise ImportRefused(f"its Loop {node.name!r} carries no [batch, size] float value: no "
+                            "recurrent state to serve")
+    return Recurrence(node, LOOP, states, None, list(node.output[carried:]))
 
 
 def _pick(candidates: list, chosen: str, what: str, fits) -> onnx.ValueInfoProto:
@@ -211,16 +251,19 @@ def _pick(candidates: list, chosen: str, what: str, fits) -> onnx.ValueInfoProto
     return fitting[0]
 
 
-def _reaches(graph: onnx.GraphProto, start: str, node: onnx.NodeProto, position: int) -> bool:
-    """Whether tensor `start` flows into input `position` of `node`."""
-    target = node.input[position]
+def _reaches(graph: onnx.GraphProto, start: str, recurrence: Recurrence) -> bool:
+    """Whether tensor `start` flows into the node's sequence: a native op's X, anything a
+    Loop reads."""
+    node = recurrence.node
+    targets = ({node.input[0]} if recurrence.directions_axis is not None
+               else {*node.input, *_outer_names(node)})
     seen, frontier = {start}, [start]
     while frontier:
         tensor = frontier.pop()
-        if tensor == target:
+        if tensor in targets:
             return True
         for consumer in graph.node:
-            if tensor in consumer.input:
+            if tensor in consumer.input or tensor in _outer_names(consumer):
                 fresh = [o for o in consumer.output if o and o not in seen]
                 seen.update(fresh)
                 frontier += fresh
@@ -275,8 +318,8 @@ def _probe(model: onnx.ModelProto, x: str, y: str, features: int,
         rng = np.random.default_rng(0)
         feeds = {INPUT_NAME: rng.standard_normal((BATCH, TIME, features)).astype(np.float32)}
         for r in recurrences:
-            for state, _, _ in r.states:
-                feeds[state] = np.zeros((BATCH, r.hidden), np.float32)
+            for state in r.states:
+                feeds[state.input] = np.zeros((BATCH, state.size), np.float32)
         try:
             raw = session.run([OUTPUT_NAME], feeds)[0]
         except Exception as exc:  # noqa: BLE001
@@ -308,7 +351,8 @@ def _wrap(source: onnx.ModelProto, plan: Plan, raw_y: bool = False) -> onnx.Mode
     model.CopyFrom(source)
     graph = model.graph
     opset = _opset(model)
-    added: list[onnx.NodeProto] = []
+    before: list[onnx.NodeProto] = []  # feeding the original, in order
+    after: list[onnx.NodeProto] = []  # reading its outputs
     initializers: list[onnx.TensorProto] = []
 
     def axes(op: str, data: str, axis: int, out: str) -> onnx.NodeProto:
@@ -321,45 +365,49 @@ def _wrap(source: onnx.ModelProto, plan: Plan, raw_y: bool = False) -> onnx.Mode
 
     batch, time = "batch", "time"
     if plan.time_major:
-        added.append(helper.make_node("Transpose", [INPUT_NAME], [plan.x], perm=[1, 0, 2]))
+        before.append(helper.make_node("Transpose", [INPUT_NAME], [plan.x], perm=[1, 0, 2]))
     else:
-        added.append(helper.make_node("Identity", [INPUT_NAME], [plan.x]))
+        before.append(helper.make_node("Identity", [INPUT_NAME], [plan.x]))
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
                                             [batch, time, plan.features])]
     outputs = []
     if raw_y:
-        added.append(helper.make_node("Identity", [plan.y], [OUTPUT_NAME]))
+        after.append(helper.make_node("Identity", [plan.y], [OUTPUT_NAME]))
         outputs.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, None))
     else:
         y = plan.y
         if plan.y_squeeze:
-            added.append(axes("Squeeze", y, 1, "y_squeezed"))
+            after.append(axes("Squeeze", y, 1, "y_squeezed"))
             y = "y_squeezed"
-        added.append(helper.make_node("Transpose", [y], [OUTPUT_NAME], perm=[1, 0, 2])
+        after.append(helper.make_node("Transpose", [y], [OUTPUT_NAME], perm=[1, 0, 2])
                      if plan.y_time_major else helper.make_node("Identity", [y], [OUTPUT_NAME]))
         outputs.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
                                                      [batch, time, plan.outputs]))
     for r in plan.recurrences:
         node = _same_node(graph, r.node)
-        while len(node.input) <= r.states[-1][2]:
+        while len(node.input) <= max(st.fed_at for st in r.states):
             node.input.append("")
-        while len(node.output) < 1 + len(r.states):
+        while len(node.output) <= max(st.comes_out for st in r.states):
             node.output.append("")
-        for k, (state_in, state_out, position) in enumerate(r.states):
-            fed = f"{state_in}_fed"
-            added.append(axes("Unsqueeze", state_in, 1 - r.batch_axis, fed))
-            node.input[position] = fed
-            final = node.output[1 + k] or f"{state_out}_raw"
-            node.output[1 + k] = final
-            added.append(axes("Squeeze", final, 1 - r.batch_axis, state_out))
-            inputs.append(helper.make_tensor_value_info(state_in, TensorProto.FLOAT,
-                                                        [batch, r.hidden]))
-            outputs.append(helper.make_tensor_value_info(state_out, TensorProto.FLOAT,
-                                                         [batch, r.hidden]))
-    kept = [*added, *graph.node]
+        for state in r.states:
+            fed = state.input
+            if r.directions_axis is not None:
+                fed = f"{state.input}_fed"
+                before.append(axes("Unsqueeze", state.input, r.directions_axis, fed))
+            node.input[state.fed_at] = fed
+            final = node.output[state.comes_out] or f"{state.output}_raw"
+            node.output[state.comes_out] = final
+            after.append(axes("Squeeze", final, r.directions_axis, state.output)
+                         if r.directions_axis is not None
+                         else helper.make_node("Identity", [final], [state.output]))
+            inputs.append(helper.make_tensor_value_info(state.input, TensorProto.FLOAT,
+                                                        [batch, state.size]))
+            outputs.append(helper.make_tensor_value_info(state.output, TensorProto.FLOAT,
+                                                         [batch, state.size]))
+    kept = [*before, *graph.node, *after]
     del graph.node[:]
     graph.node.extend(_live(kept, [o.name for o in outputs]))
-    used = {i for n in graph.node for i in n.input}
+    used = {i for n in graph.node for i in (*n.input, *_outer_names(n))}
     graph.initializer.extend(initializers)
     live_initializers = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
@@ -441,12 +489,11 @@ def _prove(original: onnx.ModelProto, wrapped: onnx.ModelProto,
     expected_y = y.transpose(1, 0, 2) if plan.y_time_major else y
     initial, expected_finals = {}, {}
     for r in plan.recurrences:
-        for state_in, state_out, _ in r.states:
-            fed = got.get(f"probe_{state_in}")
-            initial[state_in] = (np.zeros((batch, r.hidden), np.float32) if fed is None else
-                                 np.take(fed, 0, axis=1 - r.batch_axis))
-            expected_finals[state_out] = np.take(got[f"probe_{state_out}"], 0,
-                                                 axis=1 - r.batch_axis)
+        for st in r.states:
+            fed = got.get(f"probe_{st.input}")
+            initial[st.input] = (np.zeros((batch, st.size), np.float32) if fed is None else
+                                 _unstacked(fed, r))
+            expected_finals[st.output] = _unstacked(got[f"probe_{st.output}"], r)
     session = _session(wrapped)
     names = [o.name for o in wrapped.graph.output]
     whole = dict(zip(names, session.run(None, {INPUT_NAME: x, **initial}), strict=True))
@@ -456,13 +503,13 @@ def _prove(original: onnx.ModelProto, wrapped: onnx.ModelProto,
         step = dict(zip(names, session.run(None, {INPUT_NAME: x[:, t:t + 1], **state}),
                         strict=True))
         streamed_y.append(step[OUTPUT_NAME])
-        state = {i: step[o] for r in plan.recurrences for i, o, _ in r.states}
+        state = {st.input: step[st.output] for st in _states(plan)}
     checks = {
         "whole_vs_original": _worst([(whole[OUTPUT_NAME], expected_y)] +
                                     [(whole[o], expected_finals[o]) for o in expected_finals]),
         "streamed_vs_original": _worst(
             [(np.concatenate(streamed_y, axis=1), expected_y)] +
-            [(state[i], expected_finals[o]) for r in plan.recurrences for i, o, _ in r.states])}
+            [(state[st.input], expected_finals[st.output]) for st in _states(plan)])}
     for what, error in checks.items():
         if not error <= TOLERANCE:
             where = "run whole" if what.startswith("whole") else "streamed one step at a time"
@@ -485,22 +532,42 @@ def _with_outputs(original: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     for r in plan.recurrences:
         node = next(n for n in graph.node if n.op_type == r.node.op_type and
                     [PREFIX + o if o else o for o in n.output] == list(r.node.output))
-        while len(node.output) < 1 + len(r.states):
+        while len(node.output) <= max(st.comes_out for st in r.states):
             node.output.append("")
-        for k, (state_in, state_out, position) in enumerate(r.states):
-            if len(node.input) > position and node.input[position]:
-                extra.append(helper.make_node("Identity", [node.input[position]],
-                                              [f"probe_{state_in}"]))
-                graph.output.append(helper.make_tensor_value_info(f"probe_{state_in}",
+        for st in r.states:
+            if len(node.input) > st.fed_at and node.input[st.fed_at]:
+                extra.append(helper.make_node("Identity", [node.input[st.fed_at]],
+                                              [f"probe_{st.input}"]))
+                graph.output.append(helper.make_tensor_value_info(f"probe_{st.input}",
                                                                   TensorProto.FLOAT, None))
-            if not node.output[1 + k]:
-                node.output[1 + k] = f"probe_{state_out}_raw"
-            extra.append(helper.make_node("Identity", [node.output[1 + k]],
-                                          [f"probe_{state_out}"]))
-            graph.output.append(helper.make_tensor_value_info(f"probe_{state_out}",
+            if not node.output[st.comes_out]:
+                node.output[st.comes_out] = f"probe_{st.output}_raw"
+            extra.append(helper.make_node("Identity", [node.output[st.comes_out]],
+                                          [f"probe_{st.output}"]))
+            graph.output.append(helper.make_tensor_value_info(f"probe_{st.output}",
                                                               TensorProto.FLOAT, None))
     graph.node.extend(extra)
     return probe
+
+
+def _notes(plan: Plan) -> list[str]:
+    loops = [r.node.name or "unnamed" for r in plan.recurrences if r.cell == LOOP]
+    if not loops:
+        return []
+    return [f"served as it is: the recurrence {', '.join(loops)} is a generic Loop, whose "
+            "body ONNX Runtime interprets node by node every timestep: several times slower "
+            "per step than a native LSTM/GRU/RNN. For speed, export native recurrent ops "
+            "(`python -m training export` for Keras models)."]
+
+
+def _states(plan: Plan) -> list[State]:
+    return [st for r in plan.recurrences for st in r.states]
+
+
+def _unstacked(value: np.ndarray, recurrence: Recurrence) -> np.ndarray:
+    """A native op's [1, batch, size] (or [batch, 1, size]) state as [batch, size]."""
+    axis = recurrence.directions_axis
+    return value if axis is None else np.take(value, 0, axis=axis)
 
 
 def _random_like(value: onnx.ValueInfoProto, batch: int,
@@ -557,4 +624,5 @@ def describe(directory: Path) -> str:
     return (f"wrote {directory}: {spec['layers']} recurrent op(s), x [batch, time, "
             f"{spec['input']['features']}] -> y [batch, time, {spec['output']['size']}], states "
             f"{states}; equal to the original within {checks['whole_vs_original']:.1e} whole and "
-            f"{checks['streamed_vs_original']:.1e} streamed")
+            f"{checks['streamed_vs_original']:.1e} streamed" +
+            "".join(f"\nwarning: {note}" for note in spec["imported"]["notes"]))

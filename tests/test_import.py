@@ -215,3 +215,70 @@ def test_the_command(tmp_path: Path) -> None:
     wrong = command("--version", "2", "--batch-first")  # the graph is time-major
     assert wrong.returncode == 2 and "does not run as a" in wrong.stderr
     assert not (tmp_path / "repo" / "mine" / "2").exists()
+
+
+def tf2onnx_like_loop(features: int = 3, units: int = 4) -> bytes:
+    """A Keras SimpleRNN as tf2onnx writes it: batch-first x, a Loop over time whose body
+    gathers step t and carries h [batch, units] (zeros built from x's shape), the steps
+    stacked as its scan output."""
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["x_tm", "t"], ["x_t"], axis=0),
+         helper.make_node("MatMul", ["x_t", "W"], ["xw"]),
+         helper.make_node("MatMul", ["h_in", "R"], ["hr"]),
+         helper.make_node("Add", ["xw", "hr"], ["s"]),
+         helper.make_node("Add", ["s", "b"], ["pre"]),
+         helper.make_node("Tanh", ["pre"], ["h_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["h_out"], ["scan"])],
+        "body",
+        [helper.make_tensor_value_info("t", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", units])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", units]),
+         helper.make_tensor_value_info("scan", TensorProto.FLOAT, ["batch", units])])
+    init = [_weights("W", [features, units]), _weights("R", [units, units]),
+            _weights("b", [units]), _weights("Wout", [units, 1]),
+            helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+            helper.make_tensor("units", TensorProto.INT64, [1], [units]),
+            helper.make_tensor("zero_i", TensorProto.INT64, [1], [0])]
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["x_tm"], perm=[1, 0, 2]),
+        helper.make_node("Shape", ["x_tm"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero_i"], ["trips"], axis=0),
+        helper.make_node("Squeeze", ["trips", "zero_i"], ["trip"]),
+        helper.make_node("Shape", ["input"], ["shape_b"]),
+        helper.make_node("Gather", ["shape_b", "zero_i"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "units"], ["h_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["h_shape"], ["h_zero"],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+        helper.make_node("Loop", ["trip", "true", "h_zero"], ["h_last", "ys"], body=body,
+                         name="while_loop"),
+        helper.make_node("Transpose", ["ys"], ["ys_bf"], perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["ys_bf", "Wout"], ["output"])]
+    graph = helper.make_graph(
+        nodes, "tf2onnx", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                         ["unk__1", "unk__2", features])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["unk__1", "unk__2", 1])],
+        init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                              producer_name="tf2onnx", producer_version="1.17.0")
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_loop_recurrence_is_served_as_it_is(tmp_path: Path) -> None:
+    """tf2onnx's Loop export: its carried state becomes h0, with a warning about speed."""
+    graph = tf2onnx_like_loop()
+    repo = tmp_path / "repo"
+    written = import_graph(save(tmp_path, graph), "keras_loop", 1, repo)
+    spec = (written / "model.json").read_text()
+    assert '"cell": "loop"' in spec and "generic Loop" in spec
+    x = np.random.default_rng(2).standard_normal((2, 6, 3)).astype(np.float32)
+    expected = original(graph, x, batch_first=True, states={})["output"]
+    with running(repository=repo) as srv, srv.client() as client:
+        assert [s.name for s in client.get_model("keras_loop").states] == ["h0"]
+        assert np.max(np.abs(client.predict("keras_loop", x).y - expected)) <= 1e-5
+        with client.stream("keras_loop") as stream:
+            streamed = np.concatenate([stream.step(x[1, t]) for t in range(6)])
+        assert np.max(np.abs(streamed - expected[1])) <= 1e-5
