@@ -91,6 +91,9 @@ def malformed_entries(repo: Path) -> None:
     shutil.copy(EXPORTED / "echo" / "1" / "model.onnx", repo / "binary" / "1")
     add_version(repo, "notonnx", 1)
     (repo / "notonnx" / "1" / "model.onnx").write_bytes(b"not onnx")
+    (repo / "loose").mkdir()
+    shutil.copy(EXPORTED / "echo" / "1" / "model.onnx", repo / "loose" / "exported.onnx")
+    shutil.copy(EXPORTED / "echo" / "1" / "model.onnx", repo / "my model.onnx")
 
 
 def test_malformed_entries_block_neither_start_nor_later_scans(
@@ -103,8 +106,14 @@ def test_malformed_entries_block_neither_start_nor_later_scans(
     with running(repository=repo, repository_poll=0.05) as srv, srv.client() as client:
         assert sorted(m.name for m in client.list_models()) == ["echo", "gone"]
         skipped = " ".join(r.getMessage() for r in caplog.records)
-        for entry in ("listdoc", "huge", "²", "01", "nojson", "binary", "notonnx"):
+        for entry in ("listdoc", "huge", "²", "01", "nojson", "binary", "notonnx", "loose",
+                      "my model.onnx"):
             assert entry in skipped, entry
+        # Graphs without a model.json are named, with the command that makes one.
+        assert "run `rnnserve import`" in skipped
+        assert f"{repo / 'my model.onnx'} --name my_model" in skipped
+        assert f"{repo / 'loose' / 'exported.onnx'} --name loose" in skipped
+        assert f"{repo / 'nojson' / '1' / 'model.onnx'} --name NAME" in skipped
         assert health(srv.address, "gone") == "SERVING"
         assert health(srv.address, "fresh") == "NOT_FOUND"
         add_version(repo, "fresh", 1, source="forecast")
