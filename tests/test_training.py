@@ -97,3 +97,41 @@ def test_cli_reruns_give_identical_models(tmp_path: Path) -> None:
         with np.load(tmp_path / run / "echo" / "1" / "golden.npz") as data:
             outputs.append(data["expected_y"])
     assert max_diff({"y": outputs[0]}, {"y": outputs[1]}) == 0.0
+
+
+def test_a_saved_keras_model_is_exported_and_served(tmp_path: Path) -> None:
+    """`python -m training export`: a many-to-one Keras model trained elsewhere (stacked
+    LSTM and GRU, Dropout, Dense, Activation) becomes a streaming model whose last step
+    answers what the saved model answers, over the wire; a layer it cannot stream is refused."""
+    from tests.conftest import running
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(8, return_sequences=True),
+                              keras.layers.Dropout(0.2), keras.layers.GRU(6),
+                              keras.layers.Dense(4), keras.layers.Activation("softmax")])
+    model.save(tmp_path / "mine.keras")
+    repo = tmp_path / "repo"
+    cmd = [sys.executable, "-m", "training", "export", str(tmp_path / "mine.keras"),
+           "--name", "mine", "--out", str(repo)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    spec = read_spec(repo / "mine" / "1")
+    assert [s.input for s in spec.states] == ["h0", "c0", "h1"]
+    assert spec.output_kind == "probabilities"
+    x = np.random.default_rng(8).standard_normal((2, 7, 3)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    with running(repository=repo) as srv, srv.client() as client:
+        assert np.max(np.abs(client.predict("mine", x, last_only=True).y - expected)) <= 1e-5
+        with client.stream("mine") as stream:
+            last = [stream.step(x[1, t]) for t in range(7)][-1]
+        assert np.max(np.abs(last[0] - expected[1])) <= 1e-5
+
+    bidirectional = keras.Sequential([keras.Input((None, 3)),
+                                      keras.layers.Bidirectional(keras.layers.LSTM(4)),
+                                      keras.layers.Dense(1)])
+    bidirectional.save(tmp_path / "bi.keras")
+    refused = subprocess.run([*cmd[:4], str(tmp_path / "bi.keras"), "--name", "bi", "--out",
+                              str(repo)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "of type Bidirectional cannot be served step by step" in refused.stderr
+    assert not (repo / "bi").exists()

@@ -36,11 +36,34 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--mnist", type=Path, help="digits: a local mnist.npz instead of sklearn's")
     train.add_argument("--no-bar", action="store_true",
                        help="write the model even if it misses the task's bar")
+    export = sub.add_parser("export", help="export a saved Keras model (LSTM/GRU/SimpleRNN "
+                            "with Dense/Activation layers) with native recurrent ops, checked")
+    export.add_argument("model", type=Path, help="the .keras file")
+    export.add_argument("--name", required=True, help="the model's name in the repository")
+    export.add_argument("--version", type=int, default=1, help="version directory to write")
+    export.add_argument("--out", type=Path, default=Path("exported"), help="model repository")
+    export.add_argument("--description", default="", help="for model.json")
     return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from training.keras_export import export_saved
+    from training.onnx_export import ExportError
+    from training.verify import VerificationError
+
+    try:
+        path = export_saved(args.model, args.name, args.version, args.out, args.description)
+    except (ExportError, VerificationError) as exc:
+        print(f"error: cannot export {args.model}: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {path}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "export":
+        return run_export(args)
     from training.pipeline import BarNotMet, ExportRequest, export_task
     from training.tasks import TASKS
 

@@ -156,12 +156,16 @@ def to_onnx(model: keras.Model) -> onnx.ModelProto:
                 cur = b.node(op, [cur], **({"axis": -1} if op == "Softmax" else {}))[0]
             cur = b.node("Transpose", [cur], perm=[1, 0, 2])[0]
             time_major = False
+        elif kind == "Activation":
+            op = _activation_name(layer, "activation", HEAD_ACTIVATIONS)
+            if op:
+                cur = b.node(op, [cur], **({"axis": -1} if op == "Softmax" else {}))[0]
         elif kind == "Add" and not time_major:
             cur = b.node("Add", [INPUT_NAME, cur])[0]
         else:
             raise ExportError(f"layer {layer.name!r} of type {kind} cannot be served exactly "
                               "step by step (supported: Rescaling, LSTM, GRU, SimpleRNN, Dense, "
-                              "residual Add)")
+                              "Activation, residual Add)")
     if rnn_index == 0 or time_major:
         raise ExportError("the model needs recurrent layers followed by a Dense head")
     if state_cursor != len(state_in):
