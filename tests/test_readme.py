@@ -165,7 +165,8 @@ def _sh_blocks(needle: str) -> list[Block]:
 
 
 def test_every_sh_block_is_run_below() -> None:
-    covered = _sh_blocks("rnnserve-env") + _sh_blocks("python -m training train")
+    covered = (_sh_blocks("rnnserve-env") + _sh_blocks("python -m training train")
+               + _sh_blocks("rnnserve import"))
     assert sorted(b.line for b in covered) == sorted(b.line for b in runnable("sh"))
 
 
@@ -177,6 +178,25 @@ def test_train_your_own(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (work / "my-models" / "echo_gru" / "1" / "model.onnx").is_file()
+
+
+@pytest.mark.training
+def test_serve_your_own(tmp_path: Path) -> None:
+    """The import and export commands, on a PyTorch-style graph and a saved Keras model."""
+    import keras
+
+    from tests.test_import import torch_like
+
+    (block,) = _sh_blocks("rnnserve import")
+    work = sandbox(tmp_path)
+    (work / "lstm.onnx").write_bytes(torch_like("LSTM", layers=2))
+    keras.Sequential([keras.Input((None, 2)), keras.layers.GRU(5),
+                      keras.layers.Dense(1)]).save(work / "my_model.keras")
+    out = subprocess.run(["bash", "-euc", block.code], cwd=work, env=environment(tmp_path),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for name in ("my_lstm", "my_keras"):
+        assert (work / "my-models" / name / "1" / "model.json").is_file()
 
 
 @pytest.mark.skipif(shutil.which("python3.11") is None, reason="the README's pip block names "
