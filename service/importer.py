@@ -219,7 +219,9 @@ def _loop(node: onnx.NodeProto, index: int) -> Recurrence:
     states = []
     for k, value in enumerate(body.input[2:2 + carried]):
         tensor = value.type.tensor_type
-        if tensor.elem_type != TensorProto.FLOAT or len(tensor.shape.dim) != 2:
+        if (tensor.elem_type != TensorProto.FLOAT or len(tensor.shape.dim) != 2
+                or tensor.shape.dim[0].HasField("dim_value")  # no batch axis: a constant
+                or _passed_through(body, value.name, body.output[1 + k].name)):
             continue
         size = tensor.shape.dim[1]
         if not size.HasField("dim_value"):
@@ -233,6 +235,18 @@ def _loop(node: onnx.NodeProto, index: int) -> Recurrence:
         raise ImportRefused(f"its Loop {node.name!r} carries no [batch, size] float value: no "
                             "recurrent state to serve")
     return Recurrence(node, LOOP, states, None, list(node.output[carried:]))
+
+
+def _passed_through(body: onnx.GraphProto, carried_in: str, carried_out: str) -> bool:
+    """Whether the body hands a carried value on unchanged (weights tf2onnx carries along)."""
+    producer = {o: n for n in body.node for o in n.output}
+    name = carried_out
+    while name != carried_in:
+        node = producer.get(name)
+        if node is None or node.op_type != "Identity":
+            return False
+        name = node.input[0]
+    return True
 
 
 def _pick(candidates: list, chosen: str, what: str, fits) -> onnx.ValueInfoProto:

@@ -135,3 +135,32 @@ def test_a_saved_keras_model_is_exported_and_served(tmp_path: Path) -> None:
     assert refused.returncode == 2
     assert "of type Bidirectional cannot be served step by step" in refused.stderr
     assert not (repo / "bi").exists()
+
+
+@pytest.mark.parametrize("layer", ["GRU", "SimpleRNN"])
+def test_a_tf2onnx_loop_export_is_imported_and_served(layer: str, tmp_path: Path) -> None:
+    """tf2onnx's real export of a Keras GRU / SimpleRNN (a generic Loop) through `rnnserve
+    import`: served as it is, streamed and whole equal to Keras."""
+    import tensorflow as tf
+    import tf2onnx
+
+    from rnnserve.importer import import_graph
+    from tests.conftest import running
+
+    keras.utils.set_random_seed(2)
+    x_in = keras.Input((None, 2), name="x")
+    seq = getattr(keras.layers, layer)(5, return_sequences=True)(x_in)
+    model = keras.Model(x_in, keras.layers.Dense(1)(seq))
+    proto, _ = tf2onnx.convert.from_keras(
+        model, input_signature=[tf.TensorSpec((None, None, 2), tf.float32, name="x")], opset=17)
+    assert "Loop" in {n.op_type for n in proto.graph.node}
+    (tmp_path / "loop.onnx").write_bytes(proto.SerializeToString())
+    written = import_graph(tmp_path / "loop.onnx", "keras_loop", 1, tmp_path / "repo")
+    assert read_spec(written).cell == "loop"
+    x = np.random.default_rng(6).standard_normal((3, 8, 2)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    with running(repository=tmp_path / "repo") as srv, srv.client() as client:
+        assert np.max(np.abs(client.predict("keras_loop", x).y - expected)) <= 1e-5
+        with client.stream("keras_loop") as stream:
+            streamed = np.concatenate([stream.step(x[2, t]) for t in range(8)])
+        assert np.max(np.abs(streamed - expected[2])) <= 1e-5
