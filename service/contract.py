@@ -13,12 +13,16 @@ state tensor, and returns `y` float32 [batch, time, outputs] and the matching fi
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
@@ -156,3 +160,29 @@ def _short(text: str, limit: int = 200) -> str:
 
 def write_spec(directory: Path, spec: ModelSpec) -> None:
     (directory / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+
+
+def write_version(target: Path, model: bytes, spec: ModelSpec, golden: dict[str, np.ndarray],
+                  before_rename: Callable[[Path], None] | None = None,
+                  replace: bool = False) -> Path:
+    """A version's files (model.onnx, model.json, golden.npz) written into a staging directory
+    beside `target`, then renamed into place, so a repository scan never sees half a version.
+    `before_rename` may add files or check the staged version (raising stops it; nothing is
+    left behind); `replace` lets an existing version go first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide it from a server run as another user
+        (staging / MODEL_FILE).write_bytes(model)
+        write_spec(staging, spec)
+        np.savez(staging / GOLDEN_FILE, **golden)
+        if before_rename is not None:
+            before_rename(staging)
+        if replace and target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+

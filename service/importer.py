@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,17 +31,16 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from rnnserve.contract import (
-    GOLDEN_FILE,
     INPUT_NAME,
     LOOP,
-    MODEL_FILE,
     OUTPUT_KINDS,
     OUTPUT_NAME,
     ModelSpec,
     StateSpec,
+    read_spec,
     state_names,
     version_dir,
-    write_spec,
+    write_version,
 )
 
 NATIVE = {"LSTM": "lstm", "GRU": "gru", "RNN": "simple_rnn"}
@@ -136,7 +133,7 @@ def import_graph(graph: Path, name: str, version: int, repository: Path, *,
             "verification": checks,
             "notes": _notes(plan)}})
     spec.validate()
-    return _write(target, wrapped, spec, golden)
+    return write_version(target, wrapped.SerializeToString(), spec, golden, _check_staged)
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -600,29 +597,16 @@ def _worst(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return max(float(np.max(np.abs(a - b) / (1 + np.abs(b)))) for a, b in pairs)
 
 
-def _write(target: Path, model: onnx.ModelProto, spec: ModelSpec,
-           golden: dict[str, np.ndarray]) -> Path:
-    """All three files into a temporary directory beside the target, checked by the server's
-    own load checks, then renamed into place: a scan never sees half a version."""
+def _check_staged(directory: Path) -> None:
+    """The server's own load checks, on the staged version."""
     from rnnserve.model_checks import check_model
     from rnnserve.runner import Runner
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        onnx.save(model, str(staging / MODEL_FILE))
-        write_spec(staging, spec)
-        np.savez(staging / GOLDEN_FILE, **golden)
-        try:
-            check_model(Runner(spec, staging, "cpu", 1), staging)
-        except ValueError as exc:
-            raise ImportRefused(f"the wrapped graph fails the server's load checks: "
-                                f"{_line(exc)}") from None
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+        check_model(Runner(read_spec(directory), directory, "cpu", 1), directory)
+    except ValueError as exc:
+        raise ImportRefused(f"the wrapped graph fails the server's load checks: "
+                            f"{_line(exc)}") from None
 
 
 def _line(exc: BaseException) -> str:

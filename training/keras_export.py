@@ -11,24 +11,19 @@ step's answer is the original's answer (the checks below hold it to 1e-5).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
-import onnx
 
 from rnnserve.contract import (
-    GOLDEN_FILE,
     INPUT_NAME,
-    MODEL_FILE,
     OUTPUT_NAME,
     ModelSpec,
     StateSpec,
     state_names,
     version_dir,
-    write_spec,
+    write_version,
 )
 from training.onnx_export import OPSET, ExportError, to_onnx
 from training.verify import TOLERANCE, make_probe, max_diff, run_keras, verify_export
@@ -72,19 +67,9 @@ def export_saved(path: Path, name: str, version: int, out: Path,
                "onnx": {"opset": OPSET, "ops": sorted({n.op_type for n in proto.graph.node})}})
     golden = make_probe(streaming, sample, batch=4, time=10, seed=1)
     expected = run_keras(streaming, golden)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
-    try:
-        staging.chmod(0o755)
-        onnx.save(proto, staging / MODEL_FILE)
-        write_spec(staging, spec)
-        np.savez(staging / GOLDEN_FILE, **{INPUT_NAME: golden.x}, **golden.states,
-                 **{f"expected_{k}": v for k, v in expected.items()})
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    write_version(target, proto.SerializeToString(), spec,
+                  {INPUT_NAME: golden.x, **golden.states,
+                   **{f"expected_{k}": v for k, v in expected.items()}})
     print(json.dumps({"model": name, "version": version, "verification": checks}))
     return target
 

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
 
 import keras
-import numpy as np
-import onnx
 import onnxruntime as ort
 
-from rnnserve.contract import (
-    GOLDEN_FILE,
-    INPUT_NAME,
-    MODEL_FILE,
-    OUTPUT_NAME,
-    ModelSpec,
-    StateSpec,
-    version_dir,
-    write_spec,
-)
+from rnnserve.contract import INPUT_NAME, ModelSpec, StateSpec, version_dir, write_version
 from training.architecture import build_model
 from training.onnx_export import OPSET, to_onnx
 from training.plots import plot_training
@@ -96,18 +83,11 @@ def export_task(task: Task, request: ExportRequest, require_bar: bool = True) ->
     golden = make_probe(model, sample, batch=4, time=10, seed=request.seed + 1)
     expected = run_keras(model, golden)
     target = version_dir(request.out, name, request.version)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=request.out))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server run as another user
-    onnx.save(proto, staging / MODEL_FILE)
-    write_spec(staging, spec)
-    np.savez(staging / GOLDEN_FILE, **{INPUT_NAME: golden.x}, **golden.states,
-             **{f"expected_{OUTPUT_NAME}": expected[OUTPUT_NAME]},
-             **{f"expected_{k}": v for k, v in expected.items() if k != OUTPUT_NAME})
-    plot_training(losses, metrics, spec, staging / "training.png")
-    if target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(target)
+    write_version(target, proto.SerializeToString(), spec,
+                  {INPUT_NAME: golden.x, **golden.states,
+                   **{f"expected_{k}": v for k, v in expected.items()}},
+                  lambda staged: plot_training(losses, metrics, spec, staged / "training.png"),
+                  replace=True)
     print(json.dumps({"model": name, "version": request.version, **metrics,
                       "verification": verification}))
     return target
