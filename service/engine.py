@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable
 from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
 from rnnserve.metrics import Metrics
 from rnnserve.registry import LoadedModel, ModelRegistry
+from rnnserve.session_lock import release_all, take_all
 from rnnserve.sessions import Session, SessionTable
 from rnnserve.siblings import Siblings
 
@@ -110,12 +111,21 @@ class SequenceStep:
 
 
 class _Locked:
-    """Hold several sessions' locks, always taken in id order so two callers cannot deadlock."""
+    """Hold several sessions' locks. When all are free they are taken at once, in this event
+    loop turn, with no await; otherwise one by one in id order, so two callers cannot
+    deadlock."""
+
+    __slots__ = ("sessions", "locks")
 
     def __init__(self, sessions: list[Session]) -> None:
-        self.locks = [s.lock for s in sorted(sessions, key=lambda s: s.id)]
+        self.sessions = sessions
 
     async def __aenter__(self) -> None:
+        locks = list(map(LOCK, self.sessions))
+        if take_all(locks):
+            self.locks = locks
+            return
+        self.locks = [s.lock for s in sorted(self.sessions, key=lambda s: s.id)]
         held = 0
         try:
             for lock in self.locks:
@@ -127,8 +137,11 @@ class _Locked:
             raise
 
     async def __aexit__(self, *exc: object) -> None:
-        for lock in self.locks:
-            lock.release()
+        release_all(self.locks)
+
+
+LOCK = attrgetter("lock")
+MODEL, SLOT = attrgetter("model"), attrgetter("slot")
 
 
 def _states_of(session: Session) -> dict[str, np.ndarray]:
@@ -147,6 +160,13 @@ def _parked(session: Session, now: float) -> ParkedSession:
 def _check_finite(array: np.ndarray, what: str) -> None:
     if not np.isfinite(array).all():
         raise InvalidArgument(f"{what} contains NaN or Inf")
+
+
+def _run_error(model: LoadedModel, exc: BaseException) -> ServingError:
+    """What the rows of a failed run are told (the log has the exception)."""
+    return exc if isinstance(exc, ServingError) else ServingError(
+        f"the run of {model.spec.name} v{model.spec.version} failed; the server log has the "
+        "details")
 
 
 def _first_labels(sessions: list[Session | None]) -> tuple[str, str] | None:
@@ -581,6 +601,9 @@ class Engine:
         if x.ndim != 3 or x.shape[0] != len(session_ids):
             raise InvalidArgument(f"x must be [{len(session_ids)} sessions, timesteps, features]"
                                   f", got shape {list(x.shape)}")
+        common = None if failed else self._all_fine(session_ids, x, owner)
+        if common is not None:
+            return await self._step_all(*common, x)
         sessions, errors, cost = self._resolve(session_ids, x, owner, failed)
         valid = [s for s in sessions if s is not None]
         if not valid:
@@ -594,6 +617,55 @@ class Engine:
         if errors:
             errors.sort(key=lambda e: e.row)
         return StepOutcome(y, steps, errors, _first_labels(sessions))
+
+    def _all_fine(self, session_ids: list[str], x: np.ndarray,
+                  owner: str) -> tuple[LoadedModel, list[Session]] | None:
+        """The common message, proved fine without a Python loop over its rows: every id a
+        distinct live session of the caller's, all of one model that takes x's features, x
+        finite. None sends it the row-by-row way (`_resolve`), which says what is wrong with
+        which row. Multiplexed at 1,000 sessions per message, the row-by-row way costs ~3 µs
+        of the server's CPU per session-step; this one a tenth of that."""
+        self._check_limits(x, "x")
+        sessions = self._sessions.all_owned(session_ids, owner)
+        if sessions is None or len(set(session_ids)) != len(session_ids):
+            return None
+        models = set(map(MODEL, sessions))
+        if len(models) != 1:
+            return None
+        (model,) = models
+        if model.spec.features != x.shape[2] or not np.isfinite(x).all():
+            return None
+        return model, sessions
+
+    async def _step_all(self, model: LoadedModel, sessions: list[Session],
+                        x: np.ndarray) -> StepOutcome:
+        """`step` for a message `_all_fine` passed: one run, no per-row bookkeeping unless a
+        session ended while the message waited for memory or locks."""
+        rows = len(sessions)
+        cost = RunCost(model.cost.per_step * rows, model.cost.per_row * rows)
+        span, reserve = self._steps_plan(model, x, cost)
+        removals = self._sessions.removals
+        errors: list[RowError] = []
+        async with reserve, _Locked(sessions):
+            if self._sessions.removals != removals:  # something ended meanwhile: row by row
+                live: list[Session | None] = list(sessions)
+                y = await self._run_steps(live, x, errors, model.spec.outputs, span)
+                steps = [s.steps if s is not None else 0 for s in live]
+                errors.sort(key=lambda e: e.row)
+                return StepOutcome(y, steps, errors, _first_labels(live))
+            slots = np.fromiter(map(SLOT, sessions), np.int64, rows)
+            try:
+                y = (await model.batcher.step(slots, x) if span >= x.shape[1] else
+                     np.concatenate([await model.batcher.step(slots, np.ascontiguousarray(
+                         x[:, t:t + span])) for t in range(0, x.shape[1], span)], axis=1))
+            except Exception as exc:  # CancelledError passes: the caller left
+                error = _run_error(model, exc)  # every row's: its session as it was
+                return StepOutcome(np.full((*x.shape[:2], model.spec.outputs), np.nan,
+                                           np.float32), model.store.steps[slots].tolist(),
+                                   [RowError(r, error.code, str(error)) for r in range(rows)],
+                                   None)
+            model.store.used_at[slots] = self._sessions.clock()
+            return StepOutcome(y, model.store.steps[slots].tolist(), errors, model.labels)
 
     def _steps_plan(self, first: LoadedModel, x: np.ndarray,
                     cost: RunCost) -> tuple[int, Reservation]:
@@ -613,10 +685,10 @@ class Engine:
                  ) -> tuple[list[Session | None], list[RowError], RunCost]:
         """Each row's session or error, and the run cost of all live rows taken together."""
         self._check_limits(x, "x")
-        # One reduction on the common path; rows are told apart only when something is off.
-        with np.errstate(over="ignore"):  # huge finite values may sum to inf: then look closer
-            total = x.sum()
-        bad_values = None if math.isfinite(total) else ~np.isfinite(x).all(axis=(1, 2))
+        # One check of the whole on the common path; rows are told apart only when one is off.
+        # (np.isfinite: a sum would need np.errstate against overflow, which costs ~2.5 µs.)
+        finite = np.isfinite(x)
+        bad_values = None if finite.all() else ~finite.all(axis=(1, 2))
         sessions: list[Session | None] = []
         errors: list[RowError] = []
         seen: set[str] = set()
@@ -664,19 +736,24 @@ class Engine:
                                        f"session {session.id} ended before this step ran"))
                 continue
             groups.setdefault(session.model, []).append(row)
-        k = x.shape[1]
-        if span >= k:
+        if span >= x.shape[1]:
             y = await self._run_span(groups, sessions, x, outputs, errors)
         else:
-            y = np.concatenate([await self._run_span(groups, sessions,
-                                                     np.ascontiguousarray(x[:, t:t + span]),
-                                                     outputs, errors)
-                                for t in range(0, k, span)], axis=1)
+            y = await self._run_spans(groups, sessions, x, outputs, errors, span)
         now = self._sessions.clock()
         for rows in groups.values():
             for r in rows:
                 sessions[r].last_used = now
         return y
+
+    async def _run_spans(self, groups: dict[LoadedModel, list[int]],
+                         sessions: list[Session | None], x: np.ndarray, outputs: int,
+                         errors: list[RowError], span: int) -> np.ndarray:
+        """A long message in runs of `span` timesteps, the state carried between them."""
+        return np.concatenate([await self._run_span(groups, sessions,
+                                                    np.ascontiguousarray(x[:, t:t + span]),
+                                                    outputs, errors)
+                               for t in range(0, x.shape[1], span)], axis=1)
 
     async def _run_span(self, groups: dict[LoadedModel, list[int]],
                         sessions: list[Session | None], x: np.ndarray, outputs: int,
@@ -686,8 +763,7 @@ class Engine:
         if not groups:  # every row failed or ended
             return np.full((*x.shape[:2], outputs), np.nan, np.float32)
         whole = len(groups) == 1 and len(next(iter(groups.values()))) == len(x)
-        coros = [model.batcher.step([sessions[r].slot for r in rows],
-                                    x if whole else x[rows])
+        coros = [model.batcher.step([sessions[r].slot for r in rows], x if whole else x[rows])
                  for model, rows in groups.items()]
         if len(coros) == 1:
             try:
@@ -703,9 +779,7 @@ class Engine:
             if isinstance(result, asyncio.CancelledError):
                 raise result
             if isinstance(result, BaseException):
-                error = result if isinstance(result, ServingError) else ServingError(
-                    f"the run of {model.spec.name} v{model.spec.version} failed; the server "
-                    "log has the details")
+                error = _run_error(model, result)
                 errors.extend(RowError(r, error.code, str(error)) for r in rows)
                 for r in rows:
                     sessions[r] = None

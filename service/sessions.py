@@ -7,7 +7,6 @@ FAILED_PRECONDITION ("closed", "evicted") instead of a puzzling NOT_FOUND.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections import Counter, OrderedDict
@@ -25,6 +24,7 @@ from rnnserve.errors import (
 )
 from rnnserve.metrics import Metrics
 from rnnserve.registry import LoadedModel
+from rnnserve.session_lock import SessionLock
 
 REMEMBER_ENDED = 100_000
 SESSION_ID_HEX = 32
@@ -44,10 +44,9 @@ class Session:
     id: str
     model: LoadedModel
     slot: int
-    last_used: float
     owner: str = ""
     """The client that opened it (its name from --auth-tokens-file; "" without auth)."""
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: SessionLock = field(default_factory=SessionLock)
 
     @property
     def steps(self) -> int:
@@ -57,6 +56,16 @@ class Session:
     @steps.setter
     def steps(self, value: int) -> None:
         self.model.store.steps[self.slot] = value
+
+    @property
+    def last_used(self) -> float:
+        """When its last call ran (the table's clock), kept in its slot like `steps`, so a
+        message's sessions are all touched in one numpy assignment."""
+        return float(self.model.store.used_at[self.slot])
+
+    @last_used.setter
+    def last_used(self, value: float) -> None:
+        self.model.store.used_at[self.slot] = value
 
 
 class SessionTable:
@@ -71,6 +80,12 @@ class SessionTable:
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         """Recently ended ids: (owner, reason)."""
         self._per_client: Counter[str] = Counter()
+        self._owned: dict[str, dict[str, Session]] = {}
+        """Live sessions by owner, then id: a message's sessions are looked up in its caller's
+        own table, so each is found and proved the caller's in one lookup."""
+        self.removals = 0
+        """Counts sessions leaving the table: unchanged across an await, none of a message's
+        sessions ended meanwhile."""
 
     def __len__(self) -> int:
         return len(self._live)
@@ -101,9 +116,11 @@ class SessionTable:
         slot = model.store.allocate()
         if states is not None:
             model.store.write(slot, states)
-        session = Session(session_id, model, slot, self.clock() - idle_seconds, owner)
+        session = Session(session_id, model, slot, owner)
+        session.last_used = self.clock() - idle_seconds
         session.steps = steps
         self._live[session.id] = session
+        self._owned.setdefault(owner, {})[session.id] = session
         self._per_client[owner] += 1
         self._ended.pop(session_id, None)  # a chosen id may be reused once its session ended
         model.sessions += 1
@@ -133,6 +150,15 @@ class SessionTable:
                                          "session")
         raise NotFound(f"no session {session_id} on this server")
 
+    def all_owned(self, session_ids: list[str], owner: str) -> list[Session] | None:
+        """The owner's live sessions for the ids, looked up without a Python loop; None if any
+        is not one (then `get`, row by row, says which and why)."""
+        owned = self._owned.get(owner)
+        if owned is None:
+            return None
+        found = list(map(owned.get, session_ids))
+        return found if all(found) else None
+
     def ended(self, session: Session) -> bool:
         return self._live.get(session.id) is not session
 
@@ -149,6 +175,11 @@ class SessionTable:
         and its id is not remembered as ended, so a later call may bring it back."""
         if self._live.pop(session.id, None) is None:
             return False
+        self.removals += 1
+        owned = self._owned[session.owner]
+        del owned[session.id]
+        if not owned:
+            del self._owned[session.owner]
         session.model.store.release(session.slot)
         session.model.sessions -= 1
         self._per_client[session.owner] -= 1

@@ -36,6 +36,8 @@ class Slots(ABC):
         self.capacity = capacity
         self.runner = runner
         self.steps = np.zeros(capacity, np.int64)
+        self.used_at = np.zeros(capacity, np.float64)
+        """Each slot's session's last call (Session.last_used)."""
         self._free = list(range(capacity - 1, -1, -1))
 
     @property
