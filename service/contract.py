@@ -32,7 +32,8 @@ GOLDEN_FILE = "golden.npz"
 CELLS = ("lstm", "gru", "simple_rnn")
 """The cells training builds and model.json names."""
 LOOP = "loop"
-"""The cell of an imported graph whose recurrence is a generic ONNX Loop (rnnserve import)."""
+"""The cell of an imported graph whose recurrence is a generic ONNX Loop or Scan (rnnserve
+import)."""
 OUTPUT_KINDS = ("probabilities", "sigmoid", "regression")
 SCHEMA_FILE = Path(__file__).with_name("model.schema.json")
 MAX_SPEC_BYTES = 1024 * 1024

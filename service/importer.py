@@ -81,8 +81,11 @@ class Recurrence:
     directions_axis: int | None
     """The [1] axis native ops put in initial_h and Y_h (0 for layout 0, 1 for layout 1);
     None for a Loop, whose carried states are [batch, size] already."""
+    sequence_inputs: set[str]
+    """What the sequence flows into: X; a Loop's trip count and what its body reads from
+    outside; a Scan's scanned inputs and the same."""
     sequence_outputs: list[str]
-    """Outputs with a value per timestep: Y, or a Loop's scan outputs."""
+    """Outputs with a value per timestep: Y, or a Loop's or Scan's scan outputs."""
 
 
 @dataclass(frozen=True)
@@ -171,10 +174,10 @@ def _prefix_graph(graph: onnx.GraphProto) -> None:
 def _plan(model: onnx.ModelProto, time_major: bool | None, input_name: str,
           output_name: str) -> Plan:
     graph = model.graph
-    nodes = [n for n in graph.node if n.op_type in (*NATIVE, "Loop")]
+    nodes = [n for n in graph.node if n.op_type in (*NATIVE, *CONTROL_FLOW)]
     if not nodes:
-        raise ImportRefused("it has no recurrent operator (LSTM, GRU, RNN or a Loop over time): "
-                            "nothing to carry between steps")
+        raise ImportRefused("it has no recurrent operator (LSTM, GRU, RNN, or a Loop or Scan "
+                            "over time): nothing to carry between steps")
     recurrences = [_recurrence(node, index) for index, node in enumerate(nodes)]
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
@@ -189,8 +192,8 @@ def _plan(model: onnx.ModelProto, time_major: bool | None, input_name: str,
 
 
 def _recurrence(node: onnx.NodeProto, index: int) -> Recurrence:
-    if node.op_type == "Loop":
-        return _loop(node, index)
+    if node.op_type in CONTROL_FLOW:
+        return _control_flow(node, index)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     direction = attrs.get("direction", b"forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
@@ -205,33 +208,45 @@ def _recurrence(node: onnx.NodeProto, index: int) -> Recurrence:
     states = [State(i, o, hidden, p, 1 + k) for k, ((i, o), p)
               in enumerate(zip(state_names(cell, index), positions, strict=True))]
     return Recurrence(node, cell, states, 1 if attrs.get("layout", 0) == 1 else 0,
-                      [node.output[0]])
+                      {node.input[0]}, [node.output[0]])
 
 
-def _loop(node: onnx.NodeProto, index: int) -> Recurrence:
-    """A Loop over time, as tf2onnx writes Keras GRU and SimpleRNN: its carried float values
-    of rank 2 are the states ([batch, size]); its scan outputs the per-step values."""
-    body = next(a.g for a in node.attribute if a.name == "body")
-    carried = len(node.input) - 2
+CONTROL_FLOW = {"Loop": (2, 2, 1), "Scan": (0, 0, 0)}
+"""Where the carried values start: in the node's inputs, its body's inputs and its body's
+outputs (a Loop's come after the trip count and condition)."""
+
+
+def _control_flow(node: onnx.NodeProto, index: int) -> Recurrence:
+    """A Loop or Scan over time, as tf2onnx writes Keras GRU and SimpleRNN: its carried float
+    values with a batch axis that the body changes are the states ([batch, size]); its scan
+    outputs the per-step values."""
+    attrs = {a.name: a for a in node.attribute}
+    body = attrs["body"].g
+    node_at, body_in_at, body_out_at = CONTROL_FLOW[node.op_type]
+    scanned = (helper.get_attribute_value(attrs["num_scan_inputs"])
+               if node.op_type == "Scan" else 0)
+    carried = len(node.input) - node_at - scanned
     states = []
-    for k, value in enumerate(body.input[2:2 + carried]):
+    for k, value in enumerate(body.input[body_in_at:body_in_at + carried]):
         tensor = value.type.tensor_type
         if (tensor.elem_type != TensorProto.FLOAT or len(tensor.shape.dim) != 2
                 or tensor.shape.dim[0].HasField("dim_value")  # no batch axis: a constant
-                or _passed_through(body, value.name, body.output[1 + k].name)):
+                or _passed_through(body, value.name, body.output[body_out_at + k].name)):
             continue
         size = tensor.shape.dim[1]
         if not size.HasField("dim_value"):
-            raise ImportRefused(f"its Loop {node.name!r} carries {value.name!r} without a fixed "
-                                "size; cannot tell its state size")
+            raise ImportRefused(f"its {node.op_type} {node.name!r} carries {value.name!r} "
+                                "without a fixed size; cannot tell its state size")
         n = len(states)
         states.append(State(f"h{index}" if n == 0 else f"h{index}_{n}",
                             f"h{index}_out" if n == 0 else f"h{index}_{n}_out",
-                            int(size.dim_value), 2 + k, k))
+                            int(size.dim_value), node_at + k, k))
     if not states:
-        raise ImportRefused(f"its Loop {node.name!r} carries no [batch, size] float value: no "
-                            "recurrent state to serve")
-    return Recurrence(node, LOOP, states, None, list(node.output[carried:]))
+        raise ImportRefused(f"its {node.op_type} {node.name!r} carries no [batch, size] float "
+                            "value that changes: no recurrent state to serve")
+    sequence = {*(node.input[:1] if node.op_type == "Loop" else node.input[carried:]),
+                *_outer_names(node)}
+    return Recurrence(node, LOOP, states, None, sequence, list(node.output[carried:]))
 
 
 def _passed_through(body: onnx.GraphProto, carried_in: str, carried_out: str) -> bool:
@@ -263,11 +278,8 @@ def _pick(candidates: list, chosen: str, what: str, fits) -> onnx.ValueInfoProto
 
 
 def _reaches(graph: onnx.GraphProto, start: str, recurrence: Recurrence) -> bool:
-    """Whether tensor `start` flows into the node's sequence: a native op's X, anything a
-    Loop reads."""
-    node = recurrence.node
-    targets = ({node.input[0]} if recurrence.directions_axis is not None
-               else {*node.input, *_outer_names(node)})
+    """Whether tensor `start` flows into the node's sequence inputs."""
+    targets = recurrence.sequence_inputs
     seen, frontier = {start}, [start]
     while frontier:
         tensor = frontier.pop()
@@ -565,7 +577,7 @@ def _notes(plan: Plan) -> list[str]:
     loops = [r.node.name or "unnamed" for r in plan.recurrences if r.cell == LOOP]
     if not loops:
         return []
-    return [f"served as it is: the recurrence {', '.join(loops)} is a generic Loop, whose "
+    return [f"served as it is: the recurrence {', '.join(loops)} is a generic Loop or Scan, whose "
             "body ONNX Runtime interprets node by node every timestep: several times slower "
             "per step than a native LSTM/GRU/RNN. For speed, export native recurrent ops "
             "(`python -m training export` for Keras models)."]

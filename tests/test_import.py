@@ -282,3 +282,45 @@ def test_a_loop_recurrence_is_served_as_it_is(tmp_path: Path) -> None:
         with client.stream("keras_loop") as stream:
             streamed = np.concatenate([stream.step(x[1, t]) for t in range(6)])
         assert np.max(np.abs(streamed - expected[1])) <= 1e-5
+
+
+def scan_rnn(features: int = 2, units: int = 3) -> bytes:
+    """A hand-written time-major SimpleRNN as an ONNX Scan: state h [batch, units] carried,
+    x [time, batch, features] scanned, the steps stacked, a linear head."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "W"], ["xw"]),
+         helper.make_node("MatMul", ["h_in", "R"], ["hr"]),
+         helper.make_node("Add", ["xw", "hr"], ["pre"]),
+         helper.make_node("Tanh", ["pre"], ["h_out"]),
+         helper.make_node("Identity", ["h_out"], ["y_t"])],
+        "step",
+        [helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", units]),
+         helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", units]),
+         helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["batch", units])])
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["h", "x"], ["h_last", "ys"], body=body, num_scan_inputs=1,
+                          name="scan"),
+         helper.make_node("MatMul", ["ys", "Wout"], ["y"])], "scan_rnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", "batch", features]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", units])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["time", "batch", 1])],
+        [_weights("W", [features, units]), _weights("R", [units, units]),
+         _weights("Wout", [units, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_scan_recurrence_is_served_as_it_is(tmp_path: Path) -> None:
+    graph = scan_rnn()
+    repo = tmp_path / "repo"
+    import_graph(save(tmp_path, graph), "scanned", 1, repo)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 2)).astype(np.float32)
+    h = (0.5 * rng.standard_normal((2, 3))).astype(np.float32)
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x.transpose(1, 0, 2), "h": h})[0].transpose(1, 0, 2)
+    with running(repository=repo) as srv, srv.client() as client:
+        got = client.predict("scanned", x, initial_states={"h0": h}).y
+        assert np.max(np.abs(got - expected)) <= 1e-5
