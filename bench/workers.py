@@ -39,48 +39,43 @@ from rnnserve.client import Client
 from rnnserve.cpus import available_cpus
 
 
-class Server(ServerProcess):
+class Sessions:
+    """The sessions bench.streaming.drive opens for multiplexed loads, through our client."""
+
+    address: str
+    echo = False
+
+    def session_ids(self, count: int, model: str = "echo") -> list[str]:
+        with Client(self.address) as client:
+            return [client.open_session(model).session_id for _ in range(count)]
+
+    def close_sessions(self, ids: list[str]) -> None:
+        with Client(self.address) as client:
+            for session_id in ids:
+                client.close_session(session_id)
+
+
+class Server(Sessions, ServerProcess):
     """rnnserve with N workers, serving only echo, as bench.streaming.drive drives it; its
     /metrics tell which steps moved a session."""
-
-    echo = False
 
     def __init__(self, workers: int, log: Path) -> None:
         super().__init__(log, "--workers", str(workers), "--models", "echo",
                          "--log-level", "warning", metrics=True)
         self.workers = workers
 
-    def session_ids(self, count: int, model: str = "echo") -> list[str]:
-        with Client(self.address) as client:
-            return [client.open_session(model).session_id for _ in range(count)]
-
-    def close_sessions(self, ids: list[str]) -> None:
-        with Client(self.address) as client:
-            for session_id in ids:
-                client.close_session(session_id)
-
 
 @dataclass(frozen=True)
-class Remote:
+class Remote(Sessions):
     """What bench.streaming.drive needs of a server, picklable for a load-generator process:
-    its port and processes (for server CPU), and sessions opened on demand."""
+    its port and processes (for server CPU)."""
 
     port: int
     pids: tuple[int, ...]
-    echo = False
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def session_ids(self, count: int, model: str = "echo") -> list[str]:
-        with Client(self.address) as client:
-            return [client.open_session(model).session_id for _ in range(count)]
-
-    def close_sessions(self, ids: list[str]) -> None:
-        with Client(self.address) as client:
-            for session_id in ids:
-                client.close_session(session_id)
 
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.pids)
