@@ -10,7 +10,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from operator import attrgetter
 
 import numpy as np
 
@@ -121,7 +120,7 @@ class _Locked:
         self.sessions = sessions
 
     async def __aenter__(self) -> None:
-        locks = list(map(LOCK, self.sessions))
+        locks = [s.lock for s in self.sessions]
         if take_all(locks):
             self.locks = locks
             return
@@ -138,10 +137,6 @@ class _Locked:
 
     async def __aexit__(self, *exc: object) -> None:
         release_all(self.locks)
-
-
-LOCK = attrgetter("lock")
-MODEL, SLOT = attrgetter("model"), attrgetter("slot")
 
 
 def _states_of(session: Session) -> dict[str, np.ndarray]:
@@ -629,7 +624,7 @@ class Engine:
         sessions = self._sessions.all_owned(session_ids, owner)
         if sessions is None or len(set(session_ids)) != len(session_ids):
             return None
-        models = set(map(MODEL, sessions))
+        models = {s.model for s in sessions}
         if len(models) != 1:
             return None
         (model,) = models
@@ -653,7 +648,7 @@ class Engine:
                 steps = [s.steps if s is not None else 0 for s in live]
                 errors.sort(key=lambda e: e.row)
                 return StepOutcome(y, steps, errors, _first_labels(live))
-            slots = np.fromiter(map(SLOT, sessions), np.int64, rows)
+            slots = np.array([s.slot for s in sessions], np.int64)
             try:
                 y = (await model.batcher.step(slots, x) if span >= x.shape[1] else
                      np.concatenate([await model.batcher.step(slots, np.ascontiguousarray(
