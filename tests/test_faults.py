@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnserve.client import Client, RnnServeError
 from rnnserve.runner import Buffers, Runner
 from tests.conftest import EXPORTED, RunningServer, running
+from tests.test_lifecycle import wait_for
 
 FAIL = 13.0
 STALL = 17.0
@@ -123,6 +124,9 @@ def test_cancellation_while_a_run_is_in_a_thread(state: str) -> None:
         with pytest.raises(RnnServeError) as err:
             gave_up.result(30)  # its deadline passes while the run is held
         assert err.value.code.name == "DEADLINE_EXCEEDED"
+        # The server learns of the deadline on its own clock: release the run only once it has
+        # (a busy machine can otherwise finish the run first, and the step rightly counts).
+        wait_for(lambda: srv.call(cancelled_handlers()) > 0)
         runner.release.set()
         assert np.array_equal(queued.result(30),
                               client.predict("echo", bits(3, 5)[None]).y[0])
@@ -132,6 +136,11 @@ def test_cancellation_while_a_run_is_in_a_thread(state: str) -> None:
         whole = client.predict("echo", np.concatenate([bits(2, 2), bits(4, 3)])[None]).y[0]
         assert np.max(np.abs(rest - whole[2:])) <= 1e-5  # as if the stalled step never ran
         assert serving(srv)
+
+
+async def cancelled_handlers() -> int:
+    """Tasks on the server's loop that were asked to stop and have not finished."""
+    return sum(1 for task in asyncio.all_tasks() if task.cancelling())
 
 
 def test_overlapping_multi_session_steps_run_concurrently() -> None:
