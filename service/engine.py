@@ -164,6 +164,16 @@ def _run_error(model: LoadedModel, exc: BaseException) -> ServingError:
         "details")
 
 
+async def _in_spans(run: Callable[[np.ndarray], Awaitable[np.ndarray]], x: np.ndarray,
+                    span: int) -> np.ndarray:
+    """y for x [rows, k, features] from runs of at most `span` timesteps, one after another
+    (the state carried between them), joined along time."""
+    if span >= x.shape[1]:
+        return await run(x)
+    return np.concatenate([await run(np.ascontiguousarray(x[:, t:t + span]))
+                           for t in range(0, x.shape[1], span)], axis=1)
+
+
 def _first_labels(sessions: list[Session | None]) -> tuple[str, str] | None:
     return next((s.model.labels for s in sessions if s is not None), None)
 
@@ -596,6 +606,7 @@ class Engine:
         if x.ndim != 3 or x.shape[0] != len(session_ids):
             raise InvalidArgument(f"x must be [{len(session_ids)} sessions, timesteps, features]"
                                   f", got shape {list(x.shape)}")
+        self._check_limits(x, "x")
         common = None if failed else self._all_fine(session_ids, x, owner)
         if common is not None:
             return await self._step_all(*common, x)
@@ -620,7 +631,6 @@ class Engine:
         finite. None sends it the row-by-row way (`_resolve`), which says what is wrong with
         which row. Multiplexed at 1,000 sessions per message, the row-by-row way costs ~3 µs
         of the server's CPU per session-step; this one a tenth of that."""
-        self._check_limits(x, "x")
         sessions = self._sessions.all_owned(session_ids, owner)
         if sessions is None or len(set(session_ids)) != len(session_ids):
             return None
@@ -640,9 +650,9 @@ class Engine:
         cost = RunCost(model.cost.per_step * rows, model.cost.per_row * rows)
         span, reserve = self._steps_plan(model, x, cost)
         removals = self._sessions.removals
-        errors: list[RowError] = []
         async with reserve, _Locked(sessions):
             if self._sessions.removals != removals:  # something ended meanwhile: row by row
+                errors: list[RowError] = []
                 live: list[Session | None] = list(sessions)
                 y = await self._run_steps(live, x, errors, model.spec.outputs, span)
                 steps = [s.steps if s is not None else 0 for s in live]
@@ -650,9 +660,7 @@ class Engine:
                 return StepOutcome(y, steps, errors, _first_labels(live))
             slots = np.array([s.slot for s in sessions], np.int64)
             try:
-                y = (await model.batcher.step(slots, x) if span >= x.shape[1] else
-                     np.concatenate([await model.batcher.step(slots, np.ascontiguousarray(
-                         x[:, t:t + span])) for t in range(0, x.shape[1], span)], axis=1))
+                y = await _in_spans(lambda part: model.batcher.step(slots, part), x, span)
             except Exception as exc:  # CancelledError passes: the caller left
                 error = _run_error(model, exc)  # every row's: its session as it was
                 return StepOutcome(np.full((*x.shape[:2], model.spec.outputs), np.nan,
@@ -660,7 +668,7 @@ class Engine:
                                    [RowError(r, error.code, str(error)) for r in range(rows)],
                                    None)
             model.store.used_at[slots] = self._sessions.clock()
-            return StepOutcome(y, model.store.steps[slots].tolist(), errors, model.labels)
+            return StepOutcome(y, model.store.steps[slots].tolist(), [], model.labels)
 
     def _steps_plan(self, first: LoadedModel, x: np.ndarray,
                     cost: RunCost) -> tuple[int, Reservation]:
@@ -679,7 +687,6 @@ class Engine:
                  failed: dict[str, ServingError],
                  ) -> tuple[list[Session | None], list[RowError], RunCost]:
         """Each row's session or error, and the run cost of all live rows taken together."""
-        self._check_limits(x, "x")
         # One check of the whole on the common path; rows are told apart only when one is off.
         # (np.isfinite: a sum would need np.errstate against overflow, which costs ~2.5 µs.)
         finite = np.isfinite(x)
@@ -731,24 +738,13 @@ class Engine:
                                        f"session {session.id} ended before this step ran"))
                 continue
             groups.setdefault(session.model, []).append(row)
-        if span >= x.shape[1]:
-            y = await self._run_span(groups, sessions, x, outputs, errors)
-        else:
-            y = await self._run_spans(groups, sessions, x, outputs, errors, span)
+        y = await _in_spans(lambda part: self._run_span(groups, sessions, part, outputs, errors),
+                            x, span)
         now = self._sessions.clock()
         for rows in groups.values():
             for r in rows:
                 sessions[r].last_used = now
         return y
-
-    async def _run_spans(self, groups: dict[LoadedModel, list[int]],
-                         sessions: list[Session | None], x: np.ndarray, outputs: int,
-                         errors: list[RowError], span: int) -> np.ndarray:
-        """A long message in runs of `span` timesteps, the state carried between them."""
-        return np.concatenate([await self._run_span(groups, sessions,
-                                                    np.ascontiguousarray(x[:, t:t + span]),
-                                                    outputs, errors)
-                               for t in range(0, x.shape[1], span)], axis=1)
 
     async def _run_span(self, groups: dict[LoadedModel, list[int]],
                         sessions: list[Session | None], x: np.ndarray, outputs: int,
