@@ -18,8 +18,14 @@ import onnxruntime as ort
 
 from rnnserve import slot_graphs as graphs
 from rnnserve.contract import INPUT_NAME, OUTPUT_NAME, ModelSpec
-from rnnserve.runner import BOUND_MAX_STEPS, Runner, ShapeCache, session_options
-from rnnserve.state_store import Slots, Stepped
+from rnnserve.runner import (
+    BOUND_MAX_STEPS,
+    Runner,
+    ShapeCache,
+    bind_uploaded,
+    session_options,
+)
+from rnnserve.state_store import Slots, Stepped, fill
 
 
 @dataclass(eq=False)
@@ -69,9 +75,7 @@ class DeviceStateStore(Slots):
                           np.zeros((rows, steps, spec.outputs), np.float32), slots,
                           self._value(slots.shape, np.int64), self._values(rows),
                           self._values(rows), [])
-        x = self._value(b.x.shape, np.float32)
-        b.uploads.append((x, b.x))
-        b.binding.bind_ortvalue_input(INPUT_NAME, x)
+        bind_uploaded(b.binding, INPUT_NAME, b.x, self.device, b.uploads)
         b.binding.bind_output(OUTPUT_NAME, "cpu", 0, np.float32, list(b.y.shape), b.y.ctypes.data)
         for name, value in zip(runner.state_inputs, b.states):
             b.binding.bind_ortvalue_input(name, value)
@@ -99,10 +103,7 @@ class DeviceStateStore(Slots):
         rows, k = len(slots), xs[0].shape[1]
         b = (self._bound.get(rows, k) if inline and rows * k <= BOUND_MAX_STEPS
              else self._bind(rows, k))
-        if len(xs) == 1:
-            b.x[...] = xs[0]
-        else:
-            np.concatenate(xs, out=b.x)
+        fill(b.x, xs)
         b.slots[:, 0] = slots
         b.slots_value.update_inplace(b.slots)
         self._gather.run_with_iobinding(b.gather)

@@ -54,7 +54,13 @@ def bind_host(binding: ort.IOBinding, name: str, array: np.ndarray, device: str,
     own, refreshed from it before each run (`uploads`, done by Runner.run_bound)."""
     if device == "cpu":
         binding.bind_cpu_input(name, array)
-        return
+    else:
+        bind_uploaded(binding, name, array, device, uploads)
+
+
+def bind_uploaded(binding: ort.IOBinding, name: str, array: np.ndarray, device: str,
+                  uploads: list[tuple[ort.OrtValue, np.ndarray]]) -> None:
+    """Bind a value of `device`'s own for a host array, refreshed from it before each run."""
     value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype.type, device, 0)
     binding.bind_ortvalue_input(name, value)
     uploads.append((value, array))

@@ -27,9 +27,17 @@ Stepped = tuple[np.ndarray, Any, bool]
 and whether y lives in buffers the next run reuses."""
 
 
+def fill(out: np.ndarray, xs: list[np.ndarray]) -> None:
+    """A bound run's x from the rows of each caller, in order."""
+    if len(xs) == 1:
+        out[...] = xs[0]
+    else:
+        np.concatenate(xs, out=out)
+
+
 class Slots(ABC):
-    """The slots and step counts of one model version; where the state lives is the
-    subclass's business."""
+    """The slots, step counts and last-use times of one model version; where the state lives
+    is the subclass's business."""
 
     def __init__(self, spec: ModelSpec, capacity: int, runner: Runner) -> None:
         self.spec = spec
@@ -117,10 +125,7 @@ class StateStore(Slots):
             x = xs[0] if len(xs) == 1 else np.concatenate(xs)
             y, finals = self.runner.run(x, self.gather(slots))
             return y, finals, False
-        if len(xs) == 1:
-            bound.x[...] = xs[0]
-        else:
-            np.concatenate(xs, out=bound.x)
+        fill(bound.x, xs)
         for array, state in zip(self.arrays, bound.states):
             if len(slots) == 1:
                 state[0] = array[slots[0]]
