@@ -42,6 +42,8 @@ from rnnserve.contract import (
     version_dir,
     write_version,
 )
+from rnnserve.model_checks import check_model
+from rnnserve.runner import CPU, Runner, session_options
 
 NATIVE = {"LSTM": "lstm", "GRU": "gru", "RNN": "simple_rnn"}
 INITIAL_H, INITIAL_C = 5, 6
@@ -410,16 +412,13 @@ def _wrap(source: onnx.ModelProto, plan: Plan, raw_y: bool = False) -> onnx.Mode
         node = _same_node(graph, r.node)
         while len(node.input) <= max(st.fed_at for st in r.states):
             node.input.append("")
-        while len(node.output) <= max(st.comes_out for st in r.states):
-            node.output.append("")
         for state in r.states:
             fed = state.input
             if r.directions_axis is not None:
                 fed = f"{state.input}_fed"
                 before.append(axes("Unsqueeze", state.input, r.directions_axis, fed))
             node.input[state.fed_at] = fed
-            final = node.output[state.comes_out] or f"{state.output}_raw"
-            node.output[state.comes_out] = final
+            final = _final_of(node, state, f"{state.output}_raw")
             after.append(axes("Squeeze", final, r.directions_axis, state.output)
                          if r.directions_axis is not None
                          else helper.make_node("Identity", [final], [state.output]))
@@ -443,10 +442,22 @@ def _wrap(source: onnx.ModelProto, plan: Plan, raw_y: bool = False) -> onnx.Mode
     return model
 
 
-def _same_node(graph: onnx.GraphProto, node: onnx.NodeProto) -> onnx.NodeProto:
-    """The copy's node that was `node` in the plan's graph (same outputs, same op)."""
+def _same_node(graph: onnx.GraphProto, node: onnx.NodeProto,
+               prefix: str = "") -> onnx.NodeProto:
+    """The node of `graph` that is `node` of the plan's graph (same op, same outputs once
+    `prefix` is added: the plan's graph has the original's names under PREFIX)."""
     return next(n for n in graph.node if n.op_type == node.op_type and
-                list(n.output) == list(node.output) and list(n.input) == list(node.input))
+                [prefix + o if o else o for o in n.output] == list(node.output))
+
+
+def _final_of(node: onnx.NodeProto, state: State, name: str) -> str:
+    """The tensor the node writes `state`'s final value to, named `name` where the graph left
+    that output unnamed (PyTorch often does: nobody read it)."""
+    while len(node.output) <= state.comes_out:
+        node.output.append("")
+    if not node.output[state.comes_out]:
+        node.output[state.comes_out] = name
+    return node.output[state.comes_out]
 
 
 def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
@@ -480,10 +491,9 @@ def _outer_names(node: onnx.NodeProto) -> list[str]:
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    """On the CPU, with the options the server runs every model with."""
+    return ort.InferenceSession(model.SerializeToString(), session_options(),
+                                providers=[CPU])
 
 
 def _prove(original: onnx.ModelProto, wrapped: onnx.ModelProto,
@@ -553,19 +563,15 @@ def _with_outputs(original: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     graph = probe.graph
     extra = []
     for r in plan.recurrences:
-        node = next(n for n in graph.node if n.op_type == r.node.op_type and
-                    [PREFIX + o if o else o for o in n.output] == list(r.node.output))
-        while len(node.output) <= max(st.comes_out for st in r.states):
-            node.output.append("")
+        node = _same_node(graph, r.node, PREFIX)
         for st in r.states:
             if len(node.input) > st.fed_at and node.input[st.fed_at]:
                 extra.append(helper.make_node("Identity", [node.input[st.fed_at]],
                                               [f"probe_{st.input}"]))
                 graph.output.append(helper.make_tensor_value_info(f"probe_{st.input}",
                                                                   TensorProto.FLOAT, None))
-            if not node.output[st.comes_out]:
-                node.output[st.comes_out] = f"probe_{st.output}_raw"
-            extra.append(helper.make_node("Identity", [node.output[st.comes_out]],
+            extra.append(helper.make_node("Identity",
+                                          [_final_of(node, st, f"probe_{st.output}_raw")],
                                           [f"probe_{st.output}"]))
             graph.output.append(helper.make_tensor_value_info(f"probe_{st.output}",
                                                               TensorProto.FLOAT, None))
@@ -611,9 +617,6 @@ def _worst(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
 
 def _check_staged(directory: Path) -> None:
     """The server's own load checks, on the staged version."""
-    from rnnserve.model_checks import check_model
-    from rnnserve.runner import Runner
-
     try:
         check_model(Runner(read_spec(directory), directory, "cpu", 1), directory)
     except ValueError as exc:
