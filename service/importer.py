@@ -42,7 +42,7 @@ from rnnserve.contract import (
     version_dir,
     write_version,
 )
-from rnnserve.model_checks import check_model
+from rnnserve.model_checks import check_model, off_by
 from rnnserve.runner import CPU, Runner, session_options
 
 NATIVE = {"LSTM": "lstm", "GRU": "gru", "RNN": "simple_rnn"}
@@ -612,7 +612,7 @@ def _random_like(value: onnx.ValueInfoProto, batch: int,
 
 
 def _worst(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    return max(float(np.max(np.abs(a - b) / (1 + np.abs(b)))) for a, b in pairs)
+    return max(off_by(a, b) for a, b in pairs)
 
 
 def _check_staged(directory: Path) -> None:

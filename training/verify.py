@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from rnnserve.contract import INPUT_NAME, OUTPUT_NAME
+from rnnserve.model_checks import off_by
 
 TOLERANCE = 1e-5
 NATIVE_OPS = {"LSTM", "GRU", "RNN"}
@@ -68,14 +69,10 @@ def run_streamed(session: ort.InferenceSession, probe: Probe) -> dict[str, np.nd
 
 
 def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    """Max of |a - b| / (1 + |b|): absolute below magnitude 1, relative above it.
-
-    Raw-unit outputs such as the forecaster's ~370 ppm have a float32 spacing of 3e-5, so a
-    purely absolute 1e-5 is unreachable there; this is atol = rtol = TOLERANCE in one number.
-    """
+    """The worst `off_by` over the outputs: atol = rtol = TOLERANCE in one number."""
     if a.keys() != b.keys():
         raise VerificationError(f"outputs differ: {sorted(a)} vs {sorted(b)}")
-    return max(float(np.max(np.abs(a[k] - b[k]) / (1.0 + np.abs(b[k])))) for k in a)
+    return max(off_by(a[k], b[k]) for k in a)
 
 
 def check_ops(proto: onnx.ModelProto) -> None:
