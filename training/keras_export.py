@@ -25,13 +25,14 @@ from rnnserve.contract import (
     version_dir,
     write_version,
 )
+from training.architecture import HEAD_KIND, RNN_LAYERS
 from training.onnx_export import OPSET, ExportError, to_onnx
 from training.verify import TOLERANCE, make_probe, max_diff, run_keras, verify_export
 
-RECURRENT = {"LSTM": "lstm", "GRU": "gru", "SimpleRNN": "simple_rnn"}
+RECURRENT = {layer.__name__: cell for cell, layer in RNN_LAYERS.items()}
+"""Keras layer class name -> model.json cell."""
 PASS_THROUGH = {"InputLayer", "Dropout", "SpatialDropout1D", "GaussianNoise"}
 """Layers that do nothing at inference."""
-OUTPUT_KINDS = {"softmax": "probabilities", "sigmoid": "sigmoid"}
 
 
 def export_saved(path: Path, name: str, version: int, out: Path,
@@ -125,4 +126,4 @@ def _same_answers(original: keras.Model, streaming: keras.Model) -> float:
 def _output_kind(model: keras.Model) -> str:
     last = model.layers[-1]
     activation = getattr(getattr(last, "activation", None), "__name__", "linear")
-    return OUTPUT_KINDS.get(activation, "regression")
+    return HEAD_KIND.get(activation, "regression")
