@@ -28,7 +28,7 @@ from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable
 from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
 from rnnserve.metrics import Metrics
 from rnnserve.registry import LoadedModel, ModelRegistry
-from rnnserve.session_lock import release_all, take_all
+from rnnserve.session_lock import SessionLock, release_all, take_all
 from rnnserve.sessions import Session, SessionTable
 from rnnserve.siblings import Siblings
 
@@ -109,18 +109,56 @@ class SequenceStep:
     """The states after the step, by input name, when asked for."""
 
 
+class SessionGroup:
+    """A message's rows found to be distinct live sessions of one owner and one model, with
+    what a step of all of them needs. It stays true while no session of this process has
+    ended since (`SessionTable.removals` unchanged), so a stream that names the same sessions
+    message after message (a gateway multiplexing its users) has them looked up once."""
+
+    __slots__ = ("ids", "owner", "model", "sessions", "locks", "slots", "removals")
+
+    def __init__(self, ids: list[str], owner: str, model: LoadedModel, sessions: list[Session],
+                 removals: int) -> None:
+        self.ids = ids
+        self.owner = owner
+        self.model = model
+        self.sessions = sessions
+        self.locks = [s.lock for s in sessions]
+        self.slots = np.array([s.slot for s in sessions], np.int64)
+        self.removals = removals
+
+    def holds(self, session_ids: list[str], owner: str, removals: int) -> bool:
+        return removals == self.removals and owner == self.owner and session_ids == self.ids
+
+    def takes(self, x: np.ndarray) -> bool:
+        """x fits the model, and is finite (else `_resolve` names the rows that are not)."""
+        return self.model.spec.features == x.shape[2] and bool(np.isfinite(x).all())
+
+
+class StepMemo:
+    """What one stream's last step with named sessions resolved; the stream keeps it and
+    hands it to every `Engine.step`."""
+
+    __slots__ = ("group",)
+
+    def __init__(self) -> None:
+        self.group: SessionGroup | None = None
+
+
 class _Locked:
     """Hold several sessions' locks. When all are free they are taken at once, in this event
     loop turn, with no await; otherwise one by one in id order, so two callers cannot
     deadlock."""
 
-    __slots__ = ("sessions", "locks")
+    __slots__ = ("sessions", "all", "locks")
 
-    def __init__(self, sessions: list[Session]) -> None:
+    def __init__(self, sessions: list[Session], locks: list[SessionLock] | None = None) -> None:
         self.sessions = sessions
+        self.all = locks
+        """The sessions' locks in their order, when the caller has them already."""
 
     async def __aenter__(self) -> None:
-        locks = [s.lock for s in self.sessions]
+        locks = self.all if self.all is not None else [s.lock for s in self.sessions]
         if take_all(locks):
             self.locks = locks
             return
@@ -595,21 +633,28 @@ class Engine:
                 self.metrics.handoffs.labels(*session.model.labels, "parked").inc()
         return len(parked)
 
-    async def step(self, session_ids: list[str], x: np.ndarray,
-                   owner: str = "") -> StepOutcome:
-        """Advance each row's session by x's k timesteps. Rows fail alone; others proceed."""
+    async def step(self, session_ids: list[str], x: np.ndarray, owner: str = "",
+                   memo: StepMemo | None = None) -> StepOutcome:
+        """Advance each row's session by x's k timesteps. Rows fail alone; others proceed.
+        A stream passes its own `memo`, so that naming the same sessions again costs no
+        lookups."""
         self.check_open()
-        failed = (await self._adopt(session_ids, alone=False, owner=owner)
-                  if self._elsewhere else {})  # no coroutine on the common path
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] != len(session_ids):
             raise InvalidArgument(f"x must be [{len(session_ids)} sessions, timesteps, features]"
                                   f", got shape {list(x.shape)}")
         self._check_limits(x, "x")
-        common = None if failed else self._all_fine(session_ids, x, owner)
-        if common is not None:
-            return await self._step_all(*common, x)
+        group = memo.group if memo is not None else None
+        failed: dict[str, ServingError] = {}
+        if group is None or not group.holds(session_ids, owner, self._sessions.removals):
+            failed = (await self._adopt(session_ids, alone=False, owner=owner)
+                      if self._elsewhere else {})  # no coroutine on the common path
+            group = None if failed else self._group(session_ids, owner)
+            if memo is not None:
+                memo.group = group
+        if group is not None and group.takes(x):
+            return await self._step_group(group, x)
         sessions, errors, cost = self._resolve(session_ids, x, owner, failed)
         valid = [s for s in sessions if s is not None]
         if not valid:
@@ -624,41 +669,35 @@ class Engine:
             errors.sort(key=lambda e: e.row)
         return StepOutcome(y, steps, errors, _first_labels(sessions))
 
-    def _all_fine(self, session_ids: list[str], x: np.ndarray,
-                  owner: str) -> tuple[LoadedModel, list[Session]] | None:
-        """The common message, proved fine without a Python loop over its rows: every id a
-        distinct live session of the caller's, all of one model that takes x's features, x
-        finite. None sends it the row-by-row way (`_resolve`), which says what is wrong with
-        which row. Multiplexed at 1,000 sessions per message, the row-by-row way costs ~3 µs
-        of the server's CPU per session-step; this one a tenth of that."""
+    def _group(self, session_ids: list[str], owner: str) -> SessionGroup | None:
+        """The common message's rows, proved fine without a Python loop over them: every id a
+        distinct live session of the caller's, all of one model. None sends the message the
+        row-by-row way (`_resolve`), which says what is wrong with which row. Multiplexed at
+        1,000 sessions per message, the row-by-row way costs ~3 µs of the server's CPU per
+        session-step; this one a tenth of that."""
         sessions = self._sessions.all_owned(session_ids, owner)
         if sessions is None or len(set(session_ids)) != len(session_ids):
             return None
         models = {s.model for s in sessions}
         if len(models) != 1:
             return None
-        (model,) = models
-        if model.spec.features != x.shape[2] or not np.isfinite(x).all():
-            return None
-        return model, sessions
+        return SessionGroup(session_ids, owner, models.pop(), sessions, self._sessions.removals)
 
-    async def _step_all(self, model: LoadedModel, sessions: list[Session],
-                        x: np.ndarray) -> StepOutcome:
-        """`step` for a message `_all_fine` passed: one run, no per-row bookkeeping unless a
-        session ended while the message waited for memory or locks."""
+    async def _step_group(self, group: SessionGroup, x: np.ndarray) -> StepOutcome:
+        """`step` for a message whose rows are a `SessionGroup`: one run, no per-row
+        bookkeeping unless a session ended while the message waited for memory or locks."""
+        model, sessions, slots = group.model, group.sessions, group.slots
         rows = len(sessions)
         cost = RunCost(model.cost.per_step * rows, model.cost.per_row * rows)
         span, reserve = self._steps_plan(model, x, cost)
-        removals = self._sessions.removals
-        async with reserve, _Locked(sessions):
-            if self._sessions.removals != removals:  # something ended meanwhile: row by row
+        async with reserve, _Locked(sessions, group.locks):
+            if self._sessions.removals != group.removals:  # something ended: row by row
                 errors: list[RowError] = []
                 live: list[Session | None] = list(sessions)
                 y = await self._run_steps(live, x, errors, model.spec.outputs, span)
                 steps = [s.steps if s is not None else 0 for s in live]
                 errors.sort(key=lambda e: e.row)
                 return StepOutcome(y, steps, errors, _first_labels(live))
-            slots = np.array([s.slot for s in sessions], np.int64)
             try:
                 y = await _in_spans(lambda part: model.batcher.step(slots, part), x, span)
             except Exception as exc:  # CancelledError passes: the caller left

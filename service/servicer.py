@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
-from rnnserve.engine import Engine, ModelView, SessionView, StepOutcome
+from rnnserve.engine import Engine, ModelView, SessionView, StepMemo, StepOutcome
 from rnnserve.errors import InvalidArgument, ServingError
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
@@ -45,6 +45,8 @@ class _StreamState:
     """Who opened the stream; every message on it acts for that client."""
     current: str = ""
     """The session an `open` or `resume` last named; messages without an id go to it."""
+    memo: StepMemo = field(default_factory=StepMemo)
+    """The sessions this stream's last step resolved."""
 
 
 class InferenceServicer(rpc.InferenceServicer):
@@ -166,7 +168,8 @@ class InferenceServicer(rpc.InferenceServicer):
         fails the message as a whole, like every other one-session operation."""
         own = not request.session_ids
         ids = [self._current(stream)] if own else list(request.session_ids)
-        outcome = await self.engine.step(ids, to_array(request.x, "step.x"), stream.client)
+        outcome = await self.engine.step(ids, to_array(request.x, "step.x"), stream.client,
+                                         stream.memo)
         if own and outcome.errors:
             error = outcome.errors[0]
             response.error.CopyFrom(row_status(error.code, error.message))

@@ -91,6 +91,38 @@ def test_multiplexed_row_errors_spare_the_other_rows(client: Client) -> None:
     assert batch.steps == [1, 0, 0, 0]
 
 
+def test_a_stream_naming_the_same_sessions_sees_them_end_and_return(client: Client) -> None:
+    """The stream keeps what its last message's ids resolved to; a session that ends between
+    messages (closed on another call, or closed and opened again under the same id) is seen
+    anyway."""
+    ids = [client.open_session("echo").session_id for _ in range(3)]
+    reopened = "fedcba9876543210" * 2
+    ids.append(reopened)
+    bits = np.array([[[1.0]], [[0.0]], [[1.0]], [[1.0]]], np.float32)
+    with client.stream() as gateway:
+        gateway.open("echo", session_id=reopened)
+        for _ in range(2):
+            assert not gateway.step_many(ids, bits).errors
+        gateway.close(reopened)
+        gateway.open("echo", session_id=reopened)  # the same id, a new session from zeros
+        renewed = gateway.step_many(ids, bits)
+        assert not renewed.errors and renewed.steps == [3, 3, 3, 1]
+        client.close_session(ids[1])
+        after_close = gateway.step_many(ids, bits)
+        assert list(after_close.errors) == [1]
+        assert after_close.errors[1].code.name == "FAILED_PRECONDITION"
+        assert after_close.steps == [4, 0, 4, 2]
+        ids[1] = client.open_session("echo").session_id
+        nan = bits.copy()
+        nan[2] = np.nan
+        with_nan = gateway.step_many(ids, nan)
+        assert list(with_nan.errors) == [2] and with_nan.steps == [5, 1, 0, 3]
+    with client.stream("echo") as fresh:
+        expected = [fresh.step(b) for b in ([1.0], [1.0])]
+    assert close(renewed.y[3], expected[0]) <= 1e-6
+    assert close(after_close.y[3], expected[1]) <= 1e-6
+
+
 def _stream_sequence(address: str, x: np.ndarray) -> np.ndarray:
     with Client(address) as c, c.stream("binary_add") as stream:
         out = np.concatenate([stream.step(step) for step in x])
