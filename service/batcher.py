@@ -6,10 +6,13 @@ runs after them, so every step that arrived in the same loop iteration shares a 
 switch or event sits between a step and its run. While a run is in an executor thread, new work
 queues and forms the next batch when the run ends.
 
-Small runs happen on the event loop itself, large ones in executor threads. Measured on 2 cores:
-handing an echo step to a thread and back costs ~80-120 µs of CPU, the ORT run ~7 µs, so for
-runs up to --inline-steps timesteps (rows × steps) the hand-off costs more than the loop would
-ever wait; a 16k-sequence Predict still runs off the loop.
+Short runs happen on the event loop itself, long ones in executor threads. Measured on 2 cores:
+handing a run to a thread and back costs 70-140 µs of CPU (more when the loop has gone to sleep
+meanwhile), against 15 µs for a one-step echo run and 170 µs for a 1,000-session one. So a run
+expected to take at most --inline-run-us (from this model's measured runs, see run_times) runs
+on the loop: the hand-off would cost more than the loop's wait is worth. At 1,000 echo sessions
+per message that is 1.6 -> 1.2 µs of server CPU per session-step. A 16k-sequence Predict still
+runs off the loop.
 
 Each work item keeps its own future, cancelled items are dropped before a batch forms, and a
 failing run fails only the items in it.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ import numpy as np
 
 from rnnserve.errors import Unavailable
 from rnnserve.metrics import Metrics
+from rnnserve.run_times import RunTimes
 from rnnserve.runner import Runner
 from rnnserve.state_store import Slots
 
@@ -64,14 +69,15 @@ class Work:
 class Batcher:
     def __init__(self, runner: Runner, store: Slots, metrics: Metrics, labels: tuple[str, str],
                  executor: Executor, run_slots: asyncio.Semaphore, max_batch_size: int,
-                 max_batch_delay_s: float, inline_steps: int) -> None:
+                 max_batch_delay_s: float, inline_run_s: float, run_times: RunTimes) -> None:
         self.runner = runner
         self.store = store
         self.executor = executor
         self.run_slots = run_slots
         self.max_batch_size = max_batch_size
         self.max_delay = max_batch_delay_s
-        self.inline_steps = inline_steps
+        self.inline_run_s = inline_run_s
+        self.run_times = run_times
         self._loop = asyncio.get_running_loop()
         self._pending: deque[Work] = deque()
         self._pending_rows = 0
@@ -124,7 +130,7 @@ class Batcher:
         ready = getattr(self._loop, "_ready", None)
         return (ready is not None and not ready and len(self._pending) == 1
                 and self._flush_at is None and self._threaded is None and self.max_delay <= 0
-                and work.rows * work.x.shape[1] <= self.inline_steps)
+                and self._short(work.rows * work.x.shape[1]))
 
     def _schedule(self) -> None:
         """Arrange one flush: after the current burst, or when --max-batch-delay ends."""
@@ -178,7 +184,13 @@ class Batcher:
         return batch
 
     def _threads(self, group: list[Work]) -> bool:
-        return sum(w.rows for w in group) * group[0].x.shape[1] > self.inline_steps
+        return not self._short(sum(w.rows for w in group) * group[0].x.shape[1])
+
+    def _short(self, steps: int) -> bool:
+        """Whether a run of `steps` rows x timesteps is expected within --inline-run-us; a size
+        never measured, nor any smaller one, is not."""
+        expected = self.run_times.expect(steps)
+        return expected is not None and expected <= self.inline_run_s
 
     def _run_inline(self, group: list[Work]) -> None:
         group = _live(group)
@@ -263,8 +275,16 @@ class Batcher:
             start += work.rows
 
     def _run_sync(self, group: list[Work], inline: bool = False) -> Ran:
-        """One run for the group (all steps or all predictions); on the event loop (`inline`)
-        through reused bound buffers."""
+        """One run for the group (all steps or all predictions), timed for `run_times`: what
+        the event loop would wait for it, hand-off to a thread not included."""
+        started = time.perf_counter()
+        ran = self._run(group, inline)
+        self.run_times.measured(sum(w.rows for w in group) * group[0].x.shape[1],
+                                time.perf_counter() - started)
+        return ran
+
+    def _run(self, group: list[Work], inline: bool) -> Ran:
+        """On the event loop (`inline`) through reused bound buffers."""
         if group[0].slots is not None:
             slots = group[0].slots if len(group) == 1 else [s for w in group for s in w.slots]
             y, finals, reused = self.store.step([w.x for w in group], slots, inline)

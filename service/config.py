@@ -35,8 +35,9 @@ class ServerConfig:
     max_batch_size: int = _opt(256, "rows one coalesced ONNX Runtime run may take")
     max_batch_delay: int = _opt(0, "µs a batch waits for more work after its first item; 0 "
                                    "takes what is queued, which batches well under load")
-    inline_steps: int = _opt(256, "runs of up to this many timesteps (rows x steps) execute on "
-                                  "the event loop: cheaper than a thread hand-off; 0: never")
+    inline_run_us: int = _opt(500, "runs expected (from the model's measured runs) to take up "
+                                   "to this many µs execute on the event loop, cheaper than a "
+                                   "thread hand-off; longer ones in the thread pool; 0: all there")
     max_sessions: int = _opt(10_000, "live sessions in all; more get RESOURCE_EXHAUSTED "
                                      "(each model preallocates this many state slots)")
     session_idle_timeout: float = _opt(300.0, "seconds without a step before a session is evicted")
@@ -146,8 +147,8 @@ def validate(config: ServerConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if config.max_sessions_per_client < 0:
         raise ValueError("--max-sessions-per-client must be >= 0")
-    if config.inline_steps < 0 or config.max_batch_delay < 0 or config.session_idle_timeout <= 0:
-        raise ValueError("--inline-steps and --max-batch-delay must be >= 0, "
+    if config.inline_run_us < 0 or config.max_batch_delay < 0 or config.session_idle_timeout <= 0:
+        raise ValueError("--inline-run-us and --max-batch-delay must be >= 0, "
                          "--session-idle-timeout > 0")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")

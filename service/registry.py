@@ -19,6 +19,7 @@ from rnnserve.memory import RunCost
 from rnnserve.metrics import Metrics
 from rnnserve.model_checks import check_model
 from rnnserve.repository import ModelVersion, scan
+from rnnserve.run_times import RunTimes, timed_at_load
 from rnnserve.runner import Runner
 from rnnserve.state_store import Slots, StateStore
 
@@ -57,11 +58,11 @@ class ModelRegistry:
         """Versions that failed to load, by directory, with their files' signature then."""
         self._reported: dict[Path, str] = {}
 
-    def _load(self, found: ModelVersion) -> Runner:
+    def _load(self, found: ModelVersion) -> tuple[Runner, RunTimes]:
         runner = self.runner(found.spec, found.path, self.config.device,
                              self.config.intra_op_threads)
         check_model(runner, found.path)
-        return runner
+        return runner, timed_at_load(runner)
 
     async def sync(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load versions that appeared on disk; retire those that disappeared. A broken entry
@@ -89,7 +90,7 @@ class ModelRegistry:
             if self._rejected.get(version.path) == version.signature:
                 continue  # failed before and unchanged since
             try:
-                runner = await loop.run_in_executor(self.executor, self._load, version)
+                runner, times = await loop.run_in_executor(self.executor, self._load, version)
             except Exception as exc:  # one broken model must not stop the others
                 self._rejected[version.path] = version.signature
                 self._report(version.path, _one_line(exc))
@@ -97,7 +98,7 @@ class ModelRegistry:
             finally:
                 del self._loading[key]
             self._rejected.pop(version.path, None)
-            self._add(version, runner)
+            self._add(version, runner, times)
             await tell()
         self._reported = {path: reason for path, reason in self._reported.items()
                           if path in result.problems or path in self._rejected}
@@ -114,12 +115,12 @@ class ModelRegistry:
             self._reported[path] = reason
             log.error("skipping %s: %s", path, reason)
 
-    def _add(self, version: ModelVersion, runner: Runner) -> None:
+    def _add(self, version: ModelVersion, runner: Runner, times: RunTimes) -> None:
         labels = (version.spec.name, str(version.spec.version))
         store = self._store(version.spec, runner)
         batcher = Batcher(runner, store, self.metrics, labels, self.executor, self.run_slots,
                           self.config.max_batch_size, self.config.max_batch_delay / 1e6,
-                          self.config.inline_steps)
+                          self.config.inline_run_us / 1e6, times)
         self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher,
                                                 RunCost.of(version.spec))
         self.metrics.model_events.labels(*labels, "load").inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,6 +17,7 @@ from rnnserve.errors import InvalidArgument, Unavailable
 from rnnserve.memory import MemoryBudget
 from rnnserve.metrics import Metrics
 from rnnserve.registry import ModelRegistry
+from rnnserve.run_times import RunTimes
 from rnnserve.runner import Runner
 from rnnserve.sessions import SessionTable
 from tests.conftest import EXPORTED
@@ -131,10 +133,54 @@ def test_inline_threaded_and_unbatched_steps_agree() -> None:
         return ys
 
     inline = asyncio.run(run())
-    threaded = asyncio.run(run(inline_steps=0))
+    threaded = asyncio.run(run(inline_run_us=0))
     single = asyncio.run(run(max_batch_size=1))
     assert np.array_equal(inline, threaded)
     assert np.array_equal(inline, single)
+
+
+def test_run_times_rate_unseen_sizes_from_smaller_ones_only() -> None:
+    times = RunTimes()
+    assert times.expect(1) is None
+    times.measured(1, 15e-6)
+    assert times.expect(1) == pytest.approx(15e-6)
+    assert times.expect(1000) == pytest.approx(15e-3)  # one row's rate: an overrating
+    times.measured(1000, 170e-6)
+    assert times.expect(1000) == pytest.approx(170e-6)
+    assert times.expect(600) == pytest.approx(170e-6 * 600 / 1000)  # 600 is in 1000's class
+    assert times.expect(5000) == pytest.approx(170e-6 * 5)
+    times.measured(1000, 1e-3)  # one slow run moves its class part of the way
+    assert 170e-6 < times.expect(1000) < 1e-3
+    assert times.expect(1) == pytest.approx(15e-6)
+
+
+def test_runs_go_to_the_loop_once_measured_short() -> None:
+    """A run expected (from the one-row run timed at load, or runs since) within
+    --inline-run-us happens on the event loop, through the bound buffers; over it, or with
+    --inline-run-us 0, in a thread."""
+
+    async def where(inline_run_us: int, rows: list[int]) -> list[bool]:
+        engine = await make_engine(inline_run_us=inline_run_us, models=("echo",))
+        runner = engine._registry.get("echo").runner
+        loop_thread, on_loop = threading.get_ident(), []
+        run_bound, run = runner.run_bound, runner.run
+
+        def watched(method):
+            def call(*args):
+                on_loop.append(threading.get_ident() == loop_thread)
+                return method(*args)
+            return call
+
+        runner.run_bound, runner.run = watched(run_bound), watched(run)
+        for n in rows:
+            ids = [engine.open_session("echo", 0, {}).session_id for _ in range(n)]
+            await engine.step(ids, np.ones((n, 1, 1), np.float32))
+        await engine.shutdown()
+        return on_loop
+
+    assert asyncio.run(where(1_000_000, [1, 64, 8])) == [True, True, True]
+    assert asyncio.run(where(0, [1, 1])) == [False, False]
+    assert asyncio.run(where(1, [1, 1])) == [False, False]  # no echo run takes 1 µs
 
 
 def test_cancelled_steps_leave_state_alone_and_close_fails_queued_work() -> None:

@@ -111,7 +111,7 @@ def test_cancellation_while_a_run_is_in_a_thread(state: str) -> None:
     """A caller that gives up while its run is in a worker thread leaves its session exactly
     as it was, wherever its state lives; work queued behind the run is answered once it ends."""
     runner = faulty_runner()
-    with running(runner=runner, inline_steps=0, session_state=state) as srv, \
+    with running(runner=runner, inline_run_us=0, session_state=state) as srv, \
             srv.client() as client, Client(srv.address, timeout=2) as hurried, \
             ThreadPoolExecutor(2) as pool:
         stalled = client.open_session("echo").session_id
@@ -172,7 +172,7 @@ def test_retiring_a_version_during_a_predict(tmp_path: Path) -> None:
     runner = faulty_runner()
     repo = two_echo_versions(tmp_path)
     x = np.concatenate([bits(5, 6), [[STALL]]])[None]
-    with running(repository=repo, runner=runner, inline_steps=0) as srv, \
+    with running(repository=repo, runner=runner, inline_run_us=0) as srv, \
             srv.client() as client, ThreadPoolExecutor(1) as pool:
         expected = client.predict("echo", np.where(x == STALL, 1.0, x), version=1)
         in_flight = pool.submit(client.predict, "echo", x, version=1)
