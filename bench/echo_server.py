@@ -28,6 +28,8 @@ from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.runner import Runner
 from rnnserve.tensors import to_tensor
 
+ECHO = Path(__file__).resolve().parent.parent / "exported" / "echo" / "1"
+
 
 class EchoServicer(rpc.InferenceServicer):
     """Answers every message with a response of the size rnnserve would send."""
@@ -63,34 +65,39 @@ class EchoServicer(rpc.InferenceServicer):
 
 
 class EchoV2Servicer(v2_rpc.GRPCInferenceServiceServicer):
-    """ModelInfer answered with y [1, 1, 2] FP32, after one model run when a runner is given."""
+    """ModelInfer answered as rnnserve answers a request that names no outputs (Triton: all of
+    them): y [1, 1, 2] and each state [1, size], FP32; after one model run when a runner is
+    given."""
 
     def __init__(self, runner: Runner | None) -> None:
         self.bound = runner.bind(1, 1) if runner is not None else None
         self.runner = runner
+        self.states = read_spec(ECHO).states
 
     async def ModelInfer(self, request, context):
         if self.bound is None:
-            y = np.zeros((1, 1, 2), "<f4")
+            outputs = [("y", np.zeros((1, 1, 2), "<f4")),
+                       *((s.output, np.zeros((1, s.size), "<f4")) for s in self.states)]
         else:
             self.bound.x[...] = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(
                 self.bound.x.shape)
             self.runner.run_bound(self.bound)
             for state, final in zip(self.bound.states, self.bound.finals):
                 state[...] = final
-            y = self.bound.y
+            outputs = [("y", self.bound.y),
+                       *((s.output, f) for s, f in zip(self.states, self.bound.finals))]
         response = v2.ModelInferResponse(model_name=request.model_name, model_version="1",
                                          id=request.id)
-        response.outputs.add(name="y", datatype="FP32", shape=list(y.shape))
-        response.raw_output_contents.append(y.tobytes())
+        for name, array in outputs:
+            response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
+            response.raw_output_contents.append(array.tobytes())
         return response
 
 
 async def main(port: int, model: str) -> None:
     runner = None
     if model:
-        directory = Path(__file__).resolve().parent.parent / "exported" / "echo" / "1"
-        runner = Runner(read_spec(directory), directory, "cpu", 1)
+        runner = Runner(read_spec(ECHO), ECHO, "cpu", 1)
     server = grpc.aio.server()
     rpc.add_InferenceServicer_to_server(EchoServicer(runner, model == "bound"), server)
     v2_rpc.add_GRPCInferenceServiceServicer_to_server(EchoV2Servicer(runner), server)

@@ -104,12 +104,11 @@ class Batcher:
         if self._closed:
             raise Unavailable("this model version is unloading; retry on the latest version",
                               retry_after=0.0)
+        if self._alone(work):
+            return self._run_alone(work)
         self._pending.append(work)
         self._pending_rows += work.rows
-        if self._alone(work):
-            self._flush()  # answered before the await below: no loop turn to wait for
-        else:
-            self._schedule()
+        self._schedule()
         try:
             return await work.future
         except asyncio.CancelledError:
@@ -128,7 +127,7 @@ class Batcher:
         (bench/streaming.py's loads, A/B in one run, 2 cores). CPython's event loop exposes
         its ready queue only as `_ready`; on another loop this never says yes."""
         ready = getattr(self._loop, "_ready", None)
-        return (ready is not None and not ready and len(self._pending) == 1
+        return (ready is not None and not ready and not self._pending
                 and self._flush_at is None and self._threaded is None and self.max_delay <= 0
                 and self._short(work.rows * work.x.shape[1]))
 
@@ -192,6 +191,19 @@ class Batcher:
         expected = self.run_times.expect(steps)
         return expected is not None and expected <= self.inline_run_s
 
+    def _run_alone(self, work: Work) -> Result:
+        """A lone work run at once and answered directly: no queue, no future to await."""
+        started = self._loop.time()
+        try:
+            ran = self._run_sync([work], inline=True)
+            if ran.slots is not None:
+                self.store.commit(ran.slots, ran.finals, work.x.shape[1])
+        except Exception as exc:  # the caller's alone; the batcher goes on
+            log.error("batch run failed", exc_info=exc)
+            raise
+        self._observe([work], started)
+        return ran.results[0]
+
     def _run_inline(self, group: list[Work]) -> None:
         group = _live(group)
         if not group:
@@ -253,15 +265,19 @@ class Batcher:
             except Exception as exc:  # the state stays as it was; so does the step count
                 self._fail(group, exc)
                 return
-        rows = 0
         for work, result in zip(group, ran.results):
-            self._queue_wait.observe(started - work.enqueued)
-            rows += work.rows
             if not work.future.done():
                 work.future.set_result(result)
+        self._observe(group, started)
+
+    def _observe(self, group: list[Work], started: float) -> None:
+        rows = 0
+        for work in group:
+            self._queue_wait.observe(started - work.enqueued)
+            rows += work.rows
         self._compute.observe(self._loop.time() - started)
         self._batch_size.observe(rows)
-        self._timesteps.inc(rows * k)
+        self._timesteps.inc(rows * group[0].x.shape[1])
 
     def _commit(self, group: list[Work], ran: Ran, k: int) -> None:
         waiting = [not work.future.done() for work in group]

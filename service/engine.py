@@ -22,7 +22,6 @@ from rnnserve.errors import (
     ResourceExhausted,
     ServingError,
     Unavailable,
-    error_for,
 )
 from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable
 from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
@@ -848,12 +847,9 @@ class Engine:
             except (NotFound, FailedPrecondition) as exc:
                 raise InvalidArgument(f"this sequence of model {spec.name!r} is not open: send "
                                       f"sequence_start=true on its first request ({exc})") from None
-        errors: list[RowError] = []
         try:
             async with reserve, session.lock:
-                y = await self._run_steps([session], x, errors, spec.outputs, span)
-                if errors:
-                    raise error_for(errors[0].code, errors[0].message)
+                y = await self._step_one(session, x, span)
                 current = _states_of(session) if with_states else None
                 if end:
                     self._sessions.close(session, "ended by sequence_end")
@@ -862,6 +858,21 @@ class Engine:
                 self._sessions.close(session, "failed on its first step")
             raise
         return SequenceStep(y, current)
+
+    async def _step_one(self, session: Session, x: np.ndarray, span: int) -> np.ndarray:
+        """One session's steps, its lock held: FAILED_PRECONDITION if it ended while the caller
+        waited for the lock, the run's error if the run failed (the session as it was)."""
+        if self._sessions.ended(session):
+            raise FailedPrecondition(f"session {session.id} ended before this step ran")
+        model = session.model
+        try:
+            y = await _in_spans(lambda part: model.batcher.step([session.slot], part), x, span)
+        except ServingError:
+            raise
+        except Exception as exc:  # CancelledError passes: the caller left
+            raise _run_error(model, exc) from exc
+        session.last_used = self._sessions.clock()
+        return y
 
     async def reset_session(self, session_id: str, owner: str = "") -> SessionView:
         session = await self._find(session_id, owner)

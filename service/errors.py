@@ -43,12 +43,3 @@ class AlreadyExists(ServingError):
 class Unauthenticated(ServingError):
     code = "UNAUTHENTICATED"
 
-
-def error_for(code: str, message: str) -> ServingError:
-    """The error class for a status code name (e.g. a per-row error re-raised for one row)."""
-    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable,
-                AlreadyExists, Unauthenticated):
-        if cls.code == code:
-            return cls(message)
-    return ServingError(message)
-
