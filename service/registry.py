@@ -52,6 +52,8 @@ class ModelRegistry:
         self.executor = executor
         self.run_slots = asyncio.Semaphore(config.batch_workers)
         self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._open: dict[str, list[int]] = {}
+        """`versions` by name, kept until the models change: every call looks a model up."""
         self._loading: dict[tuple[str, int], ModelSpec] = {}
         """Versions being loaded now: listed, not ready, not yet served."""
         self._rejected: dict[Path, tuple] = {}
@@ -86,6 +88,7 @@ class ModelRegistry:
         for key, version in sorted(result.found.items()):
             if key in self._models:  # already loaded; back on disk if it was retiring
                 self._models[key].retiring = False
+                self._open.clear()
                 continue
             if self._rejected.get(version.path) == version.signature:
                 continue  # failed before and unchanged since
@@ -105,6 +108,7 @@ class ModelRegistry:
         for key, model in list(self._models.items()):
             if key not in result.found and not model.retiring:
                 model.retiring = True
+                self._open.clear()
                 log.info("retiring %s v%d (%d sessions pinned)", *key, model.sessions)
             if model.retiring and model.sessions == 0:
                 await self._unload(key)
@@ -121,6 +125,7 @@ class ModelRegistry:
         batcher = Batcher(runner, store, self.metrics, labels, self.executor, self.run_slots,
                           self.config.max_batch_size, self.config.max_batch_delay / 1e6,
                           self.config.inline_run_us / 1e6, times)
+        self._open.clear()
         self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher,
                                                 RunCost.of(version.spec))
         self.metrics.model_events.labels(*labels, "load").inc()
@@ -136,6 +141,7 @@ class ModelRegistry:
 
     async def _unload(self, key: tuple[str, int]) -> None:
         model = self._models.pop(key)
+        self._open.clear()
         await model.batcher.close()
         self.metrics.model_events.labels(*model.labels, "unload").inc()
         log.info("unloaded %s v%d", *key)
@@ -152,9 +158,14 @@ class ModelRegistry:
         return [spec for _, spec in sorted(self._loading.items())]
 
     def versions(self, name: str) -> list[int]:
-        """The versions of `name` open for new work, ascending."""
-        return sorted(version for (found, version), model in self._models.items()
-                      if found == name and not model.retiring)
+        """The versions of `name` open for new work, ascending (not to be modified)."""
+        found = self._open.get(name)
+        if found is None:
+            found = sorted(version for (key, version), model in self._models.items()
+                           if key == name and not model.retiring)
+            if found:  # names clients make up are not kept
+                self._open[name] = found
+        return found
 
     def knows(self, name: str) -> bool:
         """Whether some version of `name` is loaded or loading here."""
