@@ -36,6 +36,8 @@ MESSAGE_OVERHEAD = 1024
 ROW_OVERHEAD = 16
 """Room in a response for its framing and names, and per row for its step count and framing."""
 UNKNOWN_MODEL = "(unknown)"
+GROUP_ROW_BYTES = 32
+"""A kept SessionGroup's bytes per row: a pointer in each of three lists, and an int64 slot."""
 
 
 @dataclass(frozen=True)
@@ -116,15 +118,20 @@ class SessionGroup:
 
     __slots__ = ("ids", "owner", "model", "sessions", "locks", "slots", "removals")
 
-    def __init__(self, ids: list[str], owner: str, model: LoadedModel, sessions: list[Session],
+    def __init__(self, owner: str, model: LoadedModel, sessions: list[Session],
                  removals: int) -> None:
-        self.ids = ids
+        self.ids = [s.id for s in sessions]  # the sessions' own strings: no copies kept
         self.owner = owner
         self.model = model
         self.sessions = sessions
         self.locks = [s.lock for s in sessions]
         self.slots = np.array([s.slot for s in sessions], np.int64)
         self.removals = removals
+
+    @property
+    def nbytes(self) -> int:
+        """What keeping it costs: a pointer per row in each of three lists, and a slot."""
+        return GROUP_ROW_BYTES * len(self.sessions)
 
     def holds(self, session_ids: list[str], owner: str, removals: int) -> bool:
         return removals == self.removals and owner == self.owner and session_ids == self.ids
@@ -135,13 +142,15 @@ class SessionGroup:
 
 
 class StepMemo:
-    """What one stream's last step with named sessions resolved; the stream keeps it and
-    hands it to every `Engine.step`."""
+    """What one stream's last step resolved; the stream hands it to every `Engine.step`, and
+    to `Engine.forget` when it ends. The group is kept only while the memory budget holds its
+    bytes (2,048 streams each keeping 10,000 sessions would be 650 MiB)."""
 
-    __slots__ = ("group",)
+    __slots__ = ("group", "held")
 
     def __init__(self) -> None:
         self.group: SessionGroup | None = None
+        self.held = 0
 
 
 class _Locked:
@@ -646,14 +655,18 @@ class Engine:
         self._check_limits(x, "x")
         group = memo.group if memo is not None else None
         failed: dict[str, ServingError] = {}
-        if group is None or not group.holds(session_ids, owner, self._sessions.removals):
+        fresh = group is None or not group.holds(session_ids, owner, self._sessions.removals)
+        if fresh:
+            if memo is not None:
+                self.forget(memo)
             failed = (await self._adopt(session_ids, alone=False, owner=owner)
                       if self._elsewhere else {})  # no coroutine on the common path
             group = None if failed else self._group(session_ids, owner)
-            if memo is not None:
-                memo.group = group
         if group is not None and group.takes(x):
-            return await self._step_group(group, x)
+            outcome = await self._step_group(group, x)
+            if fresh and memo is not None:  # after the step: it never waits for the memo
+                self._remember(memo, group)
+            return outcome
         sessions, errors, cost = self._resolve(session_ids, x, owner, failed)
         valid = [s for s in sessions if s is not None]
         if not valid:
@@ -680,7 +693,18 @@ class Engine:
         models = {s.model for s in sessions}
         if len(models) != 1:
             return None
-        return SessionGroup(session_ids, owner, models.pop(), sessions, self._sessions.removals)
+        return SessionGroup(owner, models.pop(), sessions, self._sessions.removals)
+
+    def _remember(self, memo: StepMemo, group: SessionGroup) -> None:
+        """Keep `group` for the stream's next message, if the memory budget has room now."""
+        if self.budget.hold(group.nbytes):
+            memo.group, memo.held = group, group.nbytes
+
+    def forget(self, memo: StepMemo) -> None:
+        """Let go of what a stream kept: it ended, or named other sessions."""
+        if memo.held:
+            self.budget.release(memo.held)
+        memo.group, memo.held = None, 0
 
     async def _step_group(self, group: SessionGroup, x: np.ndarray) -> StepOutcome:
         """`step` for a message whose rows are a `SessionGroup`: one run, no per-row

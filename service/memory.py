@@ -106,14 +106,23 @@ class MemoryBudget:
             await future
         except BaseException:
             if future.done() and not future.cancelled():
-                self._release(nbytes)  # granted just as the caller gave up
+                self.release(nbytes)  # granted just as the caller gave up
             elif entry in self._waiters:  # not already passed over by _wake
                 self._waiters.remove(entry)
                 self.queued -= nbytes
                 self._wake()
             raise
 
-    def _release(self, nbytes: int) -> None:
+    def hold(self, nbytes: int) -> bool:
+        """Take `nbytes` now, for something kept between requests (given back with `release`),
+        if they fit with no request waiting; else take nothing. What is only worth keeping
+        while memory is plentiful asks this way, and never makes a request wait."""
+        if self._waiters or self.used + nbytes > self.capacity:
+            return False
+        self.used += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
         self.used -= nbytes
         self._wake()
 
@@ -140,7 +149,7 @@ class Reservation:
         await self.budget._acquire(self.nbytes)
 
     async def __aexit__(self, *exc: object) -> None:
-        self.budget._release(self.nbytes)
+        self.budget.release(self.nbytes)
 
 
 def _mib(nbytes: int) -> str:

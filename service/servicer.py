@@ -137,9 +137,12 @@ class InferenceServicer(rpc.InferenceServicer):
             stream.client = client
             return await self._stream_message(request, stream)
 
-        async for response in stream_replies(requests, context, self.engine, self.identities,
-                                             self.streams, answer):
-            yield response
+        try:
+            async for response in stream_replies(requests, context, self.engine,
+                                                 self.identities, self.streams, answer):
+                yield response
+        finally:
+            self.engine.forget(stream.memo)
 
     async def _stream_message(self, request: pb.StreamRequest,
                               stream: _StreamState) -> pb.StreamResponse:

@@ -4,6 +4,7 @@ refused with advice, and the byte semaphore admits fairly and cleans up after ca
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -82,3 +83,38 @@ def test_budget_is_first_come_first_served_and_bounded() -> None:
             budget.reserve(101, "too much", "send less")
 
     asyncio.run(scenario())
+
+
+def test_held_bytes_never_make_a_request_wait() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(100)
+        assert budget.hold(70) and budget.used == 70
+        assert not budget.hold(40) and budget.used == 70  # no room: nothing taken
+        waiting = asyncio.create_task(budget.reserve(50, "waiting", "").__aenter__())
+        await asyncio.sleep(0)
+        assert not budget.hold(10)  # room, but a request waits: it goes first
+        budget.release(70)
+        await waiting
+        assert budget.used == 50
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_keeps_its_sessions_within_the_budget_until_it_ends() -> None:
+    """What a multiplexing stream keeps between messages is held against --memory-budget
+    while the stream lives, follows the sessions it names, and is given back when it ends."""
+    with running(memory_budget=SMALL) as srv, srv.client() as client:
+        budget = srv.server.engine.budget
+        ids = [client.open_session("echo").session_id for _ in range(50)]
+        x = np.ones((50, 1, 1), np.float32)
+        with client.stream() as gateway:
+            gateway.step_many(ids, x)
+            assert budget.used == 32 * 50  # nothing else is in flight
+            gateway.step_many(ids[:20], x[:20])
+            assert budget.used == 32 * 20
+            last = gateway.step_many(ids[:20], x[:20])
+            assert budget.used == 32 * 20 and last.steps == [3] * 20
+        deadline = time.monotonic() + 10
+        while budget.used and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert budget.used == 0
