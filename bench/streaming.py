@@ -82,6 +82,9 @@ class Load:
     """Timesteps per session per message."""
     sessions_per_message: int = 0
     """0: each stream drives its own session; n: each message carries steps for n sessions."""
+    ids_every_message: bool = False
+    """Multiplexed: name the sessions in every message, not only the first (later ones send
+    `same_sessions`, as the Python client does)."""
     model: str = "echo"
     features: int = 1
 
@@ -118,6 +121,11 @@ async def drive(server: ServerProcess, load: Load, seconds: float,
                 opened = await call.read()
                 assert opened.WhichOneof("kind") == "open", opened
             request = pb.StreamRequest(step=pb.StepRequest(session_ids=ids, x=tensor))
+            if ids:  # the first message names them
+                await call.write(request)
+                assert not (await call.read()).step.errors
+                if not load.ids_every_message:
+                    request = pb.StreamRequest(step=pb.StepRequest(same_sessions=True, x=tensor))
             await start.wait()
             while not stop.is_set():
                 t0 = time.perf_counter()
@@ -203,14 +211,15 @@ FLOOR, MODEL_FLOOR = "bare echo", "echo + one ORT run"
 
 def loads(which: str, counts: list[int]) -> list[Load]:
     base = [Load(n) for n in counts]
-    extra = [Load(n, k) for n in (1, 64) for k in (8, 64)] + [Load(1, 1, 1000), Load(2, 1, 500)]
+    multiplexed = [Load(1, 1, 1000), Load(1, 1, 1000, ids_every_message=True), Load(2, 1, 500)]
+    extra = [Load(n, k) for n in (1, 64) for k in (8, 64)] + multiplexed
     if which == "all":
         return base + extra
-    return base if which == "base" else base + extra[-2:]
+    return base if which == "base" else base + multiplexed
 
 
-def key(row: dict) -> tuple[int, int, int]:
-    return row["streams"], row["k"], row["sessions_per_message"]
+def key(row: dict) -> tuple[int, int, int, bool]:
+    return row["streams"], row["k"], row["sessions_per_message"], row["ids_every_message"]
 
 
 def table(rows: list[dict], ceiling: dict[int, float]) -> str:
@@ -222,8 +231,9 @@ def table(rows: list[dict], ceiling: dict[int, float]) -> str:
     for r in rows:
         ratios = [f"{r['server_cpu_us_per_step'] / floor[key(r)]:.2f}x" if key(r) in floor
                   else "" for floor in floors.values()]
+        ids = ", ids in each" if r["ids_every_message"] else ""
         lines.append(f"| {r['server']} | {r['streams']} | {r['k']} | "
-                     f"{r['sessions_per_message'] or 1} | {r['steps_per_s']:,.0f} | "
+                     f"{r['sessions_per_message'] or 1}{ids} | {r['steps_per_s']:,.0f} | "
                      f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['server_cpu_us_per_step']:.1f} | {' | '.join(ratios)} |")
     lines.append("")
@@ -235,7 +245,8 @@ def table(rows: list[dict], ceiling: dict[int, float]) -> str:
 def medians(label: str, load: Load, runs: list[dict[str, float]]) -> dict:
     """Each figure's median over the rounds: this machine's neighbours come and go."""
     return {"server": label, "streams": load.streams, "k": load.k,
-            "sessions_per_message": load.sessions_per_message, "rounds": len(runs),
+            "sessions_per_message": load.sessions_per_message,
+            "ids_every_message": load.ids_every_message, "rounds": len(runs),
             **{name: float(np.median([r[name] for r in runs])) for name in runs[0]}}
 
 
@@ -267,8 +278,8 @@ def main() -> int:
     by = {(r["server"], *key(r)): r for r in rows}
     print()
     for n in counts:
-        ratio = (by[("rnnserve", n, 1, 0)]["steps_per_s"]
-                 / by[("rnnserve, batch size 1", n, 1, 0)]["steps_per_s"])
+        ratio = (by[("rnnserve", n, 1, 0, False)]["steps_per_s"]
+                 / by[("rnnserve, batch size 1", n, 1, 0, False)]["steps_per_s"])
         print(f"{n} streams: batching / batch size 1 = {ratio:.2f}x steps/s")
     save("streaming", rows=rows, ort_ceiling=ceiling)
     return 0

@@ -290,10 +290,22 @@ class _StreamBase:
         self._next_id = 0
         self.session: Session | None = None
         self.detached = False
+        self._kept: list[str] | None = None
+        """The sessions the server keeps for this stream: those of the last step that named
+        sessions and had no failed row. Naming them again sends `same_sessions` instead."""
 
     def _request(self, **kind: Any) -> pb.StreamRequest:
         self._next_id += 1
         return pb.StreamRequest(request_id=self._next_id, **kind)
+
+    def _many(self, ids: list[str], x: pb.Tensor, same: bool) -> pb.StreamRequest:
+        return self._request(step=pb.StepRequest(same_sessions=True, x=x) if same else
+                             pb.StepRequest(session_ids=ids, x=x))
+
+    def _keep(self, ids: list[str], answer: pb.StepResponse) -> StepBatch:
+        batch = _step_batch(answer)
+        self._kept = None if batch.errors else ids
+        return batch
 
     @staticmethod
     def _answer(response: pb.StreamResponse, kind: str) -> Any:
@@ -358,9 +370,17 @@ class StreamSession(_StreamBase):
                                              "step")))
 
     def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
-        """Steps for many sessions in one message: x [rows, k, features], a row per session."""
-        return _step_batch(self.send(self._request(step=pb.StepRequest(
-            session_ids=session_ids, x=to_tensor(x))), "step"))
+        """Steps for many sessions in one message: x [rows, k, features], a row per session.
+        The same sessions as the previous call go without their ids (`same_sessions`); if the
+        server no longer keeps them, the message is sent again with them."""
+        ids, tensor = list(session_ids), to_tensor(x)
+        if ids == self._kept:
+            try:
+                return self._keep(ids, self.send(self._many(ids, tensor, same=True), "step"))
+            except RnnServeError as exc:
+                if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+        return self._keep(ids, self.send(self._many(ids, tensor, same=False), "step"))
 
     def reset(self, session_id: str = "") -> Session:
         return self.send(self._request(reset=pb.ResetSessionRequest(session_id=session_id)),
@@ -498,11 +518,14 @@ class AsyncStreamSession(_StreamBase):
     async def send(self, request: pb.StreamRequest, kind: str) -> Any:
         """One message, one answer; concurrent callers take turns so answers match."""
         async with self._lock:
-            try:
-                await self._call.write(request)
-                response = await self._call.read()
-            except grpc.RpcError as exc:
-                raise RnnServeError.from_rpc_error(exc) from None
+            return await self._exchange(request, kind)
+
+    async def _exchange(self, request: pb.StreamRequest, kind: str) -> Any:
+        try:
+            await self._call.write(request)
+            response = await self._call.read()
+        except grpc.RpcError as exc:
+            raise RnnServeError.from_rpc_error(exc) from None
         if response is grpc.aio.EOF:
             raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the stream ended")
         return self._answer(response, kind)
@@ -524,8 +547,16 @@ class AsyncStreamSession(_StreamBase):
             self._request(step=_one_session_step("", x)), "step")))
 
     async def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
-        return _step_batch(await self.send(self._request(step=pb.StepRequest(
-            session_ids=session_ids, x=to_tensor(x))), "step"))
+        ids, tensor = list(session_ids), to_tensor(x)
+        async with self._lock:  # whether the ids go along depends on the message before
+            if ids == self._kept:
+                try:
+                    return self._keep(ids, await self._exchange(self._many(ids, tensor, True),
+                                                                "step"))
+                except RnnServeError as exc:
+                    if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+            return self._keep(ids, await self._exchange(self._many(ids, tensor, False), "step"))
 
     async def reset(self, session_id: str = "") -> Session:
         return (await self.send(self._request(reset=pb.ResetSessionRequest(

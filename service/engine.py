@@ -134,7 +134,8 @@ class SessionGroup:
         return GROUP_ROW_BYTES * len(self.sessions)
 
     def holds(self, session_ids: list[str], owner: str, removals: int) -> bool:
-        return removals == self.removals and owner == self.owner and session_ids == self.ids
+        return (removals == self.removals and owner == self.owner
+                and (session_ids is self.ids or session_ids == self.ids))
 
     def takes(self, x: np.ndarray) -> bool:
         """x fits the model, and is finite (else `_resolve` names the rows that are not)."""
@@ -699,6 +700,15 @@ class Engine:
         """Keep `group` for the stream's next message, if the memory budget has room now."""
         if self.budget.hold(group.nbytes):
             memo.group, memo.held = group, group.nbytes
+
+    def kept_sessions(self, memo: StepMemo) -> list[str]:
+        """The ids of the sessions a stream keeps from its previous step (what `same_sessions`
+        names)."""
+        if memo.group is None:
+            raise FailedPrecondition("this stream keeps no sessions from its previous step (it "
+                                     "named none, some of its rows failed, or the memory budget "
+                                     "had no room to keep them): send session_ids")
+        return memo.group.ids
 
     def forget(self, memo: StepMemo) -> None:
         """Let go of what a stream kept: it ended, or named other sessions."""

@@ -45,8 +45,10 @@ class _StreamState:
     """Who opened the stream; every message on it acts for that client."""
     current: str = ""
     """The session an `open` or `resume` last named; messages without an id go to it."""
-    memo: StepMemo = field(default_factory=StepMemo)
-    """The sessions this stream's last step resolved."""
+    named: StepMemo = field(default_factory=StepMemo)
+    """The sessions this stream's last step with session_ids (or same_sessions) resolved."""
+    own: StepMemo = field(default_factory=StepMemo)
+    """The same for steps of the current session, kept apart: `same_sessions` never means it."""
 
 
 class InferenceServicer(rpc.InferenceServicer):
@@ -87,6 +89,9 @@ class InferenceServicer(rpc.InferenceServicer):
 
     @unary
     async def Step(self, request: pb.StepRequest, call: Call) -> pb.StepResponse:
+        if request.same_sessions:
+            raise InvalidArgument("same_sessions belongs to a Stream's steps; a unary Step "
+                                  "names its sessions in session_ids")
         outcome = await self.engine.step(list(request.session_ids), to_array(request.x, "x"),
                                          call.client)
         if outcome.labels is not None:
@@ -142,7 +147,8 @@ class InferenceServicer(rpc.InferenceServicer):
                                                  self.identities, self.streams, answer):
                 yield response
         finally:
-            self.engine.forget(stream.memo)
+            self.engine.forget(stream.named)
+            self.engine.forget(stream.own)
 
     async def _stream_message(self, request: pb.StreamRequest,
                               stream: _StreamState) -> pb.StreamResponse:
@@ -169,10 +175,16 @@ class InferenceServicer(rpc.InferenceServicer):
                            response: pb.StreamResponse, call: Call) -> None:
         """Named sessions report failed rows in the answer; the stream's own session (no ids)
         fails the message as a whole, like every other one-session operation."""
-        own = not request.session_ids
-        ids = [self._current(stream)] if own else list(request.session_ids)
+        own = not request.session_ids and not request.same_sessions
+        if request.same_sessions:
+            if request.session_ids:
+                raise InvalidArgument("step.same_sessions repeats the previous step's sessions; "
+                                      "send it or session_ids, not both")
+            ids = self.engine.kept_sessions(stream.named)
+        else:
+            ids = [self._current(stream)] if own else list(request.session_ids)
         outcome = await self.engine.step(ids, to_array(request.x, "step.x"), stream.client,
-                                         stream.memo)
+                                         stream.own if own else stream.named)
         if own and outcome.errors:
             error = outcome.errors[0]
             response.error.CopyFrom(row_status(error.code, error.message))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from rnnserve.client import Client, RnnServeError
+from rnnserve.client import AsyncClient, Client, RnnServeError
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.tensors import to_tensor
 from tests.conftest import RunningServer
 
 MODELS = {"echo": 1, "binary_add": 2, "digits": 8, "forecast": 1}
@@ -121,6 +124,76 @@ def test_a_stream_naming_the_same_sessions_sees_them_end_and_return(client: Clie
         expected = [fresh.step(b) for b in ([1.0], [1.0])]
     assert close(renewed.y[3], expected[0]) <= 1e-6
     assert close(after_close.y[3], expected[1]) <= 1e-6
+
+
+def test_same_sessions_steps_what_the_stream_keeps(client: Client) -> None:
+    """`same_sessions` on the wire: the previous step's sessions without their ids, re-resolved
+    when one has ended since, refused when the stream keeps none."""
+    ids = [client.open_session("echo").session_id for _ in range(3)]
+    x = np.ones((3, 1, 1), np.float32)
+    same = pb.StepRequest(same_sessions=True, x=to_tensor(x))
+
+    def code(call) -> str:
+        with pytest.raises(RnnServeError) as err:
+            call()
+        return err.value.code.name
+
+    with client.stream() as gateway:
+        step = lambda request: gateway.send(gateway._request(step=request), "step")  # noqa: E731
+        assert code(lambda: step(same)) == "FAILED_PRECONDITION"  # nothing named yet
+        step(pb.StepRequest(session_ids=ids, x=to_tensor(x)))
+        assert list(step(same).steps) == [2, 2, 2]
+        both = pb.StepRequest(session_ids=ids, same_sessions=True, x=to_tensor(x))
+        assert code(lambda: step(both)) == "INVALID_ARGUMENT"
+        own = gateway.open("echo")  # the stream's own session's steps are not what it keeps
+        gateway.step([1.0])
+        assert list(step(same).steps) == [3, 3, 3]
+        assert gateway.close(own.session_id).steps == 1
+        client.close_session(ids[1])
+        after = step(same)
+        assert list(after.steps) == [4, 0, 4] and [e.row for e in after.errors] == [1]
+        assert code(lambda: step(same)) == "FAILED_PRECONDITION"  # a row failed: not kept
+    assert code(lambda: client._call("Step", same, "")) == "INVALID_ARGUMENT"
+
+
+def test_the_client_sends_repeated_sessions_once(client: Client) -> None:
+    x = sample("echo", 20, 6, seed=9)
+    expected = client.predict("echo", x).y
+    ids = [client.open_session("echo").session_id for _ in range(20)]
+    with client.stream() as gateway:
+        outs = [gateway.step_many(ids, x[:, t:t + 1]) for t in range(3)]
+        assert gateway._kept == ids  # the last two went as same_sessions
+        client.close_session(ids[5])
+        failed = gateway.step_many(ids, x[:, 3:4])
+        assert list(failed.errors) == [5] and gateway._kept is None
+        ids[5] = client.open_session("echo").session_id
+        outs += [gateway.step_many(ids, x[:, t:t + 1]) for t in (4, 5)]
+    y = np.concatenate([o.y for o in outs[:3]], axis=1)
+    assert close(y, expected[:, :3]) <= 1e-5
+    rest = [r for r in range(20) if r != 5]
+    assert close(np.concatenate([o.y for o in outs[3:]], axis=1)[rest], expected[rest, 4:6]) <= 1e-5
+    assert outs[-1].steps[5] == 2 and outs[-1].steps[0] == 6
+
+
+def test_async_gateway_callers_sharing_a_stream_step_their_own_sessions(
+        server: RunningServer) -> None:
+    """Concurrent `step_many` calls on one asyncio stream: whether a message carries its ids or
+    `same_sessions` is decided in turn with the messages before it, so each steps its own."""
+
+    async def main() -> dict[str, int]:
+        async with AsyncClient(server.address) as client, client.stream() as gateway:
+            sets = [[(await client.open_session("echo")).session_id for _ in range(10)]
+                    for _ in range(2)]
+            x = np.ones((10, 1, 1), np.float32)
+            await gateway.step_many(sets[1], x)  # kept: the calls below decide at once
+            batches = await asyncio.gather(*(gateway.step_many(sets[i % 3 == 0], x)
+                                             for i in range(30)))
+            assert not any(b.errors for b in batches)
+            return {sid: (await client.close_session(sid)).steps
+                    for ids in sets for sid in ids}
+
+    steps = asyncio.run(main())
+    assert sorted(set(steps.values())) == [11, 20]
 
 
 def _stream_sequence(address: str, x: np.ndarray) -> np.ndarray:
