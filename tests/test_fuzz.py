@@ -52,7 +52,7 @@ stream_requests = st.one_of(
                         session_id=session_ids)),
     st.builds(lambda s: pb.StreamRequest(step=s),
               st.builds(pb.StepRequest, session_ids=st.lists(session_ids, max_size=3),
-                        x=tensors())),
+                        x=tensors(), same_sessions=st.booleans())),
     st.builds(lambda kind, session_id: pb.StreamRequest(**{
         {pb.ResumeSessionRequest: "resume", pb.ResetSessionRequest: "reset",
          pb.GetSessionStateRequest: "get_state", pb.CloseSessionRequest: "close"}[kind]:
