@@ -144,14 +144,13 @@ class SessionGroup:
 
 class StepMemo:
     """What one stream's last step resolved; the stream hands it to every `Engine.step`, and
-    to `Engine.forget` when it ends. The group is kept only while the memory budget holds its
-    bytes (2,048 streams each keeping 10,000 sessions would be 650 MiB)."""
+    to `Engine.forget` when it ends. A group is kept only while the memory budget holds its
+    `nbytes` (2,048 streams each keeping 10,000 sessions would be 650 MiB)."""
 
-    __slots__ = ("group", "held")
+    __slots__ = ("group",)
 
     def __init__(self) -> None:
         self.group: SessionGroup | None = None
-        self.held = 0
 
 
 class _Locked:
@@ -699,7 +698,7 @@ class Engine:
     def _remember(self, memo: StepMemo, group: SessionGroup) -> None:
         """Keep `group` for the stream's next message, if the memory budget has room now."""
         if self.budget.hold(group.nbytes):
-            memo.group, memo.held = group, group.nbytes
+            memo.group = group
 
     def kept_sessions(self, memo: StepMemo) -> list[str]:
         """The ids of the sessions a stream keeps from its previous step (what `same_sessions`
@@ -712,9 +711,9 @@ class Engine:
 
     def forget(self, memo: StepMemo) -> None:
         """Let go of what a stream kept: it ended, or named other sessions."""
-        if memo.held:
-            self.budget.release(memo.held)
-        memo.group, memo.held = None, 0
+        if memo.group is not None:
+            self.budget.release(memo.group.nbytes)
+            memo.group = None
 
     async def _step_group(self, group: SessionGroup, x: np.ndarray) -> StepOutcome:
         """`step` for a message whose rows are a `SessionGroup`: one run, no per-row

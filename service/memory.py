@@ -91,8 +91,7 @@ class MemoryBudget:
         return Reservation(self, nbytes)
 
     async def _acquire(self, nbytes: int) -> None:
-        if not self._waiters and self.used + nbytes <= self.capacity:
-            self.used += nbytes
+        if self.hold(nbytes):
             return
         if self.queued + nbytes > self.capacity:
             raise ResourceExhausted(
