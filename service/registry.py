@@ -87,8 +87,9 @@ class ModelRegistry:
             await tell()
         for key, version in sorted(result.found.items()):
             if key in self._models:  # already loaded; back on disk if it was retiring
-                self._models[key].retiring = False
-                self._open.clear()
+                if self._models[key].retiring:
+                    self._models[key].retiring = False
+                    self._open.clear()
                 continue
             if self._rejected.get(version.path) == version.signature:
                 continue  # failed before and unchanged since

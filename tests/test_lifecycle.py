@@ -48,6 +48,13 @@ def test_repository_poll_loads_and_retires_versions(tmp_path: Path) -> None:
         with pytest.raises(RnnServeError) as err:
             client.open_session("echo", version=1)
         assert err.value.code.name == "NOT_FOUND"
+        shutil.copytree(v2, repo / "echo" / "1")  # back while it retires: served again
+        (repo / "echo" / "1" / "model.json").write_text(text.replace('"version": 2',
+                                                                     '"version": 1'))
+        wait_for(lambda: list(client.get_model("echo").versions) == [1, 2])
+        client.close_session(client.open_session("echo", version=1).session_id)
+        shutil.rmtree(repo / "echo" / "1")
+        wait_for(lambda: list(client.get_model("echo").versions) == [2])
         client.close_session(pinned.session_id)
         unloads = srv.server.engine.metrics.registry.get_sample_value
         wait_for(lambda: unloads("rnnserve_model_events_total",
