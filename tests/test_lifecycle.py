@@ -164,3 +164,6 @@ def test_bad_flag_values_name_the_reason(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--memory-budget", "lots"])
     assert "'lots' is not a size such as 512M or 1G" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--inline-run-us and --max-batch-delay must be >= 0"):
+        from_namespace(parser.parse_args(["--inline-run-us", "-1"]))
+    assert from_namespace(parser.parse_args(["--inline-run-us", "0"])).inline_run_us == 0
