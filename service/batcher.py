@@ -96,6 +96,15 @@ class Batcher:
                                        slots=slots))
         return y
 
+    def step_now(self, slots: list[int], x: np.ndarray) -> np.ndarray | None:
+        """`step` run at once and answered directly, when `_alone` allows; else None (queue it
+        with `step`). A failed run raises, its sessions as they were."""
+        if self._closed or not self._alone(x.shape[0] * x.shape[1]):
+            return None
+        y, _ = self._run_alone(Work(x, self._loop.create_future(), self._loop.time(),
+                                    slots=slots))
+        return y
+
     async def predict(self, x: np.ndarray, states: list[np.ndarray]) -> Result:
         return await self._submit(Work(x, self._loop.create_future(), self._loop.time(),
                                        states=states))
@@ -104,7 +113,7 @@ class Batcher:
         if self._closed:
             raise Unavailable("this model version is unloading; retry on the latest version",
                               retry_after=0.0)
-        if self._alone(work):
+        if self._alone(work.rows * work.x.shape[1]):
             return self._run_alone(work)
         self._pending.append(work)
         self._pending_rows += work.rows
@@ -118,18 +127,18 @@ class Batcher:
                 await _outlast_cancellation(work.run)
             raise
 
-    def _alone(self, work: Work) -> bool:
-        """Whether this work can run now, without waiting a loop turn for company: nothing
-        else is queued, scheduled or running, no delay was asked for, it is small enough for
-        the event loop, and the loop has no other callback ready this turn (which might bring
-        work to batch with). A lone stream then skips the flush callback and the wake-up of
-        its caller: 543 -> 462 µs of server CPU per step at 1 stream, 194 -> 179 at 64
-        (bench/streaming.py's loads, A/B in one run, 2 cores). CPython's event loop exposes
-        its ready queue only as `_ready`; on another loop this never says yes."""
+    def _alone(self, steps: int) -> bool:
+        """Whether work of `steps` rows x timesteps can run now, without waiting a loop turn
+        for company: nothing else is queued, scheduled or running, no delay was asked for, it
+        is small enough for the event loop, and the loop has no other callback ready this turn
+        (which might bring work to batch with). A lone stream then skips the flush callback
+        and the wake-up of its caller: 543 -> 462 µs of server CPU per step at 1 stream,
+        194 -> 179 at 64 (bench/streaming.py's loads, A/B in one run, 2 cores). CPython's event
+        loop exposes its ready queue only as `_ready`; on another loop this never says yes."""
         ready = getattr(self._loop, "_ready", None)
         return (ready is not None and not ready and not self._pending
                 and self._flush_at is None and self._threaded is None and self.max_delay <= 0
-                and self._short(work.rows * work.x.shape[1]))
+                and self._short(steps))
 
     def _schedule(self) -> None:
         """Arrange one flush: after the current burst, or when --max-batch-delay ends."""

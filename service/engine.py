@@ -27,7 +27,7 @@ from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable
 from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
 from rnnserve.metrics import Metrics
 from rnnserve.registry import LoadedModel, ModelRegistry
-from rnnserve.session_lock import SessionLock, release_all, take_all
+from rnnserve.session_lock import SessionLock, all_free, release_all, take_all
 from rnnserve.sessions import Session, SessionTable
 from rnnserve.siblings import Siblings
 
@@ -722,6 +722,13 @@ class Engine:
         rows = len(sessions)
         cost = RunCost(model.cost.per_step * rows, model.cost.per_row * rows)
         span, reserve = self._steps_plan(model, x, cost)
+        if self._sessions.removals == group.removals:
+            try:
+                y = self._run_now(model, slots, group.locks, x, span, reserve)
+            except Exception as exc:
+                return self._group_failed(model, slots, x, exc)
+            if y is not None:
+                return self._group_stepped(model, slots, y)
         async with reserve, _Locked(sessions, group.locks):
             if self._sessions.removals != group.removals:  # something ended: row by row
                 errors: list[RowError] = []
@@ -733,13 +740,39 @@ class Engine:
             try:
                 y = await _in_spans(lambda part: model.batcher.step(slots, part), x, span)
             except Exception as exc:  # CancelledError passes: the caller left
-                error = _run_error(model, exc)  # every row's: its session as it was
-                return StepOutcome(np.full((*x.shape[:2], model.spec.outputs), np.nan,
-                                           np.float32), model.store.steps[slots].tolist(),
-                                   [RowError(r, error.code, str(error)) for r in range(rows)],
-                                   None)
-            model.store.used_at[slots] = self._sessions.clock()
-            return StepOutcome(y, model.store.steps[slots].tolist(), [], model.labels)
+                return self._group_failed(model, slots, x, exc)
+            return self._group_stepped(model, slots, y)
+
+    def _run_now(self, model: LoadedModel, slots: np.ndarray | list[int],
+                 locks: list[SessionLock], x: np.ndarray, span: int,
+                 reserve: Reservation) -> np.ndarray | None:
+        """y of a step of these sessions run at once, on the event loop, when nothing has to
+        be waited for: the memory is there, every lock is free, the run is one span and the
+        batcher is idle and rates it short. None sends the step the general way (reservation,
+        locks, batcher). Nothing awaits between these checks and the commit, so no other work
+        can come between them: the locks and the reservation need to be free, not taken and
+        given back. A stream's step then skips five coroutines and two of three loops over its
+        locks: in-process (servicer and engine, no gRPC; 7 interleaved rounds, 2 cores) 76 ->
+        64 µs per lone step, 470 -> 422 µs per 1,000-session message. A failed run raises,
+        its sessions as they were."""
+        if span < x.shape[1] or not self.budget.fits(reserve.nbytes) or not all_free(locks):
+            return None
+        return model.batcher.step_now(slots, x)
+
+    def _group_stepped(self, model: LoadedModel, slots: np.ndarray,
+                       y: np.ndarray) -> StepOutcome:
+        model.store.used_at[slots] = self._sessions.clock()
+        return StepOutcome(y, model.store.steps[slots].tolist(), [], model.labels)
+
+    @staticmethod
+    def _group_failed(model: LoadedModel, slots: np.ndarray, x: np.ndarray,
+                      exc: Exception) -> StepOutcome:
+        """A group's failed run: every row's error, each session as it was."""
+        error = _run_error(model, exc)
+        return StepOutcome(np.full((*x.shape[:2], model.spec.outputs), np.nan, np.float32),
+                           model.store.steps[slots].tolist(),
+                           [RowError(r, error.code, str(error)) for r in range(len(slots))],
+                           None)
 
     def _steps_plan(self, first: LoadedModel, x: np.ndarray,
                     cost: RunCost) -> tuple[int, Reservation]:
@@ -881,16 +914,38 @@ class Engine:
                 raise InvalidArgument(f"this sequence of model {spec.name!r} is not open: send "
                                       f"sequence_start=true on its first request ({exc})") from None
         try:
+            y = self._step_one_now(session, x, span, reserve)
+            if y is not None:
+                return self._sequence_stepped(session, y, with_states, end)
             async with reserve, session.lock:
                 y = await self._step_one(session, x, span)
-                current = _states_of(session) if with_states else None
-                if end:
-                    self._sessions.close(session, "ended by sequence_end")
+                return self._sequence_stepped(session, y, with_states, end)
         except BaseException:
             if start:
                 self._sessions.close(session, "failed on its first step")
             raise
+
+    def _sequence_stepped(self, session: Session, y: np.ndarray, with_states: bool,
+                          end: bool) -> SequenceStep:
+        """What a sequence step answers, taken before an `end` lets the session go."""
+        current = _states_of(session) if with_states else None
+        if end:
+            self._sessions.close(session, "ended by sequence_end")
         return SequenceStep(y, current)
+
+    def _step_one_now(self, session: Session, x: np.ndarray, span: int,
+                      reserve: Reservation) -> np.ndarray | None:
+        """`_step_one` run at once when it can be (see `_run_now`), else None."""
+        model = session.model
+        if self._sessions.ended(session):
+            return None  # `_step_one` says so
+        try:
+            y = self._run_now(model, [session.slot], [session.lock], x, span, reserve)
+        except Exception as exc:
+            raise _run_error(model, exc) from exc
+        if y is not None:
+            session.last_used = self._sessions.clock()
+        return y
 
     async def _step_one(self, session: Session, x: np.ndarray, span: int) -> np.ndarray:
         """One session's steps, its lock held: FAILED_PRECONDITION if it ended while the caller

@@ -112,11 +112,17 @@ class MemoryBudget:
                 self._wake()
             raise
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether `nbytes` would be granted now, ahead of no waiting request. Work that is
+        done before the event loop runs anything else needs only this check: nothing can ask
+        for memory meanwhile, so taking and giving back the bytes would change nothing."""
+        return not self._waiters and self.used + nbytes <= self.capacity
+
     def hold(self, nbytes: int) -> bool:
         """Take `nbytes` now, for something kept between requests (given back with `release`),
         if they fit with no request waiting; else take nothing. What is only worth keeping
         while memory is plentiful asks this way, and never makes a request wait."""
-        if self._waiters or self.used + nbytes > self.capacity:
+        if not self.fits(nbytes):
             return False
         self.used += nbytes
         return True

@@ -66,12 +66,20 @@ class SessionLock:
         self.release()
 
 
-def take_all(locks: list[SessionLock]) -> bool:
-    """Take every lock now, if every one is free (a loop turn with no await); else none.
-    Plain loops: on CPython 3.11 they beat any(map(attrgetter(...))) about twofold."""
+def all_free(locks: list[SessionLock]) -> bool:
+    """Whether no lock is held (free locks have no waiters). Work done with no await in
+    between needs only this: no one can take a lock before it ends. Plain loops: on CPython
+    3.11 they beat any(map(attrgetter(...))) about twofold."""
     for lock in locks:
         if lock.held:
             return False
+    return True
+
+
+def take_all(locks: list[SessionLock]) -> bool:
+    """Take every lock now, if every one is free (a loop turn with no await); else none."""
+    if not all_free(locks):
+        return False
     for lock in locks:
         lock.held = True
     return True
