@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from rnnserve.config import ServerConfig
 from rnnserve.contract import read_spec
-from rnnserve.engine import Engine
+from rnnserve.engine import Engine, StepMemo
 from rnnserve.errors import InvalidArgument, Unavailable
 from rnnserve.memory import MemoryBudget
 from rnnserve.metrics import Metrics
@@ -239,5 +240,47 @@ def test_a_lone_step_runs_at_once_and_company_still_batches() -> None:
         after = runs("rnnserve_batch_size_count", {"model": "echo", "version": "1"})
         assert after - before == 1  # four steps, one run
         await registry.close()
+
+    asyncio.run(main())
+
+
+def test_a_step_runs_at_once_only_when_nothing_holds_it_back() -> None:
+    """The run-at-once path checks, without taking them, its sessions' locks and the memory it
+    needs. A session held by other work (a message waiting for its other rows' locks, a move
+    to a sibling worker) or a budget without room makes a step wait its turn, with the
+    batcher idle and nothing else ready on the loop: native steps (with and without a
+    stream's memo) and v2 sequence steps."""
+
+    async def main() -> None:
+        engine = await make_engine()
+        loop = asyncio.get_running_loop()
+        x = np.ones((1, 1, 1), np.float32)
+        memo = StepMemo()
+        native = engine.open_session("echo", 0, {}).session_id
+        await engine.step([native], x, memo=memo)  # the memo keeps the session from here
+        sequence = "7" * 32
+        await engine.sequence_step("echo", 0, sequence, x, {}, True, False, False, "")
+        steps = [lambda: engine.step([native], x), lambda: engine.step([native], x, memo=memo),
+                 lambda: engine.sequence_step("echo", 0, sequence, x, {}, False, False, False, "")]
+        events: list[str] = []
+
+        def later(what: str, free: Callable[[], None]) -> None:
+            loop.call_later(0.02, lambda: (events.append(what), free()))  # a timer: not ready
+
+        for session_id, step in zip([native, native, sequence], steps):
+            with pytest.raises(StopIteration):  # free: done on its first resumption
+                step().send(None)
+            lock = engine._sessions.get(session_id).lock
+            await lock.acquire()
+            later("lock released", lock.release)
+            await step()
+            events.append("stepped")
+            room = engine.budget.capacity - engine.budget.used  # a memo holds a few bytes
+            assert engine.budget.hold(room)
+            later("memory released", lambda room=room: engine.budget.release(room))
+            await step()
+            events.append("stepped")
+        assert events == ["lock released", "stepped", "memory released", "stepped"] * 3
+        await engine.shutdown()
 
     asyncio.run(main())
