@@ -12,6 +12,14 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+_held = 0
+"""How many SessionLocks of this process are held now. While none is, `all_free` answers
+without looking at its locks (a loop over 1,000 of them costs ~20 µs)."""
+
+
+def held() -> int:
+    return _held
+
 
 class SessionLock:
     __slots__ = ("held", "_waiters")
@@ -26,9 +34,11 @@ class SessionLock:
 
     def take(self) -> bool:
         """Acquire now if free; never waits."""
+        global _held
         if self.held:
             return False
         self.held = True
+        _held += 1
         return True
 
     async def acquire(self) -> bool:
@@ -50,14 +60,21 @@ class SessionLock:
 
     def release(self) -> None:
         """Hand the lock to the first waiter still waiting, or free it."""
+        global _held
         if not self.held:
             raise RuntimeError("release of an unlocked SessionLock")
+        if not self._hand_over():
+            self.held = False
+            _held -= 1
+
+    def _hand_over(self) -> bool:
+        """Give the held lock to the first waiter still waiting; False if none is."""
         while self._waiters:
             granted = self._waiters.popleft()
             if not granted.done():
                 granted.set_result(True)  # it wakes holding the lock
-                return
-        self.held = False
+                return True
+        return False
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -70,6 +87,8 @@ def all_free(locks: list[SessionLock]) -> bool:
     """Whether no lock is held (free locks have no waiters). Work done with no await in
     between needs only this: no one can take a lock before it ends. Plain loops: on CPython
     3.11 they beat any(map(attrgetter(...))) about twofold."""
+    if not _held:
+        return True
     for lock in locks:
         if lock.held:
             return False
@@ -78,16 +97,20 @@ def all_free(locks: list[SessionLock]) -> bool:
 
 def take_all(locks: list[SessionLock]) -> bool:
     """Take every lock now, if every one is free (a loop turn with no await); else none."""
+    global _held
     if not all_free(locks):
         return False
     for lock in locks:
         lock.held = True
+    _held += len(locks)
     return True
 
 
 def release_all(locks: list[SessionLock]) -> None:
+    global _held
+    _held -= len(locks)
     for lock in locks:
-        if lock._waiters:
-            lock.release()
+        if lock._waiters and lock._hand_over():
+            _held += 1  # held on, by the waiter it woke
         else:
             lock.held = False

@@ -1,5 +1,5 @@
 """SessionLock: asyncio.Lock's guarantees (one holder, first come first served, cancellation
-safe) plus taking many free locks at once without an await."""
+safe) plus taking many free locks at once without an await, and a count of the held ones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnnserve.session_lock import SessionLock, release_all, take_all
+from rnnserve.session_lock import SessionLock, all_free, held, release_all, take_all
 
 
 def run(coro):
@@ -109,6 +109,7 @@ def test_holders_never_overlap(plans: list[tuple[set[int], int, bool]]) -> None:
             try:
                 for i in wanted:
                     assert i not in holders, f"lock {i} held by {holders[i]} and {who}"
+                    assert not all_free([locks[i]])  # the count of held locks never misses it
                     holders[i] = who
                 for _ in range(yields):
                     await asyncio.sleep(0)
@@ -117,6 +118,7 @@ def test_holders_never_overlap(plans: list[tuple[set[int], int, bool]]) -> None:
                     holders.pop(i, None)
                 release_all(mine)
 
+        before = held()
         tasks = [asyncio.create_task(task(n, wanted, yields))
                  for n, (wanted, yields, _) in enumerate(plans)]
         await asyncio.sleep(0)
@@ -127,5 +129,6 @@ def test_holders_never_overlap(plans: list[tuple[set[int], int, bool]]) -> None:
         for result, (_, _, cancel) in zip(results, plans, strict=True):
             assert result is None or (cancel and isinstance(result, asyncio.CancelledError))
         assert not any(lock.locked() for lock in locks)
+        assert held() == before
 
     run(main())
