@@ -1,9 +1,9 @@
 """The floors rnnserve is measured against: the same Stream RPC and messages, answered by a bare
 servicer. Without --model it only echoes (the transport's floor); with --model bound it also runs
-the echo model once per message through bound ONNX Runtime buffers holding the stream's state
-(the least any server that runs the model per message must pay: no sessions, checks, batching or
-metrics); --model run does the same through plain `session.run`, to show what binding is worth
-in a live server.
+the echo model once per message, on all of its rows, through bound ONNX Runtime buffers holding
+the stream's state (the least any server that runs the model per message must pay: no sessions,
+checks, batching or metrics); --model run does the same through plain `session.run`, to show
+what binding is worth in a live server.
 
 The same floors answer KServe v2 `ModelInfer` (unary) with a response of the size rnnserve
 sends, for bench/v2_unary.py: one bound run per call on one state, no sequence bookkeeping.
@@ -44,11 +44,11 @@ class EchoServicer(rpc.InferenceServicer):
         bound = None
         async for request in requests:
             if request.WhichOneof("kind") == "open":
-                if self.runner is not None:  # this stream's own buffers: its state lives there
-                    bound = self.runner.bind(1, 1)
                 yield opened
                 continue
             rows, k = request.step.x.shape[0], request.step.x.shape[1]
+            if self.runner is not None and (bound is None or bound.x.shape[:2] != (rows, k)):
+                bound = self.runner.bind(rows, k)  # the stream's own buffers hold its state
             if bound is None:
                 y = np.zeros((rows, k, 2), "<f4")
             elif not self.bound:

@@ -201,7 +201,7 @@ def machine() -> str:
 PLAN = {
     # server label: (flags, echo, loads)
     "bare echo": ((), True, "base+multiplexed"),
-    "echo + one ORT run": (("--model", "bound"), True, "base"),  # one session, one step each
+    "echo + one ORT run": (("--model", "bound"), True, "base+multiplexed"),  # one run each
     "echo + one ORT session.run": (("--model", "run"), True, "base"),
     "rnnserve": ((), False, "all"),
     "rnnserve, batch size 1": (("--max-batch-size", "1"), False, "base+multiplexed"),
