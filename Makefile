@@ -10,7 +10,7 @@ PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
 ORT    ?= cpu
 
-.PHONY: install install-test constraints serve test train bench bench-soak bench-workers bench-gpu bench-scale-out proto lint docker docker-gpu docker-train clean
+.PHONY: install install-test constraints serve test train bench bench-soak bench-workers bench-gpu bench-scale-out bench-instructions proto lint docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -73,6 +73,11 @@ bench-gpu: install-test
 # Steps/s and server CPU per step for 1, 2, 4, ... workers side by side (bench/workers.py).
 bench-workers: install-test
 	$(PY) -m bench.workers
+
+# Instructions per message inside the server, beside the floor's; REV=<git rev> adds that
+# revision's (bench/instructions.py; needs valgrind: apt-get install valgrind).
+bench-instructions: install-test
+	$(PY) -m bench.instructions $(if $(REV),--against $(REV))
 
 # Needs nginx and redis-server (Debian: apt-get install nginx redis-server).
 bench-scale-out: install-test
