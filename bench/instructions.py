@@ -61,8 +61,11 @@ def per_message(load: str, pythonpath: str = "", floor: bool = False) -> float:
 def checkout(rev: str, into: Path) -> str:
     """REV in a worktree under `into`; the PYTHONPATH that imports `rnnserve` from it."""
     tree = into / "tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
-                   check=True, capture_output=True)
+    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree),
+                            rev], capture_output=True, text=True)
+    if added.returncode:
+        raise SystemExit(f"--against {rev}: git could not check it out: "
+                         f"{added.stderr.strip().splitlines()[-1]}")
     shutil.copytree(ROOT / "service" / "generated", tree / "service" / "generated",
                     dirs_exist_ok=True)
     (into / "path").mkdir()
