@@ -85,8 +85,10 @@ class ServerProcess:
 
     ATTEMPTS = 5
 
-    def __init__(self, log: Path, *flags: str, metrics: bool = False) -> None:
-        """One process (--workers 1) unless `flags` name --workers."""
+    def __init__(self, log: Path, *flags: str, metrics: bool = False,
+                 wrapper: tuple[str, ...] = ()) -> None:
+        """One process (--workers 1) unless `flags` name --workers; `wrapper` is a command
+        that runs the server (e.g. unshare, to put it in a PID namespace of its own)."""
         self.log = log
         if "--workers" not in flags:
             flags = ("--workers", "1", *flags)
@@ -95,7 +97,7 @@ class ServerProcess:
             self.metrics_port = free_port() if metrics else -1
             with open(log, "w") as err:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "rnnserve", "serve", "--repository",
+                    [*wrapper, sys.executable, "-m", "rnnserve", "serve", "--repository",
                      str(ROOT / "exported"), "--grpc-port", str(self.port), "--metrics-port",
                      str(self.metrics_port), *flags],
                     cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},

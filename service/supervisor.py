@@ -13,7 +13,9 @@ The parent:
 - serves the one /metrics: prometheus-client's multiprocess mode sums the workers' files, and
   a collector adds per-worker CPU, memory and restarts;
 - restarts a worker that dies (a crash, the OOM killer, SIGKILL);
-- forwards SIGTERM/SIGINT: every worker drains, and the exit status is the worst of theirs.
+- forwards SIGTERM/SIGINT: every worker drains, and the exit status is the worst of theirs;
+- is a correct PID 1 in a container (plain `docker run`, no --init): it handles the signals the
+  kernel would otherwise drop for PID 1, and reaps orphaned processes that the kernel hands it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class WorkerPlace:
     count: int
     run_dir: Path
     """The supervisor's private directory: the workers' sockets, the metrics files."""
+    supervisor_pid: int
+    """Whose death ends the worker. Not "is my parent PID 1?": in a container the supervisor
+    itself is PID 1, and every worker took that for its parent's death."""
 
 
 METRICS_DIR = "metrics"
@@ -57,18 +62,17 @@ PR_SET_PDEATHSIG = 1
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _end_with_parent() -> None:
+def _end_with_parent(supervisor_pid: int) -> None:
     """Drain (SIGTERM) when the supervisor dies, even by SIGKILL: no orphaned workers holding
-    the port. Linux's parent-death signal; the check after it closes the race with a parent
-    that died before it was set."""
+    the port. Linux's parent-death signal; the check after it closes the race with a
+    supervisor that died before it was set (the worker was then handed to another parent)."""
     import ctypes
 
-    parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the supervisor's own stop ends workers
         return
-    if os.getppid() != parent or parent == 1:
+    if os.getppid() != supervisor_pid:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -81,7 +85,7 @@ def _worker_main(config: ServerConfig, place: WorkerPlace, ready) -> None:
 
     configure(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a terminal's ^C
-    _end_with_parent()
+    _end_with_parent(place.supervisor_pid)
     try:
         code = asyncio.run(serve(config, place, on_ready=lambda port: ready.send(port)))
     except (ValueError, OSError, RuntimeError) as exc:
@@ -123,7 +127,7 @@ class Supervisor:
     def __init__(self, config: ServerConfig, count: int) -> None:
         self.config = config
         self.count = count
-        self.run_dir = Path(tempfile.mkdtemp(prefix="rnnserve-"))
+        self.run_dir = Path()  # made by run(), where a missing /tmp can be reported
         self.context = multiprocessing.get_context("spawn")
         self.processes: dict[int, multiprocessing.Process] = {}
         self.pipes: dict[int, object] = {}
@@ -133,6 +137,15 @@ class Supervisor:
         self.stopping = False
 
     def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1, unhandled ones are dropped
+            signal.signal(sig, self._on_signal)
+        try:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="rnnserve-"))
+        except OSError as exc:
+            log.error("cannot serve: the workers need a writable temporary directory (%s): "
+                      "mount one at /tmp (docker run --read-only --tmpfs /tmp) or set TMPDIR",
+                      exc)
+            return 2
         metrics_dir = self.run_dir / METRICS_DIR
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before the workers start
@@ -167,7 +180,7 @@ class Supervisor:
 
     def _start(self, index: int, config: ServerConfig) -> None:
         receive, send = self.context.Pipe(duplex=False)
-        place = WorkerPlace(index, self.count, self.run_dir)
+        place = WorkerPlace(index, self.count, self.run_dir, os.getpid())
         process = self.context.Process(target=_worker_main, args=(config, place, send),
                                        name=f"rnnserve-worker-{index}", daemon=False)
         process.start()
@@ -179,13 +192,13 @@ class Supervisor:
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_write, False)
         previous = signal.set_wakeup_fd(wake_write)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes _watch: reap orphans
         try:
             for index in range(self.count):
                 self._start(index, config)
             codes = self._watch(config, port, http, wake_read)
         finally:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.set_wakeup_fd(previous)
             os.close(wake_read)
             os.close(wake_write)
@@ -229,6 +242,7 @@ class Supervisor:
                     code = self._died(index, config)
                     if code is not None:
                         codes[index] = code
+            self._reap_orphans()
             if not announced and len(self.ready) == self.count:
                 announced = True
                 metrics = (f"metrics on :{http.server_port}" if http is not None
@@ -236,6 +250,24 @@ class Supervisor:
                 log.info("serving on %s:%d with %d workers; %s", self.config.host, port,
                          self.count, metrics)
         return codes
+
+    def _reap_orphans(self) -> None:
+        """Collect ended processes that are not this supervisor's workers: as PID 1, every
+        orphan of the container is handed to it, and unreaped they stay zombies for good.
+        Workers are left to their own join (which needs their exit status): a dead one stops
+        the look-up until its sentinel has been handled."""
+        workers = {process.pid for process in self.processes.values()}
+        while True:
+            try:
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if ended is None or ended.si_pid in workers or ended.si_pid == 0:
+                return
+            try:
+                os.waitpid(ended.si_pid, 0)
+            except ChildProcessError:
+                return
 
     def _ready(self, index: int, pipe) -> None:
         del self.pipes[index]
