@@ -11,20 +11,22 @@ import os
 import re
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
 from rnnserve import __version__
 from rnnserve import config as config_module
 
-DEFAULT_ADDRESS = "localhost:8500"
-
 
 def _client_flags(cmd: argparse.ArgumentParser) -> None:
-    """How every client command reaches the server: address, TLS, token."""
+    """How every client command reaches the server: address, TLS, token. Beside the server
+    (a container's probe, `docker exec`), the server's own RNNSERVE_GRPC_PORT says where."""
     env = os.environ.get
-    cmd.add_argument("--address", default=env("RNNSERVE_ADDRESS", DEFAULT_ADDRESS),
-                     help=f"server host:port (default: {DEFAULT_ADDRESS}; env RNNSERVE_ADDRESS)")
+    local = f"localhost:{env('RNNSERVE_GRPC_PORT') or 8500}"
+    cmd.add_argument("--address", default=env("RNNSERVE_ADDRESS", local),
+                     help="server host:port (default: localhost and RNNSERVE_GRPC_PORT, else "
+                          f"8500: {local}; env RNNSERVE_ADDRESS)")
     cmd.add_argument("--tls-ca", default=env("RNNSERVE_TLS_CA") or None,
                      help="PEM file of the CA that signed the server's certificate: connect "
                           "with TLS (env RNNSERVE_TLS_CA; default: plaintext)")
@@ -45,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                        ("stream", "stream stdin lines as timesteps of one session")):
         cmd = sub.add_parser(name, help=text, description=text)
         _client_flags(cmd)
+        if name == "health":
+            _health_flags(cmd)
         if name not in ("models", "health"):
             cmd.add_argument("--model", required=True, help="model name (see `rnnserve models`)")
             cmd.add_argument("--model-version", type=int, default=0,
@@ -61,6 +65,19 @@ def parser() -> argparse.ArgumentParser:
         "stdin: JSON (a list of sequences, each a list of timesteps, each a list of features) "
         "or CSV (one timestep per line, a blank line between sequences). Output: JSON.")
     return p
+
+
+def _health_flags(cmd: argparse.ArgumentParser) -> None:
+    """A probe runs beside the server it checks, with the server's environment: a server with
+    TLS is checked with TLS, trusting its own certificate unless a CA is named."""
+    env = os.environ.get
+    cmd.set_defaults(tls_ca=env("RNNSERVE_TLS_CA") or env("RNNSERVE_TLS_CERT") or None)
+    cmd.add_argument("--tls-server-name", default=env("RNNSERVE_TLS_SERVER_NAME") or None,
+                     help="name the server's certificate must carry, where it is not the "
+                          "address's host (env RNNSERVE_TLS_SERVER_NAME)")
+    cmd.add_argument("--service", default="",
+                     help="health entry to check: '' (default) the server is ready; "
+                          "'liveness' its process answers (a liveness probe); a model's name")
 
 
 def _import_flags(cmd: argparse.ArgumentParser) -> None:
@@ -162,11 +179,20 @@ def run_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    client = _client(args)
-    with client:
+    options = ([("grpc.ssl_target_name_override", args.tls_server_name)]
+               if args.tls_server_name else [])
+    try:
+        channel = (grpc.secure_channel(args.address, grpc.ssl_channel_credentials(
+            Path(args.tls_ca).read_bytes()), options) if args.tls_ca
+            else grpc.insecure_channel(args.address, options))
+    except OSError as exc:
+        print(f"unhealthy: cannot read the CA file {args.tls_ca}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    with channel:
         try:
-            status = health_pb2_grpc.HealthStub(client.channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=3, metadata=client.metadata).status
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=3).status
         except grpc.RpcError as exc:
             print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -175,8 +201,11 @@ def run_health(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from rnnserve import preflight
+
     try:
         config = config_module.from_namespace(args)
+        preflight.check(config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,13 +212,27 @@ def test_workers_do_not_outlive_a_killed_supervisor(workers: Workers) -> None:
         time.sleep(0.1)
 
 
-def test_a_repository_no_worker_can_serve_stops_the_server_with_its_reason(
+def serve_once(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rnnserve", "serve", "--workers", "2",
+                           "--grpc-port", "0", "--metrics-port", "-1", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_repository_stops_the_server_with_one_line_before_any_worker(
         tmp_path: Path) -> None:
-    failed = subprocess.run([sys.executable, "-m", "rnnserve", "serve", "--workers", "2",
-                             "--repository", str(tmp_path / "missing"), "--grpc-port", "0",
-                             "--metrics-port", "-1"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    failed = serve_once("--repository", str(tmp_path / "missing"))
+    assert failed.returncode == 2
+    (line,) = failed.stderr.splitlines()
+    assert line.startswith(f"error: --repository {tmp_path / 'missing'} is not a directory")
+
+
+def test_a_repository_no_worker_can_load_stops_the_server_with_its_reason(
+        tmp_path: Path) -> None:
+    version = tmp_path / "repo" / "echo" / "1"
+    shutil.copytree(ROOT / "exported" / "echo" / "1", version)
+    (version / "model.onnx").write_bytes(b"not a graph")  # found on disk, fails to load
+    failed = serve_once("--repository", str(tmp_path / "repo"))
     assert failed.returncode == 2
     messages = [json.loads(line)["message"] for line in failed.stderr.splitlines()]
-    assert any("not a directory" in m for m in messages)
+    assert any("no loadable model" in m for m in messages)
     assert any("could not start" in m for m in messages)
