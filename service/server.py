@@ -41,6 +41,10 @@ from rnnserve.supervisor import WorkerPlace
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
 EVICTION_PERIOD_MAX = 1.0
+LIVENESS = "liveness"
+"""The health entry a liveness probe asks for: SERVING from the start while the event loop
+answers, whatever the models do (a probe on "" would restart a server whose only model is
+reloading, which loses every session and fixes nothing); NOT_SERVING once a drain began."""
 STREAM_WINDOW = 64 * 1024
 
 
@@ -76,7 +80,7 @@ class Server:
         models = self.engine.models()
         ready = {m.spec.name for m in models if m.ready}
         wanted = {m.spec.name: status.SERVING if m.spec.name in ready else status.NOT_SERVING
-                  for m in models}
+                  for m in models if m.spec.name != LIVENESS}  # a model so named: no entry
         whole = self.synced and self.engine.ready
         await self.health.set("", status.SERVING if whole else status.NOT_SERVING)
         for name, serving in wanted.items():
@@ -100,6 +104,9 @@ class Server:
         if self.stopping:
             return 0
         self.stopping = True
+        # One deadline for the handoff and the in-flight work together, so the whole drain
+        # fits in --shutdown-grace (and so in a container engine's stop timeout sized to it).
+        deadline = time.monotonic() + self.config.shutdown_grace
         self.engine.drain()
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
         self.streams.end_idle()
@@ -113,7 +120,7 @@ class Server:
             log.error("could not hand %d sessions off to the shared state store (%s); they "
                       "are lost", lost, exc or "timed out")
         self.streams.end_idle()  # streams opened while the handoff ran
-        await self.grpc_server.stop(self.config.shutdown_grace)
+        await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
         if self.internal is not None:
             await self.internal.stop(0)
         for task in self.tasks:
@@ -223,6 +230,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         KServeServicer(engine, metrics, identities, streams), handlers)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

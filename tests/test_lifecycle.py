@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC
 from pathlib import Path
 
 import grpc
@@ -19,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.client import Client, RnnServeError
 from rnnserve.config import ServerConfig, add_arguments, from_namespace
-from tests.conftest import EXPORTED, ROOT, running
+from tests.conftest import EXPORTED, ROOT, running, self_signed
 
 
 def wait_for(predicate, timeout: float = 30.0) -> None:
@@ -103,25 +102,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
 
 
 def test_tls(tmp_path: Path) -> None:
-    from datetime import datetime, timedelta
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1)
-            .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
-            .sign(key, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    self_signed(tmp_path, "localhost")
     with running(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")) as srv:
         address = f"localhost:{srv.server.port}"
         with Client(address, tls_ca=tmp_path / "cert.pem") as secure:
@@ -129,7 +110,13 @@ def test_tls(tmp_path: Path) -> None:
         probe = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address", address],
                                env={**os.environ, "RNNSERVE_TLS_CA": str(tmp_path / "cert.pem")},
                                capture_output=True, text=True, timeout=60)
-        assert probe.returncode == 0 and "SERVING" in probe.stdout  # the container's probe
+        assert probe.returncode == 0 and "SERVING" in probe.stdout
+        # The container's probe: only the server's own settings, no address, no CA.
+        beside = subprocess.run([sys.executable, "-m", "rnnserve", "health"], env={
+            **os.environ, "RNNSERVE_GRPC_PORT": str(srv.server.port),
+            "RNNSERVE_TLS_CERT": str(tmp_path / "cert.pem")},
+            capture_output=True, text=True, timeout=60)
+        assert beside.returncode == 0 and "SERVING" in beside.stdout, beside.stderr
         plaintext = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address",
                                     address], capture_output=True, text=True, timeout=60)
         assert plaintext.returncode == 1
