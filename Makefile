@@ -10,11 +10,11 @@ PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
 ORT    ?= cpu
 
-.PHONY: install install-test constraints serve test train bench bench-soak bench-workers bench-gpu bench-scale-out bench-instructions proto lint docker docker-gpu docker-train clean
+.PHONY: install install-test constraints serve test test-container test-container-gpu train bench bench-soak bench-workers bench-gpu bench-scale-out bench-instructions proto lint docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c $(CONSTRAINTS) pip
 
 # Serving dependencies only (no TensorFlow), at the tested versions; installing the package
 # generates its gRPC code from proto/ (setup.py). ORT=gpu installs onnxruntime-gpu instead of
@@ -46,7 +46,18 @@ $(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) $(STAMP)
 	$(INSTALL) --no-deps tritonclient python-rapidjson
 	touch $@
 
-install-test: install $(VENV)/.installed-test
+# checkov, which tests/test_deploy.py runs on deploy/kubernetes, in a virtual environment of
+# its own: its many dependencies would conflict with the pinned set above.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV    := .venv-checkov
+
+$(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV) || python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+	touch $@
+
+install-test: install $(VENV)/.installed-test $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
 test: install-test
 	$(PY) -m pytest
@@ -84,23 +95,42 @@ bench-scale-out: install-test
 	$(PY) -m bench.scale_out
 
 # After changing pyproject.toml's ranges: record the set the tests then pass with.
+# The CUDA block at the end (onnxruntime-gpu and its nvidia-* libraries) is kept as it is.
 constraints: install-test
-	{ sed -n '1,2p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -v '^rnnserve' \
-	  | LC_ALL=C sort -f; echo 'onnxruntime-gpu==1.31.1'; } > $(CONSTRAINTS).new
+	{ sed -n '1,2p' $(CONSTRAINTS); $(PIP) freeze --all --exclude-editable \
+	  | grep -v -E '^(rnnserve|setuptools|wheel)\b' | LC_ALL=C sort -f; \
+	  sed -n '/^# The CUDA image/,$$p' $(CONSTRAINTS); } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 lint: install-test
 	$(VENV)/bin/ruff check service training tests bench
 
+# BuildKit builds only the stages a target needs (the CPU image never touches the CUDA
+# libraries or TensorFlow). DOCKER_BUILD_ARGS passes more flags, e.g. the secrets of a private
+# package index: DOCKER_BUILD_ARGS='--secret id=pipconf,src=pip.conf --secret id=pipca,src=ca.pem'
+DOCKER ?= docker
+DOCKER_BUILD := DOCKER_BUILDKIT=1 $(DOCKER) build $(DOCKER_BUILD_ARGS)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
 docker:
-	docker build -t $(IMAGE) .
+	$(DOCKER_BUILD) --target cpu -t $(IMAGE):$(VERSION) -t $(IMAGE) .
 
 docker-gpu:
-	docker build --build-arg FLAVOR=gpu -t $(IMAGE):gpu .
+	$(DOCKER_BUILD) --target gpu -t $(IMAGE):$(VERSION)-gpu -t $(IMAGE):gpu .
 
 docker-train:
-	docker build --target train -t $(IMAGE):train .
+	$(DOCKER_BUILD) --target train -t $(IMAGE):train .
+
+# The images as deployed, on a real Docker engine (`docker` must reach one: DOCKER_HOST). Not
+# part of `make test`; CI runs it after, on the engine ../shared/container/engine.sh starts.
+test-container: install-test
+	$(PY) -m pytest -m container tests/container
+
+# The CUDA image (a large download): every library ONNX Runtime's CUDA provider links resolves
+# inside it but the driver's libcuda.so, checked without a GPU.
+test-container-gpu: install-test
+	$(PY) -m pytest -m container_gpu tests/container
 
 clean:
-	rm -rf $(VENV) service/generated .pytest_cache .ruff_cache bench/results
+	rm -rf $(VENV) $(CHECKOV_VENV) service/generated .pytest_cache .ruff_cache bench/results
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

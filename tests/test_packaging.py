@@ -26,40 +26,18 @@ def instructions(keyword: str) -> list[str]:
     return [line[len(keyword):].strip() for line in INSTRUCTIONS if line.startswith(keyword + " ")]
 
 
-def test_multi_stage_with_cpu_gpu_and_training_targets() -> None:
-    stages = {line.split(" AS ")[-1] for line in instructions("FROM") if " AS " in line}
-    assert {"build", "train", "runtime", "base-cpu", "base-gpu"} <= stages
-    bases = instructions("FROM")
-    assert any(line.startswith("nvidia/cuda:") and "runtime" in line for line in bases)
-    assert "FLAVOR=cpu" in instructions("ARG")
-    assert INSTRUCTIONS[-1].startswith("ENTRYPOINT") and "serve" in INSTRUCTIONS[-1]
-
-
-def test_installs_with_the_same_commands_as_make() -> None:
-    runs = instructions("RUN")
-    assert any("make install " in r and "ORT=${FLAVOR}" in r for r in runs)
-    makefile = (ROOT / "Makefile").read_text()
-    assert "INSTALL := $(PIP) install --quiet -c $(CONSTRAINTS)" in makefile
-    assert "$(INSTALL) -e '.[$(ORT)]'" in makefile
-    for source in ("pyproject.toml", "setup.py", "constraints.txt", "proto", "service",
-                   "training", "exported", "Makefile"):
-        assert any(source in line for line in instructions("COPY")), source
-        assert (ROOT / source).exists()
-
-
-def test_runtime_user_ports_health_and_signals() -> None:
-    users = instructions("USER")
-    assert users and users[-1] not in ("root", "0")
+def test_image_environment_names_real_flags_and_fits_docker_stop() -> None:
+    """What the image sets is checked here on every run; the image itself is built and run on
+    a real engine by tests/container (make test-container)."""
     env = dict(re.findall(r"(RNNSERVE_\w+)=(\S+)", " ".join(instructions("ENV"))))
     known = {ENV_PREFIX + f.name.upper() for f in fields(ServerConfig)}
     assert set(env) <= known, set(env) - known
-    assert env["RNNSERVE_HOST"] == "0.0.0.0"
     exposed = {int(p) for line in instructions("EXPOSE") for p in line.split()}
     assert exposed == {int(env["RNNSERVE_GRPC_PORT"]), int(env["RNNSERVE_METRICS_PORT"])}
     assert exposed == {ServerConfig.grpc_port, ServerConfig.metrics_port}
     (health,) = instructions("HEALTHCHECK")
-    assert '"rnnserve", "health"' in health and env["RNNSERVE_GRPC_PORT"] in health
-    assert instructions("STOPSIGNAL") == ["SIGTERM"]
+    assert health.endswith('CMD ["rnnserve", "health"]')  # its port and TLS: the server's env
+    assert float(env["RNNSERVE_SHUTDOWN_GRACE"]) + 2 <= 10  # docker stop's default timeout
 
 
 def test_ci_runs_what_the_readme_tells_users() -> None:
