@@ -203,15 +203,15 @@ def run_health(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from rnnserve import preflight
 
+    if importlib.util.find_spec("onnxruntime") is None:
+        print("error: ONNX Runtime is not installed: pip install 'rnnserve[cpu]' (or "
+              "'rnnserve[gpu]' for CUDA)", file=sys.stderr)
+        return 2
     try:
         config = config_module.from_namespace(args)
         preflight.check(config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if importlib.util.find_spec("onnxruntime") is None:
-        print("error: ONNX Runtime is not installed: pip install 'rnnserve[cpu]' (or "
-              "'rnnserve[gpu]' for CUDA)", file=sys.stderr)
         return 2
     from rnnserve.logs import configure
     from rnnserve.server import serve

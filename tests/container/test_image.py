@@ -112,6 +112,8 @@ def test_plain_docker_run_serves_with_every_worker_and_stops_cleanly(
             with pytest.raises(RnnServeError) as ended:
                 stream.step([[1.0]])
             assert ended.value.code.name in ("UNAVAILABLE", "CANCELLED")
+    print(f"docker stop with 4 open streams and a Predict of {answer.get('took', 0):.1f} s "
+          f"running: {took:.1f} s, exit code {code}")
     assert "error" not in answer, answer.get("error")
     assert answer["took"] > 0.3, "the Predict ended before the stop: make it larger"
     np.testing.assert_allclose(answer["y"], reference("binary_add", big), rtol=0, atol=1e-5)
