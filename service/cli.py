@@ -218,7 +218,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     configure(config.log_level)
     workers = config_module.worker_count(config)
-    if workers > 1:
+    if workers > 1 or os.getpid() == 1:  # PID 1 (a container) must also reap and forward
         from rnnserve.supervisor import supervise
 
         return supervise(config, workers)

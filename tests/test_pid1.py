@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,27 +39,39 @@ def state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-@pytest.fixture
-def in_pid_namespace(tmp_path: Path):
+def in_pid_namespace(log: Path, workers: int) -> ServerProcess:
     if shutil.which("unshare") is None or subprocess.run(
             ["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0:
         pytest.fail("unshare --pid cannot run here (needs root or user namespaces): the "
                     "container case is untested")
-    server = ServerProcess(tmp_path / "log", "--workers", "2", metrics=True,
-                           wrapper=("unshare", "--pid", "--fork", "--kill-child"))
+    return ServerProcess(log, "--workers", str(workers), metrics=True,
+                         wrapper=("unshare", "--pid", "--fork", "--kill-child"))
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_workers_serve_with_their_supervisor_as_pid_1(workers: int, tmp_path: Path) -> None:
+    """One worker too: as PID 1 the server still runs a supervisor, which reaps."""
+    server = in_pid_namespace(tmp_path / "log", workers)
     try:
-        yield server
+        check_pid_1(server, workers)
     finally:
         server.kill()
 
 
-def test_two_workers_serve_with_their_supervisor_as_pid_1(in_pid_namespace) -> None:
-    server = in_pid_namespace
+def check_pid_1(server: ServerProcess, workers: int) -> None:
     (supervisor,) = children(server.proc.pid)
     assert namespace_pid(supervisor)[-1] == 1
+    deadline = time.monotonic() + 60
+    while server.metric("rnnserve_workers") < workers:  # the supervisor's own gauge
+        assert time.monotonic() < deadline, server.log.read_text()[-2000:]
+        time.sleep(0.1)
     time.sleep(2)  # a worker that ends itself at start is restarted within this
     assert server.metric("rnnserve_worker_restarts") == 0
-    assert server.metric("rnnserve_workers") == 2
+    assert server.metric("rnnserve_workers") == workers
+    liveness = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address",
+                               server.address, "--service", "liveness"],
+                              capture_output=True, text=True, timeout=60)
+    assert liveness.stdout.strip() == "SERVING", liveness.stderr
     xs = np.random.default_rng(3).integers(0, 2, (4, 12, 2)).astype(np.float32)
     with Client(server.address) as client:
         whole = client.predict("binary_add", xs).y
@@ -72,10 +85,9 @@ def test_two_workers_serve_with_their_supervisor_as_pid_1(in_pid_namespace) -> N
     subprocess.run(["nsenter", "--target", str(supervisor), "--pid", "--", "sh", "-c",
                     "sleep 0.2 & exit 0"], check=True)
     time.sleep(1.5)
-    workers = set(children(supervisor))
-    zombies = [p for p in workers if state(p) == "Z"]
+    zombies = [p for p in children(supervisor) if state(p) == "Z"]
     assert not zombies, f"orphans left unreaped: {zombies}"
-    assert server.metric("rnnserve_workers") == 2
+    assert server.metric("rnnserve_workers") == workers
 
     os.kill(supervisor, signal.SIGTERM)  # what `docker stop` sends to PID 1
     assert server.proc.wait(30) == 0
