@@ -34,9 +34,17 @@ def _client_flags(cmd: argparse.ArgumentParser) -> None:
                      help="bearer token, when the server requires one (env RNNSERVE_AUTH_TOKEN)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line, naming the flag or variable (the usage is one --help away): in a
+    container's log, that line is what the operator sees."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnserve", description="Serve recurrent ONNX models over "
-                                "gRPC: whole sequences and stateful streams.")
+    p = _Parser(prog="rnnserve", description="Serve recurrent ONNX models over "
+                "gRPC: whole sequences and stateful streams.")
     p.add_argument("--version", action="version", version=f"rnnserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server (every flag also from RNNSERVE_*)")
@@ -217,6 +225,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from rnnserve.server import serve
 
     configure(config.log_level)
+    for name in config_module.unknown_variables():
+        logging.getLogger("rnnserve").warning("%s is set, but no flag reads it (a typo, or a "
+                                              "renamed flag? see rnnserve serve --help)", name)
     workers = config_module.worker_count(config)
     if workers > 1 or os.getpid() == 1:  # PID 1 (a container) must also reap and forward
         from rnnserve.supervisor import supervise
@@ -230,6 +241,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C on a client command: stop, no traceback
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
         return run_serve(args)

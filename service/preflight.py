@@ -39,16 +39,19 @@ def check(config: ServerConfig) -> None:
     try:
         if not stat.S_ISDIR(os.stat(root).st_mode):
             raise NotServable(f"--repository {root} is not a directory; {hint}")
-        found = scan(root, config.models)
+        found = scan(root)
     except FileNotFoundError:
         raise NotServable(f"--repository {root} is not a directory; {hint}") from None
     except OSError as exc:
         raise NotServable(f"--repository {root}: cannot read it as uid {os.getuid()} "
                           f"({exc.strerror or exc}); {hint}") from None
-    if not found.found:
+    held = sorted({name for name, _ in found.found})
+    if not held:
         why = "; ".join(f"{path}: {problem}" for path, problem in
                         list(found.problems.items())[:2])
-        what = f"none of --models {','.join(config.models)}" if config.models else \
-            "no servable model"
-        raise NotServable(f"--repository {root} holds {what}" + (f" ({why})" if why else "")
-                          + f"; {hint}")
+        raise NotServable(f"--repository {root} holds no servable model"
+                          + (f" ({why})" if why else "") + f"; {hint}")
+    absent = sorted(set(config.models) - set(held))
+    if absent and (config.repository_poll == 0 or len(absent) == len(config.models)):
+        raise NotServable(f"--models names {', '.join(absent)}, which --repository {root} "
+                          f"does not hold (it holds {', '.join(held)})")

@@ -272,6 +272,16 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     return started
 
 
+async def _rescan(server: Server) -> None:
+    """SIGHUP: scan the repository now (new, changed and removed versions), as a poll would;
+    without it a hang-up signal would end the process with no drain."""
+    log.info("SIGHUP: scanning the model repository")
+    try:
+        await server.sync_models()
+    except Exception:  # the server keeps what it serves; the next scan tries again
+        log.exception("repository scan after SIGHUP failed")
+
+
 async def serve(config: ServerConfig, worker: WorkerPlace | None = None,
                 on_ready: Callable[[int], None] | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain within --shutdown-grace. The exit status: 0, or
@@ -282,6 +292,8 @@ async def serve(config: ServerConfig, worker: WorkerPlace | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.tasks.append(
+        asyncio.create_task(_rescan(server))))
     if on_ready is not None:
         on_ready(server.port)
     await stop.wait()

@@ -14,6 +14,7 @@ The parent:
   a collector adds per-worker CPU, memory and restarts;
 - restarts a worker that dies (a crash, the OOM killer, SIGKILL);
 - forwards SIGTERM/SIGINT: every worker drains, and the exit status is the worst of theirs;
+  and SIGHUP: every worker scans the model repository now;
 - is a correct PID 1 in a container (plain `docker run`, no --init): it handles the signals the
   kernel would otherwise drop for PID 1, and reaps orphaned processes that the kernel hands it.
 """
@@ -85,6 +86,7 @@ def _worker_main(config: ServerConfig, place: WorkerPlace, ready) -> None:
 
     configure(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards a terminal's ^C
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: not a death
     _end_with_parent(place.supervisor_pid)
     try:
         code = asyncio.run(serve(config, place, on_ready=lambda port: ready.send(port)))
@@ -139,6 +141,7 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1, unhandled ones are dropped
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._forward)
         try:
             self.run_dir = Path(tempfile.mkdtemp(prefix="rnnserve-"))
         except OSError as exc:
@@ -205,6 +208,12 @@ class Supervisor:
         worst = max(codes.values(), default=0)
         log.info("stopped (%d workers; worst exit status %d)", self.count, worst)
         return worst
+
+    def _forward(self, signum: int, frame: object) -> None:
+        """SIGHUP: every worker scans the repository now."""
+        for process in self.processes.values():
+            if process.is_alive():
+                os.kill(process.pid, signum)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self.stopping:

@@ -151,6 +151,41 @@ def test_bad_flag_values_name_the_reason(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--memory-budget", "lots"])
     assert "'lots' is not a size such as 512M or 1G" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--inline-run-us and --max-batch-delay must be >= 0"):
+    with pytest.raises(ValueError, match=r"--inline-run-us \(RNNSERVE_INLINE_RUN_US\) must be "
+                                         "at least 0; got -1"):
         from_namespace(parser.parse_args(["--inline-run-us", "-1"]))
     assert from_namespace(parser.parse_args(["--inline-run-us", "0"])).inline_run_us == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_scans_the_repository_and_serves_on(workers: str, tmp_path: Path) -> None:
+    """A hang-up signal (a terminal closing, an operator's `kill -HUP`) loads what was added
+    to the repository, in every worker, instead of ending the server with no drain."""
+    from bench.cluster import ServerProcess
+
+    repo = tmp_path / "repo"
+    shutil.copytree(EXPORTED / "echo", repo / "echo")
+    server = ServerProcess(tmp_path / "log", "--workers", workers, "--repository", str(repo))
+    try:
+        shutil.copytree(EXPORTED / "digits", repo / "digits")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: server.log.read_text().count("loaded digits v1") == int(workers))
+        for _ in range(4):  # new connections: every worker has it
+            with Client(server.address) as client:
+                assert [m.name for m in client.list_models()] == ["digits", "echo"]
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+
+
+def test_ctrl_c_ends_a_client_command_without_a_traceback(server) -> None:
+    stream = subprocess.Popen([sys.executable, "-m", "rnnserve", "stream", "--model", "echo",
+                               "--address", server.address], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stream.stdin.write("1\n")
+    stream.stdin.flush()
+    assert stream.stdout.readline().strip()  # the first output: the stream is open
+    stream.send_signal(signal.SIGINT)
+    out, err = stream.communicate(timeout=30)
+    assert stream.returncode == 130 and "Traceback" not in err, err

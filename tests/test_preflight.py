@@ -31,8 +31,9 @@ CASES = {
                              "--repository {tmp}/models is not a directory"),
     "empty model volume": (lambda tmp: ("--repository", str(tmp)),
                            "--repository {tmp} holds no servable model"),
-    "no such model": (lambda tmp: ("--models", "nosuch"),
-                      "--repository exported holds none of --models nosuch"),
+    "no such model": (lambda tmp: ("--models", "echo,nosuch"),
+                      "--models names nosuch, which --repository exported does not hold (it "
+                      "holds binary_add, digits, echo, forecast)"),
 }
 
 
