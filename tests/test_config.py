@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from rnnserve import cli
 from rnnserve.config import ENV_PREFIX, ServerConfig, from_namespace, unknown_variables
+from rnnserve.cpus import available_cpus
 from tests.conftest import ROOT
 
 VARIABLES = {ENV_PREFIX + f.name.upper(): f for f in fields(ServerConfig)}
@@ -74,7 +75,8 @@ def test_any_environment_value_gives_a_valid_config_or_one_line_naming_it(
     (["--repository-poll", "1e-9"], {}, "must be 0 or at least 0.05; got 1e-09"),
     (["--shutdown-grace", "-1"], {}, "--shutdown-grace (RNNSERVE_SHUTDOWN_GRACE) must be "
                                      "between 0 and 3600; got -1.0"),
-    (["--workers", "1000"], {}, "--workers (RNNSERVE_WORKERS) must be auto or a number from 1"),
+    (["--workers", str(4 * available_cpus() + 1)], {},
+     "--workers (RNNSERVE_WORKERS) must be auto or a number from 1"),
     (["--max-message-bytes", "4G"], {}, "must be between 1 and 2147483647"),
 ])
 def test_bad_values_are_refused_in_one_line(argv: list[str], env: dict[str, str], expected: str,
