@@ -135,6 +135,8 @@ class Supervisor:
         self.pipes: dict[int, object] = {}
         self.ready: set[int] = set()
         self.failures: dict[int, int] = {}
+        self.due: dict[int, float] = {}
+        """Workers to start again, by when (monotonic): their restart back-off."""
         self.restarts = 0
         self.stopping = False
 
@@ -227,15 +229,19 @@ class Supervisor:
         codes: dict[int, int] = {}
         announced = False
         deadline = None
-        while self.processes:
-            if self.stopping and deadline is None:
-                deadline = time.monotonic() + self.config.shutdown_grace + \
-                    self.config.handoff_wait + STOP_MARGIN
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        while self.processes or (self.due and not self.stopping):
+            if self.stopping:
+                self.due.clear()  # a stop during a restart's back-off starts nothing new
+                if deadline is None:
+                    deadline = time.monotonic() + self.config.shutdown_grace + \
+                        self.config.handoff_wait + STOP_MARGIN
+            self._start_due(config)
+            wake_at = min([*self.due.values(), *([deadline] if deadline else [])], default=None)
+            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
             waiting = {p.sentinel: (i, p) for i, p in self.processes.items()}
             pipes = {id(pipe): (i, pipe) for i, pipe in self.pipes.items()}
             events = wait([*waiting, *self.pipes.values(), wake], timeout)
-            if not events and deadline is not None:
+            if not events and deadline is not None and time.monotonic() >= deadline:
                 self._kill_all()
                 continue
             if wake in events:
@@ -316,10 +322,17 @@ class Supervisor:
             if self.failures[index] else 0.0
         log.error("worker %d (pid %d) died (%s): starting it again%s", index, process.pid,
                   how, f" in {pause:g} s" if pause else "")
-        time.sleep(pause)
-        self.restarts += 1
-        self._start(index, config)
+        self.due[index] = time.monotonic() + pause  # _watch starts it, unless a stop comes
         return None
+
+    def _start_due(self, config: ServerConfig) -> None:
+        """Start the workers whose restart back-off is over."""
+        now = time.monotonic()
+        for index, at in sorted(self.due.items()):
+            if at <= now:
+                del self.due[index]
+                self.restarts += 1
+                self._start(index, config)
 
     def _kill_all(self) -> None:
         for index, process in self.processes.items():

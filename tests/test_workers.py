@@ -236,3 +236,25 @@ def test_a_repository_no_worker_can_load_stops_the_server_with_its_reason(
     messages = [json.loads(line)["message"] for line in failed.stderr.splitlines()]
     assert any("no loadable model" in m for m in messages)
     assert any("could not start" in m for m in messages)
+
+
+def test_a_stop_during_a_restart_back_off_starts_no_new_worker(tmp_path: Path) -> None:
+    """A worker that dies before it is ready is started again after a back-off; SIGTERM in
+    that pause must stop the server then, not start a worker that nobody tells to drain."""
+    server = Workers(tmp_path / "log")
+    try:
+        before = set(server.worker_pids())
+        os.kill(min(before), signal.SIGKILL)  # was ready: started again at once
+        deadline = time.monotonic() + 30
+        while not (fresh_pids := set(server.worker_pids()) - before):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(fresh_pids.pop(), signal.SIGKILL)  # dies before it is ready: a back-off
+        while "starting it again in" not in server.log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0
+    finally:
+        server.kill()
+    assert ": serving" not in server.log.read_text().split("starting it again in")[-1]
