@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import socket
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
+from rnnserve import metrics_http
 from rnnserve.config import ServerConfig
 
 
@@ -32,7 +33,7 @@ def start_metrics(config: ServerConfig, registry: CollectorRegistry):
     if config.metrics_port < 0:
         return None
     try:
-        http, _ = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+        http = metrics_http.serve(config.host, config.metrics_port, registry)
     except OSError as exc:
         raise PortUnavailable(f"--metrics-port {config.metrics_port}: cannot listen on "
                               f"{config.host}:{config.metrics_port} ({exc.strerror or exc}); "

@@ -75,3 +75,37 @@ def test_exposition_passes_promtool() -> None:
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                            timeout=60)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_idle_connections_hold_no_thread_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections that never send a request: at most MAX_CONNECTIONS threads, each for
+    IDLE_TIMEOUT; a scrape answers once they are gone (prometheus-client's own server kept a
+    thread per idle connection forever)."""
+    import socket
+    import threading
+    import time
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from rnnserve import metrics_http
+
+    monkeypatch.setattr(metrics_http._Handler, "timeout", 0.5)
+    registry = CollectorRegistry()
+    Counter("probe", "a counter to scrape", registry=registry).inc()
+    before = threading.active_count()
+    http = metrics_http.serve("127.0.0.1", 0, registry)
+    port = http.server_port
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+    try:
+        time.sleep(0.2)
+        assert threading.active_count() <= before + 1 + metrics_http.MAX_CONNECTIONS
+        deadline = time.monotonic() + 10
+        while threading.active_count() > before + 1:  # the serving thread stays
+            assert time.monotonic() < deadline, threading.active_count() - before
+            time.sleep(0.05)
+        assert value(scrape(port)["probe"], "probe_total") == 1
+    finally:
+        for conn in idle:
+            conn.close()
+        http.shutdown()
+        http.server_close()
