@@ -13,6 +13,7 @@ state tensor, and returns `y` float32 [batch, time, outputs] and the matching fi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -146,6 +147,15 @@ def is_version_name(name: str) -> bool:
     """A version directory's name: the version number in ASCII digits, no leading zero."""
     return (name.isascii() and name.isdigit() and len(name) <= MAX_VERSION_DIGITS
             and not name.startswith("0"))
+
+
+def check_model_name(name: str) -> None:
+    """A name model.json may carry (the schema's own pattern): one directory level of safe
+    characters, so `<repository>/<name>` never leaves the repository (`../x`, `/abs`)."""
+    pattern = _validator().schema["properties"]["name"]["pattern"]
+    if not re.fullmatch(pattern, name):
+        raise ValueError(f"{name!r} is not a model name: a letter or digit, then up to 127 "
+                         "letters, digits, '_', '.' or '-' (no '/')")
 
 
 @cache

@@ -33,10 +33,12 @@ from onnx import TensorProto, helper
 from rnnserve.contract import (
     INPUT_NAME,
     LOOP,
+    MAX_VERSION_DIGITS,
     OUTPUT_KINDS,
     OUTPUT_NAME,
     ModelSpec,
     StateSpec,
+    check_model_name,
     read_spec,
     state_names,
     version_dir,
@@ -111,6 +113,12 @@ def import_graph(graph: Path, name: str, version: int, repository: Path, *,
     directory written. ImportRefused (and nothing written) when it cannot be served exactly."""
     if output_kind not in OUTPUT_KINDS:
         raise ImportRefused(f"--output-kind must be one of {', '.join(OUTPUT_KINDS)}")
+    try:  # before any work, and before a path is made of it
+        check_model_name(name)
+    except ValueError as exc:
+        raise ImportRefused(f"--name: {exc}") from None
+    if not 1 <= version < 10**MAX_VERSION_DIGITS:
+        raise ImportRefused(f"--version must be from 1 to {10**MAX_VERSION_DIGITS - 1}")
     target = version_dir(repository, name, version)
     if target.exists():
         raise ImportRefused(f"{target} already exists; pick another --version")

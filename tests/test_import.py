@@ -182,6 +182,16 @@ def test_unservable_graphs_are_refused_and_nothing_is_written(tmp_path: Path, kw
     assert not any(repo.rglob("*")) if repo.exists() else True
 
 
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a/b", ".hidden", "", "x" * 129])
+def test_a_name_that_is_no_directory_of_the_repository_is_refused_first(
+        tmp_path: Path, name: str) -> None:
+    repo = tmp_path / "inside" / "repo"
+    graph = save(tmp_path, torch_like("GRU"))
+    with pytest.raises(ImportRefused, match="--name: .* is not a model name"):
+        import_graph(graph, name, 1, repo)
+    assert not repo.exists() and sorted(p.name for p in tmp_path.rglob("*")) == [graph.name]
+
+
 def test_a_graph_without_recurrence_is_refused(tmp_path: Path) -> None:
     graph = helper.make_graph(
         [helper.make_node("Relu", ["input"], ["output"])], "g",
