@@ -218,7 +218,13 @@ class RedisHandoff:
         except (ValueError, KeyError, TypeError):
             log.warning("ignored an unreadable release request")
             return
-        await release(ids, owner)
+        try:
+            await release(ids, owner)
+        except self._errors:
+            raise  # the store: serve_releases subscribes again once it is back
+        except Exception:  # one request's failure must not end the listening for good
+            log.exception("a release request for %d sessions failed; they stay here",
+                          len(ids))
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -153,3 +153,40 @@ def test_v2_sequences_follow_their_calls_to_another_live_replica(redis_url: str)
         with Client(a.address) as client:
             whole = client.predict("forecast", x).y
     assert np.max(np.abs(np.concatenate(outputs, axis=1) - whole)) <= 1e-5
+
+
+def test_a_failed_release_request_does_not_end_the_listening(redis_url: str) -> None:
+    """Release requests are served one by one from a Redis channel; an error in one (not the
+    store's) is logged, and the next request is still heard."""
+    import asyncio
+    import json
+
+    from rnnserve.handoff import RELEASE_CHANNEL, RedisHandoff
+
+    async def scenario() -> list[list[str]]:
+        handoff = RedisHandoff(redis_url, 60, 1, 5)
+        served: list[list[str]] = []
+
+        async def release(ids: list[str], owner: str) -> None:
+            served.append(ids)
+            if len(served) == 1:
+                raise RuntimeError("a bug in one release")
+
+        listening = asyncio.create_task(handoff.serve_releases(release))
+        try:
+            for ids in (["a"], ["b"]):
+                for _ in range(100):  # until the listener has subscribed
+                    request = json.dumps({"ids": ids, "owner": "x"})
+                    if await handoff.client.publish(RELEASE_CHANNEL + handoff.replica, request):
+                        break
+                    await asyncio.sleep(0.02)
+                for _ in range(100):
+                    if served and served[-1] == ids:
+                        break
+                    await asyncio.sleep(0.02)
+            return served
+        finally:
+            listening.cancel()
+            await handoff.close()
+
+    assert asyncio.run(scenario()) == [["a"], ["b"]]
