@@ -438,9 +438,13 @@ class Engine:
                               states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Sequences of each length run as their own group: exact, no padded steps in the state."""
         groups = [np.flatnonzero(lens == n) for n in np.unique(lens)]
-        results = await asyncio.gather(*(
+        results = await asyncio.gather(*(  # every group ends before the call (and its memory)
             model.batcher.predict(np.ascontiguousarray(x[idx, :lens[idx[0]]]),
-                                  [s[idx] for s in states]) for idx in groups))
+                                  [s[idx] for s in states]) for idx in groups),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         y = np.zeros((*x.shape[:2], model.spec.outputs), np.float32)
         finals = [np.empty_like(s) for s in states]
         for idx, (y_group, final_group) in zip(groups, results):

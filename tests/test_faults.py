@@ -227,3 +227,29 @@ def health(server: RunningServer, service: str) -> int:
     with grpc.insecure_channel(server.address) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_a_ragged_predict_answers_only_once_every_length_group_has_run() -> None:
+    """Sequences of each length run as a group of their own; when one group fails, the call
+    (and the memory it holds) must wait for the others, which still run."""
+    runner = faulty_runner()
+    with running(runner=runner, inline_run_us=0) as srv, srv.client() as client:
+        failing, stalling = np.full((3, 1), FAIL, np.float32), np.full((5, 1), STALL, np.float32)
+        outcome: dict[str, RnnServeError] = {}
+
+        def call() -> None:
+            try:
+                client.predict("echo", [failing, stalling])
+            except RnnServeError as exc:
+                outcome["error"] = exc
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert runner.stalled.wait(30)
+        caller.join(1.0)
+        alive = caller.is_alive()
+        runner.release.set()
+        caller.join(30)
+        assert alive, "answered while a group was still running"
+        assert outcome["error"].code.name == "INTERNAL"
+        wait_for(lambda: srv.server.engine.budget.used == 0)  # the call's memory came back
