@@ -102,8 +102,7 @@ async def drive(server: ServerProcess, load: Load, seconds: float,
                if load.sessions_per_message else [[] for _ in range(load.streams)])
     start, stop, stopped, clocked = (asyncio.Event() for _ in range(4))
     running = len(id_sets)
-    # The server allows --max-streams-per-connection (100) streams per connection; streams past
-    # that would wait for a slot that frees only when the round ends.
+    # At most STREAMS_PER_CONNECTION streams share a connection, as clients spread them.
     connections = max(connections, -(-load.streams // STREAMS_PER_CONNECTION))
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}",
                                           [("grpc.use_local_subchannel_pool", 1)])

@@ -56,9 +56,12 @@ class ServerConfig:
     max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message accepted or sent "
                                   "(K/M/G suffixes, powers of 1024)", bytes=True, minimum=1,
                                   maximum=2**31 - 1)  # gRPC's limit: a C int
-    max_streams_per_connection: int = _opt(100, "concurrent calls (streams) one client "
-                                                "connection may have open (HTTP/2 setting)",
-                                                minimum=1, maximum=2**31 - 1)
+    max_streams_per_connection: int = _opt(2048, "concurrent calls (streams) one client "
+                                                 "connection may have open (HTTP/2 setting; "
+                                                 "a client opens streams before it learns it, "
+                                                 "so one below what a client sends on one "
+                                                 "connection refuses its calls)",
+                                                 minimum=1, maximum=2**31 - 1)
     max_concurrent_rpcs: int = _opt(2048, "calls open at once in all (a stalled stream holds "
                                           "~140 KiB); more get RESOURCE_EXHAUSTED",
                                           minimum=1, maximum=2**31 - 1)
