@@ -6,7 +6,6 @@ Plain numpy in, plain numpy out; errors are rnnserve.errors classes. No gRPC her
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from rnnserve.errors import (
     Unavailable,
 )
 from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable
+from rnnserve.logs import Throttled
 from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
 from rnnserve.metrics import Metrics
 from rnnserve.registry import LoadedModel, ModelRegistry
@@ -32,6 +32,8 @@ from rnnserve.sessions import Session, SessionTable
 from rnnserve.siblings import Siblings
 
 log = logging.getLogger(__name__)
+store_log = Throttled(__name__)
+"""The store's outages: one line per cause a minute, not one per call."""
 MESSAGE_OVERHEAD = 1024
 ROW_OVERHEAD = 16
 """Room in a response for its framing and names, and per row for its step count and framing."""
@@ -905,8 +907,13 @@ class Engine:
         span, reserve = self._steps_plan(model, x, model.cost)
         if start:
             initial = self._states(model, states, 1) if states else None
-            with contextlib.suppress(NotFound, FailedPrecondition):
+            try:
                 await self.close_session(session_id, owner)  # a restart begins afresh
+            except (NotFound, FailedPrecondition):
+                pass
+            except Unavailable as exc:  # the store is down: a new sequence needs none of it
+                store_log.warning("store-down-start", "sequence %s started without asking the "
+                                  "shared state store for an earlier one (%s)", session_id, exc)
             session = self._open(model, initial, session_id, owner)
         elif states:
             raise InvalidArgument("state inputs belong on the sequence_start request; the "

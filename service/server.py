@@ -121,8 +121,9 @@ class Server:
                 log.info("parked %d sessions in the shared state store", parked)
         except (StoreUnavailable, TimeoutError) as exc:
             lost = self.engine.live_sessions
-            log.error("could not hand %d sessions off to the shared state store (%s); they "
-                      "are lost", lost, exc or "timed out")
+            if lost:
+                log.error("could not hand %d sessions off to the shared state store (%s); "
+                          "they are lost", lost, exc or "timed out")
         self.streams.end_idle()  # streams opened while the handoff ran
         await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
         if self.internal is not None:

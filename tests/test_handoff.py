@@ -190,3 +190,29 @@ def test_a_failed_release_request_does_not_end_the_listening(redis_url: str) -> 
             await handoff.close()
 
     assert asyncio.run(scenario()) == [["a"], ["b"]]
+
+
+def test_a_replica_whose_store_is_down_still_starts_sequences(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A new v2 sequence needs nothing from the store; it used to be refused (UNAVAILABLE)
+    while the store was down, and the drain then reported 0 sessions lost."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from bench.cluster import free_port
+
+    def infer(client, x: np.ndarray, **flags) -> np.ndarray:
+        tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        return client.infer("forecast", [tensor], sequence_id=5, **flags).as_numpy("y")
+
+    x = np.random.default_rng(6).uniform(320, 370, (1, 8, 1)).astype(np.float32)
+    with running(state_store=f"redis://127.0.0.1:{free_port()}/0") as srv:
+        client = grpcclient.InferenceServerClient(url=srv.address)
+        try:
+            first = infer(client, x[:, :3], sequence_start=True)
+            rest = infer(client, x[:, 3:], sequence_end=True)
+        finally:
+            client.close()
+        with Client(srv.address) as native:
+            whole = native.predict("forecast", x).y
+    assert np.max(np.abs(np.concatenate([first, rest], axis=1) - whole)) <= 1e-5
+    assert not [r for r in caplog.records if "could not hand" in r.getMessage()]
