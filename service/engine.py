@@ -197,7 +197,7 @@ def _parked(session: Session, now: float) -> ParkedSession:
     """The session as it leaves this process (the caller holds its lock)."""
     return ParkedSession(session.id, session.owner, session.model.spec.name,
                          session.model.spec.version, session.steps, now - session.last_used,
-                         _states_of(session))
+                         _states_of(session), session.model.graph)
 
 
 def _check_finite(array: np.ndarray, what: str) -> None:
@@ -549,10 +549,13 @@ class Engine:
         sibling; `how` labels the handoff metric (adopted, moved)."""
         try:
             model = self._registry.get(parked.model, parked.version)
+            wrong = parked.mismatch([(s.input, s.size) for s in model.spec.states], model.graph)
+            if wrong:
+                raise ValueError(wrong)  # checked before a slot is taken
             states = [parked.states[s.input] for s in model.spec.states]
             self._sessions.restore(model, parked.session_id, states, parked.steps,
                                   parked.idle_seconds, parked.owner)
-        except (ServingError, KeyError, ValueError) as exc:
+        except (ServingError, ValueError) as exc:
             log.warning("cannot adopt session %s (%s v%d): %s; left for another replica",
                         parked.session_id, parked.model, parked.version, exc)
             return False

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ POOL_WAIT = 5.0
 SOCKET_TIMEOUT = 5.0
 
 
+MAX_STEPS = 2**62
+"""Step counts past this are no session's (a record claiming more is corrupt)."""
+
+
 @dataclass(frozen=True)
 class ParkedSession:
     session_id: str
@@ -52,23 +57,63 @@ class ParkedSession:
     steps: int
     idle_seconds: float
     states: dict[str, np.ndarray]
+    graph: str = ""
+    """sha256 of the model.onnx the states came from ("" where unknown: between workers)."""
 
     def encode(self) -> str:
         return json.dumps({
             "owner": self.owner, "model": self.model, "version": self.version,
             "steps": self.steps,
             "idle_seconds": self.idle_seconds,
+            "graph": self.graph,
             "states": {k: base64.b64encode(np.ascontiguousarray(v, "<f4").tobytes()).decode()
                        for k, v in self.states.items()}})
 
     @classmethod
     def decode(cls, session_id: str, text: bytes) -> ParkedSession:
+        """The record, or ValueError naming what is wrong with it: the store is shared, and
+        whatever it holds is checked before it takes a slot."""
         doc = json.loads(text)
-        return cls(session_id, str(doc.get("owner", "")), doc["model"], int(doc["version"]),
-                   int(doc["steps"]),
-                   float(doc["idle_seconds"]),
-                   {k: np.frombuffer(base64.b64decode(v), "<f4").copy()
-                    for k, v in doc["states"].items()})
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        model, version, steps = doc.get("model"), doc.get("version"), doc.get("steps")
+        idle, owner, graph = doc.get("idle_seconds"), doc.get("owner", ""), doc.get("graph", "")
+        states = doc.get("states")
+        if not (isinstance(model, str) and isinstance(owner, str) and isinstance(graph, str)):
+            raise ValueError("model, owner and graph must be strings")
+        if not (_whole(version) and version >= 1 and _whole(steps) and
+                0 <= steps <= MAX_STEPS):
+            raise ValueError(f"version {version!r} or steps {steps!r} out of range")
+        if not (isinstance(idle, int | float) and not isinstance(idle, bool)
+                and math.isfinite(idle) and idle >= 0):
+            raise ValueError(f"idle_seconds {idle!r} is not a finite time")
+        if not isinstance(states, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in states.items()):
+            raise ValueError("states must map names to base64 strings")
+        arrays = {}
+        for name, encoded in states.items():
+            raw = base64.b64decode(encoded, validate=True)
+            if len(raw) % 4:
+                raise ValueError(f"state {name!r} is not float32 data")
+            arrays[name] = np.frombuffer(raw, "<f4").copy()
+        return cls(session_id, owner, model, version, steps, float(idle), arrays, graph)
+
+    def mismatch(self, states: list[tuple[str, int]], graph: str) -> str | None:
+        """Why these states cannot be taken by a model with these (name, size) state tensors
+        and this graph; None when they fit."""
+        if self.graph and graph and self.graph != graph:
+            return "it was parked by another graph of that name and version"
+        for name, size in states:
+            state = self.states.get(name)
+            if state is None or state.shape != (size,):
+                return f"state {name} is not {size} floats"
+            if not np.isfinite(state).all():
+                return f"state {name} holds NaN or Inf"
+        return None
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class StoreUnavailable(Exception):
@@ -146,7 +191,7 @@ class RedisHandoff:
                     continue
                 try:
                     taken[session_id] = ParkedSession.decode(session_id, text)
-                except (ValueError, KeyError, TypeError) as exc:
+                except ValueError as exc:  # binascii's and json's errors included
                     log.error("LOST session %s: its parked record is unreadable (%s)",
                               session_id, exc)
             missing = [i for i in missing if i not in taken]

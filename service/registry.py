@@ -4,6 +4,7 @@ serving the sessions pinned to it until the last of them ends."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from rnnserve.batcher import Batcher
 from rnnserve.config import ServerConfig
-from rnnserve.contract import ModelSpec
+from rnnserve.contract import MODEL_FILE, ModelSpec
 from rnnserve.device_state import DeviceStateStore
 from rnnserve.errors import NotFound, Unavailable
 from rnnserve.memory import RunCost
@@ -34,12 +35,19 @@ class LoadedModel:
     store: Slots
     batcher: Batcher
     cost: RunCost
+    graph: str
+    """sha256 of model.onnx: a parked session carries it, so a replica whose same-named
+    version holds another graph (a rolling update) leaves the session for one that has it."""
     retiring: bool = False
     sessions: int = 0
 
     @property
     def labels(self) -> tuple[str, str]:
         return self.spec.name, str(self.spec.version)
+
+
+def graph_digest(directory: Path) -> str:
+    return hashlib.sha256((directory / MODEL_FILE).read_bytes()).hexdigest()
 
 
 class ModelRegistry:
@@ -60,11 +68,11 @@ class ModelRegistry:
         """Versions that failed to load, by directory, with their files' signature then."""
         self._reported: dict[Path, str] = {}
 
-    def _load(self, found: ModelVersion) -> tuple[Runner, RunTimes]:
+    def _load(self, found: ModelVersion) -> tuple[Runner, RunTimes, str]:
         runner = self.runner(found.spec, found.path, self.config.device,
                              self.config.intra_op_threads)
         check_model(runner, found.path)
-        return runner, timed_at_load(runner)
+        return runner, timed_at_load(runner), graph_digest(found.path)
 
     async def sync(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load versions that appeared on disk; retire those that disappeared. A broken entry
@@ -94,7 +102,8 @@ class ModelRegistry:
             if self._rejected.get(version.path) == version.signature:
                 continue  # failed before and unchanged since
             try:
-                runner, times = await loop.run_in_executor(self.executor, self._load, version)
+                runner, times, graph = await loop.run_in_executor(self.executor, self._load,
+                                                                  version)
             except Exception as exc:  # one broken model must not stop the others
                 self._rejected[version.path] = version.signature
                 self._report(version.path, _one_line(exc))
@@ -102,7 +111,7 @@ class ModelRegistry:
             finally:
                 del self._loading[key]
             self._rejected.pop(version.path, None)
-            self._add(version, runner, times)
+            self._add(version, runner, times, graph)
             await tell()
         self._reported = {path: reason for path, reason in self._reported.items()
                           if path in result.problems or path in self._rejected}
@@ -120,7 +129,7 @@ class ModelRegistry:
             self._reported[path] = reason
             log.error("skipping %s: %s", path, reason)
 
-    def _add(self, version: ModelVersion, runner: Runner, times: RunTimes) -> None:
+    def _add(self, version: ModelVersion, runner: Runner, times: RunTimes, graph: str) -> None:
         labels = (version.spec.name, str(version.spec.version))
         store = self._store(version.spec, runner)
         batcher = Batcher(runner, store, self.metrics, labels, self.executor, self.run_slots,
@@ -128,7 +137,7 @@ class ModelRegistry:
                           self.config.inline_run_us / 1e6, times)
         self._open.clear()
         self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher,
-                                                RunCost.of(version.spec))
+                                                RunCost.of(version.spec), graph)
         self.metrics.model_events.labels(*labels, "load").inc()
         log.info("loaded %s v%d on %s, session state on the %s", *version.key, runner.provider,
                  "device" if isinstance(store, DeviceStateStore) else "host")

@@ -115,7 +115,11 @@ class SessionTable:
                                     "sessions (--max-sessions-per-client); close finished ones")
         slot = model.store.allocate()
         if states is not None:
-            model.store.write(slot, states)
+            try:
+                model.store.write(slot, states)
+            except BaseException:  # states that do not fit: the slot goes back, not astray
+                model.store.release(slot)
+                raise
         session = Session(session_id, model, slot, owner)
         session.last_used = self.clock() - idle_seconds
         session.steps = steps

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rnnserve.client import Client, RnnServeError
 from tests.conftest import RunningServer, make_config, running
@@ -216,3 +221,77 @@ def test_a_replica_whose_store_is_down_still_starts_sequences(
             whole = native.predict("forecast", x).y
     assert np.max(np.abs(np.concatenate([first, rest], axis=1) - whole)) <= 1e-5
     assert not [r for r in caplog.records if "could not hand" in r.getMessage()]
+
+
+RECORD_FIELDS = st.fixed_dictionaries({}, optional={
+    "model": st.one_of(st.text(max_size=8), st.integers(), st.none()),
+    "version": st.one_of(st.integers(-2, 2**70), st.floats(), st.booleans(), st.text(max_size=3)),
+    "steps": st.one_of(st.integers(-2**70, 2**70), st.floats(), st.none()),
+    "idle_seconds": st.one_of(st.floats(), st.integers(-5, 5), st.text(max_size=3)),
+    "owner": st.one_of(st.text(max_size=5), st.integers()),
+    "graph": st.one_of(st.text(max_size=5), st.none()),
+    "states": st.one_of(st.none(), st.lists(st.integers(), max_size=2), st.dictionaries(
+        st.text(max_size=3), st.one_of(st.text(max_size=12), st.integers(),
+                                       st.binary(max_size=16).map(
+                                           lambda b: base64.b64encode(b).decode())),
+        max_size=3)),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=st.one_of(RECORD_FIELDS, st.none(), st.lists(st.integers(), max_size=2),
+                     st.integers(), st.text(max_size=5)))
+def test_any_parked_record_decodes_to_a_checked_session_or_a_reason(doc) -> None:
+    """The store is shared: whatever a record holds, decoding gives a session whose fields are
+    in range, or ValueError, never another exception (they used to surface as INTERNAL)."""
+    from rnnserve.handoff import MAX_STEPS, ParkedSession
+
+    try:
+        parked = ParkedSession.decode("0" * 32, json.dumps(doc).encode())
+    except ValueError:
+        return
+    assert isinstance(parked.model, str) and parked.version >= 1
+    assert 0 <= parked.steps <= MAX_STEPS and math.isfinite(parked.idle_seconds)
+    assert all(a.dtype == np.float32 and a.ndim == 1 for a in parked.states.values())
+
+
+def test_parked_records_that_do_not_fit_take_no_slot(redis_url: str) -> None:
+    """Records that are corrupt, of the wrong shape, not finite or of another graph under the
+    same name and version: none becomes a session, none keeps a state slot, and the other
+    graph's record stays in the store for a replica that has that graph."""
+    import redis
+
+    from rnnserve.handoff import KEY_PREFIX, ParkedSession
+
+    store = redis.Redis.from_url(redis_url)
+    with running(state_store=redis_url, max_sessions=3, handoff_wait=0.1) as srv, \
+            Client(srv.address) as client:
+        model = srv.server.engine._registry.get("binary_add", 1)
+        states = {s.input: np.zeros(s.size, np.float32) for s in model.spec.states}
+
+        def record(**changes) -> bytes:
+            fields = dict(session_id="", owner="", model="binary_add", version=1, steps=3,
+                          idle_seconds=0.0, states=states, graph=model.graph)
+            return ParkedSession(**{**fields, **changes}).encode().encode()
+
+        short = {**states, "h0": np.zeros(1, np.float32)}
+        not_finite = {**states, "c1": np.full(20, np.nan, np.float32)}
+        records = {"null": b"null", "list": b"[1, 2]", "huge steps": record(steps=2**70),
+                   "negative steps": record(steps=-5), "one float": record(states=short),
+                   "NaN": record(states=not_finite), "other graph": record(graph="0" * 64)}
+        ids = {}
+        for n, (case, text) in enumerate(records.items()):
+            ids[case] = f"{n:032x}"
+            store.set(KEY_PREFIX + ids[case], text)
+            for _ in range(3):  # each call tries to adopt it again
+                with pytest.raises(RnnServeError) as err:
+                    client.step(ids[case], np.zeros((1, 2), np.float32))
+                assert err.value.code.name == "NOT_FOUND", (case, err.value)
+        opened = [client.open_session("binary_add").session_id for _ in range(3)]
+        assert len(opened) == 3  # every slot is still free
+        assert store.exists(KEY_PREFIX + ids["other graph"])
+        good = f"{99:032x}"
+        store.set(KEY_PREFIX + good, record())
+        for session_id in opened:
+            client.close_session(session_id)
+        assert client.step(good, np.zeros((1, 2), np.float32)).shape == (1, 1)
