@@ -50,6 +50,15 @@ class Identities:
                 tokens[secret] = name
         return cls(tokens)
 
+    def reload(self, token: str, tokens_file: str) -> bool:
+        """Read the tokens again (a rotated file); whether they changed. ValueError, and the
+        tokens in force stay, when the file is unreadable or malformed."""
+        fresh = Identities.load(token, tokens_file)._clients
+        if fresh == self._clients:
+            return False
+        self._clients = fresh  # one assignment: a call sees the old set or the new one
+        return True
+
     def client(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         """The calling client's name ("" when auth is off); Unauthenticated otherwise."""
         if not self._clients:

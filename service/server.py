@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -42,6 +43,8 @@ from rnnserve.supervisor import WorkerPlace
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
 EVICTION_PERIOD_MAX = 1.0
+TOKENS_POLL = 2.0
+"""Seconds between looks at --auth-tokens-file (one stat)."""
 OPEN_METHODS = ("/grpc.health.v1.Health/", f"/{reflection.SERVICE_NAME}/")
 """Paths that --max-concurrent-rpcs never counts: probes and tools must get through a full
 server."""
@@ -269,6 +272,9 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     if config.repository_poll > 0:
         started.tasks.append(asyncio.create_task(_every(config.repository_poll,
                                                         started.sync_models, "repository poll")))
+    if config.auth_tokens_file:
+        started.tasks.append(asyncio.create_task(_every(
+            TOKENS_POLL, _TokensWatch(config, identities).check, "tokens file check")))
     if handoff is not None:  # sessions held here can be asked for by other replicas
         started.tasks.append(asyncio.create_task(handoff.serve_releases(engine.park_on_request)))
         started.tasks.append(asyncio.create_task(_every(
@@ -279,6 +285,42 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
              ", ".join(f"{m.spec.name} v{m.spec.version}" for m in engine.models()),
              config.host, port, metrics_at)
     return started
+
+
+class _TokensWatch:
+    """--auth-tokens-file read again when it changes (a rotated Kubernetes Secret is a new
+    file behind the same path): tokens are replaced without a restart, which would drop every
+    session. A file that does not parse leaves the tokens in force and says why, once."""
+
+    def __init__(self, config: ServerConfig, identities: Identities) -> None:
+        self.config = config
+        self.identities = identities
+        self.seen = self._stamp()
+        self.reported = ""
+
+    def _stamp(self) -> tuple:
+        try:
+            stat = os.stat(self.config.auth_tokens_file)
+        except OSError as exc:
+            return (exc.errno,)
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    async def check(self) -> None:
+        stamp = self._stamp()
+        if stamp == self.seen:
+            return
+        self.seen = stamp
+        try:
+            changed = self.identities.reload(self.config.auth_token, self.config.auth_tokens_file)
+        except ValueError as exc:
+            if str(exc) != self.reported:
+                self.reported = str(exc)
+                log.error("tokens file not reloaded, the earlier tokens stay: %s", exc)
+            return
+        self.reported = ""
+        if changed:
+            log.info("tokens reloaded from %s: %d clients", self.config.auth_tokens_file,
+                     len(self.identities.names))
 
 
 async def _rescan(server: Server) -> None:

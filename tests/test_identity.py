@@ -131,3 +131,46 @@ def _restart_fails_and_sequence_continues(server: RunningServer, bad_start: np.n
     with Client(server.address) as client:
         whole = client.predict("echo", x).y
     assert np.max(np.abs(np.concatenate([first, rest], axis=1) - whole)) <= 1e-5
+
+
+def test_a_rotated_tokens_file_takes_effect_without_a_restart(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    """Tokens rotate without a restart, which would drop every session; alice's sessions
+    stay hers under her new token, and a file that does not parse changes nothing."""
+    import os
+    import time
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice {ALICE}\n")
+    fresh = "alice-new-token-0123456789"
+
+    def until(predicate) -> None:
+        deadline = time.monotonic() + 15
+        while not predicate():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+    def accepted(token: str) -> bool:
+        with srv.client(token=token) as client:
+            try:
+                client.list_models()
+                return True
+            except RnnServeError as exc:
+                assert exc.code.name == "UNAUTHENTICATED"
+                return False
+
+    with running(auth_tokens_file=str(tokens)) as srv:
+        with srv.client(token=ALICE) as alice:
+            mine = alice.open_session("echo").session_id
+            alice.step(mine, [1.0])
+        swap = tmp_path / "tokens.new"  # as a Kubernetes Secret rotates: a new file, renamed
+        swap.write_text(f"alice {fresh}\nbob {BOB}\n")
+        os.replace(swap, tokens)
+        until(lambda: accepted(fresh))
+        assert not accepted(ALICE) and accepted(BOB)
+        with srv.client(token=fresh) as alice:
+            assert alice.step(mine, [1.0]).shape == (1, 2)  # still alice's session
+        tokens.write_text("alice short\n")  # malformed: the tokens in force stay
+        until(lambda: any("not reloaded" in r.getMessage() for r in caplog.records))
+        assert accepted(fresh) and accepted(BOB)
