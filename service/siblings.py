@@ -12,7 +12,6 @@ hold goes back to where it came from.
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 import grpc
@@ -21,8 +20,11 @@ import numpy as np
 from rnnserve.generated.rnnserve.internal.v1 import siblings_pb2 as pb
 from rnnserve.generated.rnnserve.internal.v1 import siblings_pb2_grpc as rpc
 from rnnserve.handoff import ParkedSession
+from rnnserve.logs import Throttled
 
-log = logging.getLogger(__name__)
+unanswered = Throttled(__name__)
+"""A dead or restarting worker: one line per worker a minute, not one per lookup (a client
+retrying its lost sessions made 1,188 lines in 12 s)."""
 CALL_TIMEOUT = 5.0
 """A sibling that does not answer in time (restarting, wedged) is skipped for this call."""
 
@@ -93,8 +95,9 @@ class Siblings:
             if isinstance(answer, BaseException):
                 if not isinstance(answer, grpc.RpcError):
                     raise answer
-                log.warning("worker %d did not answer a session lookup: %s", index,
-                            answer.code().name)
+                unanswered.warning(f"sibling-{index}", "worker %d did not answer a session "
+                                   "lookup (%s): sessions it held cannot be reached now",
+                                   index, answer.code().name)
                 continue
             for message in answer.sessions:
                 moved[message.session_id] = (index, from_message(message))

@@ -24,7 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.cluster import ServerProcess
-from rnnserve.client import Client
+from rnnserve.client import Client, RnnServeError
 from rnnserve.config import ServerConfig
 from tests.conftest import ROOT
 
@@ -258,3 +258,17 @@ def test_a_stop_during_a_restart_back_off_starts_no_new_worker(tmp_path: Path) -
     finally:
         server.kill()
     assert ": serving" not in server.log.read_text().split("starting it again in")[-1]
+
+
+def test_a_dead_worker_is_reported_once_not_per_lookup(workers: Workers) -> None:
+    """While a killed worker restarts, every lookup of a session it may hold fails to reach
+    it; that is said once per worker, not once per lookup."""
+    os.kill(max(workers.worker_pids()), signal.SIGKILL)
+    missing = "0" * 32
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        with fresh(workers) as client:
+            with pytest.raises(RnnServeError):
+                client.step(missing, [1.0])
+    lines = [m for m in workers.messages() if "did not answer a session lookup" in m]
+    assert 1 <= len(lines) <= 2, lines  # one per worker at most (the restarted one may miss)
