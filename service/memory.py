@@ -13,16 +13,25 @@ linearly in rows x timesteps; measured per row-timestep (VmHWM, 8192x64 and 1024
 
 The estimate counts x and its transpose, each layer's output sequence twice, the widest layer's
 gate pre-activations and the head's three tensors, so it errs high for every cell kind.
+
+That formula knows only what model.json says. An imported graph can hold more between the
+recurrence and y (an RNN(4) with a 4,096-wide hidden Dense layer peaked at 3.2 GB for one
+800 KB Predict costed at a few MB), so the graph itself is costed too: ONNX shape inference sizes
+each tensor, and every tensor that scales with x's batch and time dimensions adds its bytes.
+A run's cost is the larger of the two.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import math
 from collections import deque
 from dataclasses import dataclass
 
-from rnnserve.contract import ModelSpec
+import onnx
+
+from rnnserve.contract import INPUT_NAME, ModelSpec
 from rnnserve.errors import ResourceExhausted
 
 FLOAT = 4
@@ -43,15 +52,48 @@ class RunCost:
     per_row: int
 
     @classmethod
-    def of(cls, spec: ModelSpec) -> RunCost:
+    def of(cls, spec: ModelSpec, graph: onnx.ModelProto | None = None) -> RunCost:
         layer_units = spec.units * spec.layers
         widest_gates = GATES.get(spec.cell, 4) * spec.units
         per_step = FLOAT * (2 * spec.features + 2 * layer_units + widest_gates + 3 * spec.outputs)
         per_row = FLOAT * 3 * sum(s.size for s in spec.states)
+        if graph is not None:
+            tensors_step, tensors_row = graph_tensor_bytes(graph, INPUT_NAME)
+            per_step, per_row = max(per_step, tensors_step), max(per_row, tensors_row)
         return cls(per_step, per_row)
 
     def run(self, rows: int, steps: int) -> int:
         return rows * (steps * self.per_step + self.per_row)
+
+
+def graph_tensor_bytes(model: onnx.ModelProto, x_name: str) -> tuple[int, int]:
+    """Bytes per row-timestep and per row of the graph's tensors whose shapes contain x's
+    batch dimension (and its time dimension, for the first): the tensors a run's size scales.
+    Tensors shape inference cannot size (or sized by other unknowns) are not counted."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    x = next((v for v in graph.input if v.name == x_name), None)
+    if x is None or len(x.type.tensor_type.shape.dim) < 2:
+        return 0, 0
+    batch, time = (d.dim_param for d in x.type.tensor_type.shape.dim[:2])
+    if not (batch and time):
+        return 0, 0
+    per_step = per_row = 0
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        rest = [d for d in dims if d not in (batch, time)]
+        if batch not in dims or not all(isinstance(d, int) and d > 0 for d in rest):
+            continue
+        nbytes = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize * \
+            math.prod(rest)
+        if time in dims:
+            per_step += nbytes
+        else:
+            per_row += nbytes
+    return per_step, per_row
 
 
 class MemoryBudget:

@@ -11,6 +11,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from rnnserve.batcher import Batcher
 from rnnserve.config import ServerConfig
 from rnnserve.contract import MODEL_FILE, ModelSpec
@@ -68,11 +70,13 @@ class ModelRegistry:
         """Versions that failed to load, by directory, with their files' signature then."""
         self._reported: dict[Path, str] = {}
 
-    def _load(self, found: ModelVersion) -> tuple[Runner, RunTimes, str]:
+    def _load(self, found: ModelVersion) -> tuple[Runner, RunTimes, str, RunCost]:
         runner = self.runner(found.spec, found.path, self.config.device,
                              self.config.intra_op_threads)
         check_model(runner, found.path)
-        return runner, timed_at_load(runner), graph_digest(found.path)
+        graph = onnx.load(str(found.path / MODEL_FILE), load_external_data=False)
+        return (runner, timed_at_load(runner), graph_digest(found.path),
+                RunCost.of(found.spec, graph))
 
     async def sync(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load versions that appeared on disk; retire those that disappeared. A broken entry
@@ -102,8 +106,8 @@ class ModelRegistry:
             if self._rejected.get(version.path) == version.signature:
                 continue  # failed before and unchanged since
             try:
-                runner, times, graph = await loop.run_in_executor(self.executor, self._load,
-                                                                  version)
+                runner, times, graph, cost = await loop.run_in_executor(
+                    self.executor, self._load, version)
             except Exception as exc:  # one broken model must not stop the others
                 self._rejected[version.path] = version.signature
                 self._report(version.path, _one_line(exc))
@@ -111,7 +115,7 @@ class ModelRegistry:
             finally:
                 del self._loading[key]
             self._rejected.pop(version.path, None)
-            self._add(version, runner, times, graph)
+            self._add(version, runner, times, graph, cost)
             await tell()
         self._reported = {path: reason for path, reason in self._reported.items()
                           if path in result.problems or path in self._rejected}
@@ -129,7 +133,8 @@ class ModelRegistry:
             self._reported[path] = reason
             log.error("skipping %s: %s", path, reason)
 
-    def _add(self, version: ModelVersion, runner: Runner, times: RunTimes, graph: str) -> None:
+    def _add(self, version: ModelVersion, runner: Runner, times: RunTimes, graph: str,
+             cost: RunCost) -> None:
         labels = (version.spec.name, str(version.spec.version))
         store = self._store(version.spec, runner)
         batcher = Batcher(runner, store, self.metrics, labels, self.executor, self.run_slots,
@@ -137,7 +142,7 @@ class ModelRegistry:
                           self.config.inline_run_us / 1e6, times)
         self._open.clear()
         self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher,
-                                                RunCost.of(version.spec), graph)
+                                                cost, graph)
         self.metrics.model_events.labels(*labels, "load").inc()
         log.info("loaded %s v%d on %s, session state on the %s", *version.key, runner.provider,
                  "device" if isinstance(store, DeviceStateStore) else "host")

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from rnnserve.client import RnnServeError
 from rnnserve.importer import ImportRefused, import_graph
 from tests.conftest import running
 
@@ -38,8 +39,10 @@ def _axes(name: str, axis: int) -> onnx.TensorProto:
 
 def torch_like(op: str, layers: int = 1, features: int = 3, hidden: int = 5, outputs: int = 2,
                batch_first: bool = False, with_states: bool = True, direction: str = "forward",
-               head: bool = True, last_only: bool = False, fixed: bool = False) -> bytes:
-    """An nn.LSTM/GRU/RNN (+ nn.Linear head) as torch.onnx.export writes it."""
+               head: bool = True, last_only: bool = False, fixed: bool = False,
+               wide: int = 0) -> bytes:
+    """An nn.LSTM/GRU/RNN (+ nn.Linear head, with a hidden layer `wide` units wide before
+    it when given) as torch.onnx.export writes it."""
     directions = 2 if direction == "bidirectional" else 1
     seq, batch = ("seq", "batch") if not fixed else (7, 1)
     shape = [batch, seq, features] if batch_first else [seq, batch, features]
@@ -82,8 +85,13 @@ def torch_like(op: str, layers: int = 1, features: int = 3, hidden: int = 5, out
         nodes.append(helper.make_node("Squeeze", [f"Y{layer}", "one"], [f"X{layer + 1}"]))
         x, size = f"X{layer + 1}", hidden
     out = x
+    if wide:
+        init.append(_weights("Wwide", [size, wide]))
+        nodes += [helper.make_node("MatMul", [x, "Wwide"], ["wide_mm"]),
+                  helper.make_node("Relu", ["wide_mm"], ["wide_out"])]
+        x = "wide_out"
     if head:
-        init += [_weights("Wout", [hidden, outputs]), _weights("bout", [outputs])]
+        init += [_weights("Wout", [wide or hidden, outputs]), _weights("bout", [outputs])]
         nodes += [helper.make_node("MatMul", [x, "Wout"], ["mm"]),
                   helper.make_node("Add", ["mm", "bout"], ["head"])]
         out, size = "head", outputs
@@ -190,6 +198,22 @@ def test_a_name_that_is_no_directory_of_the_repository_is_refused_first(
     with pytest.raises(ImportRefused, match="--name: .* is not a model name"):
         import_graph(graph, name, 1, repo)
     assert not repo.exists() and sorted(p.name for p in tmp_path.rglob("*")) == [graph.name]
+
+
+def test_a_wide_layer_inside_an_imported_graph_is_costed(tmp_path: Path) -> None:
+    """model.json says RNN(4) -> 1 output; a 4,096-wide hidden layer between them holds 32 KiB
+    per row-timestep. Costed from the graph's own tensors, a Predict whose one row could never
+    fit the budget is refused instead of running far past it."""
+    repo = tmp_path / "repo"
+    import_graph(save(tmp_path, torch_like("RNN", features=1, hidden=4, outputs=1, wide=4096)),
+                 "wide", 1, repo)
+    with running(repository=repo, memory_budget=16 * 2**20) as srv, srv.client() as client:
+        cost = srv.server.engine._registry.get("wide", 1).cost
+        assert cost.per_step >= 2 * 4096 * 4  # the MatMul's and the Relu's outputs
+        assert client.predict("wide", np.ones((4, 50, 1), np.float32)).y.shape == (4, 50, 1)
+        with pytest.raises(RnnServeError) as err:  # one row: 1,000 x 32 KiB > 16 MiB
+            client.predict("wide", np.ones((1, 1000, 1), np.float32))
+        assert err.value.code.name == "RESOURCE_EXHAUSTED"
 
 
 def test_a_graph_without_recurrence_is_refused(tmp_path: Path) -> None:
