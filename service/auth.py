@@ -6,6 +6,7 @@ again for the name, as interceptors cannot hand values to handlers.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -16,11 +17,11 @@ from rnnserve.identity import Identities
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
+             message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind that ends every call with `code` before reading it."""
     async def abort(request, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or wrong bearer token: send metadata "
-                            "'authorization: Bearer <token>'")
+        await context.abort(code, message)
 
     async def abort_stream(request, context: grpc.aio.ServicerContext):
         await abort(request, context)
@@ -53,5 +54,27 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         try:
             self.identities.client(details.invocation_metadata)
         except Unauthenticated:
-            return _deny(handler)
+            return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer "
+                            "token: send metadata 'authorization: Bearer <token>'")
         return handler
+
+
+class SharedKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Calls must carry `key` in metadata `header`: the workers' unix sockets answer only
+    their siblings, not any process that can reach the socket."""
+
+    def __init__(self, header: str, key: str) -> None:
+        self.header = header
+        self.key = key.encode()
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        given = dict(details.invocation_metadata or ()).get(self.header, "")
+        if handler is None or hmac.compare_digest(
+                given.encode() if isinstance(given, str) else given, self.key):
+            return handler
+        return refusing(handler, grpc.StatusCode.PERMISSION_DENIED,
+                        "this socket answers only the other workers of its server")

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from rnnserve.admission import Admission
-from rnnserve.auth import BearerTokenInterceptor
+from rnnserve.auth import BearerTokenInterceptor, SharedKeyInterceptor
 from rnnserve.config import ServerConfig
 from rnnserve.decoding import TolerantServer
 from rnnserve.engine import Engine
@@ -36,7 +36,7 @@ from rnnserve.registry import ModelRegistry
 from rnnserve.runner import Runner, providers_for
 from rnnserve.servicer import InferenceServicer
 from rnnserve.sessions import SessionTable
-from rnnserve.siblings import Siblings, SiblingsServicer, socket_path
+from rnnserve.siblings import SIBLING_KEY_HEADER, Siblings, SiblingsServicer, socket_path
 from rnnserve.streams import OpenStreams
 from rnnserve.supervisor import WorkerPlace
 
@@ -182,7 +182,8 @@ def _bind_grpc(server: grpc.aio.Server, config: ServerConfig, shared: bool) -> i
 
 
 async def _start_internal(engine: Engine, worker: WorkerPlace) -> grpc.aio.Server:
-    internal = grpc.aio.server()
+    internal = grpc.aio.server(interceptors=[SharedKeyInterceptor(SIBLING_KEY_HEADER,
+                                                                  worker.sibling_key)])
     siblings_pb2_grpc.add_SiblingsServicer_to_server(SiblingsServicer(engine), internal)
     path = socket_path(worker.run_dir, worker.index)
     path.unlink(missing_ok=True)  # left by this worker's crashed predecessor
@@ -214,7 +215,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait,
                             config.shutdown_grace + config.handoff_wait)
                if config.state_store else None)
-    siblings = (Siblings(worker.run_dir, worker.index, worker.count)
+    siblings = (Siblings(worker.run_dir, worker.index, worker.count, worker.sibling_key)
                 if worker is not None and worker.count > 1 else None)
     engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff,
                     siblings)

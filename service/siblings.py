@@ -25,6 +25,7 @@ from rnnserve.logs import Throttled
 unanswered = Throttled(__name__)
 """A dead or restarting worker: one line per worker a minute, not one per lookup (a client
 retrying its lost sessions made 1,188 lines in 12 s)."""
+SIBLING_KEY_HEADER = "x-rnnserve-sibling-key"
 CALL_TIMEOUT = 5.0
 """A sibling that does not answer in time (restarting, wedged) is skipped for this call."""
 
@@ -67,8 +68,9 @@ class SiblingsServicer(rpc.SiblingsServicer):
 class Siblings:
     """The other workers of this server, reached over their unix sockets."""
 
-    def __init__(self, run_dir: Path, index: int, count: int) -> None:
+    def __init__(self, run_dir: Path, index: int, count: int, key: str) -> None:
         self.paths = {i: socket_path(run_dir, i) for i in range(count) if i != index}
+        self.metadata = ((SIBLING_KEY_HEADER, key),)
         self._stubs: dict[int, rpc.SiblingsStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
@@ -87,7 +89,8 @@ class Siblings:
         indexes = list(self.paths)
         request = pb.ReleaseRequest(session_ids=session_ids, owner=owner)
         answers = await asyncio.gather(
-            *(self._stub(i).Release(request, timeout=CALL_TIMEOUT) for i in indexes),
+            *(self._stub(i).Release(request, timeout=CALL_TIMEOUT, metadata=self.metadata)
+              for i in indexes),
             return_exceptions=True)
         moved: dict[str, tuple[int, ParkedSession]] = {}
         ended: dict[str, str] = {}
@@ -109,7 +112,7 @@ class Siblings:
         try:
             answer = await self._stub(index).Restore(
                 pb.RestoreRequest(sessions=[to_message(p) for p in sessions]),
-                timeout=CALL_TIMEOUT)
+                timeout=CALL_TIMEOUT, metadata=self.metadata)
         except grpc.RpcError:
             return [p.session_id for p in sessions]
         return list(answer.lost)

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -50,6 +51,8 @@ class WorkerPlace:
     supervisor_pid: int
     """Whose death ends the worker. Not "is my parent PID 1?": in a container the supervisor
     itself is PID 1, and every worker took that for its parent's death."""
+    sibling_key: str
+    """A secret the workers send each other: their sockets answer no other process."""
 
 
 METRICS_DIR = "metrics"
@@ -130,6 +133,7 @@ class Supervisor:
         self.config = config
         self.count = count
         self.run_dir = Path()  # made by run(), where a missing /tmp can be reported
+        self.sibling_key = secrets.token_hex(32)  # reaches the workers through their pipes
         self.context = multiprocessing.get_context("spawn")
         self.processes: dict[int, multiprocessing.Process] = {}
         self.pipes: dict[int, object] = {}
@@ -185,7 +189,7 @@ class Supervisor:
 
     def _start(self, index: int, config: ServerConfig) -> None:
         receive, send = self.context.Pipe(duplex=False)
-        place = WorkerPlace(index, self.count, self.run_dir, os.getpid())
+        place = WorkerPlace(index, self.count, self.run_dir, os.getpid(), self.sibling_key)
         process = self.context.Process(target=_worker_main, args=(config, place, send),
                                        name=f"rnnserve-worker-{index}", daemon=False)
         process.start()

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -272,3 +273,29 @@ def test_a_dead_worker_is_reported_once_not_per_lookup(workers: Workers) -> None
                 client.step(missing, [1.0])
     lines = [m for m in workers.messages() if "did not answer a session lookup" in m]
     assert 1 <= len(lines) <= 2, lines  # one per worker at most (the restarted one may miss)
+
+
+def test_the_workers_sockets_answer_only_their_siblings(workers: Workers) -> None:
+    """Another process of the same user can reach the sockets; without the supervisor's key it
+    can neither take a session nor read its state."""
+    import glob
+
+    from rnnserve.generated.rnnserve.internal.v1 import siblings_pb2 as pb
+    from rnnserve.generated.rnnserve.internal.v1 import siblings_pb2_grpc as rpc
+
+    with fresh(workers) as client:
+        mine = client.open_session("echo").session_id
+        client.step(mine, [1.0])
+    sockets = sorted(glob.glob(f"{tempfile.gettempdir()}/rnnserve-*/worker-*.sock"),
+                     key=os.path.getmtime)[-WORKERS:]
+    assert len(sockets) == WORKERS
+    for path in sockets:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            stub = rpc.SiblingsStub(channel)
+            for metadata in ((), (("x-rnnserve-sibling-key", "guess"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Release(pb.ReleaseRequest(session_ids=[mine]), metadata=metadata,
+                                 timeout=10)
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with fresh(workers) as client:  # still there, still exact
+        assert client.step(mine, [1.0]).shape == (1, 2)
