@@ -107,8 +107,18 @@ def _predict_request(model: str, x: ArrayLike | Sequence[ArrayLike], version: in
     lengths: list[int] = []
     if isinstance(x, np.ndarray):
         batch = x
+        if batch.ndim != 3:
+            raise ValueError(f"predict's x: a [batch, time, features] array, got shape "
+                             f"{list(batch.shape)}")
     else:
         seqs = [np.asarray(s, "<f4") for s in x]
+        shapes = {s.shape[1:] for s in seqs}
+        if not seqs or any(s.ndim != 2 or not len(s) for s in seqs) or len(shapes) != 1:
+            found = [list(s.shape) for s in seqs[:3]]
+            raise ValueError("predict's x: a non-empty list of [time, features] sequences with "
+                             f"one feature count (or a [batch, time, features] array); got "
+                             f"{len(seqs)} sequences of shapes {found}"
+                             f"{' …' if len(seqs) > 3 else ''}")
         lengths = [len(s) for s in seqs]
         batch = np.zeros((len(seqs), max(lengths), seqs[0].shape[-1]), "<f4")
         for row, s in enumerate(seqs):
