@@ -47,6 +47,9 @@ class Ran:
     results: list[Result]
     slots: list[int] | None = None
     finals: object = None
+    seconds: float = 0.0
+    """How long the run took where it ran; recorded into run_times on the event loop, the one
+    thread that reads them."""
 
 
 @dataclass(eq=False)
@@ -167,14 +170,19 @@ class Batcher:
     def _flush(self) -> None:
         self._flush_at = None
         while self._pending:
-            groups: dict[tuple[int, bool], list[Work]] = {}
-            for work in self._take_batch():  # steps and predictions of equal length apart
-                groups.setdefault((work.x.shape[1], work.slots is None), []).append(work)
-            if any(self._threads(group) for group in groups.values()):
-                self._threaded = self._loop.create_task(self._run_groups(list(groups.values())))
-                return
-            for group in groups.values():
-                self._run_inline(group)
+            batch = self._take_batch()
+            try:
+                groups: dict[tuple[int, bool], list[Work]] = {}
+                for work in batch:  # steps and predictions of equal length apart
+                    groups.setdefault((work.x.shape[1], work.slots is None), []).append(work)
+                if any(self._threads(group) for group in groups.values()):
+                    self._threaded = self._loop.create_task(
+                        self._run_groups(list(groups.values())))
+                    return
+                for group in groups.values():
+                    self._run_inline(group)
+            except Exception as exc:  # out of the queue: its callers must hear of it
+                self._fail(batch, exc)
 
     def _take_batch(self) -> list[Work]:
         batch: list[Work] = []
@@ -210,7 +218,7 @@ class Batcher:
         except Exception as exc:  # the caller's alone; the batcher goes on
             log.error("batch run failed", exc_info=exc)
             raise
-        self._observe([work], started)
+        self._observe([work], started, ran)
         return ran.results[0]
 
     def _run_inline(self, group: list[Work]) -> None:
@@ -277,9 +285,11 @@ class Batcher:
         for work, result in zip(group, ran.results):
             if not work.future.done():
                 work.future.set_result(result)
-        self._observe(group, started)
+        self._observe(group, started, ran)
 
-    def _observe(self, group: list[Work], started: float) -> None:
+    def _observe(self, group: list[Work], started: float, ran: Ran) -> None:
+        steps = sum(w.rows for w in group) * group[0].x.shape[1]
+        self.run_times.measured(steps, ran.seconds)
         rows = 0
         for work in group:
             self._queue_wait.observe(started - work.enqueued)
@@ -304,8 +314,7 @@ class Batcher:
         the event loop would wait for it, hand-off to a thread not included."""
         started = time.perf_counter()
         ran = self._run(group, inline)
-        self.run_times.measured(sum(w.rows for w in group) * group[0].x.shape[1],
-                                time.perf_counter() - started)
+        ran.seconds = time.perf_counter() - started
         return ran
 
     def _run(self, group: list[Work], inline: bool) -> Ran:

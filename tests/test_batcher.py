@@ -284,3 +284,36 @@ def test_a_step_runs_at_once_only_when_nothing_holds_it_back() -> None:
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_an_error_while_a_batch_is_formed_reaches_its_callers() -> None:
+    """Work taken out of the queue belongs to no one until it runs: an error before its run
+    (here the run-time lookup, once) must fail it, not leave its callers waiting for good."""
+
+    class FailingOnce(RunTimes):
+        failed = False
+
+        def expect(self, steps: int) -> float | None:
+            if not FailingOnce.failed:
+                FailingOnce.failed = True
+                raise RuntimeError("injected while forming a batch")
+            return super().expect(steps)
+
+    async def main() -> list[object]:
+        registry, metrics = await echo_model()
+        model = registry.get("echo")
+        table = SessionTable(10, 60, metrics)
+        slots = [table.open(model, None).slot for _ in range(3)]
+        x = np.ones((1, 1, 1), np.float32)
+        times = FailingOnce()
+        times.measured(1, 1e-6)
+        model.batcher.run_times = times
+        calls = [asyncio.ensure_future(model.batcher.step([slot], x)) for slot in slots]
+        done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        after = await model.batcher.step([slots[0]], x)  # the batcher goes on
+        await model.batcher.close()
+        return [*done, after]
+
+    outcomes = asyncio.run(main())
+    assert any(isinstance(o, RuntimeError) for o in outcomes[:3])
+    assert not isinstance(outcomes[3], BaseException)
