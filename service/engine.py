@@ -93,6 +93,12 @@ class RowError:
     row: int
     code: str
     message: str
+    retry_after: float | None = None
+    """As the error's own: when the same row may succeed if sent again."""
+
+    @classmethod
+    def of(cls, row: int, error: ServingError) -> RowError:
+        return cls(row, error.code, str(error), error.retry_after)
 
 
 @dataclass(frozen=True)
@@ -780,7 +786,7 @@ class Engine:
         error = _run_error(model, exc)
         return StepOutcome(np.full((*x.shape[:2], model.spec.outputs), np.nan, np.float32),
                            model.store.steps[slots].tolist(),
-                           [RowError(r, error.code, str(error)) for r in range(len(slots))],
+                           [RowError.of(r, error) for r in range(len(slots))],
                            None)
 
     def _steps_plan(self, first: LoadedModel, x: np.ndarray,
@@ -834,7 +840,7 @@ class Engine:
                 per_row += session.model.cost.per_row
             except ServingError as exc:
                 sessions.append(None)
-                errors.append(RowError(row, exc.code, str(exc)))
+                errors.append(RowError.of(row, exc))
         return sessions, errors, RunCost(per_step, per_row)
 
     async def _run_steps(self, sessions: list[Session | None], x: np.ndarray,
@@ -884,7 +890,7 @@ class Engine:
                 raise result
             if isinstance(result, BaseException):
                 error = _run_error(model, result)
-                errors.extend(RowError(r, error.code, str(error)) for r in rows)
+                errors.extend(RowError.of(r, error) for r in rows)
                 for r in rows:
                     sessions[r] = None
                 del groups[model]

@@ -35,7 +35,7 @@ def fill_step_response(response: pb.StepResponse, outcome: StepOutcome) -> pb.St
     fill_tensor(response.y, outcome.y)
     response.steps.extend(outcome.steps)
     for e in outcome.errors:
-        response.errors.add(row=e.row, status=row_status(e.code, e.message))
+        response.errors.add(row=e.row, status=row_status(e.code, e.message, e.retry_after))
     return response
 
 
@@ -187,7 +187,7 @@ class InferenceServicer(rpc.InferenceServicer):
                                          stream.own if own else stream.named)
         if own and outcome.errors:
             error = outcome.errors[0]
-            response.error.CopyFrom(row_status(error.code, error.message))
+            response.error.CopyFrom(row_status(error.code, error.message, error.retry_after))
             return
         if outcome.labels is not None:
             call.model, call.version = outcome.labels

@@ -19,18 +19,23 @@ BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def to_status(error: ServingError) -> status_pb2.Status:
-    status = status_pb2.Status(code=CODES[error.code].value[0], message=str(error))
-    if error.retry_after is not None:
-        detail = any_pb2.Any()
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(error.retry_after * 1e9))
-        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        status.details.append(detail)
+    return row_status(error.code, str(error), error.retry_after)
+
+
+def _retry_info(seconds: float) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return detail
+
+
+def row_status(code: str, message: str, retry_after: float | None = None) -> status_pb2.Status:
+    """A failed row's status, with the RetryInfo a whole call's error would carry."""
+    status = status_pb2.Status(code=CODES[code].value[0], message=message)
+    if retry_after is not None:
+        status.details.append(_retry_info(retry_after))
     return status
-
-
-def row_status(code: str, message: str) -> status_pb2.Status:
-    return status_pb2.Status(code=CODES[code].value[0], message=message)
 
 
 def retry_after(status: status_pb2.Status) -> float | None:

@@ -295,3 +295,17 @@ def test_parked_records_that_do_not_fit_take_no_slot(redis_url: str) -> None:
         for session_id in opened:
             client.close_session(session_id)
         assert client.step(good, np.zeros((1, 2), np.float32)).shape == (1, 1)
+
+
+def test_a_failed_row_carries_its_retry_delay() -> None:
+    """A row of a Step message that fails for a passing reason (here: the store is down, so
+    a session parked elsewhere cannot be reached) says when to retry, as a failed call does."""
+    from bench.cluster import free_port
+
+    with running(state_store=f"redis://127.0.0.1:{free_port()}/0") as srv, \
+            Client(srv.address) as client:
+        mine = client.open_session("echo").session_id
+        batch = client.step_many([mine, "ab" * 16], np.ones((2, 1, 1), np.float32))
+        assert list(batch.errors) == [1]
+        assert batch.errors[1].code.name == "UNAVAILABLE"
+        assert batch.errors[1].retry_after == 1.0
