@@ -106,10 +106,7 @@ def _predict_request(model: str, x: ArrayLike | Sequence[ArrayLike], version: in
     """x: [batch, time, features], or a list of [time_i, features] sequences of any lengths."""
     lengths: list[int] = []
     if isinstance(x, np.ndarray):
-        batch = x
-        if batch.ndim != 3:
-            raise ValueError(f"predict's x: a [batch, time, features] array, got shape "
-                             f"{list(batch.shape)}")
+        batch = x  # its shape is the server's to check (INVALID_ARGUMENT, with the reason)
     else:
         seqs = [np.asarray(s, "<f4") for s in x]
         shapes = {s.shape[1:] for s in seqs}
