@@ -22,7 +22,7 @@ from rnnserve.errors import (
     ServingError,
     Unavailable,
 )
-from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable
+from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable, store_key
 from rnnserve.logs import Throttled
 from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
 from rnnserve.metrics import Metrics
@@ -472,7 +472,7 @@ class Engine:
               owner: str) -> Session:
         """A new session, recorded as held here so other replicas can ask for it."""
         session = self._sessions.open(model, states, session_id, owner)
-        self._claim([session.id])
+        self._claim([store_key(owner, session.id)])
         return session
 
     async def resume_session(self, session_id: str, owner: str = "") -> SessionView:
@@ -500,7 +500,7 @@ class Engine:
         right now."""
         if not self._elsewhere:
             return {}
-        missing = [i for i in dict.fromkeys(session_ids) if self._sessions.adoptable(i)]
+        missing = [i for i in dict.fromkeys(session_ids) if self._sessions.adoptable(i, owner)]
         if not missing:
             return {}
         failed: dict[str, ServingError] = {}
@@ -533,10 +533,10 @@ class Engine:
                           owner: str) -> dict[str, ServingError]:
         """Parked sessions, else those another live replica holds: asked to park them now."""
         try:
-            taken = await self._handoff.adopt(missing, wait)
+            taken = await self._handoff.adopt(missing, owner, wait)
             held = [i for i in missing if i not in taken]
             if held and await self._handoff.request_release(held, owner):
-                taken.update(await self._handoff.adopt(held, wait=False, expected=True))
+                taken.update(await self._handoff.adopt(held, owner, wait=False, expected=True))
         except StoreUnavailable as exc:
             error = Unavailable(f"{exc}; sessions parked by other replicas cannot be reached now, "
                                 "retry shortly", retry_after=1.0)
@@ -566,7 +566,7 @@ class Engine:
                         parked.session_id, parked.model, parked.version, exc)
             return False
         self.metrics.handoffs.labels(*model.labels, how).inc()
-        self._claim([parked.session_id])
+        self._claim([store_key(parked.owner, parked.session_id)])
         return True
 
     def _claim(self, session_ids: list[str]) -> None:
@@ -589,7 +589,7 @@ class Engine:
     async def refresh_claims(self) -> None:
         """Renew the records of every live session before they expire."""
         if self._handoff is not None:
-            await self._handoff.claim([s.id for s in self._sessions.live()],
+            await self._handoff.claim([store_key(s.owner, s.id) for s in self._sessions.live()],
                                       self._claim_ttl_ms)
 
     async def park_on_request(self, session_ids: list[str], owner: str) -> None:
@@ -616,8 +616,8 @@ class Engine:
         moved: list[ParkedSession] = []
         ended: dict[str, str] = {}
         for session_id in session_ids:
-            session = self._sessions.find(session_id)
-            if session is None or session.owner != owner or session.model.retiring:
+            session = self._sessions.find(session_id, owner)
+            if session is None or session.model.retiring:
                 reason = self._sessions.ended_reason(session_id, owner)
                 if session is None and reason is not None:
                     ended[session_id] = reason

@@ -112,6 +112,12 @@ class ParkedSession:
         return None
 
 
+def store_key(owner: str, session_id: str) -> str:
+    """A session's name in the store: ids are each client's own, so the owner is part of it
+    (client names hold no '/'); without auth every caller is "" and the key is the id."""
+    return f"{owner}/{session_id}" if owner else session_id
+
+
 def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -158,16 +164,18 @@ class RedisHandoff:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for s in sessions:
-                    pipe.set(KEY_PREFIX + s.session_id, s.encode(), px=self.ttl_ms)
+                    pipe.set(KEY_PREFIX + store_key(s.owner, s.session_id), s.encode(),
+                             px=self.ttl_ms)
                 if done_parking:
                     pipe.zrem(PARKING_KEY, self.replica)  # adopters need not wait for us
                 await pipe.execute()
         except self._errors as exc:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
 
-    async def adopt(self, session_ids: list[str], wait: bool,
+    async def adopt(self, session_ids: list[str], owner: str, wait: bool,
                     expected: bool = False) -> dict[str, ParkedSession]:
-        """Take the parked sessions among `session_ids`, in one round trip per try. While a
+        """Take the owner's parked sessions among `session_ids`, in one round trip per try.
+        While a
         replica is parking (and `wait`), or while their holders were asked to park them
         (`expected`), missing ids are asked for again until the handoff wait ends. Each
         session taken is removed from the store; the caller must restore it or give it back."""
@@ -179,7 +187,7 @@ class RedisHandoff:
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for session_id in missing:
-                        pipe.getdel(KEY_PREFIX + session_id)
+                        pipe.getdel(KEY_PREFIX + store_key(owner, session_id))
                     pipe.zcount(PARKING_KEY, _now_ms(), "+inf")
                     *texts, parking = await pipe.execute()
             except self._errors as exc:
@@ -212,23 +220,25 @@ class RedisHandoff:
         """Re-park sessions this replica cannot serve (e.g. their version is not loaded here)."""
         await self._store(parked, done_parking=False)
 
-    async def claim(self, session_ids: list[str], ttl_ms: int) -> None:
-        """Record this process as the holder of these sessions. Best effort: without a record
-        a call elsewhere finds no holder to ask, and answers NOT_FOUND."""
-        if not session_ids:
+    async def claim(self, keys: list[str], ttl_ms: int) -> None:
+        """Record this process as the holder of these sessions (their `store_key`s). Best
+        effort: without a record a call elsewhere finds no holder to ask, and answers
+        NOT_FOUND."""
+        if not keys:
             return
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for session_id in session_ids:
-                    pipe.set(OWNER_PREFIX + session_id, self.replica, px=ttl_ms)
+                for key in keys:
+                    pipe.set(OWNER_PREFIX + key, self.replica, px=ttl_ms)
                 await pipe.execute()
         except self._errors as exc:
-            log.warning("could not record %d sessions as held here: %s", len(session_ids), exc)
+            log.warning("could not record %d sessions as held here: %s", len(keys), exc)
 
     async def request_release(self, session_ids: list[str], owner: str) -> bool:
         """Ask the processes holding these sessions to park them now; whether any heard."""
         try:
-            holders = await self.client.mget([OWNER_PREFIX + i for i in session_ids])
+            holders = await self.client.mget([OWNER_PREFIX + store_key(owner, i)
+                                              for i in session_ids])
             by_holder: dict[str, list[str]] = {}
             for session_id, holder in zip(session_ids, holders):
                 if holder is not None and holder.decode() != self.replica:

@@ -76,9 +76,11 @@ class SessionTable:
         self.idle_timeout = idle_timeout
         self.metrics = metrics
         self.clock = clock
-        self._live: dict[str, Session] = {}
-        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        """Recently ended ids: (owner, reason)."""
+        self._live: dict[tuple[str, str], Session] = {}
+        """Live sessions by (owner, id): ids are each client's own, so no client can name,
+        block or probe another's (a chosen id another client holds is simply free here)."""
+        self._ended: OrderedDict[tuple[str, str], str] = OrderedDict()
+        """Recently ended (owner, id): why."""
         self._per_client: Counter[str] = Counter()
         self._owned: dict[str, dict[str, Session]] = {}
         """Live sessions by owner, then id: a message's sessions are looked up in its caller's
@@ -95,7 +97,7 @@ class SessionTable:
         """A new session, under the client's id if it chose one (so proxies can route by it)."""
         if session_id:
             check_session_id(session_id)
-            if session_id in self._live:
+            if (owner, session_id) in self._live:
                 raise AlreadyExists(f"session {session_id} is already open; pick a new random id")
         return self._add(model, session_id or secrets.token_hex(SESSION_ID_HEX // 2), states,
                          0, 0.0, owner)
@@ -123,18 +125,18 @@ class SessionTable:
         session = Session(session_id, model, slot, owner)
         session.last_used = self.clock() - idle_seconds
         session.steps = steps
-        self._live[session.id] = session
+        self._live[(owner, session.id)] = session
         self._owned.setdefault(owner, {})[session.id] = session
         self._per_client[owner] += 1
-        self._ended.pop(session_id, None)  # a chosen id may be reused once its session ended
+        self._ended.pop((owner, session_id), None)  # a chosen id may be used again once ended
         model.sessions += 1
         self.metrics.sessions.labels(*model.labels).inc()
         return session
 
-    def adoptable(self, session_id: str) -> bool:
+    def adoptable(self, session_id: str, owner: str) -> bool:
         """Well-formed, not live here and not ended here: perhaps parked by another replica."""
-        return (session_id not in self._live and session_id not in self._ended
-                and is_session_id(session_id))
+        key = (owner, session_id)
+        return key not in self._live and key not in self._ended and is_session_id(session_id)
 
     def live(self) -> list[Session]:
         return list(self._live.values())
@@ -142,16 +144,13 @@ class SessionTable:
     def get(self, session_id: str, owner: str = "") -> Session:
         """The owner's live session. Another client's session answers exactly like an unknown
         id, so ids cannot be probed."""
-        session = self._live.get(session_id)
+        session = self._live.get((owner, session_id))
         if session is not None:
-            if session.owner == owner:
-                return session
-        else:
-            check_session_id(session_id)
-            ended = self._ended.get(session_id)
-            if ended is not None and ended[0] == owner:
-                raise FailedPrecondition(f"session {session_id} was {ended[1]}; open a new "
-                                         "session")
+            return session
+        check_session_id(session_id)
+        ended = self._ended.get((owner, session_id))
+        if ended is not None:
+            raise FailedPrecondition(f"session {session_id} was {ended}; open a new session")
         raise NotFound(f"no session {session_id} on this server")
 
     def all_owned(self, session_ids: list[str], owner: str) -> list[Session] | None:
@@ -164,20 +163,20 @@ class SessionTable:
         return found if all(found) else None
 
     def ended(self, session: Session) -> bool:
-        return self._live.get(session.id) is not session
+        return self._live.get((session.owner, session.id)) is not session
 
     def close(self, session: Session, reason: str) -> None:
         """End a session; `reason` reads as 'session … was <reason>'."""
         if not self.release(session):
             return
-        self._ended[session.id] = (session.owner, reason)
+        self._ended[(session.owner, session.id)] = reason
         while len(self._ended) > REMEMBER_ENDED:
             self._ended.popitem(last=False)
 
     def release(self, session: Session) -> bool:
         """Let a session go without ending it (it moves to another worker): its slot is free
         and its id is not remembered as ended, so a later call may bring it back."""
-        if self._live.pop(session.id, None) is None:
+        if self._live.pop((session.owner, session.id), None) is None:
             return False
         self.removals += 1
         owned = self._owned[session.owner]
@@ -192,14 +191,13 @@ class SessionTable:
         self.metrics.sessions.labels(*session.model.labels).dec()
         return True
 
-    def find(self, session_id: str) -> Session | None:
-        """The live session by id, whoever owns it (for moves between workers)."""
-        return self._live.get(session_id)
+    def find(self, session_id: str, owner: str) -> Session | None:
+        """The owner's live session by id, or None (for moves between workers)."""
+        return self._live.get((owner, session_id))
 
     def ended_reason(self, session_id: str, owner: str) -> str | None:
         """Why the owner's session ended here, if it did recently."""
-        ended = self._ended.get(session_id)
-        return ended[1] if ended is not None and ended[0] == owner else None
+        return self._ended.get((owner, session_id))
 
     def evict_idle(self) -> int:
         """Close sessions idle past the timeout; a session with work in flight is never idle."""

@@ -9,7 +9,7 @@ import pytest
 
 from rnnserve.client import Client, RnnServeError
 from rnnserve.identity import Identities, parse_tokens
-from tests.conftest import RunningServer, running
+from tests.conftest import RunningServer, make_config, running
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
 
@@ -174,3 +174,75 @@ def test_a_rotated_tokens_file_takes_effect_without_a_restart(tmp_path: Path,
         tokens.write_text("alice short\n")  # malformed: the tokens in force stay
         until(lambda: any("not reloaded" in r.getMessage() for r in caplog.records))
         assert accepted(fresh) and accepted(BOB)
+
+
+def open_chosen(server: RunningServer, token: str, session_id: str) -> None:
+    """OpenSession under an id the client chose (the Python client always picks a random one)."""
+    import grpc
+
+    from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        opened = rpc.InferenceStub(channel).OpenSession(
+            pb.OpenSessionRequest(model="echo", session_id=session_id),
+            metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+    assert opened.session.session_id == session_id
+
+
+def test_session_ids_are_each_clients_own(tokens_file: Path) -> None:
+    """No client can name, block or probe another's session: the same chosen id is two
+    sessions for two clients (it answered ALREADY_EXISTS, telling bob alice held it), and a
+    v2 sequence's derived id pre-opened natively by another client blocks nothing (its
+    sequence_start got ALREADY_EXISTS)."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from rnnserve.kserve import sequence_session_id
+
+    chosen = "c0ffee" * 5 + "00"
+    with running(auth_tokens_file=str(tokens_file)) as srv, \
+            srv.client(token=ALICE) as alice, srv.client(token=BOB) as bob:
+        open_chosen(srv, ALICE, chosen)
+        alice.step(chosen, [1.0])
+        before = alice.snapshot(chosen)
+        open_chosen(srv, BOB, chosen)  # free for bob: alice's ids are hers
+        bob.step(chosen, [5.0])
+        after = alice.snapshot(chosen)
+        assert all(np.array_equal(before[k], after[k]) for k in before)  # untouched by bob
+
+        squatted = sequence_session_id("bob", "echo", 7)
+        open_chosen(srv, ALICE, squatted)  # alice squats bob's sequence 7
+        x = np.random.default_rng(2).uniform(-1, 1, (1, 6, 1)).astype(np.float32)
+        client = grpcclient.InferenceServerClient(url=srv.address)
+        try:
+            def infer(part: np.ndarray, **flags) -> np.ndarray:
+                tensor = grpcclient.InferInput("x", list(part.shape), "FP32")
+                tensor.set_data_from_numpy(part)
+                return client.infer("echo", [tensor], sequence_id=7,
+                                    headers={"authorization": f"Bearer {BOB}"},
+                                    **flags).as_numpy("y")
+
+            got = np.concatenate([infer(x[:, :2], sequence_start=True),
+                                  infer(x[:, 2:], sequence_end=True)], axis=1)
+        finally:
+            client.close()
+        assert np.max(np.abs(got - bob.predict("echo", x).y)) <= 1e-6
+
+
+def test_the_same_id_of_two_clients_moves_between_replicas_as_two_sessions(
+        tokens_file: Path, redis_url: str) -> None:
+    """Parked in the shared store under (client, id), two clients' sessions of one id each
+    come back as their own."""
+    chosen = "5e55" * 8
+    a = RunningServer(make_config(auth_tokens_file=str(tokens_file), state_store=redis_url))
+    with a.client(token=ALICE) as alice, a.client(token=BOB) as bob:
+        open_chosen(a, ALICE, chosen)
+        open_chosen(a, BOB, chosen)
+        alice.step(chosen, [1.0])
+        bob.step(chosen, [-3.0])
+        states = {"alice": alice.snapshot(chosen), "bob": bob.snapshot(chosen)}
+    a.stop()  # drain: both parked
+    with running(auth_tokens_file=str(tokens_file), state_store=redis_url) as b, \
+            b.client(token=ALICE) as alice, b.client(token=BOB) as bob:
+        for name, client in (("alice", alice), ("bob", bob)):
+            moved = client.snapshot(chosen)
+            assert all(np.array_equal(states[name][k], moved[k]) for k in moved), name
