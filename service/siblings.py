@@ -55,9 +55,10 @@ class SiblingsServicer(rpc.SiblingsServicer):
 
     async def Release(self, request: pb.ReleaseRequest,
                       context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
-        moved, ended = await self.engine.release_sessions(list(request.session_ids),
-                                                          request.owner)
-        return pb.ReleaseResponse(sessions=[to_message(p) for p in moved], ended=ended)
+        moved, ended, moving = await self.engine.release_sessions(list(request.session_ids),
+                                                                  request.owner)
+        return pb.ReleaseResponse(sessions=[to_message(p) for p in moved], ended=ended,
+                                  moving=moving)
 
     async def Restore(self, request: pb.RestoreRequest,
                       context: grpc.aio.ServicerContext) -> pb.RestoreResponse:
@@ -83,9 +84,10 @@ class Siblings:
         return stub
 
     async def take(self, session_ids: list[str], owner: str
-                   ) -> tuple[dict[str, tuple[int, ParkedSession]], dict[str, str]]:
+                   ) -> tuple[dict[str, tuple[int, ParkedSession]], dict[str, str], set[str]]:
         """Ask every sibling at once: the sessions released (with the worker each came from),
-        and the ids a sibling ended recently (with why)."""
+        the ids a sibling ended recently (with why), and those live but not free to move
+        now (busy, or on their way between two other workers)."""
         indexes = list(self.paths)
         request = pb.ReleaseRequest(session_ids=session_ids, owner=owner)
         answers = await asyncio.gather(
@@ -94,6 +96,7 @@ class Siblings:
             return_exceptions=True)
         moved: dict[str, tuple[int, ParkedSession]] = {}
         ended: dict[str, str] = {}
+        moving: set[str] = set()
         for index, answer in zip(indexes, answers):
             if isinstance(answer, BaseException):
                 if not isinstance(answer, grpc.RpcError):
@@ -105,7 +108,8 @@ class Siblings:
             for message in answer.sessions:
                 moved[message.session_id] = (index, from_message(message))
             ended.update(answer.ended)
-        return moved, ended
+            moving.update(answer.moving)
+        return moved, ended, moving - moved.keys()
 
     async def give_back(self, index: int, sessions: list[ParkedSession]) -> list[str]:
         """Return sessions to the worker they came from; the ids lost on the way."""
