@@ -246,3 +246,24 @@ def test_the_same_id_of_two_clients_moves_between_replicas_as_two_sessions(
         for name, client in (("alice", alice), ("bob", bob)):
             moved = client.snapshot(chosen)
             assert all(np.array_equal(states[name][k], moved[k]) for k in moved), name
+
+
+def test_another_clients_live_id_on_another_replica_answers_like_an_unknown_one(
+        tokens_file: Path, redis_url: str) -> None:
+    """A replica asked for a session it does not hold asks the holder only for the caller's
+    own sessions: bob naming alice's live id got NOT_FOUND after the whole handoff wait (a
+    random id at once), which told him the id was live somewhere."""
+    import time
+
+    with running(auth_tokens_file=str(tokens_file), state_store=redis_url) as a, \
+            running(auth_tokens_file=str(tokens_file), state_store=redis_url,
+                    handoff_wait=5.0) as b, \
+            a.client(token=ALICE) as alice, b.client(token=BOB) as bob:
+        hers = alice.open_session("echo").session_id
+        alice.step(hers, [1.0])
+        time.sleep(0.5)  # her session is recorded as held by a (in the background)
+        for session_id in (hers, "0123" * 8):
+            started = time.monotonic()
+            assert code(bob.step, session_id, [1.0]) == "NOT_FOUND"
+            assert time.monotonic() - started < 2.5  # no wait for a release that never comes
+        assert alice.step(hers, [1.0]).shape == (1, 2)  # still on a, still hers
