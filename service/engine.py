@@ -516,12 +516,19 @@ class Engine:
         missing = [i for i in dict.fromkeys(session_ids) if self._sessions.adoptable(i, owner)]
         if not missing:
             return {}
+        # A session taken from a sibling or the store exists nowhere else until it is
+        # restored here: a caller that gives up (a deadline, a cancelled stream) must not
+        # stop that half way (300 calls with millisecond deadlines lost a session in 20).
+        return await asyncio.shield(self._bring(missing, alone or len(missing) ==
+                                                len(session_ids), owner))
+
+    async def _bring(self, missing: list[str], wait: bool,
+                     owner: str) -> dict[str, ServingError]:
         failed: dict[str, ServingError] = {}
         if self._siblings is not None:
             missing, failed = await self._from_siblings(missing, owner)
         if missing and self._handoff is not None:
-            failed.update(await self._from_store(
-                missing, alone or len(missing) == len(session_ids), owner))
+            failed.update(await self._from_store(missing, wait, owner))
         return failed
 
     async def _from_siblings(self, missing: list[str], owner: str

@@ -339,3 +339,23 @@ def test_sessions_stepped_through_three_workers_at_once_are_never_lost_to_a_move
                 assert stream.resume(session_id).steps == answered
     finally:
         server.stop()
+
+
+def test_a_caller_that_gives_up_mid_move_loses_no_session(workers: Workers) -> None:
+    """Calls with millisecond deadlines on connections the kernel spreads over both workers:
+    a session already taken from its sibling is restored even when its caller has gone (one
+    was lost in about 20 such calls, and NOT_FOUND followed)."""
+    with fresh(workers) as client:
+        session_id = client.open_session("echo").session_id
+    codes: Counter = Counter()
+    for n in range(200):
+        with Client(workers.address, timeout=(0.0005, 0.001, 0.002, 0.003)[n % 4]) as client:
+            try:
+                client.step(session_id, [1.0])
+                codes["OK"] += 1
+            except RnnServeError as exc:
+                codes[exc.code.name] += 1
+    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "CANCELLED"}, codes
+    with fresh(workers) as client, client.stream() as stream:
+        steps = stream.resume(session_id).steps  # still there
+    assert codes["OK"] <= steps <= sum(codes.values())
