@@ -47,6 +47,10 @@ MOVE_WINDOW = 2.0
 within milliseconds): a third worker asking meanwhile asks again instead of answering NOT_FOUND
 (6 clients stepping 2 sessions through 3 workers: 19 % of calls were told NOT_FOUND or
 "ended before this step ran")."""
+ARRIVAL_HOLD = 0.05
+"""Seconds a session brought here is kept for the call that brought it: that call resumes a
+loop turn after the session arrives (its adoption runs shielded from cancellation), and a
+sibling's request in between would take it away again."""
 MOVE_POLL = 0.002
 MOVE_POLL_MAX = 0.05
 """Seconds between asks for a session that is busy elsewhere or on its way: doubling from the
@@ -217,6 +221,12 @@ def _parked(session: Session, now: float) -> ParkedSession:
                          _states_of(session), session.model.graph)
 
 
+def _forget_before(times: OrderedDict, cutoff: float) -> None:
+    """Drop the entries older than `cutoff` from a map kept in the order of its times."""
+    while times and next(iter(times.values())) < cutoff:
+        times.popitem(last=False)
+
+
 def _check_finite(array: np.ndarray, what: str) -> None:
     if not np.isfinite(array).all():
         raise InvalidArgument(f"{what} contains NaN or Inf")
@@ -261,6 +271,9 @@ class Engine:
         self._claiming: asyncio.Task | None = None
         self._moved_away: OrderedDict[tuple[str, str], float] = OrderedDict()
         """(owner, id) of sessions released to a sibling in the last MOVE_WINDOW, by when."""
+        self._moved_in: OrderedDict[tuple[str, str], float] = OrderedDict()
+        """(owner, id) of sessions brought here in the last ARRIVAL_HOLD, by when: kept for
+        the call that brought them, which resumes a loop turn after they arrive."""
         self._claim_ttl_ms = int(2 * config.session_idle_timeout * 1000)
         self.metrics: Metrics = registry.metrics
         self._draining = False
@@ -601,6 +614,8 @@ class Engine:
             return False
         self.metrics.handoffs.labels(*model.labels, how).inc()
         self._claim([store_key(parked.owner, parked.session_id)])
+        self._moved_in[(parked.owner, parked.session_id)] = time.monotonic()
+        self._moved_in.move_to_end((parked.owner, parked.session_id))
         return True
 
     def _claim(self, session_ids: list[str]) -> None:
@@ -654,8 +669,8 @@ class Engine:
         ended: dict[str, str] = {}
         moving: list[str] = []
         now = time.monotonic()
-        while self._moved_away and next(iter(self._moved_away.values())) < now - MOVE_WINDOW:
-            self._moved_away.popitem(last=False)
+        _forget_before(self._moved_away, now - MOVE_WINDOW)
+        _forget_before(self._moved_in, now - ARRIVAL_HOLD)
         for session_id in session_ids:
             session = self._sessions.find(session_id, owner)
             if session is None or session.model.retiring:
@@ -664,6 +679,9 @@ class Engine:
                     ended[session_id] = reason
                 elif session is None and (owner, session_id) in self._moved_away:
                     moving.append(session_id)  # on its way to another worker: ask there
+                continue
+            if not wait and (owner, session_id) in self._moved_in:
+                moving.append(session_id)  # just arrived for a call that has yet to use it
                 continue
             if not session.lock.take():
                 if not wait:  # steps of its own here run first; the sibling asks again
@@ -677,6 +695,7 @@ class Engine:
                 moved.append(_parked(session, self._sessions.clock()))
                 self._sessions.release(session)  # its slot is free from here
                 self._moved_away[(owner, session_id)] = now
+                self._moved_away.move_to_end((owner, session_id))
             finally:
                 session.lock.release()
         return moved, ended, moving
