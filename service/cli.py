@@ -108,7 +108,6 @@ def _import_flags(cmd: argparse.ArgumentParser) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from rnnserve.importer import ImportRefused, describe, import_graph
 
@@ -187,12 +186,14 @@ def run_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from rnnserve.client import _credentials
+
     options = ([("grpc.ssl_target_name_override", args.tls_server_name)]
                if args.tls_server_name else [])
     try:
-        channel = (grpc.secure_channel(args.address, grpc.ssl_channel_credentials(
-            Path(args.tls_ca).read_bytes()), options) if args.tls_ca
-            else grpc.insecure_channel(args.address, options))
+        creds = _credentials(args.tls_ca)
+        channel = (grpc.secure_channel(args.address, creds, options) if creds
+                   else grpc.insecure_channel(args.address, options))
     except OSError as exc:
         print(f"unhealthy: cannot read the CA file {args.tls_ca}: {exc.strerror or exc}",
               file=sys.stderr)

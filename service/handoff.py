@@ -175,9 +175,8 @@ class RedisHandoff:
     async def adopt(self, session_ids: list[str], owner: str, wait: bool,
                     expected: bool = False) -> dict[str, ParkedSession]:
         """Take the owner's parked sessions among `session_ids`, in one round trip per try.
-        While a
-        replica is parking (and `wait`), or while their holders were asked to park them
-        (`expected`), missing ids are asked for again until the handoff wait ends. Each
+        While a replica is parking (and `wait`), or while their holders were asked to park
+        them (`expected`), missing ids are asked for again until the handoff wait ends. Each
         session taken is removed from the store; the caller must restore it or give it back."""
         deadline = time.monotonic() + self.wait_seconds
         taken: dict[str, ParkedSession] = {}

@@ -48,10 +48,6 @@ class LoadedModel:
         return self.spec.name, str(self.spec.version)
 
 
-def graph_digest(directory: Path) -> str:
-    return hashlib.sha256((directory / MODEL_FILE).read_bytes()).hexdigest()
-
-
 class ModelRegistry:
     def __init__(self, config: ServerConfig, metrics: Metrics, executor: Executor,
                  runner: type[Runner] = Runner) -> None:
@@ -74,9 +70,9 @@ class ModelRegistry:
         runner = self.runner(found.spec, found.path, self.config.device,
                              self.config.intra_op_threads)
         check_model(runner, found.path)
-        graph = onnx.load(str(found.path / MODEL_FILE), load_external_data=False)
-        return (runner, timed_at_load(runner), graph_digest(found.path),
-                RunCost.of(found.spec, graph))
+        data = (found.path / MODEL_FILE).read_bytes()  # once: the digest and the cost's graph
+        return (runner, timed_at_load(runner), hashlib.sha256(data).hexdigest(),
+                RunCost.of(found.spec, onnx.load_model_from_string(data)))
 
     async def sync(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load versions that appeared on disk; retire those that disappeared. A broken entry

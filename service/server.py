@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from rnnserve.admission import Admission
-from rnnserve.auth import BearerTokenInterceptor, SharedKeyInterceptor
+from rnnserve.auth import OPEN_PREFIXES, BearerTokenInterceptor, SharedKeyInterceptor
 from rnnserve.config import ServerConfig
 from rnnserve.decoding import TolerantServer
 from rnnserve.engine import Engine
@@ -45,7 +45,7 @@ SERVICE_NAMES = (rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 EVICTION_PERIOD_MAX = 1.0
 TOKENS_POLL = 2.0
 """Seconds between looks at --auth-tokens-file (one stat)."""
-OPEN_METHODS = ("/grpc.health.v1.Health/", f"/{reflection.SERVICE_NAME}/")
+OPEN_METHODS = (*OPEN_PREFIXES, f"/{reflection.SERVICE_NAME}/")
 """Paths that --max-concurrent-rpcs never counts: probes and tools must get through a full
 server."""
 LIVENESS = "liveness"

@@ -217,16 +217,17 @@ class Supervisor:
 
     def _forward(self, signum: int, frame: object) -> None:
         """SIGHUP: every worker scans the repository now."""
-        for process in self.processes.values():
-            if process.is_alive():
-                os.kill(process.pid, signum)
+        self._signal_workers(signum)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self.stopping:
             self.stopping = True
-            for process in self.processes.values():
-                if process.is_alive():
-                    os.kill(process.pid, signal.SIGTERM)
+            self._signal_workers(signal.SIGTERM)
+
+    def _signal_workers(self, signum: int) -> None:
+        for process in self.processes.values():
+            if process.is_alive():
+                os.kill(process.pid, signum)
 
     def _watch(self, config: ServerConfig, port: int, http, wake: int) -> dict[int, int]:
         """Until every worker has exited after a stop: readiness, deaths and restarts."""
