@@ -47,10 +47,6 @@ MOVE_WINDOW = 2.0
 within milliseconds): a third worker asking meanwhile asks again instead of answering NOT_FOUND
 (6 clients stepping 2 sessions through 3 workers: 19 % of calls were told NOT_FOUND or
 "ended before this step ran")."""
-ARRIVAL_HOLD = 0.05
-"""Seconds a session brought here is kept for the call that brought it: that call resumes a
-loop turn after the session arrives (its adoption runs shielded from cancellation), and a
-sibling's request in between would take it away again."""
 MOVE_POLL = 0.002
 MOVE_POLL_MAX = 0.05
 """Seconds between asks for a session that is busy elsewhere or on its way: doubling from the
@@ -271,9 +267,8 @@ class Engine:
         self._claiming: asyncio.Task | None = None
         self._moved_away: OrderedDict[tuple[str, str], float] = OrderedDict()
         """(owner, id) of sessions released to a sibling in the last MOVE_WINDOW, by when."""
-        self._moved_in: OrderedDict[tuple[str, str], float] = OrderedDict()
-        """(owner, id) of sessions brought here in the last ARRIVAL_HOLD, by when: kept for
-        the call that brought them, which resumes a loop turn after they arrive."""
+        self._background: set[asyncio.Task] = set()
+        """Give-backs of sessions that arrived for callers that had given up."""
         self._claim_ttl_ms = int(2 * config.session_idle_timeout * 1000)
         self.metrics: Metrics = registry.metrics
         self._draining = False
@@ -529,19 +524,12 @@ class Engine:
         missing = [i for i in dict.fromkeys(session_ids) if self._sessions.adoptable(i, owner)]
         if not missing:
             return {}
-        # A session taken from a sibling or the store exists nowhere else until it is
-        # restored here: a caller that gives up (a deadline, a cancelled stream) must not
-        # stop that half way (300 calls with millisecond deadlines lost a session in 20).
-        return await asyncio.shield(self._bring(missing, alone or len(missing) ==
-                                                len(session_ids), owner))
-
-    async def _bring(self, missing: list[str], wait: bool,
-                     owner: str) -> dict[str, ServingError]:
         failed: dict[str, ServingError] = {}
         if self._siblings is not None:
             missing, failed = await self._from_siblings(missing, owner)
         if missing and self._handoff is not None:
-            failed.update(await self._from_store(missing, wait, owner))
+            failed.update(await self._from_store(
+                missing, alone or len(missing) == len(session_ids), owner))
         return failed
 
     async def _from_siblings(self, missing: list[str], owner: str
@@ -552,45 +540,96 @@ class Engine:
         --handoff-wait; then it is UNAVAILABLE with a short retry, never reported unknown."""
         deadline = time.monotonic() + self.config.handoff_wait
         pause = MOVE_POLL
-        moved, ended, moving = await self._siblings.take(missing, owner)
-        while moving and time.monotonic() < deadline:
-            await asyncio.sleep(pause)
+        moved: set[str] = set()
+        ended: dict[str, str] = {}
+        asking = missing
+        while True:
+            brought, gone, moving = await self._take_from_siblings(asking, owner)
+            moved |= brought
+            ended.update(gone)
+            if not moving or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(pause)  # a caller that gives up stops asking here
             pause = min(pause * 2, MOVE_POLL_MAX)
-            more, more_ended, moving = await self._siblings.take(sorted(moving), owner)
-            moved.update(more)
-            ended.update(more_ended)
+            arrived = {i for i in moving if not self._sessions.adoptable(i, owner)}
+            moved |= arrived  # brought here meanwhile (for a call that had given up)
+            moving -= arrived
+            if not moving:
+                break
+            asking = sorted(moving)
+        failed: dict[str, ServingError] = {
+            i: FailedPrecondition(f"session {i} was {why}; open a new session")
+            for i, why in ended.items()}
+        for i in moving - moved - failed.keys():
+            failed[i] = Unavailable(f"session {i} is busy on another worker of this server; "
+                                    "retry", retry_after=MOVE_POLL_MAX)
+        return [i for i in missing if i not in moved and i not in failed], failed
+
+    async def _take_from_siblings(self, session_ids: list[str], owner: str
+                                  ) -> tuple[set[str], dict[str, str], set[str]]:
+        """One ask of every sibling: the ids they let go (restored here at once), those they
+        ended (with why), and those not free to move now."""
+        moved, ended, moving = await self._not_lost(self._siblings.take(session_ids, owner),
+                                                    self._keep_moved)
+        return set(moved), ended, moving
+
+    async def _not_lost(self, taking: Awaitable, keep: Callable[[object], Awaitable[None]]):
+        """`taking`'s answer, after `keep` restored the sessions it took out of a sibling or
+        the store. Those exist nowhere else until restored here, so a caller that gives up
+        meanwhile (a deadline, a cancelled stream) does not stop that: `keep` then runs when
+        the answer comes (300 calls with millisecond deadlines had lost a session within 20).
+        Restored in the caller's own turn otherwise, so no sibling can take them back first."""
+        answer = asyncio.ensure_future(taking)
+        try:
+            result = await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            answer.add_done_callback(self._keep_orphaned(keep))
+            raise
+        await keep(result)
+        return result
+
+    def _keep_orphaned(self, keep: Callable[[object], Awaitable[None]]):
+        def kept(answer: asyncio.Future) -> None:
+            if answer.cancelled() or answer.exception() is not None:
+                return  # nothing was taken, or the failure is logged where it happened
+            task = asyncio.get_running_loop().create_task(keep(answer.result()))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return kept
+
+    async def _keep_moved(self, answer) -> None:
+        """Restore what siblings let go; give back, to the worker it came from, what this
+        worker cannot hold."""
         refused: dict[int, list[ParkedSession]] = {}
-        for source, parked in moved.values():
-            if self._restore(parked, "moved"):
-                continue
-            refused.setdefault(source, []).append(parked)
+        for source, parked in answer[0].values():
+            if not self._restore(parked, "moved"):
+                refused.setdefault(source, []).append(parked)
         for source, sessions in refused.items():
             for lost in await self._siblings.give_back(source, sessions):
                 log.error("LOST session %s: it could be neither held here nor given back to "
                           "worker %d", lost, source)
-        failed: dict[str, ServingError] = {
-            i: FailedPrecondition(f"session {i} was {why}; open a new session")
-            for i, why in ended.items()}
-        for i in moving - moved.keys() - failed.keys():
-            failed[i] = Unavailable(f"session {i} is busy on another worker of this server; "
-                                    "retry", retry_after=MOVE_POLL_MAX)
-        return [i for i in missing if i not in moved and i not in failed], failed
+
+    async def _keep_adopted(self, taken: dict[str, ParkedSession]) -> None:
+        """Restore what was taken from the store; park again what this replica cannot hold."""
+        refused = [parked for parked in taken.values() if not self._restore(parked, "adopted")]
+        if refused:
+            await self._give_back(refused)
 
     async def _from_store(self, missing: list[str], wait: bool,
                           owner: str) -> dict[str, ServingError]:
         """Parked sessions, else those another live replica holds: asked to park them now."""
         try:
-            taken = await self._handoff.adopt(missing, owner, wait)
+            taken = await self._not_lost(self._handoff.adopt(missing, owner, wait),
+                                         self._keep_adopted)
             held = [i for i in missing if i not in taken]
             if held and await self._handoff.request_release(held, owner):
-                taken.update(await self._handoff.adopt(held, owner, wait=False, expected=True))
+                taken.update(await self._not_lost(
+                    self._handoff.adopt(held, owner, wait=False, expected=True),
+                    self._keep_adopted))
         except StoreUnavailable as exc:
             error = Unavailable(f"{exc}; sessions parked by other replicas cannot be reached now, "
                                 "retry shortly", retry_after=1.0)
             return dict.fromkeys(missing, error)
-        refused = [parked for parked in taken.values() if not self._restore(parked, "adopted")]
-        if refused:
-            await self._give_back(refused)
         if wait or len(taken) == len(missing) or not await self._handoff.parking():
             return {}
         busy = Unavailable("this session may be on its way from a replica that is shutting "
@@ -614,8 +653,6 @@ class Engine:
             return False
         self.metrics.handoffs.labels(*model.labels, how).inc()
         self._claim([store_key(parked.owner, parked.session_id)])
-        self._moved_in[(parked.owner, parked.session_id)] = time.monotonic()
-        self._moved_in.move_to_end((parked.owner, parked.session_id))
         return True
 
     def _claim(self, session_ids: list[str]) -> None:
@@ -670,7 +707,6 @@ class Engine:
         moving: list[str] = []
         now = time.monotonic()
         _forget_before(self._moved_away, now - MOVE_WINDOW)
-        _forget_before(self._moved_in, now - ARRIVAL_HOLD)
         for session_id in session_ids:
             session = self._sessions.find(session_id, owner)
             if session is None or session.model.retiring:
@@ -679,9 +715,6 @@ class Engine:
                     ended[session_id] = reason
                 elif session is None and (owner, session_id) in self._moved_away:
                     moving.append(session_id)  # on its way to another worker: ask there
-                continue
-            if not wait and (owner, session_id) in self._moved_in:
-                moving.append(session_id)  # just arrived for a call that has yet to use it
                 continue
             if not session.lock.take():
                 if not wait:  # steps of its own here run first; the sibling asks again
