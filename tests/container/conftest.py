@@ -55,7 +55,8 @@ def engine() -> None:
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         pytest.fail(f"no Docker engine answers `{DOCKER} version` (DOCKER_HOST="
                     f"{os.environ.get('DOCKER_HOST', 'unset')}): {exc}. Start one, e.g. "
-                    "export DOCKER_HOST=$(../shared/container/engine.sh)")
+                    "../shared/container/engine.sh >/tmp/dk-host && export DOCKER_HOST=$(cat /tmp/dk-host) "
+                    "(not `$(engine.sh)`: the daemon it starts holds that pipe open)")
 
 
 @pytest.fixture(scope="session")
