@@ -55,8 +55,9 @@ def engine() -> None:
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         pytest.fail(f"no Docker engine answers `{DOCKER} version` (DOCKER_HOST="
                     f"{os.environ.get('DOCKER_HOST', 'unset')}): {exc}. Start one, e.g. "
-                    "../shared/container/engine.sh >/tmp/dk-host && export DOCKER_HOST=$(cat /tmp/dk-host) "
-                    "(not `$(engine.sh)`: the daemon it starts holds that pipe open)")
+                    "../shared/container/engine.sh >/tmp/dk-host && "
+                    "export DOCKER_HOST=$(cat /tmp/dk-host) (not `$(engine.sh)`: the daemon it "
+                    "starts holds that pipe open)")
 
 
 @pytest.fixture(scope="session")
