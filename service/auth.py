@@ -19,7 +19,9 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 def refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
              message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that ends every call with `code` before reading it."""
+    """A handler that ends every call with `code` before reading its request: served as a
+    stream-request handler (the same on the wire), as grpc reads a unary request before the
+    handler runs, and a refused caller could then make the server receive a whole message."""
     async def abort(request, context: grpc.aio.ServicerContext):
         await context.abort(code, message)
 
@@ -27,17 +29,13 @@ def refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
         await abort(request, context)
         yield  # pragma: no cover - abort raised before this line
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    streaming = handler.response_streaming
-    make = kinds[(handler.request_streaming, streaming)]
-    return make(abort_stream if streaming else abort,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            abort_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(
+        abort, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -65,6 +65,14 @@ class ServerConfig:
     max_concurrent_rpcs: int = _opt(2048, "calls open at once in all (a stalled stream holds "
                                           "~140 KiB); more get RESOURCE_EXHAUSTED",
                                           minimum=1, maximum=2**31 - 1)
+    read_budget: int = _opt(128 * 1024 * 1024, "request messages being received at once, "
+                            "outside --memory-budget: a unary call's message is read only while "
+                            "it holds one --max-message-bytes of this (so at least one message), "
+                            "one client at most half of it (K/M/G suffixes)",
+                            bytes=True, minimum=1)
+    read_timeout: float = _opt(30.0, "seconds a unary call's request message may take to "
+                                     "arrive once the server reads it; a slower sender gets "
+                                     "DEADLINE_EXCEEDED", minimum=0.01, maximum=3600)
     memory_budget: int = _opt(512 * 1024 * 1024, "working memory all requests together may use "
                               "(inputs, runs, answers): larger work waits, work that could never "
                               "fit is refused (K/M/G suffixes)", bytes=True, minimum=1)

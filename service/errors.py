@@ -43,3 +43,7 @@ class AlreadyExists(ServingError):
 class Unauthenticated(ServingError):
     code = "UNAUTHENTICATED"
 
+
+
+class DeadlineExceeded(ServingError):
+    code = "DEADLINE_EXCEEDED"

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from rnnserve.admission import Admission
+from rnnserve.admission import Admission, read_slots, reader
 from rnnserve.auth import OPEN_PREFIXES, BearerTokenInterceptor, SharedKeyInterceptor
 from rnnserve.config import ServerConfig
 from rnnserve.decoding import TolerantServer
@@ -222,7 +222,8 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     internal = await _start_internal(engine, worker) if siblings is not None else None
     streams = OpenStreams()
     interceptors = [*([BearerTokenInterceptor(identities)] if identities.enabled else []),
-                    Admission(config.max_concurrent_rpcs, OPEN_METHODS)]
+                    Admission(config.max_concurrent_rpcs, OPEN_METHODS, read_slots(config),
+                              config.read_timeout, reader(identities))]
     limits = [("grpc.max_receive_message_length", config.max_message_bytes),
               ("grpc.max_send_message_length", config.max_message_bytes),
               ("grpc.max_concurrent_streams", config.max_streams_per_connection),
