@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -139,6 +138,22 @@ class Server:
             self.metrics_http.server_close()
         self.executor.shutdown(wait=False)
         return lost
+
+    async def drain(self) -> int:
+        """`stop` for the process's exit, and its exit status: 1 if sessions were lost,
+        including when the drain itself is cancelled (the process then ends with them)."""
+        held = self.engine.live_sessions
+        try:
+            lost = await self.stop()
+        except asyncio.CancelledError:  # sessions may be out of the table, not yet parked
+            log.error("the drain was cancelled before it ended: up to %d sessions, those held "
+                      "when it began, are lost", held)
+            return 1
+        if lost:
+            log.error("stopped; %d sessions lost", lost)
+            return 1
+        log.info("stopped")
+        return 0
 
     @property
     def metrics_port(self) -> int | None:
@@ -351,11 +366,4 @@ async def serve(config: ServerConfig, worker: WorkerPlace | None = None,
         on_ready(server.port)
     await stop.wait()
     log.info("signal received: draining for up to %.1f s", config.shutdown_grace)
-    lost = 0
-    with contextlib.suppress(asyncio.CancelledError):
-        lost = await server.stop()
-    if lost:
-        log.error("stopped; %d sessions lost", lost)
-        return 1
-    log.info("stopped")
-    return 0
+    return await server.drain()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -99,6 +100,26 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     finally:
         proc.kill()
     assert '"stopped"' in port_file.read_text()
+
+
+def test_a_cancelled_drain_reports_its_sessions_lost(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The drain parks sessions in the store; cancelled while it waits for the store, it used to
+    be swallowed and the process exited 0 with the session gone."""
+    with running(state_store=redis_url) as srv:
+        with srv.client() as client:
+            client.open_session("echo")
+
+            async def cancelled() -> int:
+                drain = asyncio.ensure_future(srv.server.drain())
+                while not srv.server.stopping:
+                    await asyncio.sleep(0)
+                drain.cancel()
+                return await drain
+
+            assert srv.call(cancelled()) == 1
+        srv.server.stopping = False  # the process would end here; let running() stop it all
+    assert "cancelled before it ended: up to 1 sessions" in caplog.text
 
 
 def test_tls(tmp_path: Path) -> None:
