@@ -7,6 +7,7 @@ FAILED_PRECONDITION ("closed", "evicted") instead of a puzzling NOT_FOUND.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import Counter, OrderedDict
@@ -30,8 +31,11 @@ REMEMBER_ENDED = 100_000
 SESSION_ID_HEX = 32
 
 
+_SESSION_ID = re.compile(f"[0-9a-f]{{{SESSION_ID_HEX}}}")
+
+
 def is_session_id(text: str) -> bool:
-    return len(text) == SESSION_ID_HEX and all(c in "0123456789abcdef" for c in text)
+    return _SESSION_ID.fullmatch(text) is not None
 
 
 def check_session_id(text: str) -> None:
