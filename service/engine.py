@@ -322,7 +322,13 @@ class Engine:
         await self._registry.sync(changed)
 
     def evict_idle(self) -> int:
-        return self._sessions.evict_idle()
+        evicted = self._sessions.evict_idle()
+        _forget_before(self._moved_away, time.monotonic() - MOVE_WINDOW)
+        lost = self._sessions.reconcile(self._moved_away)
+        if lost:
+            log.error("LOST %d sessions on their way from this worker to a sibling (the "
+                      "sibling's call failed after they were let go)", lost)
+        return evicted
 
     def drain(self) -> None:
         """From now on new work is refused with UNAVAILABLE (in-flight work still finishes) and
@@ -605,9 +611,11 @@ class Engine:
             if not self._restore(parked, "moved"):
                 refused.setdefault(source, []).append(parked)
         for source, sessions in refused.items():
+            owners = {p.session_id: p.owner for p in sessions}
             for lost in await self._siblings.give_back(source, sessions):
                 log.error("LOST session %s: it could be neither held here nor given back to "
                           "worker %d", lost, source)
+                self._sessions.left(owners[lost], lost)
 
     async def _keep_adopted(self, taken: dict[str, ParkedSession]) -> None:
         """Restore what was taken from the store; park again what this replica cannot hold."""
@@ -646,7 +654,8 @@ class Engine:
                 raise ValueError(wrong)  # checked before a slot is taken
             states = [parked.states[s.input] for s in model.spec.states]
             self._sessions.restore(model, parked.session_id, states, parked.steps,
-                                  parked.idle_seconds, parked.owner)
+                                  parked.idle_seconds, parked.owner,
+                                  arriving=how in ("moved", "returned"))
         except (ServingError, ValueError) as exc:
             log.warning("cannot adopt session %s (%s v%d): %s; left for another replica",
                         parked.session_id, parked.model, parked.version, exc)
@@ -692,6 +701,7 @@ class Engine:
             self.take_back(moved)
             return
         for parked in moved:
+            self._sessions.left(parked.owner, parked.session_id)
             self.metrics.handoffs.labels(parked.model, str(parked.version), "released").inc()
 
     async def release_sessions(self, session_ids: list[str], owner: str, wait: bool = False

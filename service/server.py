@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from rnnserve.admission import Admission, read_slots, reader
 from rnnserve.auth import OPEN_PREFIXES, BearerTokenInterceptor, SharedKeyInterceptor
+from rnnserve.claims import Claims
 from rnnserve.config import ServerConfig
 from rnnserve.decoding import TolerantServer
 from rnnserve.engine import Engine
@@ -225,8 +226,10 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1,
                                   thread_name_prefix="ort")
     models = ModelRegistry(config, metrics, executor, runner)
+    claims = (Claims(worker.run_dir, worker.index, config.max_sessions_per_client)
+              if worker is not None and worker.count > 1 else None)
     sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics, clock,
-                            max_per_client=config.max_sessions_per_client)
+                            max_per_client=config.max_sessions_per_client, claims=claims)
     handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait,
                             config.shutdown_grace + config.handoff_wait)
                if config.state_store else None)

@@ -11,11 +11,12 @@ import re
 import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from rnnserve.claims import Claims
 from rnnserve.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -74,8 +75,12 @@ class Session:
 
 class SessionTable:
     def __init__(self, max_sessions: int, idle_timeout: float, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic, max_per_client: int = 0) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_per_client: int = 0,
+                 claims: Claims | None = None) -> None:
         self.max_sessions = max_sessions
+        self.claims = claims
+        """The server's shared table, where workers share a port (claims.py): chosen ids and
+        the per-client cap are then checked across all of them."""
         self.max_per_client = max_per_client
         self.idle_timeout = idle_timeout
         self.metrics = metrics
@@ -103,13 +108,39 @@ class SessionTable:
             check_session_id(session_id)
             if (owner, session_id) in self._live:
                 raise AlreadyExists(f"session {session_id} is already open; pick a new random id")
-        return self._add(model, session_id or secrets.token_hex(SESSION_ID_HEX // 2), states,
-                         0, 0.0, owner)
+        chosen = bool(session_id)
+        session_id = session_id or secrets.token_hex(SESSION_ID_HEX // 2)
+        return self._claimed(model, session_id, states, 0, 0.0, owner, chosen)
 
     def restore(self, model: LoadedModel, session_id: str, states: list[np.ndarray], steps: int,
-                idle_seconds: float, owner: str) -> Session:
-        """Take over a session another replica handed off, under its own id and owner."""
-        return self._add(model, session_id, states, steps, idle_seconds, owner)
+                idle_seconds: float, owner: str, arriving: bool = False) -> Session:
+        """Take over a session another replica handed off, under its own id and owner; or,
+        `arriving`, one a sibling worker let go to this one (already the server's)."""
+        if arriving:
+            session = self._add(model, session_id, states, steps, idle_seconds, owner)
+            if self.claims is not None:
+                self.claims.arrive(owner, session_id)
+            return session
+        return self._claimed(model, session_id, states, steps, idle_seconds, owner, True)
+
+    def _claimed(self, model: LoadedModel, session_id: str, states: list[np.ndarray] | None,
+                 steps: int, idle_seconds: float, owner: str, chosen: bool) -> Session:
+        """A session new to the server: recorded in the shared table first, where there is
+        one, so no other worker can open the same id or pass the client's cap meanwhile."""
+        if self.claims is None:
+            return self._add(model, session_id, states, steps, idle_seconds, owner)
+        self.claims.open(owner, session_id, chosen)
+        try:
+            return self._add(model, session_id, states, steps, idle_seconds, owner)
+        except BaseException:
+            self.claims.end(owner, session_id)
+            raise
+
+    def left(self, owner: str, session_id: str) -> None:
+        """A session released here left the server (parked for another replica, or lost on
+        its way to a sibling): no longer the server's."""
+        if self.claims is not None:
+            self.claims.end(owner, session_id)
 
     def _add(self, model: LoadedModel, session_id: str, states: list[np.ndarray] | None,
              steps: int, idle_seconds: float, owner: str) -> Session:
@@ -173,6 +204,7 @@ class SessionTable:
         """End a session; `reason` reads as 'session … was <reason>'."""
         if not self.release(session):
             return
+        self.left(session.owner, session.id)
         self._ended[(session.owner, session.id)] = reason
         while len(self._ended) > REMEMBER_ENDED:
             self._ended.popitem(last=False)
@@ -211,6 +243,18 @@ class SessionTable:
             self.close(session, f"evicted after {self.idle_timeout:g} s idle")
             self.metrics.evictions.labels(*session.model.labels, "idle").inc()
         return len(idle)
+
+    def reconcile(self, moving: Container[tuple[str, str]]) -> int:
+        """End the shared table's rows that name this worker for sessions it no longer holds
+        and did not just send to a sibling (the sibling's call failed after they were let go:
+        they are lost); how many. Without it their ids and the client's cap stayed taken."""
+        if self.claims is None:
+            return 0
+        gone = [key for key in self.claims.here()
+                if key not in self._live and key not in moving]
+        for owner, session_id in gone:
+            self.claims.end(owner, session_id)
+        return len(gone)
 
     def close_all(self, reason: str) -> None:
         for session in self.live():

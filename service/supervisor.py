@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from rnnserve import claims
 from rnnserve.config import ServerConfig
 from rnnserve.ports import hold_port, start_metrics
 
@@ -157,6 +158,7 @@ class Supervisor:
             return 2
         metrics_dir = self.run_dir / METRICS_DIR
         metrics_dir.mkdir()
+        claims.create(self.run_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before the workers start
         try:
             held = hold_port(self.config)
@@ -337,6 +339,10 @@ class Supervisor:
             if at <= now:
                 del self.due[index]
                 self.restarts += 1
+                forgotten = claims.forget_worker(self.run_dir, index)
+                if forgotten:
+                    log.error("worker %d died holding %d sessions; they are lost", index,
+                              forgotten)
                 self._start(index, config)
 
     def _kill_all(self) -> None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -26,8 +27,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.cluster import ServerProcess
-from rnnserve.client import Client, RnnServeError
+from rnnserve.client import Client, RnnServeError, new_session_id
 from rnnserve.config import ServerConfig
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
 from tests.conftest import ROOT
 
 WORKERS = 2
@@ -359,3 +361,67 @@ def test_a_caller_that_gives_up_mid_move_loses_no_session(workers: Workers) -> N
     with fresh(workers) as client, client.stream() as stream:
         steps = stream.resume(session_id).steps  # still there
     assert codes["OK"] <= steps <= sum(codes.values())
+
+
+def test_one_chosen_id_is_one_session_whichever_workers_its_opens_reach(tmp_path: Path) -> None:
+    """Opened through two workers at once, one id gave two sessions that then diverged: 16
+    connections, ready beforehand, open the same id at the same moment."""
+    server = Workers(tmp_path / "log")
+    channels = [grpc.insecure_channel(server.address, [("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(16)]  # a connection each
+    try:
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=10)
+        stubs = [rnnserve_pb2_grpc.InferenceStub(channel) for channel in channels]
+        with ThreadPoolExecutor(16) as pool:
+            for _ in range(10):
+                chosen = new_session_id()
+                together = threading.Barrier(16)
+
+                def open_(stub, chosen=chosen, together=together) -> str:
+                    together.wait()
+                    try:
+                        stub.OpenSession(rnnserve_pb2.OpenSessionRequest(
+                            model="echo", session_id=chosen), timeout=10)
+                        return "OK"
+                    except grpc.RpcError as exc:
+                        return exc.code().name
+
+                answers = Counter(pool.map(open_, stubs))
+                assert answers == {"OK": 1, "ALREADY_EXISTS": 15}
+        assert server.scrape()["rnnserve_sessions"] == 10
+    finally:
+        for channel in channels:
+            channel.close()
+        server.stop()
+
+
+def test_the_per_client_cap_counts_the_whole_server(tmp_path: Path) -> None:
+    """With 2 workers, a client capped at 5 held 10; a dead worker's sessions free the cap."""
+    server = Workers(tmp_path / "log", "--max-sessions-per-client", "5")
+    try:
+        def attempt(_: int) -> str:
+            with fresh(server) as client:
+                try:
+                    client.open_session("echo")
+                    return "OK"
+                except RnnServeError as exc:
+                    return exc.code.name
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = Counter(pool.map(attempt, range(24)))
+        assert answers == {"OK": 5, "RESOURCE_EXHAUSTED": 19}
+        for pid in server.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while server.scrape().get("rnnserve_workers") != WORKERS or \
+                server.scrape()["rnnserve_worker_restarts_total"] < WORKERS:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        lost = [m for m in server.messages() if "died holding" in m]
+        assert sum(int(m.split("holding ")[1].split()[0]) for m in lost) == 5
+        with ThreadPoolExecutor(8) as pool:
+            answers = Counter(pool.map(attempt, range(8)))
+        assert answers == {"OK": 5, "RESOURCE_EXHAUSTED": 3}
+    finally:
+        server.stop()

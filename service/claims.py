@@ -1,0 +1,103 @@
+"""Which sessions the workers of one server hold, in one table they share.
+
+Each worker has its own session table; a session moves to the worker that gets its calls. Two
+facts are about the server as a whole, though: a client-chosen id names one session (opened
+through two workers at once it gave two sessions that then diverged, and a later move kept one
+and dropped the other), and --max-sessions-per-client caps what a client holds in all (with 2
+workers a client held twice its cap). So every session is also a row of a SQLite table in the
+supervisor's run directory: opening one checks and inserts in one write transaction, which
+SQLite makes atomic across processes; a move only changes which worker the row names; an end
+deletes it; and the supervisor deletes a dead worker's rows before starting it again.
+
+SQLite from the standard library, in WAL mode without fsync (the file lives as long as the
+server): an open costs one short write transaction (~20 µs here), an end ~15 µs, steps
+touch nothing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from rnnserve.errors import AlreadyExists, ResourceExhausted
+
+FILE = "sessions.sqlite"
+BUSY_TIMEOUT = 5.0
+"""Seconds a worker waits for another's write to end: each holds the lock for microseconds."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    owner TEXT NOT NULL, id TEXT NOT NULL, worker INTEGER NOT NULL,
+    PRIMARY KEY (owner, id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS by_worker ON sessions (worker);
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=OFF")
+    return db
+
+
+def create(run_dir: Path) -> None:
+    """Make the table, once, before the workers start."""
+    db = _connect(run_dir / FILE)
+    try:
+        db.executescript(_SCHEMA)
+    finally:
+        db.close()
+
+
+def forget_worker(run_dir: Path, worker: int) -> int:
+    """Drop what a dead worker held (its sessions died with it); how many rows went."""
+    db = _connect(run_dir / FILE)
+    try:
+        return db.execute("DELETE FROM sessions WHERE worker = ?", (worker,)).rowcount
+    finally:
+        db.close()
+
+
+class Claims:
+    """One worker's view of the shared table."""
+
+    def __init__(self, run_dir: Path, worker: int, max_per_client: int) -> None:
+        self.db = _connect(run_dir / FILE)
+        self.worker = worker
+        self.max_per_client = max_per_client
+
+    def open(self, owner: str, session_id: str, chosen: bool) -> None:
+        """Record a new session of `owner`'s here. Raises AlreadyExists when a chosen id is
+        live on any worker, ResourceExhausted when the client holds its cap in all."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if chosen and db.execute("SELECT 1 FROM sessions WHERE owner = ? AND id = ?",
+                                     (owner, session_id)).fetchone():
+                raise AlreadyExists(f"session {session_id} is already open; pick a new "
+                                    "random id")
+            if self.max_per_client and db.execute(
+                    "SELECT COUNT(*) FROM sessions WHERE owner = ?",
+                    (owner,)).fetchone()[0] >= self.max_per_client:
+                raise ResourceExhausted(
+                    f"this client holds its maximum of {self.max_per_client} sessions "
+                    "(--max-sessions-per-client); close finished ones")
+            db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (owner, session_id, self.worker))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def arrive(self, owner: str, session_id: str) -> None:
+        """A session moved here from a sibling (or came back to it): the row names this worker."""
+        self.db.execute("INSERT INTO sessions VALUES (?, ?, ?) ON CONFLICT (owner, id) DO "
+                        "UPDATE SET worker = excluded.worker", (owner, session_id, self.worker))
+
+    def end(self, owner: str, session_id: str) -> None:
+        """The session left the server: closed, evicted, parked in the store, or lost."""
+        self.db.execute("DELETE FROM sessions WHERE owner = ? AND id = ?", (owner, session_id))
+
+    def here(self) -> list[tuple[str, str]]:
+        """The (owner, id) of every row naming this worker."""
+        return self.db.execute("SELECT owner, id FROM sessions WHERE worker = ?",
+                               (self.worker,)).fetchall()
