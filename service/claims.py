@@ -101,3 +101,9 @@ class Claims:
         """The (owner, id) of every row naming this worker."""
         return self.db.execute("SELECT owner, id FROM sessions WHERE worker = ?",
                                (self.worker,)).fetchall()
+
+    def worker_of(self, owner: str, session_id: str) -> int | None:
+        """Which worker the session's row names; None when it has none."""
+        row = self.db.execute("SELECT worker FROM sessions WHERE owner = ? AND id = ?",
+                              (owner, session_id)).fetchone()
+        return None if row is None else row[0]

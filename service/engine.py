@@ -31,7 +31,7 @@ from rnnserve.metrics import Metrics
 from rnnserve.registry import LoadedModel, ModelRegistry
 from rnnserve.session_lock import SessionLock, all_free, release_all, take_all
 from rnnserve.sessions import Session, SessionTable
-from rnnserve.siblings import Siblings
+from rnnserve.siblings import CALL_TIMEOUT, Siblings
 
 log = logging.getLogger(__name__)
 store_log = Throttled(__name__)
@@ -47,6 +47,9 @@ MOVE_WINDOW = 2.0
 within milliseconds): a third worker asking meanwhile asks again instead of answering NOT_FOUND
 (6 clients stepping 2 sessions through 3 workers: 19 % of calls were told NOT_FOUND or
 "ended before this step ran")."""
+LEND_TIMEOUT = CALL_TIMEOUT + 1.0
+"""Seconds after which a session let go to a sibling has arrived there or never will: the
+sibling's call has passed its deadline."""
 MOVE_POLL = 0.002
 MOVE_POLL_MAX = 0.05
 """Seconds between asks for a session that is busy elsewhere or on its way: doubling from the
@@ -267,6 +270,8 @@ class Engine:
         self._claiming: asyncio.Task | None = None
         self._moved_away: OrderedDict[tuple[str, str], float] = OrderedDict()
         """(owner, id) of sessions released to a sibling in the last MOVE_WINDOW, by when."""
+        self._lent: dict[tuple[str, str], tuple[Session, float]] = {}
+        """Sessions let go to a sibling, their slots kept until the move is settled."""
         self._background: set[asyncio.Task] = set()
         """Give-backs of sessions that arrived for callers that had given up."""
         self._claim_ttl_ms = int(2 * config.session_idle_timeout * 1000)
@@ -322,13 +327,33 @@ class Engine:
         await self._registry.sync(changed)
 
     def evict_idle(self) -> int:
+        """The idle sweep: evict idle sessions, settle moves to siblings, and drop the shared
+        table's rows of sessions this worker lost track of (none, unless a bug)."""
         evicted = self._sessions.evict_idle()
-        _forget_before(self._moved_away, time.monotonic() - MOVE_WINDOW)
-        lost = self._sessions.reconcile(self._moved_away)
+        now = time.monotonic()
+        _forget_before(self._moved_away, now - MOVE_WINDOW)
+        self._settle_lent(now)
+        lost = self._sessions.reconcile(self._moved_away.keys() | self._lent.keys())
         if lost:
-            log.error("LOST %d sessions on their way from this worker to a sibling (the "
-                      "sibling's call failed after they were let go)", lost)
+            log.error("LOST %d sessions recorded as held here that are not", lost)
         return evicted
+
+    def _settle_lent(self, now: float) -> None:
+        """Moves to siblings are two-phase: the session leaves the table but keeps its slot
+        until the shared table names the worker it went to (the asker re-points the row when it
+        restores the session). After LEND_TIMEOUT the asker's call has ended either way: a row
+        still naming this worker means the session never arrived, so it is live here again."""
+        claims = self._sessions.claims
+        for key, (session, since) in list(self._lent.items()):
+            if now - since < LEND_TIMEOUT:
+                break  # in the order they were lent
+            del self._lent[key]
+            if claims is not None and claims.worker_of(*key) == claims.worker:
+                self._sessions.revive(session)
+                log.warning("session %s was let go to a sibling that never took it (its call "
+                            "failed): live here again", session.id)
+            else:
+                self._sessions.free(session)
 
     def drain(self) -> None:
         """From now on new work is refused with UNAVAILABLE (in-flight work still finishes) and
@@ -653,6 +678,9 @@ class Engine:
             if wrong:
                 raise ValueError(wrong)  # checked before a slot is taken
             states = [parked.states[s.input] for s in model.spec.states]
+            lent = self._lent.pop((parked.owner, parked.session_id), None)
+            if lent is not None:  # back before its move was settled: this copy is the newer
+                self._sessions.free(lent[0])
             self._sessions.restore(model, parked.session_id, states, parked.steps,
                                   parked.idle_seconds, parked.owner,
                                   arriving=how in ("moved", "returned"))
@@ -736,7 +764,12 @@ class Engine:
                     continue
             try:
                 moved.append(_parked(session, self._sessions.clock()))
-                self._sessions.release(session)  # its slot is free from here
+                if wait or self._sessions.claims is None:
+                    self._sessions.release(session)  # its slot is free from here
+                else:  # to a sibling: kept until the move is settled (_settle_lent)
+                    self._sessions.lend(session)
+                    self._lent.pop((owner, session_id), None)
+                    self._lent[(owner, session_id)] = (session, now)
                 self._moved_away[(owner, session_id)] = now
                 self._moved_away.move_to_end((owner, session_id))
             finally:

@@ -210,8 +210,17 @@ class SessionTable:
             self._ended.popitem(last=False)
 
     def release(self, session: Session) -> bool:
-        """Let a session go without ending it (it moves to another worker): its slot is free
+        """Let a session go without ending it (it moves to another replica): its slot is free
         and its id is not remembered as ended, so a later call may bring it back."""
+        if not self.lend(session):
+            return False
+        self.free(session)
+        return True
+
+    def lend(self, session: Session) -> bool:
+        """Take a session out of the table (no step runs on it here) but keep its slot, and so
+        its state, until its move to a sibling is known to have arrived: `free` then, or
+        `revive` if it never did."""
         if self._live.pop((session.owner, session.id), None) is None:
             return False
         self.removals += 1
@@ -219,13 +228,24 @@ class SessionTable:
         del owned[session.id]
         if not owned:
             del self._owned[session.owner]
-        session.model.store.release(session.slot)
         session.model.sessions -= 1
         self._per_client[session.owner] -= 1
         if not self._per_client[session.owner]:
             del self._per_client[session.owner]
         self.metrics.sessions.labels(*session.model.labels).dec()
         return True
+
+    def free(self, session: Session) -> None:
+        """Give back a released or lent session's slot."""
+        session.model.store.release(session.slot)
+
+    def revive(self, session: Session) -> None:
+        """A lent session whose move never arrived: live here again, in its own slot."""
+        self._live[(session.owner, session.id)] = session
+        self._owned.setdefault(session.owner, {})[session.id] = session
+        self._per_client[session.owner] += 1
+        session.model.sessions += 1
+        self.metrics.sessions.labels(*session.model.labels).inc()
 
     def find(self, session_id: str, owner: str) -> Session | None:
         """The owner's live session by id, or None (for moves between workers)."""

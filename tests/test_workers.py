@@ -425,3 +425,44 @@ def test_the_per_client_cap_counts_the_whole_server(tmp_path: Path) -> None:
         assert answers == {"OK": 5, "RESOURCE_EXHAUSTED": 3}
     finally:
         server.stop()
+
+
+def test_a_session_let_go_to_a_sibling_that_never_took_it_is_live_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Moves are two-phase: the holder keeps the session's slot until the shared table names
+    the worker it went to. Here the sibling's answer is lost (the holder releases, nobody
+    restores): it was lost for good; now, once the sibling's call is surely over, it is live
+    on the holder again and continues exactly. Two real workers in this process."""
+    from bench.cluster import free_port
+    from rnnserve import claims, engine
+    from rnnserve.supervisor import WorkerPlace
+    from tests.conftest import RunningServer, make_config
+
+    monkeypatch.setattr(engine, "LEND_TIMEOUT", 0.2)
+    claims.create(tmp_path)
+    config = make_config(grpc_port=free_port())
+    holder, sibling = (RunningServer(config, worker=WorkerPlace(i, 2, tmp_path, os.getpid(),
+                                                                  "key"))
+                       for i in range(2))
+    try:
+        x = np.array([[[1.0], [0.0], [1.0]]], np.float32)
+        holder_engine = holder.server.engine
+        opened = holder.call(_async(holder_engine.open_session, "echo", 0, {}))
+        first = holder.call(holder_engine.step([opened.session_id], x[:, :2]))
+        moved, _, _ = holder.call(holder_engine.release_sessions([opened.session_id], ""))
+        assert [p.session_id for p in moved] == [opened.session_id]  # ...and the answer is lost
+        time.sleep(0.3)
+        holder.sweep()
+        assert "let go to a sibling that never took it" in caplog.text
+        second = holder.call(holder_engine.step([opened.session_id], x[:, 2:]))
+        assert not second.errors and second.steps == [3]
+        whole = holder.call(holder_engine.predict("echo", 0, x, [3], {}, False))
+        np.testing.assert_array_equal(np.concatenate([first.y, second.y], axis=1), whole.y)
+    finally:
+        sibling.stop()
+        holder.stop()
+
+
+async def _async(function, *args):
+    return function(*args)
