@@ -336,6 +336,7 @@ class Engine:
         lost = self._sessions.reconcile(self._moved_away.keys() | self._lent.keys())
         if lost:
             log.error("LOST %d sessions recorded as held here that are not", lost)
+            self.metrics.lost.labels("move").inc(lost)
         return evicted
 
     def _settle_lent(self, now: float) -> None:
@@ -640,6 +641,7 @@ class Engine:
             for lost in await self._siblings.give_back(source, sessions):
                 log.error("LOST session %s: it could be neither held here nor given back to "
                           "worker %d", lost, source)
+                self.metrics.lost.labels("move").inc()
                 self._sessions.left(owners[lost], lost)
 
     async def _keep_adopted(self, taken: dict[str, ParkedSession]) -> None:
@@ -786,6 +788,7 @@ class Engine:
         except StoreUnavailable as exc:  # the store failed between taking and giving back
             log.error("LOST %d sessions taken from the shared store that this replica could "
                       "not serve and could not park again: %s", len(refused), exc)
+            self.metrics.lost.labels("store").inc(len(refused))
 
     async def hand_off(self) -> int:
         """On drain: once in-flight steps are done, park every session in the shared store.

@@ -80,6 +80,10 @@ class Metrics:
         self.handoffs = Counter("rnnserve_session_handoffs", "Sessions parked in (on drain) or "
                                 "adopted from the shared state store", [*MODEL, "direction"],
                                 registry=registry)
+        self.lost = Counter("rnnserve_sessions_lost", "Sessions lost, by where: drain (the "
+                            "shared store could not take them), move (between workers), store "
+                            "(taken from the store, could not be parked again)", ["reason"],
+                            registry=registry)
         self.model_events = Counter("rnnserve_model_events", "Model version loads and unloads",
                                     [*MODEL, "event"], registry=registry)
         self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}

@@ -127,6 +127,7 @@ class Server:
             if lost:
                 log.error("could not hand %d sessions off to the shared state store (%s); "
                           "they are lost", lost, exc or "timed out")
+                self.engine.metrics.lost.labels("drain").inc(lost)
         self.streams.end_idle()  # streams opened while the handoff ran
         await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
         if self.internal is not None:

@@ -126,7 +126,10 @@ class _WorkerStats:
         restarts.add_metric([], self.supervisor.restarts)
         workers = GaugeMetricFamily("rnnserve_workers", "Worker processes serving")
         workers.add_metric([], len(self.supervisor.ready))
-        return [cpu, rss, restarts, workers]
+        lost = CounterMetricFamily("rnnserve_worker_sessions_lost", "Sessions that died with "
+                                   "their worker (a crash, the OOM killer, SIGKILL)", labels=[])
+        lost.add_metric([], self.supervisor.sessions_lost)
+        return [cpu, rss, restarts, workers, lost]
 
 
 class Supervisor:
@@ -143,6 +146,8 @@ class Supervisor:
         self.due: dict[int, float] = {}
         """Workers to start again, by when (monotonic): their restart back-off."""
         self.restarts = 0
+        self.sessions_lost = 0
+        """Sessions that died with their worker."""
         self.stopping = False
 
     def run(self) -> int:
@@ -340,6 +345,7 @@ class Supervisor:
                 del self.due[index]
                 self.restarts += 1
                 forgotten = claims.forget_worker(self.run_dir, index)
+                self.sessions_lost += forgotten
                 if forgotten:
                     log.error("worker %d died holding %d sessions; they are lost", index,
                               forgotten)

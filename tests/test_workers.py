@@ -420,6 +420,7 @@ def test_the_per_client_cap_counts_the_whole_server(tmp_path: Path) -> None:
             time.sleep(0.1)
         lost = [m for m in server.messages() if "died holding" in m]
         assert sum(int(m.split("holding ")[1].split()[0]) for m in lost) == 5
+        assert server.scrape()["rnnserve_worker_sessions_lost_total"] == 5
         with ThreadPoolExecutor(8) as pool:
             answers = Counter(pool.map(attempt, range(8)))
         assert answers == {"OK": 5, "RESOURCE_EXHAUSTED": 3}
