@@ -35,6 +35,9 @@ CELLS = ("lstm", "gru", "simple_rnn")
 LOOP = "loop"
 """The cell of an imported graph whose recurrence is a generic ONNX Loop or Scan (rnnserve
 import)."""
+MIXED = "mixed"
+"""The cell of an imported stack of recurrences of different kinds (a GRU over an LSTM, say):
+model.json's imported.recurrent_ops names each."""
 OUTPUT_KINDS = ("probabilities", "sigmoid", "regression")
 SCHEMA_FILE = Path(__file__).with_name("model.schema.json")
 MAX_SPEC_BYTES = 1024 * 1024
@@ -118,8 +121,8 @@ class ModelSpec:
         if len(set(names)) != len(names) or {INPUT_NAME, OUTPUT_NAME} & set(names):
             raise ValueError("states: every state input and output name must be unique and "
                              f"differ from {INPUT_NAME!r} and {OUTPUT_NAME!r}")
-        if self.cell not in (*CELLS, LOOP):
-            raise ValueError(f"cell {self.cell!r} is not one of {(*CELLS, LOOP)}")
+        if self.cell not in (*CELLS, LOOP, MIXED):
+            raise ValueError(f"cell {self.cell!r} is not one of {(*CELLS, LOOP, MIXED)}")
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output kind {self.output_kind!r} is not one of {OUTPUT_KINDS}")
         if min(self.layers, self.units, self.features, self.outputs) < 1:

@@ -34,6 +34,7 @@ from rnnserve.contract import (
     INPUT_NAME,
     LOOP,
     MAX_VERSION_DIGITS,
+    MIXED,
     OUTPUT_KINDS,
     OUTPUT_NAME,
     ModelSpec,
@@ -131,14 +132,15 @@ def import_graph(graph: Path, name: str, version: int, repository: Path, *,
         name=name, version=version, task="imported",
         description=description or f"imported from {graph.name} "
         f"({', '.join(r.node.op_type for r in plan.recurrences)})",
-        cell=plan.recurrences[0].cell, layers=len(plan.recurrences),
+        cell=_cell(plan), layers=len(plan.recurrences),
         units=max(st.size for r in plan.recurrences for st in r.states),
         features=plan.features,
         outputs=plan.outputs, output_kind=output_kind,
         states=tuple(StateSpec(st.input, st.output, st.size) for st in _states(plan)),
         extra={"imported": {
             "source": graph.name,
-            "sha256": hashlib.sha256(graph.read_bytes()).hexdigest(),
+            "sha256": _fingerprint(graph),
+            "external_data": _external_files(graph),
             "producer": f"{original.producer_name} {original.producer_version}".strip(),
             "recurrent_ops": [f"{r.node.op_type} ({r.node.name or 'unnamed'})"
                               for r in plan.recurrences],
@@ -147,6 +149,45 @@ def import_graph(graph: Path, name: str, version: int, repository: Path, *,
             "notes": _notes(plan)}})
     spec.validate()
     return write_version(target, wrapped.SerializeToString(), spec, golden, _check_staged)
+
+
+def _cell(plan: Plan) -> str:
+    """The stack's one cell kind, or MIXED (a GRU over an LSTM was described as 2 GRUs)."""
+    cells = {r.cell for r in plan.recurrences}
+    return cells.pop() if len(cells) == 1 else MIXED
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor a graph holds: initializers, and those in node attributes and subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def _external_files(graph: Path) -> list[str]:
+    """The files beside the graph that hold its external tensors, in name order (read from
+    the file itself: loading the data marks the tensors as held inline)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    return sorted({entry.value for tensor in _tensors(model.graph)
+                   if tensor.data_location == TensorProto.EXTERNAL
+                   for entry in tensor.external_data if entry.key == "location"})
+
+
+def _fingerprint(graph: Path) -> str:
+    """sha256 over the graph file and then each external data file in name order: the weights
+    of a graph saved with external data live in those, and a digest of the .onnx alone let
+    them change unnoticed."""
+    digest = hashlib.sha256(graph.read_bytes())
+    for name in _external_files(graph):
+        digest.update((graph.parent / name).read_bytes())
+    return digest.hexdigest()
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -343,10 +384,11 @@ def _probe(model: onnx.ModelProto, x: str, y: str, features: int,
     errors = []
     for layout in layouts:
         plan = Plan(x, y, layout, False, False, features, 0, recurrences)
+        shape = (f"[time, batch, {features}]" if layout else f"[batch, time, {features}]")
         try:
-            session = _session(_wrap(model, plan, raw_y=True))
+            session = _session(_wrap(model, plan, raw_y=True), quiet=True)
         except Exception as exc:  # noqa: BLE001 - ORT raises several kinds for a bad graph
-            errors.append(_line(exc))
+            errors.append(f"as {shape}: {_line(exc)}")
             continue
         rng = np.random.default_rng(0)
         feeds = {INPUT_NAME: rng.standard_normal((BATCH, TIME, features)).astype(np.float32)}
@@ -356,11 +398,12 @@ def _probe(model: onnx.ModelProto, x: str, y: str, features: int,
         try:
             raw = session.run([OUTPUT_NAME], feeds)[0]
         except Exception as exc:  # noqa: BLE001
-            errors.append(_line(exc))
+            errors.append(f"as {shape}: {_line(exc)}")
             continue
         return _y_layout(plan, raw.shape)
-    raise ImportRefused(f"it does not run as a [batch, time, {features}] or [time, batch, "
-                        f"{features}] sequence model here: {errors[-1]}")
+    raise ImportRefused(f"it does not run as a sequence model here ({'; '.join(errors)}); "
+                        "if it is time-major or batch-first, say so with --time-major or "
+                        "--batch-first")
 
 
 def _y_layout(plan: Plan, shape: tuple[int, ...]) -> Plan:
@@ -498,10 +541,14 @@ def _outer_names(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """On the CPU, with the options the server runs every model with."""
-    return ort.InferenceSession(model.SerializeToString(), session_options(),
-                                providers=[CPU])
+def _session(model: onnx.ModelProto, quiet: bool = False) -> ort.InferenceSession:
+    """On the CPU, with the options the server runs every model with. `quiet`: the probe's
+    tries, where a failure is expected and caught, so ONNX Runtime's own error lines (which
+    leaked to stderr during successful imports) are not printed."""
+    options = session_options()
+    if quiet:
+        options.log_severity_level = 4  # fatal only
+    return ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
 
 
 def _prove(original: onnx.ModelProto, wrapped: onnx.ModelProto,

@@ -9,6 +9,7 @@ same operators, attributes, names and layouts its exporter writes.)
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +242,7 @@ def test_the_command(tmp_path: Path) -> None:
     done = command()
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and "states h0, c0, h1, c1" in done.stdout
+    assert "onnxruntime" not in done.stderr, "the probe's failed layout try is not printed"
     again = command()
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
@@ -248,7 +250,36 @@ def test_the_command(tmp_path: Path) -> None:
         "pick another --version"]
     wrong = command("--version", "2", "--batch-first")  # the graph is time-major
     assert wrong.returncode == 2 and "does not run as a" in wrong.stderr
+    assert "as [batch, time, 3]: " in wrong.stderr and "--time-major" in wrong.stderr
     assert not (tmp_path / "repo" / "mine" / "2").exists()
+
+
+def test_the_fingerprint_covers_external_data(tmp_path: Path) -> None:
+    """A graph saved with its weights in a file beside it: the recorded sha256 covers that file
+    too (it covered the .onnx alone, so new weights went unnoticed), and the model serves."""
+    import hashlib
+
+    model = onnx.load_from_string(torch_like("GRU"))
+    for index, tensor in enumerate(model.graph.initializer):  # raw bytes: what is moved out
+        model.graph.initializer[index].CopyFrom(
+            onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+    graph = tmp_path / "gru.onnx"
+    onnx.save_model(model, str(graph), save_as_external_data=True, location="gru.data",
+                    size_threshold=0)
+    first = json.loads((import_graph(graph, "mine", 1, tmp_path / "repo") / "model.json")
+                       .read_text())["imported"]
+    assert first["external_data"] == ["gru.data"]
+    assert first["sha256"] == hashlib.sha256(
+        graph.read_bytes() + (tmp_path / "gru.data").read_bytes()).hexdigest()
+    weights = bytearray((tmp_path / "gru.data").read_bytes())
+    weights[-4:] = np.float32(0.5).tobytes()
+    (tmp_path / "gru.data").write_bytes(bytes(weights))  # the same .onnx, other weights
+    second = json.loads((import_graph(graph, "mine", 2, tmp_path / "repo") / "model.json")
+                        .read_text())["imported"]
+    assert second["sha256"] != first["sha256"]
+    with running(repository=tmp_path / "repo") as srv, srv.client() as client:
+        assert client.predict("mine", np.ones((1, 4, 3), np.float32), version=2).y.shape == \
+            (1, 4, 2)
 
 
 def tf2onnx_like_loop(features: int = 3, units: int = 4) -> bytes:
@@ -358,3 +389,16 @@ def test_a_scan_recurrence_is_served_as_it_is(tmp_path: Path) -> None:
     with running(repository=repo) as srv, srv.client() as client:
         got = client.predict("scanned", x, initial_states={"h0": h}).y
         assert np.max(np.abs(got - expected)) <= 1e-5
+
+
+def test_a_stack_of_different_recurrences_is_called_mixed() -> None:
+    """A GRU over an LSTM was described by its first cell, as two GRUs."""
+    from types import SimpleNamespace
+
+    from rnnserve.importer import _cell
+
+    def plan(*cells: str) -> SimpleNamespace:
+        return SimpleNamespace(recurrences=[SimpleNamespace(cell=c) for c in cells])
+
+    assert _cell(plan("lstm", "lstm")) == "lstm"
+    assert _cell(plan("lstm", "gru")) == "mixed"
