@@ -6,8 +6,10 @@ through two workers at once it gave two sessions that then diverged, and a later
 and dropped the other), and --max-sessions-per-client caps what a client holds in all (with 2
 workers a client held twice its cap). So every session is also a row of a SQLite table in the
 supervisor's run directory: opening one checks and inserts in one write transaction, which
-SQLite makes atomic across processes; a move only changes which worker the row names; an end
-deletes it; and the supervisor deletes a dead worker's rows before starting it again.
+SQLite makes atomic across processes; a move marks the row as lent by its holder, and the
+receiver's arrival and the holder's taking back (if the arrival never came) each change only a
+row so marked, so exactly one of them keeps the session; an end deletes the row; and the
+supervisor deletes a dead worker's rows before starting it again.
 
 SQLite from the standard library, in WAL mode without fsync (the file lives as long as the
 server): an open costs one short write transaction (~20 µs here), an end ~15 µs, steps
@@ -16,10 +18,12 @@ touch nothing.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
-from rnnserve.errors import AlreadyExists, ResourceExhausted
+from rnnserve.errors import AlreadyExists, ResourceExhausted, Unavailable
 
 FILE = "sessions.sqlite"
 BUSY_TIMEOUT = 5.0
@@ -40,6 +44,13 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def lent_by(worker: int) -> int:
+    """The worker value of a row whose session `worker` let go to a sibling, not yet arrived:
+    the arrival and the lender's taking back both change only such a row, so exactly one of
+    them wins."""
+    return -1 - worker
+
+
 def create(run_dir: Path) -> None:
     """Make the table, once, before the workers start."""
     db = _connect(run_dir / FILE)
@@ -50,16 +61,19 @@ def create(run_dir: Path) -> None:
 
 
 def forget_worker(run_dir: Path, worker: int) -> int:
-    """Drop what a dead worker held (its sessions died with it); how many rows went."""
+    """Drop what a dead worker held or was lending (its sessions died with it); how many
+    rows went."""
     db = _connect(run_dir / FILE)
     try:
-        return db.execute("DELETE FROM sessions WHERE worker = ?", (worker,)).rowcount
+        return db.execute("DELETE FROM sessions WHERE worker IN (?, ?)",
+                          (worker, lent_by(worker))).rowcount
     finally:
         db.close()
 
 
 class Claims:
-    """One worker's view of the shared table."""
+    """One worker's view of the shared table. A failure of the table itself (a full disk, a
+    lock held past BUSY_TIMEOUT) is Unavailable to the caller, never a crash."""
 
     def __init__(self, run_dir: Path, worker: int, max_per_client: int) -> None:
         self.db = _connect(run_dir / FILE)
@@ -69,41 +83,69 @@ class Claims:
     def open(self, owner: str, session_id: str, chosen: bool) -> None:
         """Record a new session of `owner`'s here. Raises AlreadyExists when a chosen id is
         live on any worker, ResourceExhausted when the client holds its cap in all."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if chosen and db.execute("SELECT 1 FROM sessions WHERE owner = ? AND id = ?",
-                                     (owner, session_id)).fetchone():
-                raise AlreadyExists(f"session {session_id} is already open; pick a new "
-                                    "random id")
-            if self.max_per_client and db.execute(
-                    "SELECT COUNT(*) FROM sessions WHERE owner = ?",
-                    (owner,)).fetchone()[0] >= self.max_per_client:
-                raise ResourceExhausted(
-                    f"this client holds its maximum of {self.max_per_client} sessions "
-                    "(--max-sessions-per-client); close finished ones")
-            db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (owner, session_id, self.worker))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with _failing_as_unavailable():
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if chosen and db.execute("SELECT 1 FROM sessions WHERE owner = ? AND id = ?",
+                                         (owner, session_id)).fetchone():
+                    raise AlreadyExists(f"session {session_id} is already open; pick a new "
+                                        "random id")
+                if self.max_per_client and db.execute(
+                        "SELECT COUNT(*) FROM sessions WHERE owner = ?",
+                        (owner,)).fetchone()[0] >= self.max_per_client:
+                    raise ResourceExhausted(
+                        f"this client holds its maximum of {self.max_per_client} sessions "
+                        "(--max-sessions-per-client); close finished ones")
+                db.execute("INSERT INTO sessions VALUES (?, ?, ?)",
+                           (owner, session_id, self.worker))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
-    def arrive(self, owner: str, session_id: str) -> None:
-        """A session moved here from a sibling (or came back to it): the row names this worker."""
-        self.db.execute("INSERT INTO sessions VALUES (?, ?, ?) ON CONFLICT (owner, id) DO "
-                        "UPDATE SET worker = excluded.worker", (owner, session_id, self.worker))
+    def lend(self, owner: str, session_id: str) -> None:
+        """This worker lets the session go to a sibling: the row says so until it arrives."""
+        with _failing_as_unavailable():
+            self.db.execute("UPDATE sessions SET worker = ? WHERE owner = ? AND id = ?",
+                            (lent_by(self.worker), owner, session_id))
+
+    def arrive(self, owner: str, session_id: str) -> bool:
+        """A session lent by a sibling (or by this worker, coming back) is here: whether it is
+        this worker's now. False when it is not lent (its lender took it back, or another
+        worker holds it): then it must not be kept."""
+        with _failing_as_unavailable():
+            return self.db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?) ON CONFLICT (owner, id) DO UPDATE SET "
+                "worker = excluded.worker WHERE worker < 0",
+                (owner, session_id, self.worker)).rowcount == 1
+
+    def take_back(self, owner: str, session_id: str) -> bool:
+        """Whether a session this worker lent is its own again: True when it never arrived
+        anywhere (the row still says lent by this worker)."""
+        with _failing_as_unavailable():
+            return self.db.execute(
+                "UPDATE sessions SET worker = ? WHERE owner = ? AND id = ? AND worker = ?",
+                (self.worker, owner, session_id, lent_by(self.worker))).rowcount == 1
 
     def end(self, owner: str, session_id: str) -> None:
         """The session left the server: closed, evicted, parked in the store, or lost."""
-        self.db.execute("DELETE FROM sessions WHERE owner = ? AND id = ?", (owner, session_id))
+        with _failing_as_unavailable():
+            self.db.execute("DELETE FROM sessions WHERE owner = ? AND id = ?",
+                            (owner, session_id))
 
     def here(self) -> list[tuple[str, str]]:
-        """The (owner, id) of every row naming this worker."""
-        return self.db.execute("SELECT owner, id FROM sessions WHERE worker = ?",
-                               (self.worker,)).fetchall()
+        """The (owner, id) of every row naming this worker, as holder or as lender."""
+        with _failing_as_unavailable():
+            return self.db.execute("SELECT owner, id FROM sessions WHERE worker IN (?, ?)",
+                                   (self.worker, lent_by(self.worker))).fetchall()
 
-    def worker_of(self, owner: str, session_id: str) -> int | None:
-        """Which worker the session's row names; None when it has none."""
-        row = self.db.execute("SELECT worker FROM sessions WHERE owner = ? AND id = ?",
-                              (owner, session_id)).fetchone()
-        return None if row is None else row[0]
+
+@contextlib.contextmanager
+def _failing_as_unavailable() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise Unavailable(f"the workers' shared session table failed ({exc}); retry",
+                          retry_after=1.0) from None

@@ -348,8 +348,12 @@ class Engine:
         for key, (session, since) in list(self._lent.items()):
             if now - since < LEND_TIMEOUT:
                 break  # in the order they were lent
+            try:
+                back = claims is not None and claims.take_back(*key)
+            except ServingError:
+                continue  # the table failed: settled at a later sweep
             del self._lent[key]
-            if claims is not None and claims.worker_of(*key) == claims.worker:
+            if back and self._sessions.find(session.id, session.owner) is None:
                 self._sessions.revive(session)
                 log.warning("session %s was let go to a sibling that never took it (its call "
                             "failed): live here again", session.id)
@@ -637,12 +641,10 @@ class Engine:
             if not self._restore(parked, "moved"):
                 refused.setdefault(source, []).append(parked)
         for source, sessions in refused.items():
-            owners = {p.session_id: p.owner for p in sessions}
-            for lost in await self._siblings.give_back(source, sessions):
-                log.error("LOST session %s: it could be neither held here nor given back to "
-                          "worker %d", lost, source)
-                self.metrics.lost.labels("move").inc()
-                self._sessions.left(owners[lost], lost)
+            for stranded in await self._siblings.give_back(source, sessions):
+                log.warning("session %s could be neither held here nor given back to worker "
+                            "%d now; it stays lent there, which takes it back", stranded,
+                            source)
 
     async def _keep_adopted(self, taken: dict[str, ParkedSession]) -> None:
         """Restore what was taken from the store; park again what this replica cannot hold."""
@@ -683,9 +685,11 @@ class Engine:
             lent = self._lent.pop((parked.owner, parked.session_id), None)
             if lent is not None:  # back before its move was settled: this copy is the newer
                 self._sessions.free(lent[0])
+            arriving = how in ("moved", "returned")
+            if arriving and self._sessions.find(parked.session_id, parked.owner) is not None:
+                return True  # taken back here before this copy came: the live one stays
             self._sessions.restore(model, parked.session_id, states, parked.steps,
-                                  parked.idle_seconds, parked.owner,
-                                  arriving=how in ("moved", "returned"))
+                                  parked.idle_seconds, parked.owner, arriving=arriving)
         except (ServingError, ValueError) as exc:
             log.warning("cannot adopt session %s (%s v%d): %s; left for another replica",
                         parked.session_id, parked.model, parked.version, exc)
@@ -731,7 +735,6 @@ class Engine:
             self.take_back(moved)
             return
         for parked in moved:
-            self._sessions.left(parked.owner, parked.session_id)
             self.metrics.handoffs.labels(parked.model, str(parked.version), "released").inc()
 
     async def release_sessions(self, session_ids: list[str], owner: str, wait: bool = False
@@ -753,7 +756,8 @@ class Engine:
                 reason = self._sessions.ended_reason(session_id, owner)
                 if session is None and reason is not None:
                     ended[session_id] = reason
-                elif session is None and (owner, session_id) in self._moved_away:
+                elif session is None and ((owner, session_id) in self._moved_away
+                                          or (owner, session_id) in self._lent):
                     moving.append(session_id)  # on its way to another worker: ask there
                 continue
             if not session.lock.take():
@@ -765,12 +769,23 @@ class Engine:
                     session.lock.release()
                     continue
             try:
-                moved.append(_parked(session, self._sessions.clock()))
-                if wait or self._sessions.claims is None:
+                claims = self._sessions.claims
+                if wait or claims is None:
+                    moved.append(_parked(session, self._sessions.clock()))
                     self._sessions.release(session)  # its slot is free from here
+                    if wait:  # for another replica, through the store: no longer the server's
+                        self._sessions.left(owner, session_id)
                 else:  # to a sibling: kept until the move is settled (_settle_lent)
+                    try:
+                        claims.lend(owner, session_id)
+                    except ServingError:
+                        moving.append(session_id)  # the table failed: it stays, ask again
+                        continue
+                    moved.append(_parked(session, self._sessions.clock()))
                     self._sessions.lend(session)
-                    self._lent.pop((owner, session_id), None)
+                    displaced = self._lent.pop((owner, session_id), None)
+                    if displaced is not None:
+                        self._sessions.free(displaced[0])
                     self._lent[(owner, session_id)] = (session, now)
                 self._moved_away[(owner, session_id)] = now
                 self._moved_away.move_to_end((owner, session_id))

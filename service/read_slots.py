@@ -16,6 +16,7 @@ This is plain asyncio, testable without grpc.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter, deque
 
 
@@ -50,7 +51,8 @@ class ReadSlots:
             if future.done() and not future.cancelled():
                 self.give_back(client)  # granted just as the caller gave up
             else:
-                self._waiters.remove(entry)
+                with contextlib.suppress(ValueError):  # _wake may have passed over it
+                    self._waiters.remove(entry)
                 self._wake()  # it may have been the one blocking others of its client
             raise
 
@@ -97,7 +99,8 @@ class EvictingSlots:
         if len(self._readers) >= self.slots:
             oldest = next(iter(self._readers))
             del self._readers[oldest]
-            oldest.reschedule(asyncio.get_running_loop().time())  # times out at the next turn
+            if not oldest.expired():  # an expiring one is on its way out already
+                oldest.reschedule(asyncio.get_running_loop().time())  # out at the next turn
         self._readers[read] = None
 
     def give_back(self, read: asyncio.Timeout) -> None:

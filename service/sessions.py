@@ -118,8 +118,17 @@ class SessionTable:
         `arriving`, one a sibling worker let go to this one (already the server's)."""
         if arriving:
             session = self._add(model, session_id, states, steps, idle_seconds, owner)
-            if self.claims is not None:
-                self.claims.arrive(owner, session_id)
+            if self.claims is None:
+                return session
+            try:  # only once it is live here, so a refusal leaves the row as it was
+                arrived = self.claims.arrive(owner, session_id)
+            except BaseException:
+                self.release(session)
+                raise
+            if not arrived:
+                self.release(session)
+                raise FailedPrecondition(f"session {session_id} went back to the worker it "
+                                         "came from")
             return session
         return self._claimed(model, session_id, states, steps, idle_seconds, owner, True)
 
@@ -219,8 +228,8 @@ class SessionTable:
 
     def lend(self, session: Session) -> bool:
         """Take a session out of the table (no step runs on it here) but keep its slot, and so
-        its state, until its move to a sibling is known to have arrived: `free` then, or
-        `revive` if it never did."""
+        its state and its model, until its move to a sibling is known to have arrived: `free`
+        then, or `revive` if it never did."""
         if self._live.pop((session.owner, session.id), None) is None:
             return False
         self.removals += 1
@@ -228,7 +237,6 @@ class SessionTable:
         del owned[session.id]
         if not owned:
             del self._owned[session.owner]
-        session.model.sessions -= 1
         self._per_client[session.owner] -= 1
         if not self._per_client[session.owner]:
             del self._per_client[session.owner]
@@ -236,15 +244,16 @@ class SessionTable:
         return True
 
     def free(self, session: Session) -> None:
-        """Give back a released or lent session's slot."""
+        """Give back a released or lent session's slot (its model may retire once none has
+        one)."""
         session.model.store.release(session.slot)
+        session.model.sessions -= 1
 
     def revive(self, session: Session) -> None:
         """A lent session whose move never arrived: live here again, in its own slot."""
         self._live[(session.owner, session.id)] = session
         self._owned.setdefault(session.owner, {})[session.id] = session
         self._per_client[session.owner] += 1
-        session.model.sessions += 1
         self.metrics.sessions.labels(*session.model.labels).inc()
 
     def find(self, session_id: str, owner: str) -> Session | None:

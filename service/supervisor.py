@@ -28,6 +28,7 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
@@ -344,7 +345,12 @@ class Supervisor:
             if at <= now:
                 del self.due[index]
                 self.restarts += 1
-                forgotten = claims.forget_worker(self.run_dir, index)
+                try:
+                    forgotten = claims.forget_worker(self.run_dir, index)
+                except sqlite3.Error as exc:  # its rows stay; the worker must start anyway
+                    log.error("could not drop worker %d's sessions from the shared table: %s",
+                              index, exc)
+                    forgotten = 0
                 self.sessions_lost += forgotten
                 if forgotten:
                     log.error("worker %d died holding %d sessions; they are lost", index,

@@ -460,6 +460,11 @@ def test_a_session_let_go_to_a_sibling_that_never_took_it_is_live_again(
         time.sleep(0.3)
         holder.sweep()
         assert "let go to a sibling that never took it" in caplog.text
+        # the sibling's answer, late after all: the holder took the session back, so the
+        # sibling must not keep its copy (exactly one of the two wins the shared row)
+        sibling_engine = sibling.server.engine
+        assert not sibling.call(_async(sibling_engine._restore, moved[0], "moved"))
+        assert sibling_engine.live_sessions == 0 and holder_engine.live_sessions == 1
         second = holder.call(holder_engine.step([opened.session_id], x[:, 2:]))
         assert not second.errors and second.steps == [3]
         whole = holder.call(holder_engine.predict("echo", 0, x, [3], {}, False))
