@@ -103,9 +103,7 @@ class Admission(grpc.aio.ServerInterceptor):
                 "server asking for it (--read-timeout); send each message whole") from None
         finally:
             self.reads.give_back(client)
-        if request is grpc.aio.EOF:
-            raise InvalidArgument("the call ended without its request message")
-        return request
+        return _present(request)
 
     async def _read_open(self, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -117,9 +115,7 @@ class Admission(grpc.aio.ServerInterceptor):
                     self.open_reads.give_back(read)
         except TimeoutError:
             raise DeadlineExceeded("the health check's message did not arrive in time") from None
-        if request is grpc.aio.EOF:
-            raise InvalidArgument("the call ended without its request message")
-        return request
+        return _present(request)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, counted: bool,
               read: Callable[[grpc.aio.ServicerContext], Awaitable[Any]],
@@ -170,7 +166,12 @@ class Admission(grpc.aio.ServerInterceptor):
                     leave()
             behaviour = returning
         streaming = "stream_stream" if handler.response_streaming else "stream_unary"
-        if not unary_request:
-            streaming = kind
         return handler._replace(request_streaming=True, **{
             "unary_unary": None, "unary_stream": None, streaming: behaviour})
+
+
+def _present(request: Any) -> Any:
+    """The request a read gave, or InvalidArgument when the call ended without one."""
+    if request is grpc.aio.EOF:
+        raise InvalidArgument("the call ended without its request message")
+    return request

@@ -340,10 +340,10 @@ class Engine:
         return evicted
 
     def _settle_lent(self, now: float) -> None:
-        """Moves to siblings are two-phase: the session leaves the table but keeps its slot
-        until the shared table names the worker it went to (the asker re-points the row when it
-        restores the session). After LEND_TIMEOUT the asker's call has ended either way: a row
-        still naming this worker means the session never arrived, so it is live here again."""
+        """Moves to siblings are two-phase: the session leaves the table but keeps its slot,
+        and its row is marked lent, until the asker's restore re-points the row. After
+        LEND_TIMEOUT the asker's call has ended either way: a row still marked lent by this
+        worker means the session never arrived, so it is live here again."""
         claims = self._sessions.claims
         for key, (session, since) in list(self._lent.items()):
             if now - since < LEND_TIMEOUT:

@@ -25,7 +25,6 @@ class ReadSlots:
     served first come first served among the clients under their share."""
 
     def __init__(self, slots: int, per_client: int) -> None:
-        self.slots = slots
         self.per_client = per_client
         self.free = slots
         self.held: Counter[str] = Counter()

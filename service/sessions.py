@@ -146,8 +146,8 @@ class SessionTable:
             raise
 
     def left(self, owner: str, session_id: str) -> None:
-        """A session released here left the server (parked for another replica, or lost on
-        its way to a sibling): no longer the server's."""
+        """A session released here left the server (parked for another replica): no longer
+        the server's."""
         if self.claims is not None:
             self.claims.end(owner, session_id)
 
@@ -274,9 +274,9 @@ class SessionTable:
         return len(idle)
 
     def reconcile(self, moving: Container[tuple[str, str]]) -> int:
-        """End the shared table's rows that name this worker for sessions it no longer holds
-        and did not just send to a sibling (the sibling's call failed after they were let go:
-        they are lost); how many. Without it their ids and the client's cap stayed taken."""
+        """End the shared table's rows that name this worker, as holder or lender, for sessions
+        it neither holds nor is sending to a sibling (`moving`); how many. None, short of a
+        bug; without it their ids and the client's cap would stay taken."""
         if self.claims is None:
             return 0
         gone = [key for key in self.claims.here()
