@@ -24,7 +24,13 @@ from rnnserve.errors import (
     ServingError,
     Unavailable,
 )
-from rnnserve.handoff import ParkedSession, RedisHandoff, StoreUnavailable, store_key
+from rnnserve.handoff import (
+    Adoption,
+    ParkedSession,
+    RedisHandoff,
+    StoreUnavailable,
+    store_key,
+)
 from rnnserve.logs import Throttled
 from rnnserve.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
 from rnnserve.metrics import Metrics
@@ -50,6 +56,10 @@ within milliseconds): a third worker asking meanwhile asks again instead of answ
 LEND_TIMEOUT = CALL_TIMEOUT + 1.0
 """Seconds after which a session let go to a sibling has arrived there or never will: the
 sibling's call has passed its deadline."""
+ROWS_PER_TURN = 1024
+"""Rows of a message resolved one by one (some are not live here) between two turns of the event
+loop: a message of thousands of unknown ids must not hold up every other call on this worker for
+its whole length (another client's p99 under such messages: bench/unknown_ids.py)."""
 MOVE_POLL = 0.002
 MOVE_POLL_MAX = 0.05
 """Seconds between asks for a session that is busy elsewhere or on its way: doubling from the
@@ -557,7 +567,7 @@ class Engine:
         right now."""
         if not self._elsewhere:
             return {}
-        missing = [i for i in dict.fromkeys(session_ids) if self._sessions.adoptable(i, owner)]
+        missing = self._sessions.adoptable_among(session_ids, owner)
         if not missing:
             return {}
         failed: dict[str, ServingError] = {}
@@ -646,9 +656,10 @@ class Engine:
                             "%d now; it stays lent there, which takes it back", stranded,
                             source)
 
-    async def _keep_adopted(self, taken: dict[str, ParkedSession]) -> None:
+    async def _keep_adopted(self, adoption: Adoption) -> None:
         """Restore what was taken from the store; park again what this replica cannot hold."""
-        refused = [parked for parked in taken.values() if not self._restore(parked, "adopted")]
+        refused = [parked for parked in adoption.taken.values()
+                   if not self._restore(parked, "adopted")]
         if refused:
             await self._give_back(refused)
 
@@ -656,13 +667,14 @@ class Engine:
                           owner: str) -> dict[str, ServingError]:
         """Parked sessions, else those another live replica holds: asked to park them now."""
         try:
-            taken = await self._not_lost(self._handoff.adopt(missing, owner, wait),
-                                         self._keep_adopted)
-            held = [i for i in missing if i not in taken]
-            if held and await self._handoff.request_release(held, owner):
-                taken.update(await self._not_lost(
+            adoption = await self._not_lost(self._handoff.adopt(missing, owner, wait),
+                                            self._keep_adopted)
+            taken = set(adoption.taken)
+            if adoption.held and await self._handoff.request_release(adoption.held, owner):
+                held = [i for ids in adoption.held.values() for i in ids]
+                taken.update((await self._not_lost(
                     self._handoff.adopt(held, owner, wait=False, expected=True),
-                    self._keep_adopted))
+                    self._keep_adopted)).taken)
         except StoreUnavailable as exc:
             error = Unavailable(f"{exc}; sessions parked by other replicas cannot be reached now, "
                                 "retry shortly", retry_after=1.0)
@@ -833,6 +845,11 @@ class Engine:
             raise InvalidArgument(f"x must be [{len(session_ids)} sessions, timesteps, features]"
                                   f", got shape {list(x.shape)}")
         self._check_limits(x, "x")
+        if len(session_ids) > self._sessions.max_sessions:
+            raise InvalidArgument(
+                f"a message names {len(session_ids)} sessions; no more than --max-sessions "
+                f"({self._sessions.max_sessions}) can be live in one process, so more are never "
+                "looked for: send them in several messages")
         group = memo.group if memo is not None else None
         failed: dict[str, ServingError] = {}
         fresh = group is None or not group.holds(session_ids, owner, self._sessions.removals)
@@ -847,7 +864,7 @@ class Engine:
             if fresh and memo is not None:  # after the step: it never waits for the memo
                 self._remember(memo, group)
             return outcome
-        sessions, errors, cost = self._resolve(session_ids, x, owner, failed)
+        sessions, errors, cost = await self._resolve(session_ids, x, owner, failed)
         valid = [s for s in sessions if s is not None]
         if not valid:
             return StepOutcome(np.full((*x.shape[:2], 0), np.nan, np.float32),
@@ -967,10 +984,11 @@ class Engine:
         return span, self.budget.reserve(total, f"a step of {rows} sessions x {k} timesteps",
                                          "send fewer sessions or timesteps per message")
 
-    def _resolve(self, session_ids: list[str], x: np.ndarray, owner: str,
+    async def _resolve(self, session_ids: list[str], x: np.ndarray, owner: str,
                  failed: dict[str, ServingError],
                  ) -> tuple[list[Session | None], list[RowError], RunCost]:
-        """Each row's session or error, and the run cost of all live rows taken together."""
+        """Each row's session or error, and the run cost of all live rows taken together,
+        letting other calls run every ROWS_PER_TURN rows."""
         # One check of the whole on the common path; rows are told apart only when one is off.
         # (np.isfinite: a sum would need np.errstate against overflow, which costs ~2.5 µs.)
         finite = np.isfinite(x)
@@ -981,6 +999,8 @@ class Engine:
         outputs = None
         per_step = per_row = 0
         for row, session_id in enumerate(session_ids):
+            if row and not row % ROWS_PER_TURN:
+                await asyncio.sleep(0)  # sessions that end meanwhile are caught under the locks
             try:
                 if session_id in seen:
                     raise InvalidArgument(f"session {session_id} appears twice in one message; "

@@ -46,16 +46,29 @@ SOCKET_TIMEOUT = 5.0
 
 
 TAKE_SCRIPT = """
-local taken = {}
-for i, key in ipairs(KEYS) do
-  taken[i] = redis.call('GETDEL', key)
+local reply = {redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf')}
+local skip = tonumber(ARGV[3]) + 1
+for i = 2, #KEYS do
+  local record = redis.call('GETDEL', KEYS[i])
+  if record then
+    reply[#reply + 1] = i - 1
+    reply[#reply + 1] = record
+  elseif ARGV[2] ~= '' then
+    local holder = redis.call('GET', ARGV[2] .. string.sub(KEYS[i], skip))
+    if holder and holder ~= ARGV[4] then
+      reply[#reply + 1] = 1 - i
+      reply[#reply + 1] = holder
+    end
+  end
 end
-taken[#KEYS + 1] = redis.call('ZCOUNT', ARGV[1], ARGV[2], '+inf')
-return taken
+return reply
 """
-"""GETDEL of every key, then how many replicas are parking: one command, not one per id. A
-pipeline of 65,536 GETDELs cost the server ~10 µs of redis-py's work per id (a reply read, with
-its own timeout, per command); one script reply of as many elements is parsed in one go."""
+"""How many replicas are parking; then, for each session key, its record taken out of the
+store (GETDEL) as (its 1-based position, the record), or else, if asked (ARGV[2] is the holders'
+prefix), the live replica holding it as (minus its position, that replica). One command and a
+sparse reply, not a command or a reply element per id: a pipeline of 65,536 GETDELs cost
+redis-py ~10 µs per id (a reply read per command), and parsing a reply element per id, most of
+them nil, was most of an unknown id's cost (bench/unknown_ids.py)."""
 MAX_STEPS = 2**62
 """Step counts past this are no session's (a record claiming more is corrupt)."""
 
@@ -134,6 +147,14 @@ def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+@dataclass
+class Adoption:
+    """What one `adopt` found: the sessions it took out of the store, and the ids it did not
+    find parked that other live replicas hold (by holder)."""
+    taken: dict[str, ParkedSession]
+    held: dict[str, list[str]]
+
+
 class StoreUnavailable(Exception):
     """The shared store could not be reached; nothing was taken out of it."""
 
@@ -186,38 +207,52 @@ class RedisHandoff:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
 
     async def adopt(self, session_ids: list[str], owner: str, wait: bool,
-                    expected: bool = False) -> dict[str, ParkedSession]:
-        """Take the owner's parked sessions among `session_ids`, in one round trip per try.
-        While a replica is parking (and `wait`), or while their holders were asked to park
-        them (`expected`), missing ids are asked for again until the handoff wait ends. Each
-        session taken is removed from the store; the caller must restore it or give it back."""
+                    expected: bool = False) -> Adoption:
+        """Take the owner's parked sessions among `session_ids`, in one round trip per try,
+        and learn which live replicas hold the others. While a replica is parking (and
+        `wait`), or while their holders were asked to park them (`expected`), missing ids are
+        asked for again until the handoff wait ends. Each session taken is removed from the
+        store; the caller must restore it or give it back."""
         deadline = time.monotonic() + self.wait_seconds
-        taken: dict[str, ParkedSession] = {}
+        adoption = Adoption({}, {})
         missing = list(session_ids)
         tries = 0
         while missing:
             try:
-                *texts, parking = await self._take(
-                    keys=[KEY_PREFIX + store_key(owner, i) for i in missing],
-                    args=[PARKING_KEY, _now_ms()])
+                parking, taken = await self._take_once(missing, owner, adoption.held,
+                                                       ask_holders=not expected and not tries)
             except self._errors as exc:
-                if taken:  # already out of the store: the caller restores them
-                    return taken
+                if adoption.taken:  # already out of the store: the caller restores them
+                    return adoption
                 raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
-            for session_id, text in zip(missing, texts):
-                if text is None:
-                    continue
-                try:
-                    taken[session_id] = ParkedSession.decode(session_id, text)
-                except ValueError as exc:  # binascii's and json's errors included
-                    log.error("LOST session %s: its parked record is unreadable (%s)",
-                              session_id, exc)
-            missing = [i for i in missing if i not in taken]
+            adoption.taken.update(taken)
+            missing = [i for i in missing if i not in adoption.taken]
             if not (missing and (parking and wait or expected)) or time.monotonic() >= deadline:
                 break
             tries += 1  # a holder asked to park takes a millisecond or two: look again soon
             await asyncio.sleep(min(ADOPT_POLL, FIRST_POLL * 2 ** tries))
-        return taken
+        return adoption
+
+    async def _take_once(self, session_ids: list[str], owner: str, held: dict[str, list[str]],
+                         ask_holders: bool) -> tuple[bool, dict[str, ParkedSession]]:
+        """One run of TAKE_SCRIPT: whether a replica is parking, and the sessions taken; the
+        ids other replicas hold are added to `held` by holder."""
+        reply = await self._take(
+            keys=[PARKING_KEY, *(KEY_PREFIX + store_key(owner, i) for i in session_ids)],
+            args=[_now_ms(), OWNER_PREFIX if ask_holders else "", len(KEY_PREFIX),
+                  self.replica])
+        taken: dict[str, ParkedSession] = {}
+        for position, value in zip(reply[1::2], reply[2::2]):
+            if position < 0:
+                held.setdefault(value.decode(), []).append(session_ids[-position - 1])
+                continue
+            session_id = session_ids[position - 1]
+            try:
+                taken[session_id] = ParkedSession.decode(session_id, value)
+            except ValueError as exc:  # binascii's and json's errors included
+                log.error("LOST session %s: its parked record is unreadable (%s)",
+                          session_id, exc)
+        return bool(reply[0]), taken
 
     async def parking(self) -> bool:
         """Whether a replica is parking sessions right now (False when the store is down)."""
@@ -244,17 +279,12 @@ class RedisHandoff:
         except self._errors as exc:
             log.warning("could not record %d sessions as held here: %s", len(keys), exc)
 
-    async def request_release(self, session_ids: list[str], owner: str) -> bool:
-        """Ask the processes holding these sessions to park them now; whether any heard."""
+    async def request_release(self, held: dict[str, list[str]], owner: str) -> bool:
+        """Ask the replicas holding these sessions (ids by holder, as `adopt` found them) to
+        park them now; whether any heard."""
         try:
-            holders = await self.client.mget([OWNER_PREFIX + store_key(owner, i)
-                                              for i in session_ids])
-            by_holder: dict[str, list[str]] = {}
-            for session_id, holder in zip(session_ids, holders):
-                if holder is not None and holder.decode() != self.replica:
-                    by_holder.setdefault(holder.decode(), []).append(session_id)
             heard = 0
-            for holder, ids in by_holder.items():
+            for holder, ids in held.items():
                 heard += await self.client.publish(RELEASE_CHANNEL + holder,
                                                    json.dumps({"ids": ids, "owner": owner}))
         except self._errors as exc:

@@ -14,7 +14,7 @@ from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.identity import Identities
 from rnnserve.metrics import Call, Metrics
 from rnnserve.rpc_errors import internal_error, stream_replies, unary
-from rnnserve.status import row_status, to_status
+from rnnserve.status import fill_status, row_status, to_status
 from rnnserve.streams import OpenStreams
 from rnnserve.tensors import fill_tensor, to_array, to_arrays, to_tensor, to_tensors
 
@@ -35,7 +35,7 @@ def fill_step_response(response: pb.StepResponse, outcome: StepOutcome) -> pb.St
     fill_tensor(response.y, outcome.y)
     response.steps.extend(outcome.steps)
     for e in outcome.errors:
-        response.errors.add(row=e.row, status=row_status(e.code, e.message, e.retry_after))
+        fill_status(response.errors.add(row=e.row).status, e.code, e.message, e.retry_after)
     return response
 
 

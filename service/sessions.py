@@ -33,6 +33,8 @@ SESSION_ID_HEX = 32
 
 
 _SESSION_ID = re.compile(f"[0-9a-f]{{{SESSION_ID_HEX}}}")
+_SESSION_IDS = re.compile(f"(?:[0-9a-f]{{{SESSION_ID_HEX}}}\n)*[0-9a-f]{{{SESSION_ID_HEX}}}")
+"""Ids joined by newlines, each well-formed ('$' would also match before a final newline)."""
 
 
 def is_session_id(text: str) -> bool:
@@ -181,6 +183,19 @@ class SessionTable:
         """Well-formed, not live here and not ended here: perhaps parked by another replica."""
         key = (owner, session_id)
         return key not in self._live and key not in self._ended and is_session_id(session_id)
+
+    def adoptable_among(self, session_ids: list[str], owner: str) -> list[str]:
+        """The distinct ids of `session_ids` that are `adoptable`, in order. The well-formed
+        check is one regex over all of them where all are (the common case), not one call per
+        id: a message may name tens of thousands."""
+        live, ended = self._live, self._ended
+        unknown = [i for i in dict.fromkeys(session_ids)
+                   if (owner, i) not in live and (owner, i) not in ended]
+        joined = "\n".join(unknown)  # as long as this only if no id holds a newline
+        if (len(joined) == len(unknown) * (SESSION_ID_HEX + 1) - 1
+                and _SESSION_IDS.fullmatch(joined) is not None):
+            return unknown
+        return [i for i in unknown if is_session_id(i)]
 
     def live(self) -> list[Session]:
         return list(self._live.values())

@@ -32,7 +32,15 @@ def _retry_info(seconds: float) -> any_pb2.Any:
 
 def row_status(code: str, message: str, retry_after: float | None = None) -> status_pb2.Status:
     """A failed row's status, with the RetryInfo a whole call's error would carry."""
-    status = status_pb2.Status(code=CODES[code].value[0], message=message)
+    return fill_status(status_pb2.Status(), code, message, retry_after)
+
+
+def fill_status(status: status_pb2.Status, code: str, message: str,
+                retry_after: float | None = None) -> status_pb2.Status:
+    """`row_status` written into a message in place: a step's rows fill the statuses in its
+    response, half the cost of building each and copying it in."""
+    status.code = CODES[code].value[0]
+    status.message = message
     if retry_after is not None:
         status.details.append(_retry_info(retry_after))
     return status

@@ -107,6 +107,10 @@ def test_max_sessions_and_idle_eviction() -> None:
             srv.client() as client:
         ids = [client.open_session("echo").session_id for _ in range(3)]
         assert code_of(client.open_session, "echo") == "RESOURCE_EXHAUSTED"
+        # more ids than can ever be live here: refused whole, none looked for
+        with pytest.raises(RnnServeError, match=r"names 4 sessions.*--max-sessions \(3\)"):
+            client.step_many([*ids, "0" * 32], np.zeros((4, 1, 1)))
+        assert client.step_many(ids, np.zeros((3, 1, 1))).steps == [1, 1, 1]
         client.close_session(ids[0])
         ids[0] = client.open_session("echo").session_id
         clock.advance(59)
