@@ -3,7 +3,7 @@ beside one naming as many of its live sessions (2 workers and a real redis-serve
 is asked of the sibling and of the store before it is NOT_FOUND). Medians of interleaved rounds
 of the server's CPU (every process) per id, and their ratio; then what such messages, sent back
 to back by one client, do to another client's stream steps (p50 and p99, quiet and flooded, in
-interleaved rounds). Results: docs/benchmarks.md.
+interleaved rounds). Results: the README's section on the shared store.
 """
 
 from __future__ import annotations
@@ -81,12 +81,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ids", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", default="2")
     parser.add_argument("--flood-ids", type=int, default=10_000,
                         help="ids per message while another client's steps are timed")
     args = parser.parse_args()
     redis = Redis()
     log = Path(tempfile.mkdtemp()) / "server.log"
-    server = ServerProcess(log, "--workers", "2", "--state-store", redis.url,
+    server = ServerProcess(log, "--workers", args.workers, "--state-store", redis.url,
                            "--max-sessions", str(2 * max(args.ids)))
     try:
         with Client(server.address, timeout=120) as client:
