@@ -17,6 +17,7 @@ import numpy as np
 from rnnserve.config import ServerConfig
 from rnnserve.contract import ModelSpec
 from rnnserve.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -277,7 +278,10 @@ class Engine:
         self._elsewhere = handoff is not None or siblings is not None
         """Sessions not live here may be held by a sibling worker or another replica."""
         self._claims: list[str] = []
+        self._unclaims: list[tuple[str, str]] = []
         self._claiming: asyncio.Task | None = None
+        if handoff is not None:
+            sessions.on_end = self._unclaim
         self._moved_away: OrderedDict[tuple[str, str], float] = OrderedDict()
         """(owner, id) of sessions released to a sibling in the last MOVE_WINDOW, by when."""
         self._lent: dict[tuple[str, str], tuple[Session, float]] = {}
@@ -528,12 +532,40 @@ class Engine:
                 out[idx] = part
         return y, finals
 
-    def open_session(self, name: str, version: int, initial_states: dict[str, np.ndarray],
-                     session_id: str = "", owner: str = "") -> SessionView:
+    async def open_session(self, name: str, version: int,
+                           initial_states: dict[str, np.ndarray], session_id: str = "",
+                           owner: str = "") -> SessionView:
         self.check_open()
         model = self._registry.get(name, version)
         states = self._states(model, initial_states, 1) if initial_states else None
-        return SessionView.of(self._open(model, states, session_id, owner))
+        if not (session_id and self._handoff is not None):
+            return SessionView.of(self._open(model, states, session_id, owner))
+        session = self._sessions.open(model, states, session_id, owner)
+        await self._only_one_across_replicas(session)
+        return SessionView.of(session)
+
+    async def _only_one_across_replicas(self, session: Session) -> None:
+        """A client-chosen id names one session across every replica of the store: one parked
+        there, or live on another replica, makes this open ALREADY_EXISTS (the client resumes
+        it instead), and the session just opened here goes without a trace. Its holder record
+        is written by this check, not in the background (which would overwrite another
+        replica's before reading it). With the store down the open stands: ids are unique
+        within this server, and its record is written once the store is back."""
+        key = store_key(session.owner, session.id)
+        try:
+            where = await self._handoff.claim_new(key, self._claim_ttl_ms)
+        except StoreUnavailable as exc:
+            store_log.warning("store-down-open", "opened sessions without checking that "
+                              "their ids are free on other replicas: %s", exc)
+            self._claim([key])
+            return
+        if where is None:
+            return
+        if self._sessions.release(session):
+            self._sessions.left(session.owner, session.id)
+        held = "parked in the shared store" if where == "parked" else "live on another replica"
+        raise AlreadyExists(f"session {session.id} already exists ({held}); resume it, or open "
+                            "one under a new id")
 
     def _open(self, model: LoadedModel, states: list[np.ndarray] | None, session_id: str,
               owner: str) -> Session:
@@ -716,14 +748,27 @@ class Engine:
         if self._handoff is None:
             return
         self._claims.extend(session_ids)
+        self._flush_soon()
+
+    def _unclaim(self, owner: str, session_id: str) -> None:
+        """Drop, in the background and batched, the record of a session that ended here: its
+        id is then free for a new session on any replica."""
+        self._unclaims.append((owner, session_id))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if self._claiming is None:
             self._claiming = asyncio.get_running_loop().create_task(self._flush_claims())
 
     async def _flush_claims(self) -> None:
         try:
-            while self._claims:
+            while self._claims or self._unclaims:
                 ids, self._claims = self._claims, []
+                ended, self._unclaims = self._unclaims, []
                 await self._handoff.claim(ids, self._claim_ttl_ms)
+                await self._handoff.unclaim([  # not one opened here again meanwhile
+                    store_key(owner, i) for owner, i in ended
+                    if self._sessions.find(i, owner) is None])
         finally:
             self._claiming = None
 

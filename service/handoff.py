@@ -69,6 +69,27 @@ prefix), the live replica holding it as (minus its position, that replica). One 
 sparse reply, not a command or a reply element per id: a pipeline of 65,536 GETDELs cost
 redis-py ~10 µs per id (a reply read per command), and parsing a reply element per id, most of
 them nil, was most of an unknown id's cost (bench/unknown_ids.py)."""
+CLAIM_NEW_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 'parked'
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then
+  return holder
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+"""Record this replica as the holder of a new session unless its id is parked or held by another
+live replica: one atomic check-and-set, so two replicas opening one id cannot both win."""
+UNCLAIM_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('DEL', key)
+  end
+end
+"""
+"""Drop the holder records that still name this replica (another may have taken one since)."""
 MAX_STEPS = 2**62
 """Step counts past this are no session's (a record claiming more is corrupt)."""
 
@@ -177,6 +198,8 @@ class RedisHandoff:
         self.park_ms = max(1, int(park_seconds * 1000))
         self.replica = secrets.token_hex(8)
         self._take = self.client.register_script(TAKE_SCRIPT)
+        self._claim_new = self.client.register_script(CLAIM_NEW_SCRIPT)
+        self._unclaim = self.client.register_script(UNCLAIM_SCRIPT)
 
     async def announce_parking(self) -> None:
         """Mark, before in-flight work ends, that this replica is about to park its sessions:
@@ -278,6 +301,27 @@ class RedisHandoff:
                 await pipe.execute()
         except self._errors as exc:
             log.warning("could not record %d sessions as held here: %s", len(keys), exc)
+
+    async def unclaim(self, keys: list[str]) -> None:
+        """Drop this process's holder records of sessions that ended here. Best effort: a record
+        left behind expires with its TTL, and until then keeps its id from being opened anew on
+        another replica."""
+        if not keys:
+            return
+        try:
+            await self._unclaim(keys=[OWNER_PREFIX + key for key in keys], args=[self.replica])
+        except self._errors as exc:
+            log.warning("could not drop the records of %d ended sessions: %s", len(keys), exc)
+
+    async def claim_new(self, key: str, ttl_ms: int) -> str | None:
+        """Record this process as the holder of a newly opened session (its `store_key`); where
+        its id is already taken, "parked" or the replica holding it, and nothing is recorded."""
+        try:
+            where = await self._claim_new(keys=[KEY_PREFIX + key, OWNER_PREFIX + key],
+                                          args=[self.replica, ttl_ms])
+        except self._errors as exc:
+            raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
+        return None if where is None else where.decode()
 
     async def request_release(self, held: dict[str, list[str]], owner: str) -> bool:
         """Ask the replicas holding these sessions (ids by holder, as `adopt` found them) to

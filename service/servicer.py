@@ -85,7 +85,7 @@ class InferenceServicer(rpc.InferenceServicer):
     @unary
     async def OpenSession(self, request: pb.OpenSessionRequest,
                           call: Call) -> pb.OpenSessionResponse:
-        return pb.OpenSessionResponse(session=self._open(request, call))
+        return pb.OpenSessionResponse(session=await self._open(request, call))
 
     @unary
     async def Step(self, request: pb.StepRequest, call: Call) -> pb.StepResponse:
@@ -115,9 +115,9 @@ class InferenceServicer(rpc.InferenceServicer):
         return pb.CloseSessionResponse(session=self._session(
             await self.engine.close_session(request.session_id, call.client), call))
 
-    def _open(self, request: pb.OpenSessionRequest, call: Call) -> pb.Session:
+    async def _open(self, request: pb.OpenSessionRequest, call: Call) -> pb.Session:
         call.model = self.engine.model_label(request.model)
-        return self._session(self.engine.open_session(
+        return self._session(await self.engine.open_session(
             request.model, request.version, to_arrays(request.initial_states, "initial_states"),
             request.session_id, call.client), call)
 
@@ -197,7 +197,7 @@ class InferenceServicer(rpc.InferenceServicer):
                                    response: pb.StreamResponse, call: Call) -> None:
         client = stream.client
         if kind == "open":
-            session = self._open(request, call)
+            session = await self._open(request, call)
             stream.current = session.session_id
             response.open.session.CopyFrom(session)
             return

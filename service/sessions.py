@@ -84,6 +84,9 @@ class SessionTable:
         """The server's shared table, where workers share a port (claims.py): chosen ids and
         the per-client cap are then checked across all of them."""
         self.max_per_client = max_per_client
+        self.on_end: Callable[[str, str], None] | None = None
+        """Told (owner, id) of each session that ends here (not of one that moves away): the
+        engine then drops its holder record in the shared store."""
         self.idle_timeout = idle_timeout
         self.metrics = metrics
         self.clock = clock
@@ -232,6 +235,8 @@ class SessionTable:
         self._ended[(session.owner, session.id)] = reason
         while len(self._ended) > REMEMBER_ENDED:
             self._ended.popitem(last=False)
+        if self.on_end is not None:
+            self.on_end(session.owner, session.id)
 
     def release(self, session: Session) -> bool:
         """Let a session go without ending it (it moves to another replica): its slot is free

@@ -58,7 +58,7 @@ def test_concurrent_sessions_coalesce_and_match_unbatched_runs() -> None:
 
     async def main() -> tuple[list[np.ndarray], float]:
         engine = await make_engine(max_batch_size=16, max_batch_delay=2000)
-        sessions = [engine.open_session("binary_add", 0, {}) for _ in xs]
+        sessions = [await engine.open_session("binary_add", 0, {}) for _ in xs]
 
         async def drive(i: int) -> np.ndarray:
             await arrive_after(int(rng.integers(0, 4)))
@@ -122,7 +122,7 @@ def test_inline_threaded_and_unbatched_steps_agree() -> None:
 
     async def run(**overrides) -> np.ndarray:
         engine = await make_engine(**overrides)
-        sessions = [engine.open_session("binary_add", 0, {}) for _ in xs]
+        sessions = [await engine.open_session("binary_add", 0, {}) for _ in xs]
 
         async def drive(i: int) -> np.ndarray:
             session = sessions[i].session_id
@@ -174,7 +174,7 @@ def test_runs_go_to_the_loop_once_measured_short() -> None:
 
         runner.run_bound, runner.run = watched(run_bound), watched(run)
         for n in rows:
-            ids = [engine.open_session("echo", 0, {}).session_id for _ in range(n)]
+            ids = [(await engine.open_session("echo", 0, {})).session_id for _ in range(n)]
             await engine.step(ids, np.ones((n, 1, 1), np.float32))
         await engine.shutdown()
         return on_loop
@@ -256,7 +256,7 @@ def test_a_step_runs_at_once_only_when_nothing_holds_it_back() -> None:
         loop = asyncio.get_running_loop()
         x = np.ones((1, 1, 1), np.float32)
         memo = StepMemo()
-        native = engine.open_session("echo", 0, {}).session_id
+        native = (await engine.open_session("echo", 0, {})).session_id
         await engine.step([native], x, memo=memo)  # the memo keeps the session from here
         sequence = "7" * 32
         await engine.sequence_step("echo", 0, sequence, x, {}, True, False, False, "")

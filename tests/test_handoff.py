@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnnserve.client import Client, RnnServeError
+from rnnserve.client import Client, RnnServeError, new_session_id
 from tests.conftest import RunningServer, make_config, running
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -51,6 +51,52 @@ def test_drained_sessions_continue_exactly_on_another_replica(redis_url: str) ->
             with pytest.raises(RnnServeError) as err:
                 on_c.step(ids[0], adder[0, :1])  # owned by b now: nobody else can take it
             assert err.value.code.name == "NOT_FOUND"
+
+
+def test_a_chosen_id_is_one_session_across_replicas(redis_url: str) -> None:
+    """An id live on one replica, or parked by one, could be opened again on another: two
+    sessions of one id, one of them later dropped by a move. Now the second open is
+    ALREADY_EXISTS and leaves nothing behind, and the first session goes on exactly."""
+    import time
+
+    import grpc
+    import redis
+
+    from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
+
+    chosen = new_session_id()
+
+    def open_on(server: RunningServer) -> str:
+        with grpc.insecure_channel(server.address) as channel:
+            try:
+                rnnserve_pb2_grpc.InferenceStub(channel).OpenSession(
+                    rnnserve_pb2.OpenSessionRequest(model="echo", session_id=chosen), timeout=10)
+                return "OK"
+            except grpc.RpcError as exc:
+                assert "already" in exc.details()
+                return exc.code().name
+
+    with running(state_store=redis_url) as b, Client(b.address) as on_b:
+        a = RunningServer(make_config(state_store=redis_url))
+        with Client(a.address) as on_a:
+            assert open_on(a) == "OK"
+            on_a.step(chosen, [1.0])
+            assert open_on(b) == "ALREADY_EXISTS"  # live on a
+            assert b.server.engine.live_sessions == 0
+            assert open_on(a) == "ALREADY_EXISTS"  # live here
+        a.stop()  # parked in the store
+        assert open_on(b) == "ALREADY_EXISTS"  # parked
+        assert b.server.engine.live_sessions == 0
+        whole = on_b.predict("echo", np.array([[[1.0], [0.0]]])).y[0]
+        assert np.max(np.abs(on_b.step(chosen, [0.0]) - whole[1:])) <= 1e-6  # adopted, exact
+        with running(state_store=redis_url) as c:
+            assert open_on(c) == "ALREADY_EXISTS"  # adopted by b: held there now
+            on_b.close_session(chosen)
+            store, deadline = redis.Redis.from_url(redis_url), time.monotonic() + 10
+            while store.exists(f"rnnserve:owner:{chosen}"):  # dropped in the background
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert open_on(c) == "OK"  # ended: the id is free again, on any replica
 
 
 def test_without_a_store_sessions_end_with_the_process() -> None:

@@ -453,7 +453,7 @@ def test_a_session_let_go_to_a_sibling_that_never_took_it_is_live_again(
     try:
         x = np.array([[[1.0], [0.0], [1.0]]], np.float32)
         holder_engine = holder.server.engine
-        opened = holder.call(_async(holder_engine.open_session, "echo", 0, {}))
+        opened = holder.call(holder_engine.open_session("echo", 0, {}))
         first = holder.call(holder_engine.step([opened.session_id], x[:, :2]))
         moved, _, _ = holder.call(holder_engine.release_sessions([opened.session_id], ""))
         assert [p.session_id for p in moved] == [opened.session_id]  # ...and the answer is lost
