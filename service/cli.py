@@ -23,7 +23,8 @@ def _client_flags(cmd: argparse.ArgumentParser) -> None:
     """How every client command reaches the server: address, TLS, token. Beside the server
     (a container's probe, `docker exec`), the server's own RNNSERVE_GRPC_PORT says where."""
     env = os.environ.get
-    local = f"localhost:{env('RNNSERVE_GRPC_PORT') or 8500}"
+    port = env("RNNSERVE_GRPC_PORT") or "8500"
+    local = f"localhost:{port}" if port.isdigit() and 0 < int(port) < 65536 else None
     cmd.add_argument("--address", default=env("RNNSERVE_ADDRESS", local),
                      help="server host:port (default: localhost and RNNSERVE_GRPC_PORT, else "
                           f"8500: {local}; env RNNSERVE_ADDRESS)")
@@ -249,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if getattr(args, "address", "") is None:
+        cli.error(f"RNNSERVE_GRPC_PORT={os.environ['RNNSERVE_GRPC_PORT']!r} is no port "
+                  "(1-65535); give --address host:port")
     if args.command == "serve":
         return run_serve(args)
     if args.command == "import":

@@ -97,6 +97,10 @@ def test_a_bad_server_variable_breaks_no_other_command() -> None:
     assert version.returncode == 0 and version.stdout.startswith("rnnserve ")
     probe = run("health", "--address", "127.0.0.1:1", RNNSERVE_MAX_SESSIONS="many")
     assert probe.returncode == 1 and probe.stderr.startswith("unhealthy: UNAVAILABLE")
+    beside = run("health", RNNSERVE_GRPC_PORT="abc")  # where a client command looks by default
+    assert beside.returncode == 2 and beside.stderr.splitlines() == [
+        "rnnserve: error: RNNSERVE_GRPC_PORT='abc' is no port (1-65535); give --address "
+        "host:port (see rnnserve --help)"]
     served = run("serve", RNNSERVE_DEVICE="GPU")
     assert served.returncode == 2
     assert served.stderr.splitlines() == [
