@@ -12,19 +12,23 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bench.cluster import ServerProcess
-from rnnserve.client import RnnServeError
-from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc
+from rnnserve.client import Client, RnnServeError
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
+from rnnserve.tensors import to_array, to_tensor
 from tests.conftest import running
 
 
-def test_two_thousand_unary_calls_on_one_channel_are_all_answered(tmp_path: Path) -> None:
-    """tritonclient's asyncio client, the usual asyncio.gather, one channel, two workers: with
-    100 streams per connection 28 of 300 were refused (REFUSED_STREAM), and grpc core's default
-    of 1,000 pending calls cancelled 161 of 2,000."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_two_thousand_unary_calls_on_one_channel_are_all_answered(tmp_path: Path,
+                                                                   workers: str) -> None:
+    """tritonclient's asyncio client, the usual asyncio.gather, one channel: with 100 streams
+    per connection 28 of 300 were refused (REFUSED_STREAM), and grpc core's default of 1,000
+    pending calls cancelled 161 of 2,000."""
     aio = pytest.importorskip("tritonclient.grpc.aio")
-    server = ServerProcess(tmp_path / "log", "--workers", "2")
+    server = ServerProcess(tmp_path / "log", "--workers", workers)
 
     async def burst(calls: int) -> Counter:
         client = aio.InferenceServerClient(url=server.address)
@@ -51,7 +55,59 @@ def test_two_thousand_unary_calls_on_one_channel_are_all_answered(tmp_path: Path
         server.stop()
 
 
-def test_health_answers_while_idle_streams_hold_every_call_slot() -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_thousand_streams_over_64_channels_are_all_served(tmp_path: Path,
+                                                            workers: str) -> None:
+    """1,024 streams open at once over 64 connections (grpc's own asyncio client), each opening
+    a session and stepping it: every message is answered, and exactly."""
+    server = ServerProcess(tmp_path / "log", "--workers", workers)
+    steps = np.array([1.0, 0.0, 1.0], np.float32)
+    with Client(server.address) as client:
+        expected = client.predict("echo", steps[None, :, None]).y[0]
+
+    async def scenario() -> Counter:
+        channels = [grpc.aio.insecure_channel(server.address,
+                                              [("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(64)]
+        started = asyncio.Barrier(1024)
+
+        async def one(i: int) -> str:
+            call = rnnserve_pb2_grpc.InferenceStub(channels[i % 64]).Stream()
+            try:
+                await call.write(rnnserve_pb2.StreamRequest(
+                    open=rnnserve_pb2.OpenSessionRequest(model="echo")))
+                if (await call.read()).WhichOneof("kind") != "open":
+                    return "open failed"
+                await started.wait()  # every stream open at once from here
+                ys = []
+                for x in steps:
+                    await call.write(rnnserve_pb2.StreamRequest(step=rnnserve_pb2.StepRequest(
+                        x=to_tensor(np.array([[x]], np.float32)))))
+                    answer = await call.read()
+                    if answer.WhichOneof("kind") != "step":
+                        return f"step failed: {answer.error.message}"
+                    ys.append(to_array(answer.step.y, "y"))
+                await call.done_writing()
+                got = np.concatenate(ys, axis=1)[0]
+                return "ok" if np.max(np.abs(got - expected)) <= 1e-6 else "inexact"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            finally:
+                call.cancel()
+
+        try:
+            return Counter(await asyncio.gather(*(one(i) for i in range(1024))))
+        finally:
+            for channel in channels:
+                await channel.close()
+
+    try:
+        assert asyncio.run(scenario()) == Counter(ok=1024)
+    finally:
+        server.stop()
+
+
+def test_health_and_reflection_answer_while_idle_streams_hold_every_call_slot() -> None:
     with running(max_concurrent_rpcs=20) as srv:
         async def scenario() -> None:
             forever = asyncio.Event()
@@ -75,9 +131,15 @@ def test_health_answers_while_idle_streams_hold_every_call_slot() -> None:
                         break
                     assert asyncio.get_running_loop().time() < deadline
                     await asyncio.sleep(0.05)
+                reflection = reflection_pb2_grpc.ServerReflectionStub(channels[1])
                 for _ in range(20):
                     answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                    listing = reflection.ServerReflectionInfo(timeout=1)
+                    await listing.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                    services = (await listing.read()).list_services_response.service
+                    assert "rnnserve.v1.Inference" in {s.name for s in services}
+                    listing.cancel()
             finally:
                 for call in held:
                     call.cancel()
