@@ -9,7 +9,8 @@ supervisor's run directory: opening one checks and inserts in one write transact
 SQLite makes atomic across processes; a move marks the row as lent by its holder, and the
 receiver's arrival and the holder's taking back (if the arrival never came) each change only a
 row so marked, so exactly one of them keeps the session; an end deletes the row; and the
-supervisor deletes a dead worker's rows before starting it again.
+supervisor moves a dead worker's rows to a table of lost sessions before starting it again, so
+a later call for one is told it was lost (not that no such session exists) for LOST_MEMORY.
 
 SQLite from the standard library, in WAL mode without fsync (the file lives as long as the
 server): an open costs one short write transaction (~20 µs here), an end ~15 µs, steps
@@ -19,7 +20,9 @@ touch nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,11 +32,17 @@ FILE = "sessions.sqlite"
 BUSY_TIMEOUT = 5.0
 """Seconds a worker waits for another's write to end: each holds the lock for microseconds."""
 
+LOST_MEMORY = 3600.0
+"""Seconds a session lost with its worker is remembered as lost: its client's next calls, which
+come within seconds, are told so."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     owner TEXT NOT NULL, id TEXT NOT NULL, worker INTEGER NOT NULL,
     PRIMARY KEY (owner, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS by_worker ON sessions (worker);
+CREATE TABLE IF NOT EXISTS lost (
+    owner TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (owner, id));
 """
 
 
@@ -61,12 +70,18 @@ def create(run_dir: Path) -> None:
 
 
 def forget_worker(run_dir: Path, worker: int) -> int:
-    """Drop what a dead worker held or was lending (its sessions died with it); how many
-    rows went."""
+    """Move what a dead worker held or was lending (its sessions died with it) to the lost
+    sessions, forgetting those lost longer than LOST_MEMORY ago; how many it held."""
     db = _connect(run_dir / FILE)
+    now = time.time()
     try:
-        return db.execute("DELETE FROM sessions WHERE worker IN (?, ?)",
-                          (worker, lent_by(worker))).rowcount
+        with db:  # one transaction
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM lost WHERE at < ?", (now - LOST_MEMORY,))
+            db.execute("INSERT OR REPLACE INTO lost SELECT owner, id, ? FROM sessions "
+                       "WHERE worker IN (?, ?)", (now, worker, lent_by(worker)))
+            return db.execute("DELETE FROM sessions WHERE worker IN (?, ?)",
+                              (worker, lent_by(worker))).rowcount
     finally:
         db.close()
 
@@ -99,6 +114,7 @@ class Claims:
                         "(--max-sessions-per-client); close finished ones")
                 db.execute("INSERT INTO sessions VALUES (?, ?, ?)",
                            (owner, session_id, self.worker))
+                db.execute("DELETE FROM lost WHERE owner = ? AND id = ?", (owner, session_id))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -134,6 +150,13 @@ class Claims:
         with _failing_as_unavailable():
             self.db.execute("DELETE FROM sessions WHERE owner = ? AND id = ?",
                             (owner, session_id))
+
+    def lost(self, owner: str, session_ids: list[str]) -> list[str]:
+        """Those of the owner's ids whose sessions died with their worker (forget_worker)."""
+        with _failing_as_unavailable():
+            return [row[0] for row in self.db.execute(
+                "SELECT id FROM lost WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
+                (owner, json.dumps(session_ids)))]
 
     def here(self) -> list[tuple[str, str]]:
         """The (owner, id) of every row naming this worker, as holder or as lender."""

@@ -605,6 +605,10 @@ class Engine:
         failed: dict[str, ServingError] = {}
         if self._siblings is not None:
             missing, failed = await self._from_siblings(missing, owner)
+            for i in self._sessions.lost(missing, owner) if missing else ():
+                failed[i] = FailedPrecondition(f"session {i} was lost when the worker process "
+                                               "holding it died; open a new session")
+            missing = [i for i in missing if i not in failed]
         if missing and self._handoff is not None:
             failed.update(await self._from_store(
                 missing, alone or len(missing) == len(session_ids), owner))

@@ -200,6 +200,10 @@ class SessionTable:
             return unknown
         return [i for i in unknown if is_session_id(i)]
 
+    def lost(self, session_ids: list[str], owner: str) -> list[str]:
+        """Those of the owner's ids whose sessions died with another worker of this server."""
+        return self.claims.lost(owner, session_ids) if self.claims is not None else []
+
     def live(self) -> list[Session]:
         return list(self._live.values())
 

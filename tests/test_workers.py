@@ -397,13 +397,16 @@ def test_one_chosen_id_is_one_session_whichever_workers_its_opens_reach(tmp_path
 
 
 def test_the_per_client_cap_counts_the_whole_server(tmp_path: Path) -> None:
-    """With 2 workers, a client capped at 5 held 10; a dead worker's sessions free the cap."""
+    """With 2 workers, a client capped at 5 held 10; a dead worker's sessions free the cap,
+    and a call for one of them is told it was lost (it was told "no session … on this
+    server")."""
     server = Workers(tmp_path / "log", "--max-sessions-per-client", "5")
+    opened: list[str] = []
     try:
         def attempt(_: int) -> str:
             with fresh(server) as client:
                 try:
-                    client.open_session("echo")
+                    opened.append(client.open_session("echo").session_id)
                     return "OK"
                 except RnnServeError as exc:
                     return exc.code.name
@@ -425,6 +428,11 @@ def test_the_per_client_cap_counts_the_whole_server(tmp_path: Path) -> None:
         lost = [m for m in server.messages() if "died holding" in m]
         assert sum(int(m.split("holding ")[1].split()[0]) for m in lost) == 5
         assert server.scrape()["rnnserve_worker_sessions_lost_total"] == 5
+        for session_id in opened:
+            with fresh(server) as client, pytest.raises(RnnServeError) as told:
+                client.step(session_id, [1.0])
+            assert told.value.code.name == "FAILED_PRECONDITION"
+            assert "lost when the worker process holding it died" in str(told.value)
         with ThreadPoolExecutor(8) as pool:
             answers = Counter(pool.map(attempt, range(8)))
         assert answers == {"OK": 5, "RESOURCE_EXHAUSTED": 3}
