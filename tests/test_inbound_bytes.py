@@ -78,6 +78,9 @@ def test_a_client_sending_half_messages_holds_only_its_share_for_the_read_timeou
         # allocator keeps of the churn stays within the read budget (50 x 16 MB before)
         assert attack.ended >= 4
         assert grown < 64 + 24
+        with Client(server.address, token="alice-token-0123456789") as alice:
+            alice.predict("echo", np.ones((1, 3, 1), np.float32))  # after mallory left
+        assert (server.status("VmRSS") - before) / MIB < 64 + 24  # 2.7 GB stayed, before
     finally:
         server.stop()
 
