@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
-GEN    := service/generated/rnnserve/v1/rnnserve_pb2.py
+GEN    := service/rnnserve/generated/rnnserve/v1/rnnserve_pb2.py
 CONSTRAINTS := constraints.txt
 PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
@@ -104,6 +104,7 @@ constraints: install-test
 
 lint: install-test
 	$(VENV)/bin/ruff check service training tests bench
+	$(VENV)/bin/lint-imports
 
 # BuildKit builds only the stages a target needs (the CPU image never touches the CUDA
 # libraries or TensorFlow). DOCKER_BUILD_ARGS passes more flags, e.g. the secrets of a private
@@ -132,5 +133,5 @@ test-container-gpu: install-test
 	$(PY) -m pytest -m container_gpu tests/container
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) service/generated .pytest_cache .ruff_cache bench/results
+	rm -rf $(VENV) $(CHECKOV_VENV) service/rnnserve/generated .pytest_cache .ruff_cache bench/results
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,8 +1,8 @@
 """Package layout and the build step pyproject.toml cannot express.
 
-The repository keeps its layout (service/, training/, proto/), but users import `rnnserve`:
-service/ is installed as the package `rnnserve`; training/ is the repository's own pipeline
-(TensorFlow) and is not installed. The gRPC code is generated from proto/ while the package is
+service/ is the source root of a src-layout: it holds the package `rnnserve`, so every module's
+path is its import name (service/rnnserve/engine/engine.py is rnnserve.engine.engine); training/
+is the repository's own pipeline (TensorFlow) and is not installed. The gRPC code is generated from proto/ while the package is
 built, so a wheel or `pip install .` from a clean checkout carries it.
 """
 
@@ -27,12 +27,11 @@ class BuildWithGeneratedCode(build_py):
 
 
 protos.ensure_package_dirs()
-packages = ["rnnserve", *(f"rnnserve.{p}" for p in find_packages("service")
-                          if not p.startswith("generated"))]
+packages = [p for p in find_packages("service") if not p.startswith("rnnserve.generated")]
 setup(
-    package_dir={"rnnserve": "service"},
+    package_dir={"": "service"},
     packages=sorted({*packages, *protos.python_packages()}),
-    package_data={"rnnserve": ["model.schema.json", "py.typed"],
+    package_data={"rnnserve": ["py.typed"], "rnnserve.models": ["model.schema.json"],
                   "rnnserve.generated": ["**/*.pyi"]},
     cmdclass={"build_py": BuildWithGeneratedCode},
 )

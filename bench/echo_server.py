@@ -20,13 +20,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from rnnserve.contract import read_spec
+from rnnserve.doors.tensors import to_tensor
 from rnnserve.generated.inference import grpc_service_pb2 as v2
 from rnnserve.generated.inference import grpc_service_pb2_grpc as v2_rpc
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
-from rnnserve.runner import Runner
-from rnnserve.tensors import to_tensor
+from rnnserve.models.contract import read_spec
+from rnnserve.models.runner import Runner
 
 ECHO = Path(__file__).resolve().parent.parent / "exported" / "echo" / "1"
 

@@ -33,9 +33,9 @@ from bench.cluster import ServerProcess
 from bench.predict import LARGE_MESSAGES, all_pairs, request
 from bench.streaming import Load, machine, measure, save
 from rnnserve.client import Client
-from rnnserve.contract import read_spec
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
+from rnnserve.models.contract import read_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("binary_add", "digits", "echo", "forecast")

@@ -91,8 +91,8 @@ def _step(rows: int) -> bytes:
     """A stream step as the Python client sends it once the stream keeps its sessions."""
     import numpy as np
 
+    from rnnserve.doors.tensors import to_tensor
     from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
-    from rnnserve.tensors import to_tensor
 
     x = to_tensor(np.ones((rows, 1, 1), np.float32))
     step = pb.StepRequest(same_sessions=True, x=x) if rows > 1 else pb.StepRequest(x=x)
@@ -124,18 +124,18 @@ async def _rnnserve(load: str) -> Callable[[int], Awaitable[None]]:
 
     from prometheus_client import CollectorRegistry
 
-    from rnnserve.config import ServerConfig
-    from rnnserve.engine import Engine
+    from rnnserve.doors.identity import Identities
+    from rnnserve.doors.kserve import KServeServicer
+    from rnnserve.doors.native import InferenceServicer, _StreamState
+    from rnnserve.doors.streams import OpenStreams
+    from rnnserve.engine.engine import Engine
+    from rnnserve.engine.registry import ModelRegistry
     from rnnserve.generated.inference import grpc_service_pb2 as v2
     from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
-    from rnnserve.identity import Identities
-    from rnnserve.kserve import KServeServicer
-    from rnnserve.memory import MemoryBudget
-    from rnnserve.metrics import Metrics
-    from rnnserve.registry import ModelRegistry
-    from rnnserve.servicer import InferenceServicer, _StreamState
-    from rnnserve.sessions import SessionTable
-    from rnnserve.streams import OpenStreams
+    from rnnserve.ops.config import ServerConfig
+    from rnnserve.ops.metrics import Metrics
+    from rnnserve.state.memory import MemoryBudget
+    from rnnserve.state.sessions import SessionTable
 
     config = ServerConfig(repository=ROOT / "exported", models=("echo",), grpc_port=0,
                           metrics_port=-1, inline_run_us=10**9)
@@ -174,9 +174,9 @@ async def _floor(load: str) -> Callable[[int], Awaitable[None]]:
     """The same messages through bench/echo_server.py's servicers, one bound run each."""
     sys.path.insert(0, str(ROOT))
     from bench.echo_server import ECHO, EchoServicer, EchoV2Servicer
-    from rnnserve.contract import read_spec
     from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
-    from rnnserve.runner import Runner
+    from rnnserve.models.contract import read_spec
+    from rnnserve.models.runner import Runner
 
     runner = Runner(read_spec(ECHO), ECHO, "cpu", 1)
     if load == "v2":

@@ -1,5 +1,6 @@
-"""Each ONNX Runtime session choice in service/runner.py against its alternative: one streamed
-step (time = 1) at batch 1 and 64, median µs per run, in this process."""
+"""Each ONNX Runtime session choice in service/rnnserve/models/runner.py against its
+alternative: one streamed step (time = 1) at batch 1 and 64, median µs per run, in this
+process."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.streaming import ROOT, machine, save
-from rnnserve.contract import INPUT_NAME, MODEL_FILE, read_spec
+from rnnserve.models.contract import INPUT_NAME, MODEL_FILE, read_spec
 
 MODELS = ("echo", "binary_add")
 BATCHES = (1, 64)

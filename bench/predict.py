@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 
 from bench.streaming import ROOT, ServerProcess, machine, save
-from rnnserve.contract import read_spec
+from rnnserve.doors.tensors import to_tensor
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
-from rnnserve.runner import Runner
-from rnnserve.tensors import to_tensor
+from rnnserve.models.contract import read_spec
+from rnnserve.models.runner import Runner
 
 MODEL_DIR = ROOT / "exported" / "binary_add" / "1"
 SMALL_BATCH, CONCURRENT, SECONDS = 8, 32, 3.0

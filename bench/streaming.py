@@ -23,11 +23,11 @@ import numpy as np
 
 from bench.cluster import cpu_seconds, free_port, wait_until_serving
 from rnnserve.client import SESSION_HEADER, new_session_id
-from rnnserve.contract import read_spec
+from rnnserve.doors.tensors import to_tensor
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
-from rnnserve.runner import Runner
-from rnnserve.tensors import to_tensor
+from rnnserve.models.contract import read_spec
+from rnnserve.models.runner import Runner
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

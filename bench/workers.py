@@ -36,7 +36,7 @@ import numpy as np
 from bench.cluster import ServerProcess, cpu_seconds
 from bench.streaming import Load, drive, measure, save
 from rnnserve.client import Client
-from rnnserve.cpus import available_cpus
+from rnnserve.ops.cpus import available_cpus
 
 
 class Sessions:

@@ -1,4 +1,4 @@
-"""Compile proto/ into service/generated/ (the package `rnnserve.generated`).
+"""Compile proto/ into service/rnnserve/generated/ (the package `rnnserve.generated`).
 
 Run by the build (setup.py's build_py, so a wheel from a clean checkout carries the code and
 grpcio-tools stays a build-time tool) and by `make proto`. The generated code is not committed:
@@ -25,7 +25,7 @@ from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
 ROOT = PROTO_DIR.parent
-OUT_DIR = ROOT / "service" / "generated"
+OUT_DIR = ROOT / "service" / "rnnserve" / "generated"
 PACKAGE = "rnnserve.generated"
 PRIVATE_POOL_PACKAGES = {("inference",)}
 POOL_MODULE = """from google.protobuf import descriptor_pool

@@ -15,8 +15,8 @@ import pytest
 
 from bench.cluster import Redis
 from rnnserve.client import Client
-from rnnserve.config import ServerConfig
-from rnnserve.contract import GOLDEN_FILE, read_spec
+from rnnserve.models.contract import GOLDEN_FILE, read_spec
+from rnnserve.ops.config import ServerConfig
 from rnnserve.server import Server, create_server
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rnnserve.config import ServerConfig
-from rnnserve.contract import read_spec
-from rnnserve.engine import Engine, StepMemo
+from rnnserve.engine.engine import Engine, StepMemo
+from rnnserve.engine.registry import ModelRegistry
+from rnnserve.engine.run_times import RunTimes
 from rnnserve.errors import InvalidArgument, Unavailable
-from rnnserve.memory import MemoryBudget
-from rnnserve.metrics import Metrics
-from rnnserve.registry import ModelRegistry
-from rnnserve.run_times import RunTimes
-from rnnserve.runner import Runner
-from rnnserve.sessions import SessionTable
+from rnnserve.models.contract import read_spec
+from rnnserve.models.runner import Runner
+from rnnserve.ops.config import ServerConfig
+from rnnserve.ops.metrics import Metrics
+from rnnserve.state.memory import MemoryBudget
+from rnnserve.state.sessions import SessionTable
 from tests.conftest import EXPORTED
 
 

@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bench.cluster import ServerProcess
 from rnnserve.client import Client, RnnServeError
+from rnnserve.doors.tensors import to_array, to_tensor
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
-from rnnserve.tensors import to_array, to_tensor
 from tests.conftest import running
 
 

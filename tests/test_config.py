@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rnnserve import cli
-from rnnserve.config import ENV_PREFIX, ServerConfig, from_namespace, unknown_variables
-from rnnserve.cpus import available_cpus
+from rnnserve.ops.config import ENV_PREFIX, ServerConfig, from_namespace, unknown_variables
+from rnnserve.ops.cpus import available_cpus
 from tests.conftest import ROOT
 
 VARIABLES = {ENV_PREFIX + f.name.upper(): f for f in fields(ServerConfig)}

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from rnnserve.config import ENV_PREFIX, ServerConfig
+from rnnserve.ops.config import ENV_PREFIX, ServerConfig
 from rnnserve.server import LIVENESS
 from rnnserve.supervisor import STOP_MARGIN
 from tests.conftest import ROOT

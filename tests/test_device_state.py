@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rnnserve.device_state import DeviceStateStore
-from rnnserve.runner import Runner, providers_for
-from rnnserve.state_store import StateStore
+from rnnserve.models.runner import Runner, providers_for
+from rnnserve.state.device_state import DeviceStateStore
+from rnnserve.state.state_store import StateStore
 from tests.conftest import EXPORTED, running, spec
 
 MODELS = ("echo", "binary_add", "digits", "forecast")

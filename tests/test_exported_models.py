@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from rnnserve.contract import INPUT_NAME, OUTPUT_NAME
+from rnnserve.models.contract import INPUT_NAME, OUTPUT_NAME
 from tests.conftest import EXPORTED, MODELS, golden, spec
 
 EXPECTED = {"echo", "binary_add", "digits", "forecast"}

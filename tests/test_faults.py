@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.client import Client, RnnServeError
-from rnnserve.runner import Buffers, Runner
+from rnnserve.models.runner import Buffers, Runner
 from tests.conftest import EXPORTED, RunningServer, running
 from tests.test_lifecycle import wait_for
 

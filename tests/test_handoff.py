@@ -174,7 +174,7 @@ def test_v2_sequences_follow_their_calls_to_another_live_replica(redis_url: str)
 
     import redis
 
-    from rnnserve.kserve import sequence_session_id
+    from rnnserve.doors.kserve import sequence_session_id
 
     store = redis.Redis.from_url(redis_url)
     x = np.random.default_rng(6).uniform(320, 370, (1, 8, 1)).astype(np.float32)
@@ -212,7 +212,7 @@ def test_a_failed_release_request_does_not_end_the_listening(redis_url: str) -> 
     import asyncio
     import json
 
-    from rnnserve.handoff import RELEASE_CHANNEL, RedisHandoff
+    from rnnserve.cluster.handoff import RELEASE_CHANNEL, RedisHandoff
 
     async def scenario() -> list[list[str]]:
         handoff = RedisHandoff(redis_url, 60, 1, 5)
@@ -290,7 +290,7 @@ RECORD_FIELDS = st.fixed_dictionaries({}, optional={
 def test_any_parked_record_decodes_to_a_checked_session_or_a_reason(doc) -> None:
     """The store is shared: whatever a record holds, decoding gives a session whose fields are
     in range, or ValueError, never another exception (they used to surface as INTERNAL)."""
-    from rnnserve.handoff import MAX_STEPS, ParkedSession
+    from rnnserve.engine.sources import MAX_STEPS, ParkedSession
 
     try:
         parked = ParkedSession.decode("0" * 32, json.dumps(doc).encode())
@@ -307,7 +307,8 @@ def test_parked_records_that_do_not_fit_take_no_slot(redis_url: str) -> None:
     graph's record stays in the store for a replica that has that graph."""
     import redis
 
-    from rnnserve.handoff import KEY_PREFIX, ParkedSession
+    from rnnserve.cluster.handoff import KEY_PREFIX
+    from rnnserve.engine.sources import ParkedSession
 
     store = redis.Redis.from_url(redis_url)
     with running(state_store=redis_url, max_sessions=3, handoff_wait=0.1) as srv, \

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rnnserve.client import Client, RnnServeError
-from rnnserve.identity import Identities, parse_tokens
+from rnnserve.doors.identity import Identities, parse_tokens
 from tests.conftest import RunningServer, make_config, running
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
@@ -196,7 +196,7 @@ def test_session_ids_are_each_clients_own(tokens_file: Path) -> None:
     v2 sequence's derived id pre-opened natively by another client blocks nothing (its
     sequence_start got ALREADY_EXISTS)."""
     grpcclient = pytest.importorskip("tritonclient.grpc")
-    from rnnserve.kserve import sequence_session_id
+    from rnnserve.doors.kserve import sequence_session_id
 
     chosen = "c0ffee" * 5 + "00"
     with running(auth_tokens_file=str(tokens_file)) as srv, \

@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from rnnserve.client import RnnServeError
-from rnnserve.importer import ImportRefused, import_graph
+from rnnserve.models.importer import ImportRefused, import_graph
 from tests.conftest import running
 
 OPSET = 17
@@ -395,7 +395,7 @@ def test_a_stack_of_different_recurrences_is_called_mixed() -> None:
     """A GRU over an LSTM was described by its first cell, as two GRUs."""
     from types import SimpleNamespace
 
-    from rnnserve.importer import _cell
+    from rnnserve.models.importer import _cell
 
     def plan(*cells: str) -> SimpleNamespace:
         return SimpleNamespace(recurrences=[SimpleNamespace(cell=c) for c in cells])

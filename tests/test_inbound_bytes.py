@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.cluster import ServerProcess
 from rnnserve.client import Client
-from rnnserve.read_slots import EvictingSlots, ReadSlots
+from rnnserve.doors.read_slots import EvictingSlots, ReadSlots
 from tests.half_messages import HalfMessages
 
 MIB = 2**20

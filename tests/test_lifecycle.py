@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.client import Client, RnnServeError
-from rnnserve.config import ServerConfig, add_arguments, from_namespace
+from rnnserve.ops.config import ServerConfig, add_arguments, from_namespace
 from tests.conftest import EXPORTED, ROOT, running, self_signed
 
 

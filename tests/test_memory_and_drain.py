@@ -18,7 +18,7 @@ import pytest
 
 from bench.cluster import ServerProcess, free_port
 from rnnserve.client import Client, RnnServeError
-from rnnserve.config import ServerConfig
+from rnnserve.ops.config import ServerConfig
 
 CONTAINER_LIMIT = 1024 * 2**20
 """deploy/kubernetes/rnnserve.yaml's memory limit, which the defaults are sized for."""

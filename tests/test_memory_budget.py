@@ -11,7 +11,7 @@ import pytest
 
 from rnnserve.client import Client, RnnServeError
 from rnnserve.errors import ResourceExhausted
-from rnnserve.memory import MemoryBudget, RunCost
+from rnnserve.state.memory import MemoryBudget, RunCost
 from tests.conftest import RunningServer, running, spec
 
 SMALL = 1024 * 1024

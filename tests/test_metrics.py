@@ -87,7 +87,7 @@ def test_idle_connections_hold_no_thread_for_long(monkeypatch: pytest.MonkeyPatc
 
     from prometheus_client import CollectorRegistry, Counter
 
-    from rnnserve import metrics_http
+    from rnnserve.ops import metrics_http
 
     monkeypatch.setattr(metrics_http._Handler, "timeout", 0.5)
     registry = CollectorRegistry()

@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from rnnserve import __version__
-from rnnserve.config import ENV_PREFIX, ServerConfig
+from rnnserve.ops.config import ENV_PREFIX, ServerConfig
 from tests.conftest import ROOT, RunningServer
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

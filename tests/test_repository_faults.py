@@ -65,7 +65,7 @@ def test_a_version_that_disagrees_with_its_graph_never_becomes_the_latest(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, break_it, reason: str) -> None:
     repo = tmp_path / "repo"
     add_version(repo, "echo", 1)
-    caplog.set_level(logging.ERROR, "rnnserve.registry")
+    caplog.set_level(logging.ERROR, "rnnserve.engine.registry")
     with running(repository=repo, repository_poll=0.05) as srv, srv.client() as client:
         break_it(repo)
         wait_for(lambda: any(reason in r.getMessage() for r in caplog.records))
@@ -102,7 +102,7 @@ def test_malformed_entries_block_neither_start_nor_later_scans(
     add_version(repo, "echo", 1)
     add_version(repo, "gone", 1)
     malformed_entries(repo)
-    caplog.set_level(logging.ERROR, "rnnserve.registry")
+    caplog.set_level(logging.ERROR, "rnnserve.engine.registry")
     with running(repository=repo, repository_poll=0.05) as srv, srv.client() as client:
         assert sorted(m.name for m in client.list_models()) == ["echo", "gone"]
         skipped = " ".join(r.getMessage() for r in caplog.records)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from rnnserve.metrics import Metrics
-from rnnserve.sessions import SESSION_ID_HEX, SessionTable
+from rnnserve.ops.metrics import Metrics
+from rnnserve.state.sessions import SESSION_ID_HEX, SessionTable
 from tests.test_batcher import echo_model
 
 hex_ids = st.text("0123456789abcdef", min_size=SESSION_ID_HEX, max_size=SESSION_ID_HEX)

@@ -8,7 +8,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnnserve.session_lock import SessionLock, all_free, held, release_all, take_all
+from rnnserve.state.session_lock import SessionLock, all_free, held, release_all, take_all
 
 
 def run(coro):

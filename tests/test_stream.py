@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from rnnserve.client import AsyncClient, Client, RnnServeError
+from rnnserve.doors.tensors import to_tensor
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.tensors import to_tensor
 from tests.conftest import RunningServer
 
 MODELS = {"echo": 1, "binary_add": 2, "digits": 8, "forecast": 1}

@@ -16,7 +16,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import keras  # noqa: E402
 
-from rnnserve.contract import CELLS, read_spec  # noqa: E402
+from rnnserve.models.contract import CELLS, read_spec  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from training.architecture import Architecture, build_model  # noqa: E402
 from training.onnx_export import ExportError, to_onnx  # noqa: E402
@@ -144,7 +144,7 @@ def test_a_tf2onnx_loop_export_is_imported_and_served(layer: str, tmp_path: Path
     import tensorflow as tf
     import tf2onnx
 
-    from rnnserve.importer import import_graph
+    from rnnserve.models.importer import import_graph
     from tests.conftest import running
 
     keras.utils.set_random_seed(2)

@@ -28,8 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.cluster import ServerProcess
 from rnnserve.client import Client, RnnServeError, new_session_id
-from rnnserve.config import ServerConfig
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
+from rnnserve.ops.config import ServerConfig
 from tests.conftest import ROOT
 
 WORKERS = 2
@@ -177,8 +177,8 @@ def test_a_port_held_by_workers_refuses_another_server(workers: Workers) -> None
 
 
 def test_auto_is_the_cpus_this_process_may_use(tmp_path: Path) -> None:
-    from rnnserve.config import worker_count
-    from rnnserve.cpus import available_cpus, quota_cpus
+    from rnnserve.ops.config import worker_count
+    from rnnserve.ops.cpus import available_cpus, quota_cpus
 
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert quota_cpus(tmp_path) == 2  # 1.5 CPUs round up
@@ -448,7 +448,8 @@ def test_a_session_let_go_to_a_sibling_that_never_took_it_is_live_again(
     restores): it was lost for good; now, once the sibling's call is surely over, it is live
     on the holder again and continues exactly. Two real workers in this process."""
     from bench.cluster import free_port
-    from rnnserve import claims, engine
+    from rnnserve.engine import engine
+    from rnnserve.state import claims
     from rnnserve.supervisor import WorkerPlace
     from tests.conftest import RunningServer, make_config
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from rnnserve.contract import CELLS, state_names
+from rnnserve.models.contract import CELLS, state_names
 
 RNN_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU,
               "simple_rnn": keras.layers.SimpleRNN}

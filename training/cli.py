@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from rnnserve.contract import CELLS
+from rnnserve.models.contract import CELLS
 
 # Keras 3 emits CudnnRNNV3 on a visible GPU, which no converter reads; training is CPU-only.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

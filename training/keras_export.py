@@ -16,7 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from rnnserve.contract import (
+from rnnserve.models.contract import (
     INPUT_NAME,
     OUTPUT_NAME,
     ModelSpec,

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rnnserve.contract import INPUT_NAME, OUTPUT_NAME
+from rnnserve.models.contract import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17
 ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}

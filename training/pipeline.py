@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import onnxruntime as ort
 
-from rnnserve.contract import INPUT_NAME, ModelSpec, StateSpec, version_dir, write_version
+from rnnserve.models.contract import INPUT_NAME, ModelSpec, StateSpec, version_dir, write_version
 from training.architecture import build_model
 from training.onnx_export import OPSET, to_onnx
 from training.plots import plot_training

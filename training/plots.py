@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnserve.contract import ModelSpec
+from rnnserve.models.contract import ModelSpec
 
 
 def plot_training(losses: list[float], metrics: dict[str, float], spec: ModelSpec,

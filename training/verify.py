@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rnnserve.contract import INPUT_NAME, OUTPUT_NAME
-from rnnserve.model_checks import off_by
+from rnnserve.models.checks import off_by
+from rnnserve.models.contract import INPUT_NAME, OUTPUT_NAME
 
 TOLERANCE = 1e-5
 NATIVE_OPS = {"LSTM", "GRU", "RNN"}

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import onnxruntime as ort
 
-from rnnserve.contract import INPUT_NAME, OUTPUT_NAME
+from rnnserve.models.contract import INPUT_NAME, OUTPUT_NAME
 from training.architecture import Architecture, zero_states
 from training.tasks.base import Bar, Defaults
 from training.trainer import Trainer

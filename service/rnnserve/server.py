@@ -1,0 +1,374 @@
+"""Builds the gRPC server around the engine and runs it until SIGTERM/SIGINT, then drains."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from rnnserve.cluster.handoff import RedisHandoff
+from rnnserve.cluster.siblings import SIBLING_KEY_HEADER, Siblings, SiblingsServicer, socket_path
+from rnnserve.doors.admission import Admission, read_slots, reader
+from rnnserve.doors.auth import OPEN_PREFIXES, BearerTokenInterceptor, SharedKeyInterceptor
+from rnnserve.doors.decoding import TolerantServer
+from rnnserve.doors.identity import Identities
+from rnnserve.doors.kserve import KServeServicer
+from rnnserve.doors.native import InferenceServicer
+from rnnserve.doors.streams import OpenStreams
+from rnnserve.engine.engine import Engine
+from rnnserve.engine.registry import ModelRegistry
+from rnnserve.engine.sources import StoreUnavailable
+from rnnserve.generated.inference import grpc_service_pb2_grpc
+from rnnserve.generated.rnnserve.internal.v1 import siblings_pb2_grpc
+from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
+from rnnserve.models.runner import Runner, providers_for
+from rnnserve.ops.config import ServerConfig
+from rnnserve.ops.metrics import Metrics
+from rnnserve.ops.ports import PortUnavailable, can_listen, start_metrics
+from rnnserve.state.claims import Claims
+from rnnserve.state.memory import MemoryBudget, return_freed_memory
+from rnnserve.state.sessions import SessionTable
+from rnnserve.supervisor import WorkerPlace
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = (rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
+EVICTION_PERIOD_MAX = 1.0
+TOKENS_POLL = 2.0
+"""Seconds between looks at --auth-tokens-file (one stat)."""
+OPEN_METHODS = (*OPEN_PREFIXES, f"/{reflection.SERVICE_NAME}/")
+"""Paths that --max-concurrent-rpcs never counts: probes and tools must get through a full
+server."""
+LIVENESS = "liveness"
+"""The health entry a liveness probe asks for: SERVING from the start while the event loop
+answers, whatever the models do (a probe on "" would restart a server whose only model is
+reloading, which loses every session and fixes nothing); NOT_SERVING once a drain began."""
+STREAM_WINDOW = 64 * 1024
+
+
+@dataclass
+class Server:
+    """A started server: what tests and `serve` need to reach and to stop."""
+
+    config: ServerConfig
+    grpc_server: grpc.aio.Server
+    port: int
+    metrics_http: object | None
+    engine: Engine
+    health: health.aio.HealthServicer
+    executor: ThreadPoolExecutor
+    tasks: list[asyncio.Task]
+    streams: OpenStreams
+    internal: grpc.aio.Server | None = None
+    """A worker's unix-socket server for its siblings' session lookups."""
+    stopping: bool = False
+
+    synced: bool = False
+    """The first repository scan is done (until then the server is not ready)."""
+    health_names: dict[str, int] = field(default_factory=dict)
+    """The status each model name's health entry was last set to."""
+
+    async def set_serving(self) -> None:
+        """Health per model follows the registry: NOT_SERVING while its only versions load,
+        SERVING while a version of it serves, SERVICE_UNKNOWN once its last version is gone
+        (after a drain began, nothing changes: every entry is NOT_SERVING)."""
+        if self.engine.draining:
+            return
+        status = health_pb2.HealthCheckResponse
+        models = self.engine.models()
+        ready = {m.spec.name for m in models if m.ready}
+        wanted = {m.spec.name: status.SERVING if m.spec.name in ready else status.NOT_SERVING
+                  for m in models if m.spec.name != LIVENESS}  # a model so named: no entry
+        whole = self.synced and self.engine.ready
+        await self.health.set("", status.SERVING if whole else status.NOT_SERVING)
+        for name, serving in wanted.items():
+            if self.health_names.get(name) != serving:
+                await self.health.set(name, serving)
+        for name in self.health_names.keys() - wanted.keys():
+            await self.health.set(name, status.SERVICE_UNKNOWN)
+        self.health_names = wanted
+
+    async def sync_models(self) -> None:
+        """Scan the repository; health follows each load as it happens, and the server as a
+        whole turns SERVING once the first scan's loads are done."""
+        await self.engine.sync_models(self.set_serving)
+        self.synced = True
+        await self.set_serving()
+
+    async def stop(self) -> int:
+        """Drain: health NOT_SERVING, new work UNAVAILABLE, idle streams end at once, in-flight
+        work gets the grace period, sessions go to the shared store if there is one. Returns
+        how many sessions were lost because that handoff failed (0 on a second call)."""
+        if self.stopping:
+            return 0
+        self.stopping = True
+        # One deadline for the handoff and the in-flight work together, so the whole drain
+        # fits in --shutdown-grace (and so in a container engine's stop timeout sized to it).
+        deadline = time.monotonic() + self.config.shutdown_grace
+        self.engine.drain()
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+        self.streams.end_idle()
+        lost = 0
+        try:
+            parked = await asyncio.wait_for(self.engine.hand_off(), self.config.shutdown_grace)
+            if parked:
+                log.info("parked %d sessions in the shared state store", parked)
+        except (StoreUnavailable, TimeoutError) as exc:
+            lost = self.engine.live_sessions
+            if lost:
+                log.error("could not hand %d sessions off to the shared state store (%s); "
+                          "they are lost", lost, exc or "timed out")
+                self.engine.metrics.lost.labels("drain").inc(lost)
+        self.streams.end_idle()  # streams opened while the handoff ran
+        await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
+        if self.internal is not None:
+            await self.internal.stop(0)
+        for task in self.tasks:
+            task.cancel()
+        await self.engine.shutdown()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+        self.executor.shutdown(wait=False)
+        return lost
+
+    async def drain(self) -> int:
+        """`stop` for the process's exit, and its exit status: 1 if sessions were lost,
+        including when the drain itself is cancelled (the process then ends with them)."""
+        held = self.engine.live_sessions
+        try:
+            lost = await self.stop()
+        except asyncio.CancelledError:  # sessions may be out of the table, not yet parked
+            log.error("the drain was cancelled before it ended: up to %d sessions, those held "
+                      "when it began, are lost", held)
+            return 1
+        if lost:
+            log.error("stopped; %d sessions lost", lost)
+            return 1
+        log.info("stopped")
+        return 0
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_http.server_port if self.metrics_http is not None else None
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    return grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
+                                         Path(config.tls_cert).read_bytes())])
+
+
+async def _every(period: float, action, what: str) -> None:
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await action()
+        except Exception:  # a failed poll or sweep is retried next period
+            log.exception("%s failed", what)
+
+
+def _bind_grpc(server: grpc.aio.Server, config: ServerConfig, shared: bool) -> int:
+    """The gRPC port, exclusively: without SO_REUSEPORT a second server on the same port fails
+    here instead of sharing it (clients would then alternate between the two). A worker
+    (`shared`) joins its siblings on the port its supervisor checked and holds."""
+    address = f"{config.host}:{config.grpc_port}"
+    if config.grpc_port and not shared and not can_listen(config.host, config.grpc_port):
+        raise PortUnavailable(f"--grpc-port {config.grpc_port}: {address} is in use (another "
+                              "server?)")
+    credentials = _credentials(config)
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials
+                else server.add_insecure_port(address))
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise PortUnavailable(f"--grpc-port {config.grpc_port}: cannot listen on {address} "
+                              "(in use by another server, or not an address of this host)")
+    return port
+
+
+async def _start_internal(engine: Engine, worker: WorkerPlace) -> grpc.aio.Server:
+    internal = grpc.aio.server(interceptors=[SharedKeyInterceptor(SIBLING_KEY_HEADER,
+                                                                  worker.sibling_key)])
+    siblings_pb2_grpc.add_SiblingsServicer_to_server(SiblingsServicer(engine), internal)
+    path = socket_path(worker.run_dir, worker.index)
+    path.unlink(missing_ok=True)  # left by this worker's crashed predecessor
+    internal.add_insecure_port(f"unix:{path}")
+    await internal.start()
+    return internal
+
+
+async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None, *,
+                        clock: Callable[[], float] = time.monotonic,
+                        runner: type[Runner] = Runner,
+                        worker: WorkerPlace | None = None) -> Server:
+    """Listen on config's ports (0 picks free ones), then load the models: health and readiness
+    say NOT_SERVING until the first version is loaded, so probes see the load happen. `clock`
+    (idle time) and `runner` (model runs) are what tests replace to control time and faults.
+
+    A `worker` of a supervised server shares the port with its siblings and listens only once
+    its models are loaded (the kernel then never hands it a connection it cannot serve); it
+    answers its siblings' session lookups on a unix socket from the start."""
+    return_freed_memory()
+    identities = Identities.load(config.auth_token, config.auth_tokens_file)  # before slow work
+    providers_for(config.device)  # --device cuda without a working CUDA provider stops here
+    metrics = Metrics(registry or CollectorRegistry())
+    executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1,
+                                  thread_name_prefix="ort")
+    models = ModelRegistry(config, metrics, executor, runner)
+    claims = (Claims(worker.run_dir, worker.index, config.max_sessions_per_client)
+              if worker is not None and worker.count > 1 else None)
+    sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics, clock,
+                            max_per_client=config.max_sessions_per_client, claims=claims)
+    handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait,
+                            config.shutdown_grace + config.handoff_wait)
+               if config.state_store else None)
+    siblings = (Siblings(worker.run_dir, worker.index, worker.count, worker.sibling_key)
+                if worker is not None and worker.count > 1 else None)
+    engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff,
+                    siblings)
+    internal = await _start_internal(engine, worker) if siblings is not None else None
+    streams = OpenStreams()
+    interceptors = [*([BearerTokenInterceptor(identities)] if identities.enabled else []),
+                    Admission(config.max_concurrent_rpcs, OPEN_METHODS, read_slots(config),
+                              config.read_timeout, reader(identities))]
+    limits = [("grpc.max_receive_message_length", config.max_message_bytes),
+              ("grpc.max_send_message_length", config.max_message_bytes),
+              ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+              ("grpc.so_reuseport", int(worker is not None)),
+              # No window growth past the HTTP/2 default: a client that writes but never reads
+              # then holds ~64 KiB of its stream's data here, not megabytes.
+              ("grpc.http2.bdp_probe", 0),
+              ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
+              # Calls that arrived and wait for the event loop to take them: grpc core's
+              # default (1,000) cancelled 161 of 2,000 unary calls sent at once on one channel.
+              ("grpc.server.max_pending_requests", 2 * config.max_concurrent_rpcs),
+              ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_concurrent_rpcs)]
+    server = grpc.aio.server(interceptors=interceptors, options=limits)
+    handlers = TolerantServer(server, metrics)  # undecodable requests: INVALID_ARGUMENT
+    rnnserve_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(engine, metrics, identities, streams), handlers)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(engine, metrics, identities, streams), handlers)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), handlers)
+    port = _bind_grpc(server, config, shared=False) if worker is None else config.grpc_port
+    http = start_metrics(config, metrics.registry)
+    if worker is None:
+        await server.start()
+    started = Server(config, server, port, http, engine, health_servicer, executor, [],
+                     streams, internal)
+    try:
+        await started.sync_models()
+        if not engine.ready:
+            raise RuntimeError(f"no loadable model in {config.repository} (--repository)")
+    except BaseException:  # a bad repository: stop what runs, so the error is the only output
+        await started.stop()
+        raise
+    if worker is not None:  # gRPC listens as it binds: not before the models are loaded
+        _bind_grpc(server, config, shared=True)
+        await server.start()
+
+    async def sweep() -> None:
+        engine.evict_idle()
+
+    started.tasks.append(asyncio.create_task(
+        _every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4), sweep, "idle sweep")))
+    if config.repository_poll > 0:
+        started.tasks.append(asyncio.create_task(_every(config.repository_poll,
+                                                        started.sync_models, "repository poll")))
+    if config.auth_tokens_file:
+        started.tasks.append(asyncio.create_task(_every(
+            TOKENS_POLL, _TokensWatch(config, identities).check, "tokens file check")))
+    if handoff is not None:  # sessions held here can be asked for by other replicas
+        started.tasks.append(asyncio.create_task(handoff.serve_releases(engine.park_on_request)))
+        started.tasks.append(asyncio.create_task(_every(
+            config.session_idle_timeout / 3, engine.refresh_claims, "session records")))
+    metrics_at = (f"; metrics on :{started.metrics_port}" if http is not None else
+                  "; metrics disabled" if worker is None else "")
+    log.info("%sserving %s on %s:%d%s", f"worker {worker.index}: " if worker else "",
+             ", ".join(f"{m.spec.name} v{m.spec.version}" for m in engine.models()),
+             config.host, port, metrics_at)
+    return started
+
+
+class _TokensWatch:
+    """--auth-tokens-file read again when it changes (a rotated Kubernetes Secret is a new
+    file behind the same path): tokens are replaced without a restart, which would drop every
+    session. A file that does not parse leaves the tokens in force and says why, once."""
+
+    def __init__(self, config: ServerConfig, identities: Identities) -> None:
+        self.config = config
+        self.identities = identities
+        self.seen = self._stamp()
+        self.reported = ""
+
+    def _stamp(self) -> tuple:
+        try:
+            stat = os.stat(self.config.auth_tokens_file)
+        except OSError as exc:
+            return (exc.errno,)
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    async def check(self) -> None:
+        stamp = self._stamp()
+        if stamp == self.seen:
+            return
+        self.seen = stamp
+        try:
+            changed = self.identities.reload(self.config.auth_token, self.config.auth_tokens_file)
+        except ValueError as exc:
+            if str(exc) != self.reported:
+                self.reported = str(exc)
+                log.error("tokens file not reloaded, the earlier tokens stay: %s", exc)
+            return
+        self.reported = ""
+        if changed:
+            log.info("tokens reloaded from %s: %d clients", self.config.auth_tokens_file,
+                     len(self.identities.names))
+
+
+async def _rescan(server: Server) -> None:
+    """SIGHUP: scan the repository now (new, changed and removed versions), as a poll would;
+    without it a hang-up signal would end the process with no drain."""
+    log.info("SIGHUP: scanning the model repository")
+    try:
+        await server.sync_models()
+    except Exception:  # the server keeps what it serves; the next scan tries again
+        log.exception("repository scan after SIGHUP failed")
+
+
+async def serve(config: ServerConfig, worker: WorkerPlace | None = None,
+                on_ready: Callable[[int], None] | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain within --shutdown-grace. The exit status: 0, or
+    1 if sessions were lost because the handoff to the shared store failed. `on_ready` gets
+    the port once the server serves (a worker tells its supervisor)."""
+    server = await create_server(config, worker=worker)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.tasks.append(
+        asyncio.create_task(_rescan(server))))
+    if on_ready is not None:
+        on_ready(server.port)
+    await stop.wait()
+    log.info("signal received: draining for up to %.1f s", config.shutdown_grace)
+    return await server.drain()
