@@ -10,7 +10,7 @@ PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
 ORT    ?= cpu
 
-.PHONY: install install-test constraints serve test test-container test-container-gpu train bench bench-soak bench-workers bench-gpu bench-scale-out bench-instructions proto lint docker docker-gpu docker-train clean
+.PHONY: install install-test constraints serve test docs test-container test-container-gpu train bench bench-soak bench-workers bench-gpu bench-scale-out bench-instructions proto lint docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -42,7 +42,7 @@ serve: install
 # our protobuf 7 (tests/test_kserve.py proves it), so here it goes in without its pins. Users who
 # want it beside rnnserve: see the README (one pip command; pip then picks protobuf 6).
 $(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) $(STAMP)
-	$(INSTALL) -e '.[$(ORT),training,test]'
+	$(INSTALL) -e '.[$(ORT),training,test,docs]'
 	$(INSTALL) --no-deps tritonclient python-rapidjson
 	touch $@
 
@@ -106,6 +106,11 @@ lint: install-test
 	$(VENV)/bin/ruff check service training tests bench
 	$(VENV)/bin/lint-imports
 
+# The documentation site (docs/, mkdocs.yml) into site/: strict, so a broken link, a missing
+# page or an unknown anchor fails, as in CI.
+docs: install-test
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 # BuildKit builds only the stages a target needs (the CPU image never touches the CUDA
 # libraries or TensorFlow). DOCKER_BUILD_ARGS passes more flags, e.g. the secrets of a private
 # package index: DOCKER_BUILD_ARGS='--secret id=pipconf,src=pip.conf --secret id=pipca,src=ca.pem'
@@ -133,5 +138,5 @@ test-container-gpu: install-test
 	$(PY) -m pytest -m container_gpu tests/container
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) service/rnnserve/generated .pytest_cache .ruff_cache bench/results
+	rm -rf $(VENV) $(CHECKOV_VENV) service/rnnserve/generated .pytest_cache .ruff_cache bench/results site
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

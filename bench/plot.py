@@ -1,4 +1,4 @@
-"""bench/streaming.png from bench/results/streaming.json (needs matplotlib: the training extra)."""
+"""docs/streaming.png from bench/results/streaming.json (needs matplotlib: the training extra)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from bench.streaming import RESULTS, ROOT
 
-OUT = ROOT / "bench" / "streaming.png"
+OUT = ROOT / "docs" / "streaming.png"
 
 
 def main() -> int:

@@ -129,8 +129,9 @@ def test_the_memory_limit_is_the_one_the_defaults_are_sized_for() -> None:
     resources = rnnserve_container()["resources"]
     assert resources["limits"]["memory"] == resources["requests"]["memory"] == "1Gi"
     assert CONTAINER_LIMIT == 2**30
-    readme = (ROOT / "README.md").read_text()
-    assert re.search(r"1 GiB container limit in\s+`deploy/kubernetes/rnnserve\.yaml`", readme)
+    reliability = (ROOT / "docs" / "reliability.md").read_text()
+    assert re.search(r"1 GiB container limit in\s+`deploy/kubernetes/rnnserve\.yaml`",
+                     reliability)
     tmp = next(v for v in pod("rnnserve")["spec"]["volumes"] if v["name"] == "tmp")
     assert tmp["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Mi"}  # counts in the limit
 

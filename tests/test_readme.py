@@ -1,4 +1,5 @@
-"""Every code block in README.md runs, verbatim, so the docs cannot rot.
+"""Every code block in README.md and the documentation pages (docs/*.md) runs, verbatim, so the
+docs cannot rot.
 
 - ```sh blocks run with bash in a sandbox that links to this checkout (so `make` and `.venv`
   work, and what they write stays out of the checkout), with HOME in a temporary directory.
@@ -28,23 +29,30 @@ from bench.cluster import wait_until_serving
 from tests.conftest import ROOT
 
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"<!-- readme-test: (.*?) -->")
 PORTS = (8500, 8000)  # what `make serve` binds by default, as the examples assume
 
 
 @dataclass(frozen=True)
 class Block:
+    page: str
     line: int
     language: str
     code: str
     marker: str
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}:{self.language}"
+        return f"{self.page}:{self.line}:{self.language}"
 
 
 def blocks() -> list[Block]:
-    found, lines = [], README.read_text().splitlines()
+    return [block for page in PAGES for block in page_blocks(page)]
+
+
+def page_blocks(page: Path) -> list[Block]:
+    found, lines = [], page.read_text().splitlines()
+    name = str(page.relative_to(ROOT))
     i = 0
     while i < len(lines):
         if lines[i].startswith("```"):
@@ -52,7 +60,8 @@ def blocks() -> list[Block]:
             end = lines.index("```", i + 1)
             previous = next((ln for ln in reversed(lines[:start]) if ln.strip()), "")
             marker = MARKER.fullmatch(previous.strip())
-            found.append(Block(start + 1, language, "\n".join(lines[start + 1:end]) + "\n",
+            found.append(Block(name, start + 1, language,
+                               "\n".join(lines[start + 1:end]) + "\n",
                                marker.group(1) if marker else ""))
             i = end
         i += 1
@@ -149,7 +158,7 @@ def test_console_transcript(block: Block, readme_server: None) -> None:
         got = out.stdout.splitlines()
         assert len(got) == len(expected), f"{command}\n{out.stdout}"
         for want, have in zip(expected, got):
-            assert _matches(want, have), f"{block} `{command}`: README {want!r}, got {have!r}"
+            assert _matches(want, have), f"{block} `{command}`: docs {want!r}, got {have!r}"
 
 
 @pytest.mark.parametrize("block", runnable("python"), ids=str)
@@ -167,7 +176,7 @@ def _sh_blocks(needle: str) -> list[Block]:
 def test_every_sh_block_is_run_below() -> None:
     covered = (_sh_blocks("rnnserve-env") + _sh_blocks("python -m training train")
                + _sh_blocks("rnnserve import"))
-    assert sorted(b.line for b in covered) == sorted(b.line for b in runnable("sh"))
+    assert sorted(map(str, covered)) == sorted(map(str, runnable("sh")))
 
 
 @pytest.mark.training
