@@ -105,6 +105,7 @@ constraints: install-test
 lint: install-test
 	$(VENV)/bin/ruff check service training tests bench
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # The documentation site (docs/, mkdocs.yml) into site/: strict, so a broken link, a missing
 # page or an unknown anchor fails, as in CI.

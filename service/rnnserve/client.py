@@ -23,7 +23,7 @@ import itertools
 import queue
 import secrets
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,7 +336,7 @@ class StreamSession(_StreamBase):
     def __init__(self, stub: rpc.InferenceStub, metadata: tuple) -> None:
         super().__init__()
         self._requests: queue.Queue = queue.Queue()
-        self._responses: Iterator[pb.StreamResponse] = stub.Stream(
+        self._responses: grpc.Future = stub.Stream(  # an iterator of StreamResponse too
             iter(self._requests.get, _END), metadata=metadata)
 
     def __enter__(self) -> StreamSession:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -63,7 +64,7 @@ class Server:
     config: ServerConfig
     grpc_server: grpc.aio.Server
     port: int
-    metrics_http: object | None
+    metrics_http: WSGIServer | None
     engine: Engine
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
@@ -239,7 +240,8 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
                 if worker is not None and worker.count > 1 else None)
     engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff,
                     siblings)
-    internal = await _start_internal(engine, worker) if siblings is not None else None
+    internal = (await _start_internal(engine, worker)
+                if siblings is not None and worker is not None else None)
     streams = OpenStreams()
     interceptors = [*([BearerTokenInterceptor(identities)] if identities.enabled else []),
                     Admission(config.max_concurrent_rpcs, OPEN_METHODS, read_slots(config),

@@ -32,7 +32,8 @@ import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from rnnserve.ops.config import ServerConfig
@@ -140,8 +141,8 @@ class Supervisor:
         self.run_dir = Path()  # made by run(), where a missing /tmp can be reported
         self.sibling_key = secrets.token_hex(32)  # reaches the workers through their pipes
         self.context = multiprocessing.get_context("spawn")
-        self.processes: dict[int, multiprocessing.Process] = {}
-        self.pipes: dict[int, object] = {}
+        self.processes: dict[int, BaseProcess] = {}
+        self.pipes: dict[int, Connection] = {}
         self.ready: set[int] = set()
         self.failures: dict[int, int] = {}
         self.due: dict[int, float] = {}
@@ -234,7 +235,7 @@ class Supervisor:
 
     def _signal_workers(self, signum: int) -> None:
         for process in self.processes.values():
-            if process.is_alive():
+            if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signum)
 
     def _watch(self, config: ServerConfig, port: int, http, wake: int) -> dict[int, int]:
@@ -260,16 +261,15 @@ class Supervisor:
             if wake in events:
                 os.read(wake, 512)
             for event in events:  # readiness first: a worker may be ready, then die
-                index, pipe = pipes.get(id(event), (None, None))
-                if pipe is not None and self.pipes.get(index) is pipe:
-                    self._ready(index, pipe)
+                ready = pipes.get(id(event))
+                if ready is not None and self.pipes.get(ready[0]) is ready[1]:
+                    self._ready(*ready)
             for event in events:
-                index, process = waiting.get(event, (None, None)) if isinstance(event, int) \
-                    else (None, None)
-                if process is not None and self.processes.get(index) is process:
-                    code = self._died(index, config)
+                dead = waiting.get(event) if isinstance(event, int) else None
+                if dead is not None and self.processes.get(dead[0]) is dead[1]:
+                    code = self._died(dead[0], config)
                     if code is not None:
-                        codes[index] = code
+                        codes[dead[0]] = code
             self._reap_orphans()
             if not announced and len(self.ready) == self.count:
                 announced = True
@@ -297,7 +297,7 @@ class Supervisor:
             except ChildProcessError:
                 return
 
-    def _ready(self, index: int, pipe) -> None:
+    def _ready(self, index: int, pipe: Connection) -> None:
         del self.pipes[index]
         with pipe:
             try:
@@ -314,6 +314,7 @@ class Supervisor:
 
         process = self.processes.pop(index)
         process.join()  # its sentinel may be ready before its exit status is
+        assert process.exitcode is not None and process.pid is not None  # joined
         pipe = self.pipes.pop(index, None)
         if pipe is not None:
             pipe.close()

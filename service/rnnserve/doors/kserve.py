@@ -147,7 +147,8 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
         return await self._sequence_step(model, request, sequence_id, x, inputs, call.client)
 
     async def _sequence_step(self, model: ModelView, request: v2.ModelInferRequest,
-                             sequence_id: int | str, x: np.ndarray, states: dict[str, np.ndarray],
+                             sequence_id: int | str | float, x: np.ndarray,
+                             states: dict[str, np.ndarray],
                              client: str) -> v2.ModelInferResponse:
         spec = model.spec
         if isinstance(sequence_id, (float, bool)) or \

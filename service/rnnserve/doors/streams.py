@@ -19,6 +19,7 @@ class OpenStreams:
         """The stream's requests; while the handler waits for the next one, the stream counts
         as idle, and `end_idle` cancels its handler (which then answers UNAVAILABLE)."""
         task = asyncio.current_task()
+        assert task is not None  # the handler's own task
         self._waiting.add(task)
         try:
             async for request in requests:

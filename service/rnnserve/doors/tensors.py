@@ -5,7 +5,7 @@ Shared by the server and the client: no server state is imported here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> pb.Tensor:
     return tensor
 
 
-def to_tensor(array: np.ndarray | list) -> pb.Tensor:
+def to_tensor(array: np.ndarray | Sequence) -> pb.Tensor:
     return fill_tensor(pb.Tensor(), np.asarray(array, FLOAT32))
 
 

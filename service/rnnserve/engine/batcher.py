@@ -26,6 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from rnnserve.engine.run_times import RunTimes
 from rnnserve.errors import Unavailable
 from rnnserve.models.runner import Runner
 from rnnserve.ops.metrics import Metrics
-from rnnserve.state.state_store import Slots
+from rnnserve.state.state_store import SlotIndex, Slots
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Ran:
     """A group's run: each work's result, and for steps the final states still to commit."""
 
     results: list[Result]
-    slots: list[int] | None = None
+    slots: SlotIndex | None = None
     finals: object = None
     seconds: float = 0.0
     """How long the run took where it ran; recorded into run_times on the event loop, the one
@@ -59,7 +60,7 @@ class Work:
     x: np.ndarray
     future: asyncio.Future
     enqueued: float
-    slots: list[int] | None = None
+    slots: SlotIndex | None = None
     states: list[np.ndarray] | None = None
     run: asyncio.Future | None = field(default=None, repr=False)
     """Set while the work's batch runs in a thread, which may still write its state slots."""
@@ -93,13 +94,13 @@ class Batcher:
         self._batch_size = metrics.batch_size.labels(*labels)
         self._timesteps = metrics.timesteps.labels(*labels)
 
-    async def step(self, slots: list[int], x: np.ndarray) -> np.ndarray:
+    async def step(self, slots: SlotIndex, x: np.ndarray) -> np.ndarray:
         """Advance the sessions in `slots` by x's timesteps; their states update in place."""
         y, _ = await self._submit(Work(x, self._loop.create_future(), self._loop.time(),
                                        slots=slots))
         return y
 
-    def step_now(self, slots: list[int], x: np.ndarray) -> np.ndarray | None:
+    def step_now(self, slots: SlotIndex, x: np.ndarray) -> np.ndarray | None:
         """`step` run at once and answered directly, when `_alone` allows; else None (queue it
         with `step`). A failed run raises, its sessions as they were."""
         if self._closed or not self._alone(x.shape[0] * x.shape[1]):
@@ -300,13 +301,14 @@ class Batcher:
 
     def _commit(self, group: list[Work], ran: Ran, k: int) -> None:
         waiting = [not work.future.done() for work in group]
+        assert ran.slots is not None  # a step's run
         if all(waiting):
             self.store.commit(ran.slots, ran.finals, k)
             return
         start = 0
         for work, waits in zip(group, waiting):
             if waits:
-                self.store.commit_rows(work.slots, ran.finals, start, k)
+                self.store.commit_rows(cast(SlotIndex, work.slots), ran.finals, start, k)
             start += work.rows
 
     def _run_sync(self, group: list[Work], inline: bool = False) -> Ran:
@@ -320,7 +322,8 @@ class Batcher:
     def _run(self, group: list[Work], inline: bool) -> Ran:
         """On the event loop (`inline`) through reused bound buffers."""
         if group[0].slots is not None:
-            slots = group[0].slots if len(group) == 1 else [s for w in group for s in w.slots]
+            slots = (group[0].slots if len(group) == 1
+                     else [s for w in group for s in cast(SlotIndex, w.slots)])
             y, finals, reused = self.store.step([w.x for w in group], slots, inline)
             return Ran(self._split(group, y, [], reused), slots, finals)
         rows = sum(w.rows for w in group)
@@ -332,7 +335,7 @@ class Batcher:
         for work in group:
             end = start + work.rows
             bound.x[start:end] = work.x
-            for i, state in enumerate(work.states):
+            for i, state in enumerate(cast(list[np.ndarray], work.states)):
                 bound.states[i][start:end] = state
             start = end
         self.runner.run_bound(bound)
@@ -341,9 +344,10 @@ class Batcher:
     @staticmethod
     def _joined(group: list[Work]) -> tuple[np.ndarray, list[np.ndarray]]:
         if len(group) == 1:
-            return group[0].x, group[0].states
+            return group[0].x, cast(list[np.ndarray], group[0].states)
         return (np.concatenate([w.x for w in group]),
-                [np.concatenate(states) for states in zip(*(w.states for w in group))])
+                [np.concatenate(states)
+                 for states in zip(*(cast(list[np.ndarray], w.states) for w in group))])
 
     @staticmethod
     def _split(group: list[Work], y: np.ndarray, finals: list[np.ndarray],

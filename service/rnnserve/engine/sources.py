@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 import numpy as np
 
@@ -98,7 +98,7 @@ def store_key(owner: str, session_id: str) -> str:
     return f"{owner}/{session_id}" if owner else session_id
 
 
-def _whole(value: object) -> bool:
+def _whole(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -114,13 +114,16 @@ class StoreUnavailable(Exception):
     """The shared store could not be reached; nothing was taken out of it."""
 
 
+Moves = tuple[dict[str, tuple[int, "ParkedSession"]], dict[str, str], set[str]]
+"""What one ask of the sibling workers brought: the sessions they let go (with the worker each
+came from), the ids a sibling ended recently (with why), and those not free to move now."""
+
+
 class SiblingWorkers(Protocol):
     """The other workers of this server (rnnserve.cluster.siblings)."""
 
-    async def take(self, session_ids: list[str], owner: str
-                   ) -> tuple[dict[str, tuple[int, ParkedSession]], dict[str, str], set[str]]:
-        """Ask every sibling at once: the sessions released (with the worker each came from),
-        the ids a sibling ended recently (with why), and those live but not free to move."""
+    async def take(self, session_ids: list[str], owner: str) -> Moves:
+        """Ask every sibling at once to let the owner's sessions among these ids go."""
         ...
 
     async def give_back(self, index: int, sessions: list[ParkedSession]) -> list[str]:

@@ -189,7 +189,7 @@ def write_version(target: Path, model: bytes, spec: ModelSpec, golden: dict[str,
         staging.chmod(0o755)  # mkdtemp's 0700 would hide it from a server run as another user
         (staging / MODEL_FILE).write_bytes(model)
         write_spec(staging, spec)
-        np.savez(staging / GOLDEN_FILE, **golden)
+        np.savez(staging / GOLDEN_FILE, allow_pickle=False, **golden)
         if before_rename is not None:
             before_rename(staging)
         if replace and target.exists():

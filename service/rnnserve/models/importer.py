@@ -277,7 +277,7 @@ def _control_flow(node: onnx.NodeProto, index: int) -> Recurrence:
     scanned = (helper.get_attribute_value(attrs["num_scan_inputs"])
                if node.op_type == "Scan" else 0)
     carried = len(node.input) - node_at - scanned
-    states = []
+    states: list[State] = []
     for k, value in enumerate(body.input[body_in_at:body_in_at + carried]):
         tensor = value.type.tensor_type
         if (tensor.elem_type != TensorProto.FLOAT or len(tensor.shape.dim) != 2

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -44,6 +44,13 @@ class Buffers:
     finals: list[np.ndarray]
     uploads: list[tuple[ort.OrtValue, np.ndarray]] = field(default_factory=list)
     """Host inputs the run reads through values of the provider's own (see bind_host)."""
+
+
+class Bound(Protocol):
+    """What a bound run needs: Buffers here, DeviceBuffers with the state on the device."""
+
+    binding: ort.IOBinding
+    uploads: list[tuple[ort.OrtValue, np.ndarray]]
 
 
 def bind_host(binding: ort.IOBinding, name: str, array: np.ndarray, device: str,
@@ -206,7 +213,7 @@ class Runner:
                                         array.ctypes.data)
         return buffers
 
-    def run_bound(self, buffers: Buffers) -> None:
+    def run_bound(self, buffers: Bound) -> None:
         """One run from buffers.x and .states into buffers.y and .finals (numpy arrays, or
         OrtValues in the provider's memory for device-resident state)."""
         for value, array in buffers.uploads:

@@ -65,6 +65,7 @@ def serve(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                 flags=socket.AI_PASSIVE)[0][0]
     server_class = type("MetricsServer", (_Server,), {"address_family": family})
-    http = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_Handler)
+    http: WSGIServer = make_server(host, port, make_wsgi_app(registry), server_class,
+                                   handler_class=_Handler)
     threading.Thread(target=http.serve_forever, name="metrics-http", daemon=True).start()
     return http

@@ -7,6 +7,7 @@ workers and serves /metrics, stays a small process (it loads no models, no ONNX 
 from __future__ import annotations
 
 import socket
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry
 
@@ -28,7 +29,7 @@ def can_listen(host: str, port: int) -> bool:
     return True
 
 
-def start_metrics(config: ServerConfig, registry: CollectorRegistry):
+def start_metrics(config: ServerConfig, registry: CollectorRegistry) -> WSGIServer | None:
     """/metrics on --metrics-port (None when -1 disables it)."""
     if config.metrics_port < 0:
         return None

@@ -25,7 +25,7 @@ from rnnserve.models.runner import (
     bind_uploaded,
     session_options,
 )
-from rnnserve.state.state_store import Slots, Stepped, fill
+from rnnserve.state.state_store import SlotIndex, Slots, Stepped, fill
 
 
 @dataclass(eq=False)
@@ -99,7 +99,7 @@ class DeviceStateStore(Slots):
         binding.bind_ortvalue_input(graphs.table(i), table)
         binding.bind_ortvalue_output(graphs.updated(i), table)
 
-    def step(self, xs: list[np.ndarray], slots: list[int], inline: bool) -> Stepped:
+    def step(self, xs: list[np.ndarray], slots: SlotIndex, inline: bool) -> Stepped:
         rows, k = len(slots), xs[0].shape[1]
         b = (self._bound.get(rows, k) if inline and rows * k <= BOUND_MAX_STEPS
              else self._bind(rows, k))
@@ -110,11 +110,11 @@ class DeviceStateStore(Slots):
         self.runner.run_bound(b)
         return b.y, b, inline
 
-    def commit(self, slots: list[int], finals: DeviceBuffers, steps: int) -> None:
+    def commit(self, slots: SlotIndex, finals: DeviceBuffers, steps: int) -> None:
         self._scatter.run_with_iobinding(finals.scatter)  # finals.slots holds `slots`
         self._advance(slots, steps)
 
-    def commit_rows(self, slots: list[int], finals: DeviceBuffers, start: int,
+    def commit_rows(self, slots: SlotIndex, finals: DeviceBuffers, start: int,
                     steps: int) -> None:
         """Rare (callers cancelled while their run was in a thread): through the host."""
         end = start + len(slots)
@@ -124,7 +124,7 @@ class DeviceStateStore(Slots):
     def write(self, slot: int, states: list[np.ndarray]) -> None:
         self._put([slot], [np.reshape(state, (1, -1)) for state in states])
 
-    def _put(self, slots: list[int], rows: list[np.ndarray]) -> None:
+    def _put(self, slots: SlotIndex, rows: list[np.ndarray]) -> None:
         """Host rows into the slots' rows of the tables."""
         binding = self._scatter.io_binding()
         index = np.asarray(slots, np.int64).reshape(-1, 1)

@@ -13,7 +13,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -229,7 +229,7 @@ class SessionTable:
         if owned is None:
             return None
         found = list(map(owned.get, session_ids))
-        return found if all(found) else None
+        return cast(list[Session], found) if all(found) else None
 
     def ended(self, session: Session) -> bool:
         return self._live.get((session.owner, session.id)) is not session

@@ -22,6 +22,8 @@ from rnnserve.errors import ResourceExhausted
 from rnnserve.models.contract import ModelSpec
 from rnnserve.models.runner import Runner
 
+SlotIndex = list[int] | np.ndarray
+"""Slot numbers: a list, or an int array (a stream's kept group, indexed without a Python loop)."""
 Stepped = tuple[np.ndarray, Any, bool]
 """A step run's y [rows, k, outputs], its final states in the store's own form (to commit),
 and whether y lives in buffers the next run reuses."""
@@ -68,7 +70,7 @@ class Slots(ABC):
         self.write(slot, [np.zeros(s.size, np.float32) for s in self.spec.states])
         self.steps[slot] = 0
 
-    def _advance(self, slots: list[int], steps: int) -> None:
+    def _advance(self, slots: SlotIndex, steps: int) -> None:
         if len(slots) == 1:
             self.steps[slots[0]] += steps
         else:
@@ -83,17 +85,17 @@ class Slots(ABC):
         """A host copy of one slot's states, [size] each."""
 
     @abstractmethod
-    def step(self, xs: list[np.ndarray], slots: list[int], inline: bool) -> Stepped:
+    def step(self, xs: list[np.ndarray], slots: SlotIndex, inline: bool) -> Stepped:
         """One run of the rows xs (joined in order, [rows_i, k, features] each) from the
         slots' states; nothing is written back until `commit`. `inline` runs (on the event
         loop, one at a time) may use buffers kept per shape."""
 
     @abstractmethod
-    def commit(self, slots: list[int], finals: Any, steps: int) -> None:
+    def commit(self, slots: SlotIndex, finals: Any, steps: int) -> None:
         """The run's final states into its slots, `steps` timesteps on."""
 
     @abstractmethod
-    def commit_rows(self, slots: list[int], finals: Any, start: int, steps: int) -> None:
+    def commit_rows(self, slots: SlotIndex, finals: Any, start: int, steps: int) -> None:
         """Only rows start … start + len(slots) of the run (the others' callers left)."""
 
 
@@ -111,14 +113,14 @@ class StateStore(Slots):
     def read(self, slot: int) -> list[np.ndarray]:
         return [array[slot].copy() for array in self.arrays]
 
-    def gather(self, slots: list[int]) -> list[np.ndarray]:
+    def gather(self, slots: SlotIndex) -> list[np.ndarray]:
         """The slots' rows: a view for one slot (the streaming case; plain slicing is far
         cheaper than fancy indexing in a busy server), a copy for several."""
         if len(slots) == 1:
             return [array[slots[0]:slots[0] + 1] for array in self.arrays]
         return [array[slots] for array in self.arrays]
 
-    def step(self, xs: list[np.ndarray], slots: list[int], inline: bool) -> Stepped:
+    def step(self, xs: list[np.ndarray], slots: SlotIndex, inline: bool) -> Stepped:
         k = xs[0].shape[1]
         bound = self.runner.buffers(len(slots), k) if inline else None
         if bound is None:
@@ -134,7 +136,7 @@ class StateStore(Slots):
         self.runner.run_bound(bound)
         return bound.y, bound.finals, True
 
-    def commit(self, slots: list[int], finals: list[np.ndarray], steps: int) -> None:
+    def commit(self, slots: SlotIndex, finals: list[np.ndarray], steps: int) -> None:
         if len(slots) == 1:
             for array, state in zip(self.arrays, finals):
                 array[slots[0]] = state[0]
@@ -143,6 +145,6 @@ class StateStore(Slots):
                 array[slots] = state
         self._advance(slots, steps)
 
-    def commit_rows(self, slots: list[int], finals: list[np.ndarray], start: int,
+    def commit_rows(self, slots: SlotIndex, finals: list[np.ndarray], start: int,
                     steps: int) -> None:
         self.commit(slots, [f[start:start + len(slots)] for f in finals], steps)
