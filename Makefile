@@ -104,6 +104,7 @@ constraints: install-test
 
 lint: install-test
 	$(VENV)/bin/ruff check service training tests bench
+	$(VENV)/bin/ruff format --check service training tests bench
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 

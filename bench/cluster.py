@@ -67,8 +67,10 @@ def wait_until_serving(address: str, proc: subprocess.Popen, timeout: float = 60
         check = health_pb2_grpc.HealthStub(channel).Check
         while proc.poll() is None:
             try:
-                if check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -85,8 +87,9 @@ class ServerProcess:
 
     ATTEMPTS = 5
 
-    def __init__(self, log: Path, *flags: str, metrics: bool = False,
-                 wrapper: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, log: Path, *flags: str, metrics: bool = False, wrapper: tuple[str, ...] = ()
+    ) -> None:
         """One process (--workers 1) unless `flags` name --workers; `wrapper` is a command
         that runs the server (e.g. unshare, to put it in a PID namespace of its own)."""
         self.log = log
@@ -97,11 +100,25 @@ class ServerProcess:
             self.metrics_port = free_port() if metrics else -1
             with open(log, "w") as err:
                 self.proc = subprocess.Popen(
-                    [*wrapper, sys.executable, "-m", "rnnserve", "serve", "--repository",
-                     str(ROOT / "exported"), "--grpc-port", str(self.port), "--metrics-port",
-                     str(self.metrics_port), *flags],
-                    cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    stdout=subprocess.DEVNULL, stderr=err)
+                    [
+                        *wrapper,
+                        sys.executable,
+                        "-m",
+                        "rnnserve",
+                        "serve",
+                        "--repository",
+                        str(ROOT / "exported"),
+                        "--grpc-port",
+                        str(self.port),
+                        "--metrics-port",
+                        str(self.metrics_port),
+                        *flags,
+                    ],
+                    cwd=ROOT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
             self.address = f"127.0.0.1:{self.port}"
             try:
                 wait_until_serving(self.address, self.proc)
@@ -122,8 +139,11 @@ class ServerProcess:
         if count in ("1", "auto"):
             return
         deadline = time.monotonic() + 120
-        while not (self.metric("rnnserve_workers") == int(count) if self.metrics_port > 0
-                   else f"with {count} workers" in self.log.read_text()):
+        while not (
+            self.metric("rnnserve_workers") == int(count)
+            if self.metrics_port > 0
+            else f"with {count} workers" in self.log.read_text()
+        ):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"rnnserve did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
@@ -152,11 +172,17 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a family's samples with these labels (0 if it has none yet)."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                      timeout=5).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith((name + "{", name + " "))
-                   and all(f'{k}="{v}"' in line for k, v in labels.items()))
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith((name + "{", name + " "))
+            and all(f'{k}="{v}"' in line for k, v in labels.items())
+        )
 
     def kill(self) -> None:
         self.proc.kill()
@@ -176,15 +202,37 @@ class Replica(ServerProcess):
     """A replica of a cluster: its own process, sharing a Redis state store."""
 
     def __init__(self, redis_url: str, log: Path, *flags: str) -> None:
-        super().__init__(log, "--state-store", redis_url, "--shutdown-grace", "5",
-                         "--log-level", "warning", *flags, metrics=True)
+        super().__init__(
+            log,
+            "--state-store",
+            redis_url,
+            "--shutdown-grace",
+            "5",
+            "--log-level",
+            "warning",
+            *flags,
+            metrics=True,
+        )
 
 
 class Redis:
     def __init__(self) -> None:
-        self.port, self.proc = on_free_port(lambda port: subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL))
+        self.port, self.proc = on_free_port(
+            lambda port: subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
@@ -200,11 +248,16 @@ class Nginx:
         conf = prefix / "nginx.conf"
 
         def launch(port: int) -> subprocess.Popen:
-            conf.write_text(TEMPLATE.read_text().replace("@LISTEN@", str(port))
-                            .replace("@SERVERS@", servers).replace("@PREFIX@", str(prefix)))
+            conf.write_text(
+                TEMPLATE.read_text()
+                .replace("@LISTEN@", str(port))
+                .replace("@SERVERS@", servers)
+                .replace("@PREFIX@", str(prefix))
+            )
             with open(prefix / "nginx.log", "w") as log:
-                return subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g",
-                                         "daemon off;"], stderr=log)
+                return subprocess.Popen(
+                    ["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"], stderr=log
+                )
 
         self.port, self.proc = on_free_port(launch)
         self.address = f"127.0.0.1:{self.port}"

@@ -39,8 +39,9 @@ class EchoServicer(rpc.InferenceServicer):
         self.bound = bound
 
     async def Stream(self, requests, context):
-        opened = pb.StreamResponse(open=pb.OpenSessionResponse(
-            session=pb.Session(session_id="0" * 32, model="echo")))
+        opened = pb.StreamResponse(
+            open=pb.OpenSessionResponse(session=pb.Session(session_id="0" * 32, model="echo"))
+        )
         bound = None
         async for request in requests:
             if request.WhichOneof("kind") == "open":
@@ -60,8 +61,10 @@ class EchoServicer(rpc.InferenceServicer):
                 for state, final in zip(bound.states, bound.finals):
                     state[...] = final
                 y = bound.y
-            yield pb.StreamResponse(request_id=request.request_id, step=pb.StepResponse(
-                y=to_tensor(y), steps=[k] * rows))
+            yield pb.StreamResponse(
+                request_id=request.request_id,
+                step=pb.StepResponse(y=to_tensor(y), steps=[k] * rows),
+            )
 
 
 class EchoV2Servicer(v2_rpc.GRPCInferenceServiceServicer):
@@ -76,18 +79,24 @@ class EchoV2Servicer(v2_rpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         if self.bound is None:
-            outputs = [("y", np.zeros((1, 1, 2), "<f4")),
-                       *((s.output, np.zeros((1, s.size), "<f4")) for s in self.states)]
+            outputs = [
+                ("y", np.zeros((1, 1, 2), "<f4")),
+                *((s.output, np.zeros((1, s.size), "<f4")) for s in self.states),
+            ]
         else:
             self.bound.x[...] = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(
-                self.bound.x.shape)
+                self.bound.x.shape
+            )
             self.runner.run_bound(self.bound)
             for state, final in zip(self.bound.states, self.bound.finals):
                 state[...] = final
-            outputs = [("y", self.bound.y),
-                       *((s.output, f) for s, f in zip(self.states, self.bound.finals))]
-        response = v2.ModelInferResponse(model_name=request.model_name, model_version="1",
-                                         id=request.id)
+            outputs = [
+                ("y", self.bound.y),
+                *((s.output, f) for s, f in zip(self.states, self.bound.finals)),
+            ]
+        response = v2.ModelInferResponse(
+            model_name=request.model_name, model_version="1", id=request.id
+        )
         for name, array in outputs:
             response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
             response.raw_output_contents.append(array.tobytes())
@@ -109,8 +118,11 @@ async def main(port: int, model: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("port", type=int)
-    parser.add_argument("--model", choices=("bound", "run"), default="",
-                        help="also run the echo model per message, through bound buffers or "
-                             "session.run")
+    parser.add_argument(
+        "--model",
+        choices=("bound", "run"),
+        default="",
+        help="also run the echo model per message, through bound buffers or session.run",
+    )
     args = parser.parse_args()
     asyncio.run(main(args.port, args.model))

@@ -43,15 +43,20 @@ MODEL = "binary_add"
 TOLERANCE = 1e-5
 SERVERS = {
     "cpu": ("CPU provider", ("--device", "cpu")),
-    "cpu-device": ("CPU provider, state in ORT values",
-                   ("--device", "cpu", "--session-state", "device")),
+    "cpu-device": (
+        "CPU provider, state in ORT values",
+        ("--device", "cpu", "--session-state", "device"),
+    ),
     "cuda-host": ("CUDA, host state", ("--device", "cuda", "--session-state", "host")),
     "cuda-device": ("CUDA, device state", ("--device", "cuda", "--session-state", "device")),
 }
-LOADS = [Load(1, model=MODEL, features=2), Load(64, model=MODEL, features=2),
-         Load(256, model=MODEL, features=2),
-         Load(1, sessions_per_message=1_000, model=MODEL, features=2),
-         Load(1, sessions_per_message=10_000, model=MODEL, features=2)]
+LOADS = [
+    Load(1, model=MODEL, features=2),
+    Load(64, model=MODEL, features=2),
+    Load(256, model=MODEL, features=2),
+    Load(1, sessions_per_message=1_000, model=MODEL, features=2),
+    Load(1, sessions_per_message=10_000, model=MODEL, features=2),
+]
 
 
 class Server(ServerProcess):
@@ -72,8 +77,10 @@ class Server(ServerProcess):
         with grpc.insecure_channel(self.address) as channel:
             stub = rpc.InferenceStub(channel)
             for start in range(0, count, 64):  # the server allows 100 per connection
-                calls = [stub.OpenSession.future(pb.OpenSessionRequest(model=model))
-                         for _ in range(min(64, count - start))]
+                calls = [
+                    stub.OpenSession.future(pb.OpenSessionRequest(model=model))
+                    for _ in range(min(64, count - start))
+                ]
                 ids += [call.result().session.session_id for call in calls]
         return ids
 
@@ -94,14 +101,19 @@ def parity(servers: dict[str, Server], reference: str) -> list[str]:
         got = {label: _run(server, model, x) for label, server in servers.items()}
         for label, (whole, streamed, finals, states) in got.items():
             ref_whole, ref_streamed, ref_finals, ref_states = got[reference]
-            pairs = {"whole": (whole, ref_whole), "streamed": (streamed, ref_whole),
-                     "final states": (finals, ref_finals), "session state": (states, ref_finals),
-                     "streamed vs own whole": (streamed, whole)}
+            pairs = {
+                "whole": (whole, ref_whole),
+                "streamed": (streamed, ref_whole),
+                "final states": (finals, ref_finals),
+                "session state": (states, ref_finals),
+                "streamed vs own whole": (streamed, whole),
+            }
             for what, (a, b) in pairs.items():
                 worst = float(np.max(np.abs(a - b)))
                 verdict = "ok" if np.allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE) else "FAILED"
-                lines.append(f"{verdict:6s} {model:10s} {label:34s} {what:22s} "
-                             f"max |diff| {worst:.2e}")
+                lines.append(
+                    f"{verdict:6s} {model:10s} {label:34s} {what:22s} max |diff| {worst:.2e}"
+                )
     return lines
 
 
@@ -111,8 +123,9 @@ def _run(server: Server, model: str, x: np.ndarray) -> tuple[np.ndarray, ...]:
     with Client(server.address, timeout=60) as client:
         prediction = client.predict(model, x)
         ids = [client.open_session(model).session_id for _ in range(len(x))]
-        streamed = np.concatenate([client.step_many(ids, x[:, t:t + 1]).y
-                                   for t in range(x.shape[1])], axis=1)
+        streamed = np.concatenate(
+            [client.step_many(ids, x[:, t : t + 1]).y for t in range(x.shape[1])], axis=1
+        )
         snapshots = [client.snapshot(i) for i in ids]
         for session_id in ids:
             client.close_session(session_id)
@@ -137,9 +150,15 @@ def predict_seconds(server: Server, x: np.ndarray) -> float:
 
 def gpu_name() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
-                               "--format=csv,noheader"], capture_output=True, text=True,
-                              timeout=20).stdout.strip() or "no GPU"
+        return (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
+            or "no GPU"
+        )
     except (OSError, subprocess.SubprocessError):
         return "no GPU"
 
@@ -160,38 +179,54 @@ def main() -> int:
             label, flags = SERVERS[key]
             servers[label] = Server(flags, logs / f"{key}.log")
         checks = parity(servers, SERVERS[chosen[0]][0])
-        print("parity (rtol = atol = 1e-5 against the first server):", *checks, sep="\n  ",
-              flush=True)
+        print(
+            "parity (rtol = atol = 1e-5 against the first server):", *checks, sep="\n  ", flush=True
+        )
         pairs = all_pairs()
         for round_ in range(args.rounds):
             for label, server in servers.items():
                 for load in LOADS:
-                    runs.setdefault((label, load), []).append(
-                        measure(server, load, args.seconds))
-                predicts.setdefault(label, []).append(len(pairs) / predict_seconds(server,
-                                                                                   pairs))
+                    runs.setdefault((label, load), []).append(measure(server, load, args.seconds))
+                predicts.setdefault(label, []).append(len(pairs) / predict_seconds(server, pairs))
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     finally:
         for server in servers.values():
             server.stop()
-    table = [{"server": label, "streams": load.streams,
-              "sessions_per_message": load.sessions_per_message or 1,
-              **{k: statistics.median(r[k] for r in results) for k in results[0]}}
-             for (label, load), results in runs.items()]
+    table = [
+        {
+            "server": label,
+            "streams": load.streams,
+            "sessions_per_message": load.sessions_per_message or 1,
+            **{k: statistics.median(r[k] for r in results) for k in results[0]},
+        }
+        for (label, load), results in runs.items()
+    ]
     where = f"{machine()}, GPU: {gpu_name()}"
     print(f"\n{where}; {MODEL}, medians of {args.rounds} rounds of {args.seconds:g} s\n")
-    print("| server | streams | sessions/msg | steps/s | p50 ms/msg | p99 ms/msg | "
-          "server CPU µs/step |")
+    print(
+        "| server | streams | sessions/msg | steps/s | p50 ms/msg | p99 ms/msg | "
+        "server CPU µs/step |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in sorted(table, key=lambda r: (r["streams"], r["sessions_per_message"])):
-        print(f"| {row['server']} | {row['streams']} | {row['sessions_per_message']:,} | "
-              f"{row['steps_per_s']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
-              f"{row['server_cpu_us_per_step']:.2f} |")
-    print(f"\nPredict, all {len(pairs):,} {MODEL} pairs in one call (sequences/s): " +
-          ", ".join(f"{label} {statistics.median(v):,.0f}" for label, v in predicts.items()))
-    save("gpu", machine=where, parity=checks, table=table,
-         predict={label: statistics.median(v) for label, v in predicts.items()},
-         rounds=args.rounds, seconds=args.seconds)
+        print(
+            f"| {row['server']} | {row['streams']} | {row['sessions_per_message']:,} | "
+            f"{row['steps_per_s']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+            f"{row['server_cpu_us_per_step']:.2f} |"
+        )
+    print(
+        f"\nPredict, all {len(pairs):,} {MODEL} pairs in one call (sequences/s): "
+        + ", ".join(f"{label} {statistics.median(v):,.0f}" for label, v in predicts.items())
+    )
+    save(
+        "gpu",
+        machine=where,
+        parity=checks,
+        table=table,
+        predict={label: statistics.median(v) for label, v in predicts.items()},
+        rounds=args.rounds,
+        seconds=args.seconds,
+    )
     failed = [line for line in checks if line.startswith("FAILED")]
     print("\nparity: " + (f"{len(failed)} FAILED" if failed else f"all {len(checks)} ok"))
     return 1 if failed else 0

@@ -46,10 +46,23 @@ def count(load: str, messages: int, pythonpath: str, floor: bool) -> int:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     done = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-         str(Path(__file__).resolve()), "--child", load, str(messages),
-         *(["--floor"] if floor else [])],
-        env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True)
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            load,
+            str(messages),
+            *(["--floor"] if floor else []),
+        ],
+        env=env,
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(re.search(r"Collected : (\d+)", done.stderr).group(1))
 
 
@@ -61,13 +74,18 @@ def per_message(load: str, pythonpath: str = "", floor: bool = False) -> float:
 def checkout(rev: str, into: Path) -> str:
     """REV in a worktree under `into`; the PYTHONPATH that imports `rnnserve` from it."""
     tree = into / "tree"
-    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree),
-                            rev], capture_output=True, text=True)
+    added = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+        capture_output=True,
+        text=True,
+    )
     if added.returncode:
-        raise SystemExit(f"--against {rev}: git could not check it out: "
-                         f"{added.stderr.strip().splitlines()[-1]}")
-    shutil.copytree(ROOT / "service" / "generated", tree / "service" / "generated",
-                    dirs_exist_ok=True)
+        raise SystemExit(
+            f"--against {rev}: git could not check it out: {added.stderr.strip().splitlines()[-1]}"
+        )
+    shutil.copytree(
+        ROOT / "service" / "generated", tree / "service" / "generated", dirs_exist_ok=True
+    )
     (into / "path").mkdir()
     (into / "path" / "rnnserve").symlink_to(tree / "service")
     return str(into / "path")
@@ -137,13 +155,22 @@ async def _rnnserve(load: str) -> Callable[[int], Awaitable[None]]:
     from rnnserve.state.memory import MemoryBudget
     from rnnserve.state.sessions import SessionTable
 
-    config = ServerConfig(repository=ROOT / "exported", models=("echo",), grpc_port=0,
-                          metrics_port=-1, inline_run_us=10**9)
+    config = ServerConfig(
+        repository=ROOT / "exported",
+        models=("echo",),
+        grpc_port=0,
+        metrics_port=-1,
+        inline_run_us=10**9,
+    )
     metrics = Metrics(CollectorRegistry())
     registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
     await registry.sync()
-    engine = Engine(config, registry, SessionTable(config.max_sessions, 60, metrics),
-                    MemoryBudget(config.memory_budget))
+    engine = Engine(
+        config,
+        registry,
+        SessionTable(config.max_sessions, 60, metrics),
+        MemoryBudget(config.memory_budget),
+    )
     identities = Identities.load("", None)
     if load == "v2":
         kserve = KServeServicer(engine, metrics, identities, OpenStreams())
@@ -202,8 +229,9 @@ async def child(load: str, messages: int, floor: bool) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--against", metavar="REV", help="a git revision to count beside")
     parser.add_argument("--loads", default=",".join(LOADS))
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -218,9 +246,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         other = checkout(args.against, Path(scratch)) if args.against else None
         try:
-            print("| load | echo + one run | this tree | vs the floor |"
-                  + (f" {args.against} | this tree vs {args.against} |" if other else "")
-                  + "\n|---|---:|---:|---:|" + ("---:|---:|" if other else ""))
+            print(
+                "| load | echo + one run | this tree | vs the floor |"
+                + (f" {args.against} | this tree vs {args.against} |" if other else "")
+                + "\n|---|---:|---:|---:|"
+                + ("---:|---:|" if other else "")
+            )
             for load in args.loads.split(","):
                 floor, mine = per_message(load, floor=True), per_message(load)
                 line = f"| {load} | {floor:,.0f} | {mine:,.0f} | {mine / floor:.2f}x |"
@@ -230,8 +261,18 @@ def main() -> int:
                 print(line, flush=True)
         finally:
             if other:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                                str(Path(scratch) / "tree")], check=False)
+                subprocess.run(
+                    [
+                        "git",
+                        "-C",
+                        str(ROOT),
+                        "worktree",
+                        "remove",
+                        "--force",
+                        str(Path(scratch) / "tree"),
+                    ],
+                    check=False,
+                )
     return 0
 
 

@@ -18,14 +18,17 @@ BATCHES = (1, 64)
 RUNS = 2000
 
 
-def options(intra: int = 1, parallel: bool = False,
-            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            ) -> ort.SessionOptions:
+def options(
+    intra: int = 1,
+    parallel: bool = False,
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+) -> ort.SessionOptions:
     o = ort.SessionOptions()
     o.intra_op_num_threads = intra
     o.inter_op_num_threads = 1
-    o.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if parallel
-                        else ort.ExecutionMode.ORT_SEQUENTIAL)
+    o.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
     o.graph_optimization_level = level
     return o
 
@@ -57,8 +60,10 @@ def runner(session: ort.InferenceSession, feeds: dict, bind: bool):
     binding = session.io_binding()
     for name, value in feeds.items():
         binding.bind_cpu_input(name, value)
-    outputs = [ort.OrtValue.ortvalue_from_numpy(np.empty_like(value))
-               for value in session.run(names, feeds)]
+    outputs = [
+        ort.OrtValue.ortvalue_from_numpy(np.empty_like(value))
+        for value in session.run(names, feeds)
+    ]
     for name, value in zip(names, outputs):
         binding.bind_ortvalue_output(name, value)
     return lambda: session.run_with_iobinding(binding) or outputs  # outputs stay referenced
@@ -70,20 +75,34 @@ def main() -> int:
         directory = ROOT / "exported" / model / "1"
         spec = read_spec(directory)
         for batch in BATCHES:
-            feeds = {INPUT_NAME: np.ones((batch, 1, spec.features), np.float32),
-                     **{s.input: np.zeros((batch, s.size), np.float32) for s in spec.states}}
+            feeds = {
+                INPUT_NAME: np.ones((batch, 1, spec.features), np.float32),
+                **{s.input: np.zeros((batch, s.size), np.float32) for s in spec.states},
+            }
             for label, (opts, bind) in CHOICES.items():
-                session = ort.InferenceSession(str(directory / MODEL_FILE), opts,
-                                               providers=["CPUExecutionProvider"])
-                rows.append({"model": model, "batch": batch, "choice": label,
-                             "us_per_run": median_us(runner(session, feeds, bind))})
+                session = ort.InferenceSession(
+                    str(directory / MODEL_FILE), opts, providers=["CPUExecutionProvider"]
+                )
+                rows.append(
+                    {
+                        "model": model,
+                        "batch": batch,
+                        "choice": label,
+                        "us_per_run": median_us(runner(session, feeds, bind)),
+                    }
+                )
     print(f"\nONNX Runtime {ort.__version__} session choices, one step, on {machine()}\n")
     print("| model | batch | choice | µs per run | vs rnnserve |\n|---|---:|---|---:|---:|")
-    base = {(r["model"], r["batch"]): r["us_per_run"] for r in rows
-            if r["choice"].startswith("rnnserve")}
+    base = {
+        (r["model"], r["batch"]): r["us_per_run"]
+        for r in rows
+        if r["choice"].startswith("rnnserve")
+    }
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['choice']} | {r['us_per_run']:.1f} | "
-              f"{r['us_per_run'] / base[(r['model'], r['batch'])]:.2f}x |")
+        print(
+            f"| {r['model']} | {r['batch']} | {r['choice']} | {r['us_per_run']:.1f} | "
+            f"{r['us_per_run'] / base[(r['model'], r['batch'])]:.2f}x |"
+        )
     save("ort_options", rows=rows)
     return 0
 

@@ -24,8 +24,10 @@ def main() -> int:
         streams = [r["streams"] for r in rows]
         left.plot(streams, [r["steps_per_s"] for r in rows], marker="o", label=server)
         right.plot(streams, [r["server_cpu_us_per_step"] for r in rows], marker="o", label=server)
-    for ax, title in ((left, "steps/s (one timestep per message)"),
-                      (right, "server CPU µs per step")):
+    for ax, title in (
+        (left, "steps/s (one timestep per message)"),
+        (right, "server CPU µs per step"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
         ax.set_title(title, fontsize=9)

@@ -21,8 +21,10 @@ from rnnserve.models.runner import Runner
 
 MODEL_DIR = ROOT / "exported" / "binary_add" / "1"
 SMALL_BATCH, CONCURRENT, SECONDS = 8, 32, 3.0
-LARGE_MESSAGES = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                  ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+LARGE_MESSAGES = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
 
 
 def all_pairs() -> np.ndarray:
@@ -83,17 +85,25 @@ def main() -> int:
     finally:
         server.stop()
     rows = [
-        {"load": "16,384 sequences in one Predict", "rnnserve": len(x) / served_all,
-         "in_process": len(x) / ceiling_all},
-        {"load": f"{CONCURRENT} concurrent Predicts of {SMALL_BATCH}", "rnnserve": served_small,
-         "in_process": ceiling_small},
+        {
+            "load": "16,384 sequences in one Predict",
+            "rnnserve": len(x) / served_all,
+            "in_process": len(x) / ceiling_all,
+        },
+        {
+            "load": f"{CONCURRENT} concurrent Predicts of {SMALL_BATCH}",
+            "rnnserve": served_small,
+            "in_process": ceiling_small,
+        },
     ]
     print(f"\nbinary_add whole-sequence throughput on {machine()}\n")
     print("| load | rnnserve sequences/s | in-process ORT sequences/s | ratio |")
     print("|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['load']} | {r['rnnserve']:,.0f} | {r['in_process']:,.0f} | "
-              f"{r['rnnserve'] / r['in_process']:.2f} |")
+        print(
+            f"| {r['load']} | {r['rnnserve']:,.0f} | {r['in_process']:,.0f} | "
+            f"{r['rnnserve'] / r['in_process']:.2f} |"
+        )
     save("predict", rows=rows)
     return 0
 

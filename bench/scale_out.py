@@ -26,8 +26,9 @@ class Cluster:
     def __init__(self, replicas: int) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="rnnserve-cluster-"))
         self.redis = Redis()
-        self.replicas = [Replica(self.redis.url, self.dir / f"replica{i}.log")
-                         for i in range(replicas)]
+        self.replicas = [
+            Replica(self.redis.url, self.dir / f"replica{i}.log") for i in range(replicas)
+        ]
         self.nginx = Nginx(self.dir, self.replicas)
         self.port, self.echo = self.nginx.port, False  # what bench.streaming.drive needs
 
@@ -47,8 +48,10 @@ def throughput(replicas: int) -> dict[str, float]:
         result = asyncio.run(drive(cluster, Load(STREAMS), SECONDS))
     finally:
         cluster.stop()
-    return {"replicas": replicas, **{name: result[name] for name in ("steps_per_s", "p50_ms",
-                                                                     "p99_ms")}}
+    return {
+        "replicas": replicas,
+        **{name: result[name] for name in ("steps_per_s", "p50_ms", "p99_ms")},
+    }
 
 
 def paced_session(address: str, stop: threading.Event) -> float | None:
@@ -82,8 +85,10 @@ def handoff_gaps() -> dict[str, float]:
     stop = threading.Event()
     try:
         with ThreadPoolExecutor(HANDOFF_SESSIONS) as pool:
-            futures = [pool.submit(paced_session, cluster.nginx.address, stop)
-                       for _ in range(HANDOFF_SESSIONS)]
+            futures = [
+                pool.submit(paced_session, cluster.nginx.address, stop)
+                for _ in range(HANDOFF_SESSIONS)
+            ]
             time.sleep(1.0)
             cluster.replicas[0].proc.send_signal(signal.SIGTERM)
             time.sleep(3.0)
@@ -92,8 +97,12 @@ def handoff_gaps() -> dict[str, float]:
     finally:
         cluster.stop()
     ms = np.asarray(gaps) * 1e3
-    return {"sessions": HANDOFF_SESSIONS, "handed_off": len(gaps),
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return {
+        "sessions": HANDOFF_SESSIONS,
+        "handed_off": len(gaps),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
 
 
 def main() -> int:
@@ -102,10 +111,13 @@ def main() -> int:
     print(f"\nthrough nginx on {machine()}: {STREAMS} echo streams, one step per message\n")
     print("| replicas | steps/s | p50 ms | p99 ms |\n|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['replicas']} | {r['steps_per_s']:,.0f} | {r['p50_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} |")
-    print(f"\nhandoff: {gaps['handed_off']} of {gaps['sessions']} sessions moved; unavailable "
-          f"p50 {gaps['p50_ms']:.0f} ms, p99 {gaps['p99_ms']:.0f} ms")
+        print(
+            f"| {r['replicas']} | {r['steps_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+        )
+    print(
+        f"\nhandoff: {gaps['handed_off']} of {gaps['sessions']} sessions moved; unavailable "
+        f"p50 {gaps['p50_ms']:.0f} ms, p99 {gaps['p99_ms']:.0f} ms"
+    )
     save("scale_out", throughput=rows, handoff=gaps)
     return 0
 

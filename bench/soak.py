@@ -74,8 +74,7 @@ def main() -> None:
         server.stop()
     growth = rss[-1] - rss[0]
     print(f"RSS first→last round: {rss[0]} → {rss[-1]} MiB ({growth:+d}), peak {peak} MiB")
-    save("soak", rss_mib=rss, peak_mib=peak, growth_mib=growth, counts=counts,
-         seconds=args.seconds)
+    save("soak", rss_mib=rss, peak_mib=peak, growth_mib=growth, counts=counts, seconds=args.seconds)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,26 @@ class ServerProcess:
 
     def __init__(self, *flags: str, echo: bool = False) -> None:
         self.port = free_port()
-        command = (["-m", "bench.echo_server", str(self.port), *flags] if echo else
-                   ["-m", "rnnserve", "serve", "--grpc-port", str(self.port), "--metrics-port",
-                    "-1", "--workers", "1", "--models", "echo", "--log-level", "warning", *flags])
+        command = (
+            ["-m", "bench.echo_server", str(self.port), *flags]
+            if echo
+            else [
+                "-m",
+                "rnnserve",
+                "serve",
+                "--grpc-port",
+                str(self.port),
+                "--metrics-port",
+                "-1",
+                "--workers",
+                "1",
+                "--models",
+                "echo",
+                "--log-level",
+                "warning",
+                *flags,
+            ]
+        )
         self.proc = subprocess.Popen([sys.executable, *command], cwd=ROOT)
         self.echo = echo
         if echo:
@@ -56,8 +73,10 @@ class ServerProcess:
             return [f"{i:032x}" for i in range(count)]
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             stub = rpc.InferenceStub(channel)
-            return [stub.OpenSession(pb.OpenSessionRequest(model=model)).session.session_id
-                    for _ in range(count)]
+            return [
+                stub.OpenSession(pb.OpenSessionRequest(model=model)).session.session_id
+                for _ in range(count)
+            ]
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.proc.pid)
@@ -89,8 +108,9 @@ class Load:
     features: int = 1
 
 
-async def drive(server: ServerProcess, load: Load, seconds: float,
-                connections: int = 1) -> dict[str, float]:
+async def drive(
+    server: ServerProcess, load: Load, seconds: float, connections: int = 1
+) -> dict[str, float]:
     """Ping-pong on `load.streams` streams, spread over `connections` connections (a server's
     workers are picked per connection); steps, round trips and server CPU while clocked."""
     latencies: list[float] = []
@@ -98,15 +118,21 @@ async def drive(server: ServerProcess, load: Load, seconds: float,
     rows = load.sessions_per_message or 1
     x = np.ones((rows, load.k, load.features), "<f4")
     tensor = to_tensor(x)
-    id_sets = ([server.session_ids(rows, load.model) for _ in range(load.streams)]
-               if load.sessions_per_message else [[] for _ in range(load.streams)])
+    id_sets = (
+        [server.session_ids(rows, load.model) for _ in range(load.streams)]
+        if load.sessions_per_message
+        else [[] for _ in range(load.streams)]
+    )
     start, stop, stopped, clocked = (asyncio.Event() for _ in range(4))
     running = len(id_sets)
     # At most STREAMS_PER_CONNECTION streams share a connection, as clients spread them.
     connections = max(connections, -(-load.streams // STREAMS_PER_CONNECTION))
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}",
-                                          [("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(connections)]
+    channels = [
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.port}", [("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(connections)
+    ]
     stubs = [rpc.InferenceStub(channel) for channel in channels]
     try:
 
@@ -115,8 +141,11 @@ async def drive(server: ServerProcess, load: Load, seconds: float,
             session_id = new_session_id()  # and the routing header: a proxy spreads the streams
             call = stubs[index % connections].Stream(metadata=((SESSION_HEADER, session_id),))
             if not ids:
-                await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(
-                    model=load.model, session_id=session_id)))
+                await call.write(
+                    pb.StreamRequest(
+                        open=pb.OpenSessionRequest(model=load.model, session_id=session_id)
+                    )
+                )
                 opened = await call.read()
                 assert opened.WhichOneof("kind") == "open", opened
             request = pb.StreamRequest(step=pb.StepRequest(session_ids=ids, x=tensor))
@@ -160,13 +189,18 @@ async def drive(server: ServerProcess, load: Load, seconds: float,
         for ids in id_sets:
             server.close_sessions(ids)
     ms = np.asarray(latencies) * 1e3
-    return {"steps_per_s": steps / wall, "messages_per_s": len(latencies) / wall,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "server_cpu_us_per_step": cpu / steps * 1e6}
+    return {
+        "steps_per_s": steps / wall,
+        "messages_per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "server_cpu_us_per_step": cpu / steps * 1e6,
+    }
 
 
-def measure(server: ServerProcess, load: Load, seconds: float,
-            connections: int = 1) -> dict[str, float]:
+def measure(
+    server: ServerProcess, load: Load, seconds: float, connections: int = 1
+) -> dict[str, float]:
     asyncio.run(drive(server, load, 0.2, connections))  # warm-up: connections, runs, buffers
     return asyncio.run(drive(server, load, seconds, connections))
 
@@ -187,13 +221,18 @@ def ort_ceiling(batch: int, seconds: float) -> float:
 def save(name: str, **results: object) -> None:
     """bench/results/<name>.json, with the machine the figures were measured on."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), **results},
-                                                     indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), **results}, indent=2))
 
 
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
@@ -222,38 +261,57 @@ def key(row: dict) -> tuple[int, int, int, bool]:
 
 
 def table(rows: list[dict], ceiling: dict[int, float]) -> str:
-    floors = {label: {key(r): r["server_cpu_us_per_step"] for r in rows if r["server"] == label}
-              for label in (FLOOR, MODEL_FLOOR)}
-    lines = ["| server | streams | k | sessions/msg | steps/s | p50 ms/msg | p99 ms/msg "
-             "| server CPU µs/step | CPU vs bare echo | CPU vs echo + ORT |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    floors = {
+        label: {key(r): r["server_cpu_us_per_step"] for r in rows if r["server"] == label}
+        for label in (FLOOR, MODEL_FLOOR)
+    }
+    lines = [
+        "| server | streams | k | sessions/msg | steps/s | p50 ms/msg | p99 ms/msg "
+        "| server CPU µs/step | CPU vs bare echo | CPU vs echo + ORT |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        ratios = [f"{r['server_cpu_us_per_step'] / floor[key(r)]:.2f}x" if key(r) in floor
-                  else "" for floor in floors.values()]
+        ratios = [
+            f"{r['server_cpu_us_per_step'] / floor[key(r)]:.2f}x" if key(r) in floor else ""
+            for floor in floors.values()
+        ]
         ids = ", ids in each" if r["ids_every_message"] else ""
-        lines.append(f"| {r['server']} | {r['streams']} | {r['k']} | "
-                     f"{r['sessions_per_message'] or 1}{ids} | {r['steps_per_s']:,.0f} | "
-                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['server_cpu_us_per_step']:.1f} | {' | '.join(ratios)} |")
+        lines.append(
+            f"| {r['server']} | {r['streams']} | {r['k']} | "
+            f"{r['sessions_per_message'] or 1}{ids} | {r['steps_per_s']:,.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['server_cpu_us_per_step']:.1f} | {' | '.join(ratios)} |"
+        )
     lines.append("")
-    lines.append("In-process ONNX Runtime ceiling (echo, one timestep, steps/s): " + ", ".join(
-        f"batch {n}: {v:,.0f}" for n, v in ceiling.items()))
+    lines.append(
+        "In-process ONNX Runtime ceiling (echo, one timestep, steps/s): "
+        + ", ".join(f"batch {n}: {v:,.0f}" for n, v in ceiling.items())
+    )
     return "\n".join(lines)
 
 
 def medians(label: str, load: Load, runs: list[dict[str, float]]) -> dict:
     """Each figure's median over the rounds: this machine's neighbours come and go."""
-    return {"server": label, "streams": load.streams, "k": load.k,
-            "sessions_per_message": load.sessions_per_message,
-            "ids_every_message": load.ids_every_message, "rounds": len(runs),
-            **{name: float(np.median([r[name] for r in runs])) for name in runs[0]}}
+    return {
+        "server": label,
+        "streams": load.streams,
+        "k": load.k,
+        "sessions_per_message": load.sessions_per_message,
+        "ids_every_message": load.ids_every_message,
+        "rounds": len(runs),
+        **{name: float(np.median([r[name] for r in runs])) for name in runs[0]},
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seconds", type=float, default=2.0, help="per configuration and round")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="every server and load is measured once per round, servers interleaved")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="every server and load is measured once per round, servers interleaved",
+    )
     p.add_argument("--streams", default="1,8,64,256")
     args = p.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
@@ -265,8 +323,10 @@ def main() -> int:
                 for load in loads(PLAN[label][2], counts):
                     result = measure(server, load, args.seconds)
                     runs.setdefault((label, load), []).append(result)
-                    print(json.dumps({"round": round_, "server": label, **vars(load), **result}),
-                          flush=True)
+                    print(
+                        json.dumps({"round": round_, "server": label, **vars(load), **result}),
+                        flush=True,
+                    )
     finally:
         for server in servers.values():
             server.stop()
@@ -277,8 +337,10 @@ def main() -> int:
     by = {(r["server"], *key(r)): r for r in rows}
     print()
     for n in counts:
-        ratio = (by[("rnnserve", n, 1, 0, False)]["steps_per_s"]
-                 / by[("rnnserve, batch size 1", n, 1, 0, False)]["steps_per_s"])
+        ratio = (
+            by[("rnnserve", n, 1, 0, False)]["steps_per_s"]
+            / by[("rnnserve, batch size 1", n, 1, 0, False)]["steps_per_s"]
+        )
         print(f"{n} streams: batching / batch size 1 = {ratio:.2f}x steps/s")
     save("streaming", rows=rows, ort_ceiling=ceiling)
     return 0

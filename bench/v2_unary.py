@@ -18,8 +18,11 @@ import numpy as np
 
 from bench.streaming import ServerProcess, machine, save
 
-SERVERS = {"bare v2 echo": ((), True), "v2 echo + one ORT run": (("--model", "bound"), True),
-           "rnnserve": ((), False)}
+SERVERS = {
+    "bare v2 echo": ((), True),
+    "v2 echo + one ORT run": (("--model", "bound"), True),
+    "rnnserve": ((), False),
+}
 
 
 def drive(server: ServerProcess, clients: int, seconds: float) -> dict[str, float]:
@@ -59,20 +62,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
-    servers = {label: ServerProcess(*flags, echo=echo) for label, (flags, echo) in
-               SERVERS.items()}
+    servers = {label: ServerProcess(*flags, echo=echo) for label, (flags, echo) in SERVERS.items()}
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
         for _ in range(args.rounds):
             for clients in args.clients:
                 for label, server in servers.items():
                     runs.setdefault((label, clients), []).append(
-                        drive(server, clients, args.seconds))
+                        drive(server, clients, args.seconds)
+                    )
     finally:
         for server in servers.values():
             server.stop()
-    rows = {key: {k: statistics.median(r[k] for r in results) for k in results[0]}
-            for key, results in runs.items()}
+    rows = {
+        key: {k: statistics.median(r[k] for r in results) for k in results[0]}
+        for key, results in runs.items()
+    }
     print(f"\n{machine()}; medians of {args.rounds} rounds of {args.seconds:g} s\n")
     print("| server | clients | calls/s | server CPU µs/call | vs bare echo | vs echo + run |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -80,8 +85,10 @@ def main() -> None:
         bare = rows[("bare v2 echo", clients)]["server_cpu_us_per_call"]
         floor = rows[("v2 echo + one ORT run", clients)]["server_cpu_us_per_call"]
         cost = row["server_cpu_us_per_call"]
-        print(f"| {label} | {clients} | {row['calls_per_s']:,.0f} | {cost:.0f} | "
-              f"{cost / bare:.2f}x | {cost / floor:.2f}x |")
+        print(
+            f"| {label} | {clients} | {row['calls_per_s']:,.0f} | {cost:.0f} | "
+            f"{cost / bare:.2f}x | {cost / floor:.2f}x |"
+        )
     save("v2_unary", rows=[{"server": k[0], "clients": k[1], **v} for k, v in rows.items()])
 
 

@@ -60,8 +60,16 @@ class Server(Sessions, ServerProcess):
     /metrics tell which steps moved a session."""
 
     def __init__(self, workers: int, log: Path) -> None:
-        super().__init__(log, "--workers", str(workers), "--models", "echo",
-                         "--log-level", "warning", metrics=True)
+        super().__init__(
+            log,
+            "--workers",
+            str(workers),
+            "--models",
+            "echo",
+            "--log-level",
+            "warning",
+            metrics=True,
+        )
         self.workers = workers
 
 
@@ -81,16 +89,18 @@ class Remote(Sessions):
         return sum(cpu_seconds(pid) for pid in self.pids)
 
 
-def _generate(remote: Remote, load: Load, seconds: float, connections: int,
-              start: Barrier) -> dict[str, float]:
+def _generate(
+    remote: Remote, load: Load, seconds: float, connections: int, start: Barrier
+) -> dict[str, float]:
     """One load-generator process: its share of the streams, clocked with the others."""
     asyncio.run(drive(remote, load, 0.2, connections))  # warm-up
     start.wait()
     return asyncio.run(drive(remote, load, seconds, connections))
 
 
-def measure_spread(server: Server, load: Load, seconds: float, connections: int,
-                   generators: int) -> dict[str, float]:
+def measure_spread(
+    server: Server, load: Load, seconds: float, connections: int, generators: int
+) -> dict[str, float]:
     """`load` from `generators` processes at once (one asyncio process saturates its core at
     ~17k round trips/s, well below 16 workers). Steps/s add up; each process saw the whole
     server's CPU over the same clocked window, so CPU per step is their median rate over the
@@ -103,21 +113,27 @@ def measure_spread(server: Server, load: Load, seconds: float, connections: int,
     context = multiprocessing.get_context("spawn")  # no gRPC state crosses a fork
     with context.Manager() as manager, context.Pool(used) as pool:
         start = manager.Barrier(used)
-        parts = pool.starmap(_generate, [(remote, share, seconds, max(1, connections // used),
-                                          start)] * used)
+        parts = pool.starmap(
+            _generate, [(remote, share, seconds, max(1, connections // used), start)] * used
+        )
     steps = sum(p["steps_per_s"] for p in parts)
     cpu_rate = statistics.median(p["server_cpu_us_per_step"] * p["steps_per_s"] for p in parts)
-    return {"steps_per_s": steps, "p50_ms": statistics.median(p["p50_ms"] for p in parts),
-            "p99_ms": statistics.median(p["p99_ms"] for p in parts),
-            "server_cpu_us_per_step": cpu_rate / steps}
+    return {
+        "steps_per_s": steps,
+        "p50_ms": statistics.median(p["p50_ms"] for p in parts),
+        "p99_ms": statistics.median(p["p99_ms"] for p in parts),
+        "server_cpu_us_per_step": cpu_rate / steps,
+    }
 
 
 def loads(workers: int) -> list[tuple[str, Load, int]]:
     """(label, load, connections)."""
     connections = 2 * workers
-    return [("64 streams", Load(64), connections),
-            ("256 streams", Load(256), connections),
-            ("multiplexed 250/msg", Load(2 * workers, sessions_per_message=250), connections)]
+    return [
+        ("64 streams", Load(64), connections),
+        ("256 streams", Load(256), connections),
+        ("multiplexed 250/msg", Load(2 * workers, sessions_per_message=250), connections),
+    ]
 
 
 def move_latency(server: Server, samples: int = 200) -> dict[str, float]:
@@ -137,10 +153,12 @@ def move_latency(server: Server, samples: int = 200) -> dict[str, float]:
             stayed.append(time.perf_counter() - start)
         if server.metric("rnnserve_session_handoffs_total") > before:
             moved.append(first)
-    ms = {name: np.asarray(values) * 1e3 for name, values in (("moved", moved),
-                                                               ("stayed", stayed))}
-    return {f"{name}_{q}_ms": float(np.percentile(v, int(q[1:])))
-            for name, v in ms.items() for q in ("p50", "p99")}
+    ms = {name: np.asarray(values) * 1e3 for name, values in (("moved", moved), ("stayed", stayed))}
+    return {
+        f"{name}_{q}_ms": float(np.percentile(v, int(q[1:])))
+        for name, v in ms.items()
+        for q in ("p50", "p99")
+    }
 
 
 def main() -> None:
@@ -149,8 +167,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--max-workers", type=int, default=16)
     cpus = available_cpus()
-    parser.add_argument("--generators", type=int, default=max(1, min(8, cpus // 2)),
-                        help="load-generator processes (default: half the CPUs, up to 8)")
+    parser.add_argument(
+        "--generators",
+        type=int,
+        default=max(1, min(8, cpus // 2)),
+        help="load-generator processes (default: half the CPUs, up to 8)",
+    )
     args = parser.parse_args()
     counts = [n for n in (1, 2, 4, 8, 16) if n <= min(cpus, args.max_workers)]
     logs = Path(tempfile.mkdtemp(prefix="bench-workers-"))
@@ -162,8 +184,9 @@ def main() -> None:
         for round_ in range(args.rounds):
             for n, server in servers.items():
                 for label, load, connections in loads(n):
-                    runs.setdefault((n, label), []).append(measure_spread(
-                        server, load, args.seconds, connections, args.generators))
+                    runs.setdefault((n, label), []).append(
+                        measure_spread(server, load, args.seconds, connections, args.generators)
+                    )
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
         moves = move_latency(servers[max(counts)]) if max(counts) > 1 else {}
     finally:
@@ -174,22 +197,30 @@ def main() -> None:
         row = {key: statistics.median(r[key] for r in results) for key in results[0]}
         table.append({"workers": n, "load": label, **row})
     one = {row["load"]: row["steps_per_s"] for row in table if row["workers"] == 1}
-    print(f"\n{len(counts)} servers, {cpus} CPUs usable; medians of {args.rounds} rounds, "
-          f"{args.seconds:g} s each; {args.generators} load-generator process(es) on the same "
-          "machine\n")
-    print("| workers | load | steps/s | vs N x 1 worker | p50 ms/msg | p99 ms/msg | "
-          "server CPU µs/step |")
+    print(
+        f"\n{len(counts)} servers, {cpus} CPUs usable; medians of {args.rounds} rounds, "
+        f"{args.seconds:g} s each; {args.generators} load-generator process(es) on the same "
+        "machine\n"
+    )
+    print(
+        "| workers | load | steps/s | vs N x 1 worker | p50 ms/msg | p99 ms/msg | "
+        "server CPU µs/step |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|")
     for row in sorted(table, key=lambda r: (r["load"], r["workers"])):
         scaling = row["steps_per_s"] / (row["workers"] * one[row["load"]])
-        print(f"| {row['workers']} | {row['load']} | {row['steps_per_s']:,.0f} | "
-              f"{scaling:.2f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
-              f"{row['server_cpu_us_per_step']:.1f} |")
+        print(
+            f"| {row['workers']} | {row['load']} | {row['steps_per_s']:,.0f} | "
+            f"{scaling:.2f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+            f"{row['server_cpu_us_per_step']:.1f} |"
+        )
     if moves:
-        print(f"\nsession move between workers ({max(counts)} workers): first step after a "
-              f"move p50 {moves['moved_p50_ms']:.2f} ms, p99 {moves['moved_p99_ms']:.2f} ms; "
-              f"a step that stays p50 {moves['stayed_p50_ms']:.2f} ms, "
-              f"p99 {moves['stayed_p99_ms']:.2f} ms")
+        print(
+            f"\nsession move between workers ({max(counts)} workers): first step after a "
+            f"move p50 {moves['moved_p50_ms']:.2f} ms, p99 {moves['moved_p99_ms']:.2f} ms; "
+            f"a step that stays p50 {moves['stayed_p50_ms']:.2f} ms, "
+            f"p99 {moves['stayed_p99_ms']:.2f} ms"
+        )
     save("workers", table=table, moves=moves, rounds=args.rounds, seconds=args.seconds)
 
 

@@ -19,8 +19,15 @@ class HalfMessages:
     """`connections` x `streams` calls to `method`, each announcing `size` bytes; a stream the
     server ends is replaced by a new one, so the pressure lasts as long as `pump` runs."""
 
-    def __init__(self, address: str, method: str, connections: int, streams: int, size: int,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self,
+        address: str,
+        method: str,
+        connections: int,
+        streams: int,
+        size: int,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.address = address
         self.method = method
         self.streams = streams
@@ -66,8 +73,9 @@ class HalfMessages:
         for sock, _, _ in self._conns:
             sock.close()
 
-    def _receive(self, sock: socket.socket, conn: h2.connection.H2Connection,
-                 open_: dict[int, int]) -> None:
+    def _receive(
+        self, sock: socket.socket, conn: h2.connection.H2Connection, open_: dict[int, int]
+    ) -> None:
         while True:
             try:
                 data = sock.recv(1 << 20)
@@ -81,14 +89,24 @@ class HalfMessages:
                         self.ended += 1
 
     def _open(self, conn: h2.connection.H2Connection, open_: dict[int, int]) -> None:
-        while len(open_) < self.streams and \
-                conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams:
+        while (
+            len(open_) < self.streams
+            and conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams
+        ):
             stream = conn.get_next_available_stream_id()
             host = self.address
-            conn.send_headers(stream, [
-                (":method", "POST"), (":scheme", "http"), (":path", self.method),
-                (":authority", host), ("content-type", "application/grpc"), ("te", "trailers"),
-                *self.metadata])
+            conn.send_headers(
+                stream,
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", self.method),
+                    (":authority", host),
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                    *self.metadata,
+                ],
+            )
             open_[stream] = 0
 
     def _send(self, conn: h2.connection.H2Connection, open_: dict[int, int]) -> None:
@@ -99,11 +117,12 @@ class HalfMessages:
         for stream, done in list(open_.items()):
             try:
                 while (left := total - done) > 0:
-                    chunk = min(conn.local_flow_control_window(stream), left,
-                                conn.max_outbound_frame_size)
+                    chunk = min(
+                        conn.local_flow_control_window(stream), left, conn.max_outbound_frame_size
+                    )
                     if chunk <= 0:
                         break
-                    head = prefix[done:done + chunk]
+                    head = prefix[done : done + chunk]
                     conn.send_data(stream, head + b"\x07" * (chunk - len(head)))
                     done += chunk
                     self.sent += chunk

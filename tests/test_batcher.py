@@ -28,8 +28,12 @@ async def make_engine(**overrides) -> Engine:
     config = ServerConfig(repository=EXPORTED, **overrides)
     metrics = Metrics(CollectorRegistry())
     registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
-    engine = Engine(config, registry, SessionTable(config.max_sessions, 60, metrics),
-                    MemoryBudget(config.memory_budget))
+    engine = Engine(
+        config,
+        registry,
+        SessionTable(config.max_sessions, 60, metrics),
+        MemoryBudget(config.memory_budget),
+    )
     await engine.sync_models()
     return engine
 
@@ -52,8 +56,9 @@ async def arrive_after(turns: int) -> None:
 def test_concurrent_sessions_coalesce_and_match_unbatched_runs() -> None:
     rng = np.random.default_rng(11)
     xs = rng.integers(0, 2, (40, 12, 2)).astype(np.float32)
-    runner = Runner(read_spec(EXPORTED / "binary_add" / "1"), EXPORTED / "binary_add" / "1",
-                    "cpu", 1)
+    runner = Runner(
+        read_spec(EXPORTED / "binary_add" / "1"), EXPORTED / "binary_add" / "1", "cpu", 1
+    )
     expected = [runner.run(x[None], [np.zeros((1, 20), np.float32)] * 4)[0][0] for x in xs]
 
     async def main() -> tuple[list[np.ndarray], float]:
@@ -62,15 +67,18 @@ def test_concurrent_sessions_coalesce_and_match_unbatched_runs() -> None:
 
         async def drive(i: int) -> np.ndarray:
             await arrive_after(int(rng.integers(0, 4)))
-            outs = [(await engine.step([sessions[i].session_id], xs[i, t][None, None])).y[0]
-                    for t in range(xs.shape[1])]
+            outs = [
+                (await engine.step([sessions[i].session_id], xs[i, t][None, None])).y[0]
+                for t in range(xs.shape[1])
+            ]
             return np.concatenate(outs)
 
         ys = await asyncio.gather(*(drive(i) for i in range(len(xs))))
         labels = {"model": "binary_add", "version": "1"}
         sample = engine.metrics.registry.get_sample_value
-        mean_rows = (sample("rnnserve_batch_size_sum", labels)
-                     / sample("rnnserve_batch_size_count", labels))
+        mean_rows = sample("rnnserve_batch_size_sum", labels) / sample(
+            "rnnserve_batch_size_count", labels
+        )
         await engine.shutdown()
         return ys, mean_rows
 
@@ -126,8 +134,12 @@ def test_inline_threaded_and_unbatched_steps_agree() -> None:
 
         async def drive(i: int) -> np.ndarray:
             session = sessions[i].session_id
-            return np.concatenate([(await engine.step([session], xs[i, t:t + 1][None])).y[0]
-                                   for t in range(xs.shape[1])])
+            return np.concatenate(
+                [
+                    (await engine.step([session], xs[i, t : t + 1][None])).y[0]
+                    for t in range(xs.shape[1])
+                ]
+            )
 
         ys = np.stack(await asyncio.gather(*(drive(i) for i in range(len(xs)))))
         await engine.shutdown()
@@ -170,6 +182,7 @@ def test_runs_go_to_the_loop_once_measured_short() -> None:
             def call(*args):
                 on_loop.append(threading.get_ident() == loop_thread)
                 return method(*args)
+
             return call
 
         runner.run_bound, runner.run = watched(run_bound), watched(run)
@@ -260,8 +273,11 @@ def test_a_step_runs_at_once_only_when_nothing_holds_it_back() -> None:
         await engine.step([native], x, memo=memo)  # the memo keeps the session from here
         sequence = "7" * 32
         await engine.sequence_step("echo", 0, sequence, x, {}, True, False, False, "")
-        steps = [lambda: engine.step([native], x), lambda: engine.step([native], x, memo=memo),
-                 lambda: engine.sequence_step("echo", 0, sequence, x, {}, False, False, False, "")]
+        steps = [
+            lambda: engine.step([native], x),
+            lambda: engine.step([native], x, memo=memo),
+            lambda: engine.sequence_step("echo", 0, sequence, x, {}, False, False, False, ""),
+        ]
         events: list[str] = []
 
         def later(what: str, free: Callable[[], None]) -> None:

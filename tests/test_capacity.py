@@ -22,8 +22,9 @@ from tests.conftest import running
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_two_thousand_unary_calls_on_one_channel_are_all_answered(tmp_path: Path,
-                                                                   workers: str) -> None:
+def test_two_thousand_unary_calls_on_one_channel_are_all_answered(
+    tmp_path: Path, workers: str
+) -> None:
     """tritonclient's asyncio client, the usual asyncio.gather, one channel: with 100 streams
     per connection 28 of 300 were refused (REFUSED_STREAM), and grpc core's default of 1,000
     pending calls cancelled 161 of 2,000."""
@@ -56,8 +57,7 @@ def test_two_thousand_unary_calls_on_one_channel_are_all_answered(tmp_path: Path
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_thousand_streams_over_64_channels_are_all_served(tmp_path: Path,
-                                                            workers: str) -> None:
+def test_a_thousand_streams_over_64_channels_are_all_served(tmp_path: Path, workers: str) -> None:
     """1,024 streams open at once over 64 connections (grpc's own asyncio client), each opening
     a session and stepping it: every message is answered, and exactly."""
     server = ServerProcess(tmp_path / "log", "--workers", workers)
@@ -66,23 +66,28 @@ def test_a_thousand_streams_over_64_channels_are_all_served(tmp_path: Path,
         expected = client.predict("echo", steps[None, :, None]).y[0]
 
     async def scenario() -> Counter:
-        channels = [grpc.aio.insecure_channel(server.address,
-                                              [("grpc.use_local_subchannel_pool", 1)])
-                    for _ in range(64)]
+        channels = [
+            grpc.aio.insecure_channel(server.address, [("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(64)
+        ]
         started = asyncio.Barrier(1024)
 
         async def one(i: int) -> str:
             call = rnnserve_pb2_grpc.InferenceStub(channels[i % 64]).Stream()
             try:
-                await call.write(rnnserve_pb2.StreamRequest(
-                    open=rnnserve_pb2.OpenSessionRequest(model="echo")))
+                await call.write(
+                    rnnserve_pb2.StreamRequest(open=rnnserve_pb2.OpenSessionRequest(model="echo"))
+                )
                 if (await call.read()).WhichOneof("kind") != "open":
                     return "open failed"
                 await started.wait()  # every stream open at once from here
                 ys = []
                 for x in steps:
-                    await call.write(rnnserve_pb2.StreamRequest(step=rnnserve_pb2.StepRequest(
-                        x=to_tensor(np.array([[x]], np.float32)))))
+                    await call.write(
+                        rnnserve_pb2.StreamRequest(
+                            step=rnnserve_pb2.StepRequest(x=to_tensor(np.array([[x]], np.float32)))
+                        )
+                    )
                     answer = await call.read()
                     if answer.WhichOneof("kind") != "step":
                         return f"step failed: {answer.error.message}"
@@ -109,6 +114,7 @@ def test_a_thousand_streams_over_64_channels_are_all_served(tmp_path: Path,
 
 def test_health_and_reflection_answer_while_idle_streams_hold_every_call_slot() -> None:
     with running(max_concurrent_rpcs=20) as srv:
+
         async def scenario() -> None:
             forever = asyncio.Event()
 
@@ -117,8 +123,10 @@ def test_health_and_reflection_answer_while_idle_streams_hold_every_call_slot() 
                 yield  # pragma: no cover - never reached
 
             channels = [grpc.aio.insecure_channel(srv.address) for _ in range(3)]
-            held = [rnnserve_pb2_grpc.InferenceStub(channels[i % 3]).Stream(nothing())
-                    for i in range(30)]  # header-only streams: 10 more than the slots
+            held = [
+                rnnserve_pb2_grpc.InferenceStub(channels[i % 3]).Stream(nothing())
+                for i in range(30)
+            ]  # header-only streams: 10 more than the slots
             try:
                 health = health_pb2_grpc.HealthStub(channels[0])
                 deadline = asyncio.get_running_loop().time() + 30

@@ -22,10 +22,11 @@ from rnnserve.ops.cpus import available_cpus
 from tests.conftest import ROOT
 
 VARIABLES = {ENV_PREFIX + f.name.upper(): f for f in fields(ServerConfig)}
-NUMBERS = st.one_of(st.integers(-2**40, 2**40).map(str),
-                    st.floats(allow_nan=True, allow_infinity=True).map(repr),
-                    st.sampled_from(["", "abc", "1e-9", "inf", "-1", "nan", "70000", "1G",
-                                     "0x10", " 5 ", "١٢"]))
+NUMBERS = st.one_of(
+    st.integers(-(2**40), 2**40).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["", "abc", "1e-9", "inf", "-1", "nan", "70000", "1G", "0x10", " 5 ", "١٢"]),
+)
 
 
 def parse_serve(argv: list[str]) -> tuple[ServerConfig | None, str]:
@@ -47,7 +48,8 @@ def parse_serve(argv: list[str]) -> tuple[ServerConfig | None, str]:
 @settings(max_examples=300, deadline=None)
 @given(variable=st.sampled_from(sorted(VARIABLES)), text=st.one_of(NUMBERS, st.text()))
 def test_any_environment_value_gives_a_valid_config_or_one_line_naming_it(
-        variable: str, text: str) -> None:
+    variable: str, text: str
+) -> None:
     if "\x00" in text:
         return  # an environment cannot hold it
     with mock.patch.dict(os.environ, {variable: text}):
@@ -63,24 +65,37 @@ def test_any_environment_value_gives_a_valid_config_or_one_line_naming_it(
             assert f.metadata["minimum"] <= value <= f.metadata.get("maximum", value)
 
 
-@pytest.mark.parametrize(("argv", "env", "expected"), [
-    ([], {"RNNSERVE_GRPC_PORT": "abc"}, "RNNSERVE_GRPC_PORT: 'abc' is not a whole number"),
-    ([], {"RNNSERVE_DEVICE": "GPU"}, "RNNSERVE_DEVICE: 'GPU' is not one of auto, cpu, cuda"),
-    ([], {"RNNSERVE_SHUTDOWN_GRACE": "nan"}, "RNNSERVE_SHUTDOWN_GRACE: 'nan' is not a finite"),
-    (["--grpc-port", "70000"], {}, "--grpc-port (RNNSERVE_GRPC_PORT) must be between 0 and "
-                                   "65535; got 70000"),
-    (["--metrics-port", "84059"], {}, "--metrics-port (RNNSERVE_METRICS_PORT) must be between"),
-    (["--log-level", "verbose"], {}, "argument --log-level: 'verbose' is not one of debug"),
-    (["--session-idle-timeout", "1e-9"], {}, "must be at least 0.1; got 1e-09"),
-    (["--repository-poll", "1e-9"], {}, "must be 0 or at least 0.05; got 1e-09"),
-    (["--shutdown-grace", "-1"], {}, "--shutdown-grace (RNNSERVE_SHUTDOWN_GRACE) must be "
-                                     "between 0 and 3600; got -1.0"),
-    (["--workers", str(4 * available_cpus() + 1)], {},
-     "--workers (RNNSERVE_WORKERS) must be auto or a number from 1"),
-    (["--max-message-bytes", "4G"], {}, "must be between 1 and 2147483647"),
-])
-def test_bad_values_are_refused_in_one_line(argv: list[str], env: dict[str, str], expected: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        ([], {"RNNSERVE_GRPC_PORT": "abc"}, "RNNSERVE_GRPC_PORT: 'abc' is not a whole number"),
+        ([], {"RNNSERVE_DEVICE": "GPU"}, "RNNSERVE_DEVICE: 'GPU' is not one of auto, cpu, cuda"),
+        ([], {"RNNSERVE_SHUTDOWN_GRACE": "nan"}, "RNNSERVE_SHUTDOWN_GRACE: 'nan' is not a finite"),
+        (
+            ["--grpc-port", "70000"],
+            {},
+            "--grpc-port (RNNSERVE_GRPC_PORT) must be between 0 and 65535; got 70000",
+        ),
+        (["--metrics-port", "84059"], {}, "--metrics-port (RNNSERVE_METRICS_PORT) must be between"),
+        (["--log-level", "verbose"], {}, "argument --log-level: 'verbose' is not one of debug"),
+        (["--session-idle-timeout", "1e-9"], {}, "must be at least 0.1; got 1e-09"),
+        (["--repository-poll", "1e-9"], {}, "must be 0 or at least 0.05; got 1e-09"),
+        (
+            ["--shutdown-grace", "-1"],
+            {},
+            "--shutdown-grace (RNNSERVE_SHUTDOWN_GRACE) must be between 0 and 3600; got -1.0",
+        ),
+        (
+            ["--workers", str(4 * available_cpus() + 1)],
+            {},
+            "--workers (RNNSERVE_WORKERS) must be auto or a number from 1",
+        ),
+        (["--max-message-bytes", "4G"], {}, "must be between 1 and 2147483647"),
+    ],
+)
+def test_bad_values_are_refused_in_one_line(
+    argv: list[str], env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     config, error = parse_serve(argv)
@@ -88,8 +103,14 @@ def test_bad_values_are_refused_in_one_line(argv: list[str], env: dict[str, str]
 
 
 def run(*argv: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rnnserve", *argv], cwd=ROOT,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "rnnserve", *argv],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_a_bad_server_variable_breaks_no_other_command() -> None:
@@ -100,22 +121,30 @@ def test_a_bad_server_variable_breaks_no_other_command() -> None:
     beside = run("health", RNNSERVE_GRPC_PORT="abc")  # where a client command looks by default
     assert beside.returncode == 2 and beside.stderr.splitlines() == [
         "rnnserve: error: RNNSERVE_GRPC_PORT='abc' is no port (1-65535); give --address "
-        "host:port (see rnnserve --help)"]
+        "host:port (see rnnserve --help)"
+    ]
     served = run("serve", RNNSERVE_DEVICE="GPU")
     assert served.returncode == 2
     assert served.stderr.splitlines() == [
         "rnnserve serve: error: argument --device: RNNSERVE_DEVICE: 'GPU' is not one of auto, "
-        "cpu, cuda (see rnnserve serve --help)"]
+        "cpu, cuda (see rnnserve serve --help)"
+    ]
 
 
 def test_unknown_variables_are_named() -> None:
-    environ = {"RNNSERVE_GRPC_PORT": "1", "RNNSERVE_ADDRESS": "x", "RNNSERVE_GRCP_PORT": "1",
-               "RNNSERVE_TIMEOUT": "3", "PATH": "/bin"}
+    environ = {
+        "RNNSERVE_GRPC_PORT": "1",
+        "RNNSERVE_ADDRESS": "x",
+        "RNNSERVE_GRCP_PORT": "1",
+        "RNNSERVE_TIMEOUT": "3",
+        "PATH": "/bin",
+    }
     assert unknown_variables(environ) == ["RNNSERVE_GRCP_PORT", "RNNSERVE_TIMEOUT"]
 
 
-def test_unknown_variables_warn_when_the_server_starts(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_variables_warn_when_the_server_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from bench.cluster import ServerProcess
 
     monkeypatch.setenv("RNNSERVE_GRCP_PORT", "9000")

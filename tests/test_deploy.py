@@ -59,14 +59,21 @@ def seconds(command: list[str]) -> float:
 
 def test_every_piece_is_there() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in DOCS}
-    assert {("Deployment", "rnnserve"), ("Service", "rnnserve-headless"),
-            ("PodDisruptionBudget", "rnnserve"), ("HorizontalPodAutoscaler", "rnnserve"),
-            ("NetworkPolicy", "rnnserve"),
-            ("Deployment", "rnnserve-redis"), ("Service", "rnnserve-redis"),
-            ("NetworkPolicy", "rnnserve-redis"),
-            ("ConfigMap", "rnnserve-proxy"), ("Deployment", "rnnserve-proxy"),
-            ("Service", "rnnserve"), ("PodDisruptionBudget", "rnnserve-proxy"),
-            ("NetworkPolicy", "rnnserve-proxy")} <= kinds
+    assert {
+        ("Deployment", "rnnserve"),
+        ("Service", "rnnserve-headless"),
+        ("PodDisruptionBudget", "rnnserve"),
+        ("HorizontalPodAutoscaler", "rnnserve"),
+        ("NetworkPolicy", "rnnserve"),
+        ("Deployment", "rnnserve-redis"),
+        ("Service", "rnnserve-redis"),
+        ("NetworkPolicy", "rnnserve-redis"),
+        ("ConfigMap", "rnnserve-proxy"),
+        ("Deployment", "rnnserve-proxy"),
+        ("Service", "rnnserve"),
+        ("PodDisruptionBudget", "rnnserve-proxy"),
+        ("NetworkPolicy", "rnnserve-proxy"),
+    } <= kinds
 
 
 def test_replicas_match_the_server_flags_and_image() -> None:
@@ -78,8 +85,10 @@ def test_replicas_match_the_server_flags_and_image() -> None:
     assert ours <= known, ours - known
     assert set(env) - ours == {"REDIS_PASSWORD"}  # only what RNNSERVE_STATE_STORE refers to
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(env["RNNSERVE_GRPC_PORT"]),
-                     "metrics": int(env["RNNSERVE_METRICS_PORT"])}
+    assert ports == {
+        "grpc": int(env["RNNSERVE_GRPC_PORT"]),
+        "metrics": int(env["RNNSERVE_METRICS_PORT"]),
+    }
     assert ports == {"grpc": ServerConfig.grpc_port, "metrics": ServerConfig.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == ports["grpc"]  # the gRPC health service
@@ -94,8 +103,9 @@ def test_probes_follow_the_health_service() -> None:
     """Startup and readiness ask for "" (SERVING once the models are loaded, NOT_SERVING from
     the start of a drain); liveness asks for the entry that only a stuck process fails."""
     container = rnnserve_container()
-    startup, ready, live = (container[p] for p in ("startupProbe", "readinessProbe",
-                                                    "livenessProbe"))
+    startup, ready, live = (
+        container[p] for p in ("startupProbe", "readinessProbe", "livenessProbe")
+    )
     assert startup["grpc"].get("service", "") == ""
     assert ready["grpc"].get("service", "") == ""
     assert live["grpc"]["service"] == LIVENESS
@@ -114,8 +124,12 @@ def test_grace_period_covers_the_whole_drain() -> None:
     container = rnnserve_container()
     env = env_values(container)
     pre_stop = seconds(container["lifecycle"]["preStop"]["exec"]["command"])
-    drain = (pre_stop + float(env["RNNSERVE_SHUTDOWN_GRACE"])
-             + float(env["RNNSERVE_HANDOFF_WAIT"]) + STOP_MARGIN)
+    drain = (
+        pre_stop
+        + float(env["RNNSERVE_SHUTDOWN_GRACE"])
+        + float(env["RNNSERVE_HANDOFF_WAIT"])
+        + STOP_MARGIN
+    )
     assert spec["terminationGracePeriodSeconds"] >= drain + DRAIN_MARGIN, drain
     # The proxy: preStop, then nginx's graceful stop closes streams after worker_shutdown_timeout.
     proxy = pod("rnnserve-proxy")["spec"]
@@ -130,8 +144,7 @@ def test_the_memory_limit_is_the_one_the_defaults_are_sized_for() -> None:
     assert resources["limits"]["memory"] == resources["requests"]["memory"] == "1Gi"
     assert CONTAINER_LIMIT == 2**30
     reliability = (ROOT / "docs" / "reliability.md").read_text()
-    assert re.search(r"1 GiB container limit in\s+`deploy/kubernetes/rnnserve\.yaml`",
-                     reliability)
+    assert re.search(r"1 GiB container limit in\s+`deploy/kubernetes/rnnserve\.yaml`", reliability)
     tmp = next(v for v in pod("rnnserve")["spec"]["volumes"] if v["name"] == "tmp")
     assert tmp["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Mi"}  # counts in the limit
 
@@ -199,10 +212,15 @@ def render_like_the_image(nginx: dict) -> str:
     if env.get("NGINX_ENTRYPOINT_LOCAL_RESOLVERS"):
         env["NGINX_LOCAL_RESOLVERS"] = "10.96.0.10"
     wanted = re.compile(env["NGINX_ENVSUBST_FILTER"])
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)",
-                  lambda m: env[m.group(1) or m.group(2)]
-                  if wanted.search(m.group(1) or m.group(2)) and (m.group(1) or m.group(2)) in env
-                  else m.group(0), proxy_template())
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)",
+        lambda m: (
+            env[m.group(1) or m.group(2)]
+            if wanted.search(m.group(1) or m.group(2)) and (m.group(1) or m.group(2)) in env
+            else m.group(0)
+        ),
+        proxy_template(),
+    )
 
 
 def test_the_proxy_config_renders_in_any_namespace() -> None:
@@ -211,8 +229,11 @@ def test_the_proxy_config_renders_in_any_namespace() -> None:
     rendered = render_like_the_image(nginx)
     assert "${" not in rendered, rendered
     assert "hash $http_x_rnnserve_session consistent;" in rendered  # nginx's own variable
-    assert re.search(r"server rnnserve-headless\.<from the pod>\.svc\.cluster\.local:8500 "
-                     r"resolve;", rendered)
+    assert re.search(
+        r"server rnnserve-headless\.<from the pod>\.svc\.cluster\.local:8500 "
+        r"resolve;",
+        rendered,
+    )
     assert re.search(r"resolver 10\.96\.0\.10 valid=\d+s;", rendered)
     # The image renders into /etc/nginx/conf.d, which must be writable; nginx reads it there.
     mounts = {m["mountPath"]: m["name"] for m in nginx["volumeMounts"]}
@@ -229,8 +250,9 @@ def test_state_store_proxy_and_policies_point_at_each_other() -> None:
     deployment = find("Deployment", "rnnserve")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     env = env_values(rnnserve_container())
-    host, port = re.fullmatch(r"redis://:\$\(REDIS_PASSWORD\)@([^:/]+):(\d+)/\d+",
-                              env["RNNSERVE_STATE_STORE"]).groups()
+    host, port = re.fullmatch(
+        r"redis://:\$\(REDIS_PASSWORD\)@([^:/]+):(\d+)/\d+", env["RNNSERVE_STATE_STORE"]
+    ).groups()
     redis = find("Service", host)
     assert int(port) in [p["port"] for p in redis["spec"]["ports"]]
     headless = find("Service", "rnnserve-headless")
@@ -238,8 +260,12 @@ def test_state_store_proxy_and_policies_point_at_each_other() -> None:
     nginx = proxy_template()
     assert re.search(r"server rnnserve-headless\.[\w.${}]+:8500 resolve;", nginx)
     template = (DEPLOY / "nginx" / "rnnserve.conf.template").read_text()
-    for directive in ("hash $http_x_rnnserve_session consistent;", "grpc_pass grpc://rnnserve;",
-                      "grpc_next_upstream error timeout;", "grpc_read_timeout 3600s;"):
+    for directive in (
+        "hash $http_x_rnnserve_session consistent;",
+        "grpc_pass grpc://rnnserve;",
+        "grpc_next_upstream error timeout;",
+        "grpc_read_timeout 3600s;",
+    ):
         assert directive in nginx and directive in template, directive
     # HTTP/2 (gRPC) on the listening port: `http2 on;` in the cluster's nginx (>= 1.25.1); the
     # tests' template keeps `listen ... http2`, which Debian's nginx 1.22 understands.
@@ -274,8 +300,10 @@ def test_redis_needs_the_password_from_the_secret() -> None:
     script = redis["command"][-1]
     assert redis["command"][:2] == ["sh", "-c"] and "exec redis-server - <<EOF" in script
     assert f"requirepass $(cat {path})" in script.splitlines()
-    assert f'REDISCLI_AUTH="$(cat {path})" redis-cli ping' in redis["readinessProbe"]["exec"][
-        "command"][-1]
+    assert (
+        f'REDISCLI_AUTH="$(cat {path})" redis-cli ping'
+        in redis["readinessProbe"]["exec"]["command"][-1]
+    )
     assert "env" not in redis  # the password reaches Redis only as a file
     assert not [d for d in DOCS if d["kind"] == "Secret"]  # the user creates it
     policy = find("NetworkPolicy", "rnnserve-redis")["spec"]
@@ -301,10 +329,14 @@ def test_replicas_spread_over_nodes_and_are_budgeted(name: str) -> None:
 def test_network_policies_name_the_ports_the_pods_listen_on() -> None:
     for policy in (d for d in DOCS if d["kind"] == "NetworkPolicy"):
         selector = policy["spec"]["podSelector"]["matchLabels"]
-        (deployment,) = [d for d in deployments()
-                         if d["spec"]["template"]["metadata"]["labels"] == selector]
-        ports = {p["containerPort"] for c in deployment["spec"]["template"]["spec"]["containers"]
-                 for p in c["ports"]}
+        (deployment,) = [
+            d for d in deployments() if d["spec"]["template"]["metadata"]["labels"] == selector
+        ]
+        ports = {
+            p["containerPort"]
+            for c in deployment["spec"]["template"]["spec"]["containers"]
+            for p in c["ports"]
+        }
         for rule in policy["spec"]["ingress"]:
             assert {p["port"] for p in rule["ports"]} <= ports, policy["metadata"]["name"]
 
@@ -315,8 +347,10 @@ def test_manifests_validate_against_the_kubernetes_schemas(doc: dict) -> None:
 
 
 def test_workers_follow_the_pods_cpu_limit() -> None:
-    for name, variable in (("rnnserve", "RNNSERVE_WORKERS"),
-                           ("rnnserve-proxy", "NGINX_WORKER_PROCESSES")):
+    for name, variable in (
+        ("rnnserve", "RNNSERVE_WORKERS"),
+        ("rnnserve-proxy", "NGINX_WORKER_PROCESSES"),
+    ):
         (container,) = pod(name)["spec"]["containers"]
         (workers,) = [e for e in container["env"] if e["name"] == variable]
         field = workers["valueFrom"]["resourceFieldRef"]
@@ -330,17 +364,34 @@ def test_workers_follow_the_pods_cpu_limit() -> None:
 def checkov_failures() -> set[tuple[str, str]]:
     """(check id, Kind/name) of every check checkov fails on deploy/kubernetes."""
     if not CHECKOV.exists():
-        pytest.fail(f"checkov is not installed ({CHECKOV} is missing): run `make install-test`, "
-                    "which puts it in .venv-checkov")
-    pinned = re.search(r"^CHECKOV_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(),
-                       re.M).group(1)
-    version = subprocess.run([CHECKOV, "--version"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    assert version == pinned, f"checkov {version}, the Makefile pins {pinned}: " \
-        "run `make install-test`"
-    run = subprocess.run([CHECKOV, "--directory", DEPLOY / "kubernetes",
-                          "--framework", "kubernetes", "--output", "json", "--skip-download"],
-                         capture_output=True, text=True, timeout=300)
+        pytest.fail(
+            f"checkov is not installed ({CHECKOV} is missing): run `make install-test`, "
+            "which puts it in .venv-checkov"
+        )
+    pinned = re.search(
+        r"^CHECKOV_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M
+    ).group(1)
+    version = subprocess.run(
+        [CHECKOV, "--version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert version == pinned, (
+        f"checkov {version}, the Makefile pins {pinned}: run `make install-test`"
+    )
+    run = subprocess.run(
+        [
+            CHECKOV,
+            "--directory",
+            DEPLOY / "kubernetes",
+            "--framework",
+            "kubernetes",
+            "--output",
+            "json",
+            "--skip-download",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode in (0, 1), run.stderr[-3000:]  # 1: some check failed
     reports = json.loads(run.stdout)
     reports = reports if isinstance(reports, list) else [reports]
@@ -369,11 +420,14 @@ def accepted_findings() -> dict[tuple[str, str], str]:
 
 def test_checkov_finds_nothing_that_is_not_accepted(checkov_failures: set) -> None:
     new = sorted(checkov_failures - set(accepted_findings()))
-    assert not new, ("checkov fails these checks on deploy/kubernetes; fix the manifests or "
-                     f"accept them in {ACCEPTED.relative_to(ROOT)} with a reason: {new}")
+    assert not new, (
+        "checkov fails these checks on deploy/kubernetes; fix the manifests or "
+        f"accept them in {ACCEPTED.relative_to(ROOT)} with a reason: {new}"
+    )
 
 
 def test_every_accepted_finding_still_occurs(checkov_failures: set) -> None:
     stale = sorted(set(accepted_findings()) - checkov_failures)
-    assert not stale, (f"checkov no longer fails these; remove them from "
-                       f"{ACCEPTED.relative_to(ROOT)}: {stale}")
+    assert not stale, (
+        f"checkov no longer fails these; remove them from {ACCEPTED.relative_to(ROOT)}: {stale}"
+    )

@@ -29,32 +29,43 @@ def runners() -> dict[str, Runner]:
     return {name: Runner(spec(name), EXPORTED / name / "1", "cpu", 1) for name in MODELS}
 
 
-step = st.tuples(st.just("step"), st.lists(st.integers(0, SLOTS - 1), min_size=1, max_size=4,
-                                           unique=True),
-                 st.integers(1, 3), st.booleans(), st.integers(0, 4))
+step = st.tuples(
+    st.just("step"),
+    st.lists(st.integers(0, SLOTS - 1), min_size=1, max_size=4, unique=True),
+    st.integers(1, 3),
+    st.booleans(),
+    st.integers(0, 4),
+)
 """Rows' slots, timesteps, inline (cached buffers) or not, and which row's caller left (>= rows:
 none did): its final state must not be committed."""
 write = st.tuples(st.just("write"), st.integers(0, SLOTS - 1), st.integers(0, 2**16))
 reopen = st.tuples(st.just("reopen"), st.integers(0, SLOTS - 1))
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(MODELS), ops=st.lists(st.one_of(step, write, reopen), max_size=20),
-       seed=st.integers(0, 2**16))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    name=st.sampled_from(MODELS),
+    ops=st.lists(st.one_of(step, write, reopen), max_size=20),
+    seed=st.integers(0, 2**16),
+)
 def test_device_store_equals_host_store(runners, name, ops, seed) -> None:
     """Any sequence of steps (batched, inline or not, some callers gone), restores and reopened
     slots leaves both stores bit-equal: outputs, states and step counts."""
     runner = runners[name]
-    host, device = StateStore(runner.spec, SLOTS, runner), DeviceStateStore(runner.spec, SLOTS,
-                                                                            runner)
+    host, device = (
+        StateStore(runner.spec, SLOTS, runner),
+        DeviceStateStore(runner.spec, SLOTS, runner),
+    )
     assert [host.allocate() for _ in range(SLOTS)] == [device.allocate() for _ in range(SLOTS)]
     rng = np.random.default_rng(seed)
     for op in ops:
         if op[0] == "step":
             _, slots, k, inline, gone = op
-            xs = [rng.standard_normal((1, k, runner.spec.features)).astype(np.float32)
-                  for _ in slots]
+            xs = [
+                rng.standard_normal((1, k, runner.spec.features)).astype(np.float32) for _ in slots
+            ]
             y_host, finals_host, _ = host.step(xs, slots, inline)
             y_host = y_host.copy()
             y_device, finals_device, _ = device.step(xs, slots, inline)
@@ -67,8 +78,10 @@ def test_device_store_equals_host_store(runners, name, ops, seed) -> None:
                     if row != gone:
                         store.commit_rows([slot], finals, row, k)
         elif op[0] == "write":
-            states = [np.random.default_rng(op[2]).standard_normal(s.size).astype(np.float32)
-                      for s in runner.spec.states]
+            states = [
+                np.random.default_rng(op[2]).standard_normal(s.size).astype(np.float32)
+                for s in runner.spec.states
+            ]
             host.write(op[1], states)
             device.write(op[1], states)
         else:
@@ -107,8 +120,9 @@ def test_served_with_device_state_over_the_wire(client) -> None:
             answers = []
             for c in (client, device):
                 ids = [c.open_session(name).session_id for _ in range(3)]
-                streamed = np.concatenate([c.step_many(ids, x[:, t:t + 3]).y
-                                           for t in range(0, 9, 3)], axis=1)
+                streamed = np.concatenate(
+                    [c.step_many(ids, x[:, t : t + 3]).y for t in range(0, 9, 3)], axis=1
+                )
                 snapshot = c.snapshot(ids[0])
                 restored = c.open_session(name, initial_states=snapshot).session_id
                 more = c.step(restored, x[1, :4])
@@ -116,8 +130,15 @@ def test_served_with_device_state_over_the_wire(client) -> None:
                 after_reset = c.step(ids[1], x[2, :2])
                 with c.stream(name) as stream:
                     one_by_one = np.concatenate([stream.step(x[0, t]) for t in range(9)])
-                answers.append([streamed, more, after_reset, one_by_one,
-                                *(snapshot[k] for k in sorted(snapshot))])
+                answers.append(
+                    [
+                        streamed,
+                        more,
+                        after_reset,
+                        one_by_one,
+                        *(snapshot[k] for k in sorted(snapshot)),
+                    ]
+                )
                 whole = c.predict(name, x).y
                 assert np.max(np.abs(streamed - whole)) <= 1e-5
                 for session_id in (*ids, restored):
@@ -132,10 +153,27 @@ def test_cuda_requested_without_cuda() -> None:
     assert providers_for("auto") == ["CPUExecutionProvider"]
     with pytest.raises(RuntimeError, match="--device cuda: "):
         providers_for("cuda")
-    result = subprocess.run([sys.executable, "-m", "rnnserve", "serve", "--device", "cuda",
-                             "--workers", "1", "--grpc-port", "0", "--metrics-port", "-1",
-                             "--repository", str(EXPORTED)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnserve",
+            "serve",
+            "--device",
+            "cuda",
+            "--workers",
+            "1",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--repository",
+            str(EXPORTED),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "cannot serve: --device cuda: this ONNX Runtime" in result.stderr
     assert "Traceback" not in result.stderr

@@ -32,14 +32,17 @@ def test_unknown_model_version_and_session(client: Client) -> None:
         assert code_of(stream.resume, "f" * 32) == "NOT_FOUND"
 
 
-@pytest.mark.parametrize("x, why", [
-    (np.zeros((1, 4, 3), np.float32), "wrong feature count"),
-    (np.zeros((1, 0, 1), np.float32), "empty sequence"),
-    (np.zeros((0, 3, 1), np.float32), "empty batch"),
-    (np.zeros((4, 1), np.float32), "rank 2"),
-    (np.array([[[np.nan]]], np.float32), "NaN"),
-    (np.array([[[np.inf]]], np.float32), "Inf"),
-])
+@pytest.mark.parametrize(
+    "x, why",
+    [
+        (np.zeros((1, 4, 3), np.float32), "wrong feature count"),
+        (np.zeros((1, 0, 1), np.float32), "empty sequence"),
+        (np.zeros((0, 3, 1), np.float32), "empty batch"),
+        (np.zeros((4, 1), np.float32), "rank 2"),
+        (np.array([[[np.nan]]], np.float32), "NaN"),
+        (np.array([[[np.inf]]], np.float32), "Inf"),
+    ],
+)
 def test_bad_predict_inputs(client: Client, x: np.ndarray, why: str) -> None:
     assert code_of(client.predict, "echo", x) == "INVALID_ARGUMENT", why
 
@@ -62,18 +65,25 @@ def test_bad_lengths_states_and_wire_format(server: RunningServer, client: Clien
     assert raw_predict(server, pb.PredictRequest(model="echo", x=short)) == "INVALID_ARGUMENT"
     for datatype in (pb.DATA_TYPE_UNSPECIFIED, 99):  # bytes alone do not say what they hold
         untyped = pb.Tensor(datatype=datatype, shape=[2, 3, 1], data=x.tobytes())
-        assert raw_predict(server, pb.PredictRequest(model="echo", x=untyped)) == \
-            "INVALID_ARGUMENT"
+        assert raw_predict(server, pb.PredictRequest(model="echo", x=untyped)) == "INVALID_ARGUMENT"
     whole = pb.Tensor(datatype=fp32, shape=[2, 3, 1], data=x.tobytes())
     assert raw_predict(server, pb.PredictRequest(model="echo", x=whole)) == "OK"
-    assert raw_predict(server, pb.PredictRequest(model="echo", x=whole, lengths=[3, 4])) == \
-        "INVALID_ARGUMENT"
-    assert code_of(client.predict, "echo", x, initial_states={"h9": np.zeros((2, 4))}) == \
-        "INVALID_ARGUMENT"
-    assert code_of(client.predict, "echo", x, initial_states={"h0": np.zeros((2, 5))}) == \
-        "INVALID_ARGUMENT"
-    assert code_of(client.predict, "echo", x, initial_states={"h0": np.full((2, 4), np.nan)}) == \
-        "INVALID_ARGUMENT"
+    assert (
+        raw_predict(server, pb.PredictRequest(model="echo", x=whole, lengths=[3, 4]))
+        == "INVALID_ARGUMENT"
+    )
+    assert (
+        code_of(client.predict, "echo", x, initial_states={"h9": np.zeros((2, 4))})
+        == "INVALID_ARGUMENT"
+    )
+    assert (
+        code_of(client.predict, "echo", x, initial_states={"h0": np.zeros((2, 5))})
+        == "INVALID_ARGUMENT"
+    )
+    assert (
+        code_of(client.predict, "echo", x, initial_states={"h0": np.full((2, 4), np.nan)})
+        == "INVALID_ARGUMENT"
+    )
 
 
 def test_bad_stream_messages_keep_the_stream_alive(client: Client) -> None:
@@ -82,16 +92,20 @@ def test_bad_stream_messages_keep_the_stream_alive(client: Client) -> None:
         assert code_of(stream.step, [float("nan")]) == "INVALID_ARGUMENT"
         assert code_of(stream.send, pb.StreamRequest(), "error") == "INVALID_ARGUMENT"
         assert code_of(stream.open, "nope") == "NOT_FOUND"
-        assert code_of(stream.step_many, ["a" * 32, "a" * 32], np.zeros((1, 1, 1))) == \
-            "INVALID_ARGUMENT"
+        assert (
+            code_of(stream.step_many, ["a" * 32, "a" * 32], np.zeros((1, 1, 1)))
+            == "INVALID_ARGUMENT"
+        )
         duplicate = stream.step_many([stream.session.session_id] * 2, np.zeros((2, 1, 1)))
         assert duplicate.errors[1].code.name == "INVALID_ARGUMENT"
         assert stream.step([1.0]).shape == (1, 2)  # still serving after all of that
 
 
 def test_oversize_requests(server: RunningServer) -> None:
-    with running(max_timesteps=16, max_batch_rows=4, max_message_bytes=4096) as small, \
-            small.client() as client:
+    with (
+        running(max_timesteps=16, max_batch_rows=4, max_message_bytes=4096) as small,
+        small.client() as client,
+    ):
         assert code_of(client.predict, "echo", np.zeros((1, 17, 1))) == "INVALID_ARGUMENT"
         assert code_of(client.predict, "echo", np.zeros((5, 2, 1))) == "INVALID_ARGUMENT"
         assert client.predict("echo", np.zeros((4, 16, 1))).y.shape == (4, 16, 2)  # at the limits
@@ -103,8 +117,10 @@ def test_oversize_requests(server: RunningServer) -> None:
 
 def test_max_sessions_and_idle_eviction() -> None:
     clock = FakeClock()
-    with running(max_sessions=3, session_idle_timeout=60, clock=clock) as srv, \
-            srv.client() as client:
+    with (
+        running(max_sessions=3, session_idle_timeout=60, clock=clock) as srv,
+        srv.client() as client,
+    ):
         ids = [client.open_session("echo").session_id for _ in range(3)]
         assert code_of(client.open_session, "echo") == "RESOURCE_EXHAUSTED"
         # more ids than can ever be live here: refused whole, none looked for
@@ -125,8 +141,7 @@ def test_max_sessions_and_idle_eviction() -> None:
         client.open_session("echo")  # slots came back
 
 
-def test_a_client_killed_mid_stream_disturbs_nobody(server: RunningServer,
-                                                    client: Client) -> None:
+def test_a_client_killed_mid_stream_disturbs_nobody(server: RunningServer, client: Client) -> None:
     bits = np.random.default_rng(0).integers(0, 2, 60).astype(np.float32)
     with client.stream("echo") as survivor:
         victims = [client.stream("echo") for _ in range(5)]
@@ -155,5 +170,7 @@ def test_auth_token_and_open_health() -> None:
                 assert stream.step([1.0]).shape == (1, 2)
         with grpc.insecure_channel(srv.address) as channel:
             check = health_pb2_grpc.HealthStub(channel).Check
-            assert check(health_pb2.HealthCheckRequest(service="echo")).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                check(health_pb2.HealthCheckRequest(service="echo")).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )

@@ -21,8 +21,9 @@ def test_every_seed_task_is_exported() -> None:
 def test_golden_vectors_through_onnx_runtime(name: str) -> None:
     s = spec(name)
     data = golden(name)
-    session = ort.InferenceSession(str(EXPORTED / name / str(s.version) / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(EXPORTED / name / str(s.version) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     feeds = {INPUT_NAME: data[INPUT_NAME], **{st.input: data[st.input] for st in s.states}}
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     expected_y = data[f"expected_{OUTPUT_NAME}"]
@@ -36,8 +37,20 @@ def test_golden_vectors_through_onnx_runtime(name: str) -> None:
 def test_contract_and_native_ops(name: str) -> None:
     s = spec(name)
     doc = s.to_json()
-    for key in ("name", "version", "task", "cell", "layers", "units", "input", "output", "states",
-                "training", "metrics", "tools"):
+    for key in (
+        "name",
+        "version",
+        "task",
+        "cell",
+        "layers",
+        "units",
+        "input",
+        "output",
+        "states",
+        "training",
+        "metrics",
+        "tools",
+    ):
         assert key in doc, key
     assert doc["metrics"]["bar"]["passed"] is True
     assert doc["metrics"]["seed_figure"]
@@ -52,7 +65,10 @@ def test_contract_and_native_ops(name: str) -> None:
 
 def test_default_cells_match_the_brief() -> None:
     assert (spec("echo").cell, spec("echo").units) == ("simple_rnn", 4)
-    assert (spec("binary_add").cell, spec("binary_add").layers, spec("binary_add").units) == \
-        ("lstm", 2, 20)
+    assert (spec("binary_add").cell, spec("binary_add").layers, spec("binary_add").units) == (
+        "lstm",
+        2,
+        20,
+    )
     assert (spec("digits").cell, spec("digits").units) == ("simple_rnn", 16)
     assert spec("forecast").cell == "gru"

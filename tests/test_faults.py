@@ -81,9 +81,10 @@ def bits(seed: int, steps: int) -> np.ndarray:
 @pytest.mark.parametrize("state", ["host", "device"])
 def test_a_failing_run_fails_only_its_own_rows(tmp_path: Path, state: str) -> None:
     runner = faulty_runner()
-    with running(repository=two_echo_versions(tmp_path), runner=runner,
-                 session_state=state) as srv, \
-            srv.client() as client:
+    with (
+        running(repository=two_echo_versions(tmp_path), runner=runner, session_state=state) as srv,
+        srv.client() as client,
+    ):
         v1 = client.open_session("echo", version=1).session_id
         v2 = client.open_session("echo", version=2).session_id
         client.step(v1, bits(0, 3))
@@ -111,9 +112,12 @@ def test_cancellation_while_a_run_is_in_a_thread(state: str) -> None:
     """A caller that gives up while its run is in a worker thread leaves its session exactly
     as it was, wherever its state lives; work queued behind the run is answered once it ends."""
     runner = faulty_runner()
-    with running(runner=runner, inline_run_us=0, session_state=state) as srv, \
-            srv.client() as client, Client(srv.address, timeout=2) as hurried, \
-            ThreadPoolExecutor(2) as pool:
+    with (
+        running(runner=runner, inline_run_us=0, session_state=state) as srv,
+        srv.client() as client,
+        Client(srv.address, timeout=2) as hurried,
+        ThreadPoolExecutor(2) as pool,
+    ):
         stalled = client.open_session("echo").session_id
         other = client.open_session("echo").session_id
         client.step(stalled, bits(2, 2))
@@ -128,8 +132,7 @@ def test_cancellation_while_a_run_is_in_a_thread(state: str) -> None:
         # (a busy machine can otherwise finish the run first, and the step rightly counts).
         wait_for(lambda: srv.call(cancelled_handlers()) > 0)
         runner.release.set()
-        assert np.array_equal(queued.result(30),
-                              client.predict("echo", bits(3, 5)[None]).y[0])
+        assert np.array_equal(queued.result(30), client.predict("echo", bits(3, 5)[None]).y[0])
         after = client.snapshot(stalled)
         assert all(np.array_equal(before[k], after[k]) for k in before)
         rest = client.step(stalled, bits(4, 3))
@@ -149,12 +152,12 @@ def test_overlapping_multi_session_steps_run_concurrently() -> None:
     rng = np.random.default_rng(7)
     with running() as srv, srv.client() as client:
         ids = [client.open_session("binary_add").session_id for _ in range(8)]
-        plans = [list(rng.permutation(ids)[:rng.integers(2, 7)]) for _ in range(48)]
+        plans = [list(rng.permutation(ids)[: rng.integers(2, 7)]) for _ in range(48)]
         ones = np.ones((8, 2, 2), np.float32)  # the same steps everywhere: order cannot matter
 
         def send(plan: list[str]) -> list[int]:
             with Client(srv.address) as own:
-                batch = own.step_many(plan, ones[:len(plan)])
+                batch = own.step_many(plan, ones[: len(plan)])
             assert not batch.errors, batch.errors
             return batch.steps
 
@@ -172,8 +175,11 @@ def test_retiring_a_version_during_a_predict(tmp_path: Path) -> None:
     runner = faulty_runner()
     repo = two_echo_versions(tmp_path)
     x = np.concatenate([bits(5, 6), [[STALL]]])[None]
-    with running(repository=repo, runner=runner, inline_run_us=0) as srv, \
-            srv.client() as client, ThreadPoolExecutor(1) as pool:
+    with (
+        running(repository=repo, runner=runner, inline_run_us=0) as srv,
+        srv.client() as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
         expected = client.predict("echo", np.where(x == STALL, 1.0, x), version=1)
         in_flight = pool.submit(client.predict, "echo", x, version=1)
         assert runner.stalled.wait(30)
@@ -188,7 +194,8 @@ def test_retiring_a_version_during_a_predict(tmp_path: Path) -> None:
         assert answer.version == 1 and answer.y.shape == (1, 7, 2)
         assert np.array_equal(answer.y[0, :6], expected.y[0, :6])
         unloads = srv.server.engine.metrics.registry.get_sample_value(
-            "rnnserve_model_events_total", {"model": "echo", "version": "1", "event": "unload"})
+            "rnnserve_model_events_total", {"model": "echo", "version": "1", "event": "unload"}
+        )
         assert unloads == 1
 
 
@@ -225,8 +232,11 @@ def test_readiness_follows_a_slow_load(tmp_path: Path) -> None:
 
 def health(server: RunningServer, service: str) -> int:
     with grpc.insecure_channel(server.address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            .status
+        )
 
 
 def test_a_ragged_predict_answers_only_once_every_length_group_has_run() -> None:

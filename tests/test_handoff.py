@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from rnnserve.client import Client, RnnServeError, new_session_id
 from tests.conftest import RunningServer, make_config, running
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="redis-server not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server not installed (.ci/run installs it)"
+)
 
 
 def bits(seed: int, rows: int, steps: int, features: int) -> np.ndarray:
@@ -30,8 +31,9 @@ def test_drained_sessions_continue_exactly_on_another_replica(redis_url: str) ->
         expected_echo = on_b.predict("echo", echo).y
         a = RunningServer(make_config(state_store=redis_url))
         with Client(a.address) as on_a:
-            ids = [on_a.open_session("binary_add").session_id for _ in adder] + \
-                  [on_a.open_session("echo").session_id for _ in echo]
+            ids = [on_a.open_session("binary_add").session_id for _ in adder] + [
+                on_a.open_session("echo").session_id for _ in echo
+            ]
             first = [on_a.step(i, x[:8]) for i, x in zip(ids, [*adder, *echo])]
         a.stop()  # SIGTERM's drain: every session is parked in Redis
         with pytest.raises(RnnServeError):
@@ -45,8 +47,10 @@ def test_drained_sessions_continue_exactly_on_another_replica(redis_url: str) ->
             expected = (expected_adder if row < len(adder) else expected_echo)[row % len(adder)]
             assert np.max(np.abs(np.concatenate([head, tail]) - expected)) <= 1e-5
         sample = b.server.engine.metrics.registry.get_sample_value
-        assert sample("rnnserve_session_handoffs_total",
-                      {"model": "echo", "version": "1", "direction": "adopted"}) == len(echo)
+        assert sample(
+            "rnnserve_session_handoffs_total",
+            {"model": "echo", "version": "1", "direction": "adopted"},
+        ) == len(echo)
         with running(state_store=redis_url, handoff_wait=0.2) as c, Client(c.address) as on_c:
             with pytest.raises(RnnServeError) as err:
                 on_c.step(ids[0], adder[0, :1])  # owned by b now: nobody else can take it
@@ -70,7 +74,8 @@ def test_a_chosen_id_is_one_session_across_replicas(redis_url: str) -> None:
         with grpc.insecure_channel(server.address) as channel:
             try:
                 rnnserve_pb2_grpc.InferenceStub(channel).OpenSession(
-                    rnnserve_pb2.OpenSessionRequest(model="echo", session_id=chosen), timeout=10)
+                    rnnserve_pb2.OpenSessionRequest(model="echo", session_id=chosen), timeout=10
+                )
                 return "OK"
             except grpc.RpcError as exc:
                 assert "already" in exc.details()
@@ -142,8 +147,12 @@ def test_sessions_follow_their_calls_to_another_live_replica(redis_url: str) -> 
 
     store = redis.Redis.from_url(redis_url)
     x = bits(3, 1, 40, 2)[0]
-    with running(state_store=redis_url) as a, running(state_store=redis_url) as b, \
-            Client(a.address) as on_a, Client(b.address) as on_b:
+    with (
+        running(state_store=redis_url) as a,
+        running(state_store=redis_url) as b,
+        Client(a.address) as on_a,
+        Client(b.address) as on_b,
+    ):
         expected = on_a.predict("binary_add", x[None]).y[0]
         session = on_a.open_session("binary_add").session_id
         deadline = time.monotonic() + 10
@@ -154,7 +163,7 @@ def test_sessions_follow_their_calls_to_another_live_replica(redis_url: str) -> 
         for t in range(len(x)):
             here = (on_a, on_b)[(t // 5) % 2]  # five steps on a, five on b, ...
             start = time.perf_counter()
-            got.append(here.step(session, x[t:t + 1]))
+            got.append(here.step(session, x[t : t + 1]))
             if t % 5 == 0 and t:
                 moved_ms.append((time.perf_counter() - start) * 1e3)
         assert np.max(np.abs(np.concatenate(got) - expected)) <= 1e-5
@@ -162,10 +171,17 @@ def test_sessions_follow_their_calls_to_another_live_replica(redis_url: str) -> 
             assert stream.session.steps == len(x)
         for server in (a, b):
             sample = server.server.engine.metrics.registry.get_sample_value
-            assert sample("rnnserve_session_handoffs_total", {
-                "model": "binary_add", "version": "1", "direction": "released"}) >= 3
-        print(f"moves between live replicas: p50 {np.percentile(moved_ms, 50):.2f} ms, "
-              f"max {max(moved_ms):.2f} ms over {len(moved_ms)}")
+            assert (
+                sample(
+                    "rnnserve_session_handoffs_total",
+                    {"model": "binary_add", "version": "1", "direction": "released"},
+                )
+                >= 3
+            )
+        print(
+            f"moves between live replicas: p50 {np.percentile(moved_ms, 50):.2f} ms, "
+            f"max {max(moved_ms):.2f} ms over {len(moved_ms)}"
+        )
 
 
 def test_v2_sequences_follow_their_calls_to_another_live_replica(redis_url: str) -> None:
@@ -183,9 +199,12 @@ def test_v2_sequences_follow_their_calls_to_another_live_replica(redis_url: str)
 
         def infer(server: RunningServer, t: int, **flags) -> np.ndarray:
             tensor = grpcclient.InferInput("x", [1, 1, 1], "FP32")
-            tensor.set_data_from_numpy(x[:, t:t + 1])
-            return clients[server].infer("forecast", [tensor], sequence_id="walks",
-                                         **flags).as_numpy("y")
+            tensor.set_data_from_numpy(x[:, t : t + 1])
+            return (
+                clients[server]
+                .infer("forecast", [tensor], sequence_id="walks", **flags)
+                .as_numpy("y")
+            )
 
         outputs = [infer(a, 0, sequence_start=True)]
         record = f"rnnserve:owner:{sequence_session_id('', 'forecast', 'walks')}"
@@ -194,11 +213,18 @@ def test_v2_sequences_follow_their_calls_to_another_live_replica(redis_url: str)
             assert time.monotonic() < deadline, "the sequence start was never recorded"
             time.sleep(0.01)
         outputs += [infer(b, t) for t in range(1, 4)]  # moved to b while a lives
-        outputs += [infer(a, t, sequence_end=t == x.shape[1] - 1)  # and back
-                    for t in range(4, x.shape[1])]
+        outputs += [
+            infer(a, t, sequence_end=t == x.shape[1] - 1)  # and back
+            for t in range(4, x.shape[1])
+        ]
         sample = a.server.engine.metrics.registry.get_sample_value
-        assert sample("rnnserve_session_handoffs_total", {
-            "model": "forecast", "version": "1", "direction": "released"}) == 1
+        assert (
+            sample(
+                "rnnserve_session_handoffs_total",
+                {"model": "forecast", "version": "1", "direction": "released"},
+            )
+            == 1
+        )
         for client in clients.values():
             client.close()
         with Client(a.address) as client:
@@ -244,7 +270,8 @@ def test_a_failed_release_request_does_not_end_the_listening(redis_url: str) -> 
 
 
 def test_a_replica_whose_store_is_down_still_starts_sequences(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A new v2 sequence needs nothing from the store; it used to be refused (UNAVAILABLE)
     while the store was down, and the drain then reported 0 sessions lost."""
     grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -269,24 +296,44 @@ def test_a_replica_whose_store_is_down_still_starts_sequences(
     assert not [r for r in caplog.records if "could not hand" in r.getMessage()]
 
 
-RECORD_FIELDS = st.fixed_dictionaries({}, optional={
-    "model": st.one_of(st.text(max_size=8), st.integers(), st.none()),
-    "version": st.one_of(st.integers(-2, 2**70), st.floats(), st.booleans(), st.text(max_size=3)),
-    "steps": st.one_of(st.integers(-2**70, 2**70), st.floats(), st.none()),
-    "idle_seconds": st.one_of(st.floats(), st.integers(-5, 5), st.text(max_size=3)),
-    "owner": st.one_of(st.text(max_size=5), st.integers()),
-    "graph": st.one_of(st.text(max_size=5), st.none()),
-    "states": st.one_of(st.none(), st.lists(st.integers(), max_size=2), st.dictionaries(
-        st.text(max_size=3), st.one_of(st.text(max_size=12), st.integers(),
-                                       st.binary(max_size=16).map(
-                                           lambda b: base64.b64encode(b).decode())),
-        max_size=3)),
-})
+RECORD_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.one_of(st.text(max_size=8), st.integers(), st.none()),
+        "version": st.one_of(
+            st.integers(-2, 2**70), st.floats(), st.booleans(), st.text(max_size=3)
+        ),
+        "steps": st.one_of(st.integers(-(2**70), 2**70), st.floats(), st.none()),
+        "idle_seconds": st.one_of(st.floats(), st.integers(-5, 5), st.text(max_size=3)),
+        "owner": st.one_of(st.text(max_size=5), st.integers()),
+        "graph": st.one_of(st.text(max_size=5), st.none()),
+        "states": st.one_of(
+            st.none(),
+            st.lists(st.integers(), max_size=2),
+            st.dictionaries(
+                st.text(max_size=3),
+                st.one_of(
+                    st.text(max_size=12),
+                    st.integers(),
+                    st.binary(max_size=16).map(lambda b: base64.b64encode(b).decode()),
+                ),
+                max_size=3,
+            ),
+        ),
+    },
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(doc=st.one_of(RECORD_FIELDS, st.none(), st.lists(st.integers(), max_size=2),
-                     st.integers(), st.text(max_size=5)))
+@given(
+    doc=st.one_of(
+        RECORD_FIELDS,
+        st.none(),
+        st.lists(st.integers(), max_size=2),
+        st.integers(),
+        st.text(max_size=5),
+    )
+)
 def test_any_parked_record_decodes_to_a_checked_session_or_a_reason(doc) -> None:
     """The store is shared: whatever a record holds, decoding gives a session whose fields are
     in range, or ValueError, never another exception (they used to surface as INTERNAL)."""
@@ -311,21 +358,37 @@ def test_parked_records_that_do_not_fit_take_no_slot(redis_url: str) -> None:
     from rnnserve.engine.sources import ParkedSession
 
     store = redis.Redis.from_url(redis_url)
-    with running(state_store=redis_url, max_sessions=3, handoff_wait=0.1) as srv, \
-            Client(srv.address) as client:
+    with (
+        running(state_store=redis_url, max_sessions=3, handoff_wait=0.1) as srv,
+        Client(srv.address) as client,
+    ):
         model = srv.server.engine._registry.get("binary_add", 1)
         states = {s.input: np.zeros(s.size, np.float32) for s in model.spec.states}
 
         def record(**changes) -> bytes:
-            fields = dict(session_id="", owner="", model="binary_add", version=1, steps=3,
-                          idle_seconds=0.0, states=states, graph=model.graph)
+            fields = dict(
+                session_id="",
+                owner="",
+                model="binary_add",
+                version=1,
+                steps=3,
+                idle_seconds=0.0,
+                states=states,
+                graph=model.graph,
+            )
             return ParkedSession(**{**fields, **changes}).encode().encode()
 
         short = {**states, "h0": np.zeros(1, np.float32)}
         not_finite = {**states, "c1": np.full(20, np.nan, np.float32)}
-        records = {"null": b"null", "list": b"[1, 2]", "huge steps": record(steps=2**70),
-                   "negative steps": record(steps=-5), "one float": record(states=short),
-                   "NaN": record(states=not_finite), "other graph": record(graph="0" * 64)}
+        records = {
+            "null": b"null",
+            "list": b"[1, 2]",
+            "huge steps": record(steps=2**70),
+            "negative steps": record(steps=-5),
+            "one float": record(states=short),
+            "NaN": record(states=not_finite),
+            "other graph": record(graph="0" * 64),
+        }
         ids = {}
         for n, (case, text) in enumerate(records.items()):
             ids[case] = f"{n:032x}"
@@ -349,8 +412,10 @@ def test_a_failed_row_carries_its_retry_delay() -> None:
     a session parked elsewhere cannot be reached) says when to retry, as a failed call does."""
     from bench.cluster import free_port
 
-    with running(state_store=f"redis://127.0.0.1:{free_port()}/0") as srv, \
-            Client(srv.address) as client:
+    with (
+        running(state_store=f"redis://127.0.0.1:{free_port()}/0") as srv,
+        Client(srv.address) as client,
+    ):
         mine = client.open_session("echo").session_id
         batch = client.step_many([mine, "ab" * 16], np.ones((2, 1, 1), np.float32))
         assert list(batch.errors) == [1]

@@ -14,8 +14,9 @@ from bench.cluster import Redis
 from rnnserve.client import Client, RnnServeError
 from tests.conftest import RunningServer, make_config, running
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="redis-server not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server not installed (.ci/run installs it)"
+)
 
 
 def test_hundreds_of_parked_sessions_adopted_in_one_message(redis_url: str) -> None:
@@ -26,8 +27,11 @@ def test_hundreds_of_parked_sessions_adopted_in_one_message(redis_url: str) -> N
         batch = on_a.step_many(ids, rng.integers(0, 2, (400, 5, 1)).astype(np.float32))
         assert not batch.errors
     a.stop()  # drain: all 400 parked
-    with running(state_store=redis_url, handoff_wait=30) as b, Client(b.address) as on_b, \
-            ThreadPoolExecutor(16) as pool:
+    with (
+        running(state_store=redis_url, handoff_wait=30) as b,
+        Client(b.address) as on_b,
+        ThreadPoolExecutor(16) as pool,
+    ):
         unknown = [secrets.token_hex(16) for _ in range(300)]
         lookups = pool.map(lambda i: _code(Client(b.address, timeout=10).snapshot, i), unknown)
         x = np.zeros((400, 1, 1), np.float32)
@@ -55,8 +59,11 @@ def test_adopted_states_are_byte_identical(redis_url: str) -> None:
         on_a.step_many(ids, x)
         before = {i: {k: v.tobytes() for k, v in on_a.snapshot(i).items()} for i in ids}
     a.stop()
-    with running(state_store=redis_url) as b, Client(b.address) as on_b, \
-            ThreadPoolExecutor(8) as pool:
+    with (
+        running(state_store=redis_url) as b,
+        Client(b.address) as on_b,
+        ThreadPoolExecutor(8) as pool,
+    ):
         after = dict(zip(ids, pool.map(on_b.snapshot, ids)))  # concurrent adoptions
         for i in ids:
             assert {k: v.tobytes() for k, v in after[i].items()} == before[i]
@@ -65,8 +72,10 @@ def test_adopted_states_are_byte_identical(redis_url: str) -> None:
 def test_store_outage_fails_only_the_rows_it_touches() -> None:
     store = Redis()
     try:
-        with running(state_store=store.url, handoff_wait=30) as srv, \
-                Client(srv.address, timeout=10) as client:
+        with (
+            running(state_store=store.url, handoff_wait=30) as srv,
+            Client(srv.address, timeout=10) as client,
+        ):
             live = client.open_session("echo").session_id
             store.stop()
             elsewhere = secrets.token_hex(16)

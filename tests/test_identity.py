@@ -28,8 +28,11 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_sessions_belong_to_their_client(tokens_file: Path) -> None:
-    with running(auth_tokens_file=str(tokens_file), max_sessions_per_client=2) as srv, \
-            srv.client(token=ALICE) as alice, srv.client(token=BOB) as bob:
+    with (
+        running(auth_tokens_file=str(tokens_file), max_sessions_per_client=2) as srv,
+        srv.client(token=ALICE) as alice,
+        srv.client(token=BOB) as bob,
+    ):
         mine = alice.open_session("echo").session_id
         alice.step(mine, [1.0])
         for call in (bob.step, bob.snapshot, bob.reset, bob.close_session):
@@ -48,9 +51,19 @@ def test_sessions_belong_to_their_client(tokens_file: Path) -> None:
         bob.open_session("echo")  # bob's quota is his own
         assert code(srv.client(token="wrong-token-0123456789").list_models) == "UNAUTHENTICATED"
         sample = srv.server.engine.metrics.registry.get_sample_value
-        assert sample("rnnserve_requests_total", {"model": "echo", "version": "1",
-                                                  "method": "Step", "code": "OK",
-                                                  "client": "alice"}) == 1
+        assert (
+            sample(
+                "rnnserve_requests_total",
+                {
+                    "model": "echo",
+                    "version": "1",
+                    "method": "Step",
+                    "code": "OK",
+                    "client": "alice",
+                },
+            )
+            == 1
+        )
 
 
 def test_v2_sequences_are_per_client(tokens_file: Path) -> None:
@@ -58,14 +71,19 @@ def test_v2_sequences_are_per_client(tokens_file: Path) -> None:
     from tritonclient.utils import InferenceServerException
 
     with running(auth_tokens_file=str(tokens_file)) as srv:
+
         def infer(token: str, x: np.ndarray, **flags) -> np.ndarray:
             client = grpcclient.InferenceServerClient(url=srv.address)
             tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x)
             try:
-                return client.infer("echo", [tensor], sequence_id=1,
-                                    headers={"authorization": f"Bearer {token}"},
-                                    **flags).as_numpy("y")
+                return client.infer(
+                    "echo",
+                    [tensor],
+                    sequence_id=1,
+                    headers={"authorization": f"Bearer {token}"},
+                    **flags,
+                ).as_numpy("y")
             finally:
                 client.close()
 
@@ -80,13 +98,16 @@ def test_v2_sequences_are_per_client(tokens_file: Path) -> None:
         assert np.allclose(np.concatenate([first, rest], axis=1), whole, atol=1e-6)
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("alice short\n", "shorter than"),
-    ("alice a-long-enough-token-1 extra\n", "expected 'client-name token'"),
-    (f"alice {ALICE}\nalice {BOB}\n", "appears twice"),
-    ("bad/name a-long-enough-token-1\n", "client name"),
-    ("# nothing\n", "no 'client-name token' lines"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("alice short\n", "shorter than"),
+        ("alice a-long-enough-token-1 extra\n", "expected 'client-name token'"),
+        (f"alice {ALICE}\nalice {BOB}\n", "appears twice"),
+        ("bad/name a-long-enough-token-1\n", "client name"),
+        ("# nothing\n", "no 'client-name token' lines"),
+    ],
+)
 def test_tokens_file_errors_name_the_line(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "tokens"
     path.write_text(text)
@@ -99,18 +120,23 @@ def test_single_token_is_the_default_client() -> None:
     assert identities.client([("authorization", "Bearer a-single-token")]) == "default"
 
 
-@pytest.mark.parametrize("bad_start, reason", [
-    (np.full((1, 2, 1), np.nan, np.float32), "NaN"),
-    (np.zeros((1, 600, 1), np.float32), "message limit"),  # answer 4,800 bytes > 4,096
-])
+@pytest.mark.parametrize(
+    "bad_start, reason",
+    [
+        (np.full((1, 2, 1), np.nan, np.float32), "NaN"),
+        (np.zeros((1, 600, 1), np.float32), "message limit"),  # answer 4,800 bytes > 4,096
+    ],
+)
 def test_a_failed_v2_sequence_start_leaves_the_running_sequence_alone(
-        bad_start: np.ndarray, reason: str) -> None:
+    bad_start: np.ndarray, reason: str
+) -> None:
     with running(max_message_bytes=4096) as server:
         _restart_fails_and_sequence_continues(server, bad_start, reason)
 
 
-def _restart_fails_and_sequence_continues(server: RunningServer, bad_start: np.ndarray,
-                                          reason: str) -> None:
+def _restart_fails_and_sequence_continues(
+    server: RunningServer, bad_start: np.ndarray, reason: str
+) -> None:
     grpcclient = pytest.importorskip("tritonclient.grpc")
     from tritonclient.utils import InferenceServerException
 
@@ -133,9 +159,9 @@ def _restart_fails_and_sequence_continues(server: RunningServer, bad_start: np.n
     assert np.max(np.abs(np.concatenate([first, rest], axis=1) - whole)) <= 1e-5
 
 
-def test_a_rotated_tokens_file_takes_effect_without_a_restart(tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture
-                                                             ) -> None:
+def test_a_rotated_tokens_file_takes_effect_without_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Tokens rotate without a restart, which would drop every session; alice's sessions
     stay hers under her new token, and a file that does not parse changes nothing."""
     import os
@@ -186,7 +212,9 @@ def open_chosen(server: RunningServer, token: str, session_id: str) -> None:
     with grpc.insecure_channel(server.address) as channel:
         opened = rpc.InferenceStub(channel).OpenSession(
             pb.OpenSessionRequest(model="echo", session_id=session_id),
-            metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=10,
+        )
     assert opened.session.session_id == session_id
 
 
@@ -199,8 +227,11 @@ def test_session_ids_are_each_clients_own(tokens_file: Path) -> None:
     from rnnserve.doors.kserve import sequence_session_id
 
     chosen = "c0ffee" * 5 + "00"
-    with running(auth_tokens_file=str(tokens_file)) as srv, \
-            srv.client(token=ALICE) as alice, srv.client(token=BOB) as bob:
+    with (
+        running(auth_tokens_file=str(tokens_file)) as srv,
+        srv.client(token=ALICE) as alice,
+        srv.client(token=BOB) as bob,
+    ):
         open_chosen(srv, ALICE, chosen)
         alice.step(chosen, [1.0])
         before = alice.snapshot(chosen)
@@ -214,22 +245,29 @@ def test_session_ids_are_each_clients_own(tokens_file: Path) -> None:
         x = np.random.default_rng(2).uniform(-1, 1, (1, 6, 1)).astype(np.float32)
         client = grpcclient.InferenceServerClient(url=srv.address)
         try:
+
             def infer(part: np.ndarray, **flags) -> np.ndarray:
                 tensor = grpcclient.InferInput("x", list(part.shape), "FP32")
                 tensor.set_data_from_numpy(part)
-                return client.infer("echo", [tensor], sequence_id=7,
-                                    headers={"authorization": f"Bearer {BOB}"},
-                                    **flags).as_numpy("y")
+                return client.infer(
+                    "echo",
+                    [tensor],
+                    sequence_id=7,
+                    headers={"authorization": f"Bearer {BOB}"},
+                    **flags,
+                ).as_numpy("y")
 
-            got = np.concatenate([infer(x[:, :2], sequence_start=True),
-                                  infer(x[:, 2:], sequence_end=True)], axis=1)
+            got = np.concatenate(
+                [infer(x[:, :2], sequence_start=True), infer(x[:, 2:], sequence_end=True)], axis=1
+            )
         finally:
             client.close()
         assert np.max(np.abs(got - bob.predict("echo", x).y)) <= 1e-6
 
 
 def test_the_same_id_of_two_clients_moves_between_replicas_as_two_sessions(
-        tokens_file: Path, redis_url: str) -> None:
+    tokens_file: Path, redis_url: str
+) -> None:
     """Parked in the shared store under (client, id), two clients' sessions of one id each
     come back as their own."""
     chosen = "5e55" * 8
@@ -241,24 +279,30 @@ def test_the_same_id_of_two_clients_moves_between_replicas_as_two_sessions(
         bob.step(chosen, [-3.0])
         states = {"alice": alice.snapshot(chosen), "bob": bob.snapshot(chosen)}
     a.stop()  # drain: both parked
-    with running(auth_tokens_file=str(tokens_file), state_store=redis_url) as b, \
-            b.client(token=ALICE) as alice, b.client(token=BOB) as bob:
+    with (
+        running(auth_tokens_file=str(tokens_file), state_store=redis_url) as b,
+        b.client(token=ALICE) as alice,
+        b.client(token=BOB) as bob,
+    ):
         for name, client in (("alice", alice), ("bob", bob)):
             moved = client.snapshot(chosen)
             assert all(np.array_equal(states[name][k], moved[k]) for k in moved), name
 
 
 def test_another_clients_live_id_on_another_replica_answers_like_an_unknown_one(
-        tokens_file: Path, redis_url: str) -> None:
+    tokens_file: Path, redis_url: str
+) -> None:
     """A replica asked for a session it does not hold asks the holder only for the caller's
     own sessions: bob naming alice's live id got NOT_FOUND after the whole handoff wait (a
     random id at once), which told him the id was live somewhere."""
     import time
 
-    with running(auth_tokens_file=str(tokens_file), state_store=redis_url) as a, \
-            running(auth_tokens_file=str(tokens_file), state_store=redis_url,
-                    handoff_wait=5.0) as b, \
-            a.client(token=ALICE) as alice, b.client(token=BOB) as bob:
+    with (
+        running(auth_tokens_file=str(tokens_file), state_store=redis_url) as a,
+        running(auth_tokens_file=str(tokens_file), state_store=redis_url, handoff_wait=5.0) as b,
+        a.client(token=ALICE) as alice,
+        b.client(token=BOB) as bob,
+    ):
         hers = alice.open_session("echo").session_id
         alice.step(hers, [1.0])
         time.sleep(0.5)  # her session is recorded as held by a (in the background)

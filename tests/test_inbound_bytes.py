@@ -36,12 +36,13 @@ def test_unauthenticated_half_messages_are_never_received(tmp_path: Path) -> Non
     server = ServerProcess(tmp_path / "log", "--auth-token", "secret")
     try:
         before = server.status("VmRSS")
-        attack = HalfMessages(server.address, PREDICT, connections=2, streams=100,
-                              size=ANNOUNCED)
+        attack = HalfMessages(server.address, PREDICT, connections=2, streams=100, size=ANNOUNCED)
         attack.pump(4)
         grown = (server.status("VmRSS") - before) / MIB
-        print(f"RSS +{grown:.0f} MiB; {attack.ended} streams refused, "
-              f"{attack.sent / MIB:.1f} MiB sent")
+        print(
+            f"RSS +{grown:.0f} MiB; {attack.ended} streams refused, "
+            f"{attack.sent / MIB:.1f} MiB sent"
+        )
         attack.close()
         assert attack.ended >= 200, "every stream is refused, none waits"
         assert grown < 48
@@ -52,16 +53,30 @@ def test_unauthenticated_half_messages_are_never_received(tmp_path: Path) -> Non
 
 
 def test_a_client_sending_half_messages_holds_only_its_share_for_the_read_timeout(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("mallory mallory-token-0123456789\nalice alice-token-0123456789\n")
     # 4 read slots of 16 MiB, two of them one client's at most
-    server = ServerProcess(tmp_path / "log", "--auth-tokens-file", str(tokens),
-                           "--read-budget", "64M", "--read-timeout", "1")
+    server = ServerProcess(
+        tmp_path / "log",
+        "--auth-tokens-file",
+        str(tokens),
+        "--read-budget",
+        "64M",
+        "--read-timeout",
+        "1",
+    )
     try:
         before = server.status("VmRSS")
-        attack = HalfMessages(server.address, PREDICT, connections=1, streams=50, size=ANNOUNCED,
-                              metadata=(("authorization", "Bearer mallory-token-0123456789"),))
+        attack = HalfMessages(
+            server.address,
+            PREDICT,
+            connections=1,
+            streams=50,
+            size=ANNOUNCED,
+            metadata=(("authorization", "Bearer mallory-token-0123456789"),),
+        )
         thread = pumping(attack, 5)
         time.sleep(1)
         with Client(server.address, token="alice-token-0123456789") as alice:
@@ -71,8 +86,10 @@ def test_a_client_sending_half_messages_holds_only_its_share_for_the_read_timeou
                 assert time.monotonic() - started < 0.5
         thread.join()
         grown = (server.status("VmRSS") - before) / MIB
-        print(f"RSS +{grown:.0f} MiB; {attack.ended} of mallory's streams ended, "
-              f"{attack.sent / MIB:.0f} MiB sent")
+        print(
+            f"RSS +{grown:.0f} MiB; {attack.ended} of mallory's streams ended, "
+            f"{attack.sent / MIB:.0f} MiB sent"
+        )
         attack.close()
         # two slots' worth received at a time, each given up after a second; what the
         # allocator keeps of the churn stays within the read budget (50 x 16 MB before)
@@ -86,12 +103,18 @@ def test_a_client_sending_half_messages_holds_only_its_share_for_the_read_timeou
 
 
 def test_health_checks_are_read_at_once_during_a_half_message_attack_on_health(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     server = ServerProcess(tmp_path / "log")
     try:
         before = server.status("VmRSS")
-        attack = HalfMessages(server.address, "/grpc.health.v1.Health/Check", connections=8,
-                              streams=50, size=ANNOUNCED)
+        attack = HalfMessages(
+            server.address,
+            "/grpc.health.v1.Health/Check",
+            connections=8,
+            streams=50,
+            size=ANNOUNCED,
+        )
         thread = pumping(attack, 6)
         time.sleep(1)
 
@@ -111,8 +134,10 @@ def test_health_checks_are_read_at_once_during_a_half_message_attack_on_health(
         thread.join()
         grown = (server.status("VmRSS") - before) / MIB
         attack.close()
-        print(f"probes worst {max(took) * 1000:.0f} ms; RSS +{grown:.0f} MiB; "
-              f"{attack.ended} attacking streams ended")
+        print(
+            f"probes worst {max(took) * 1000:.0f} ms; RSS +{grown:.0f} MiB; "
+            f"{attack.ended} attacking streams ended"
+        )
         assert max(took) < 1
         assert grown < 8 * 16 + 400 * 64 / 1024 + 48  # its 8 slots and the windows
     finally:

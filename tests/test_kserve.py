@@ -70,8 +70,9 @@ def test_stateless_batch_equals_native_predict(triton, client: Client) -> None:
     native = client.predict("binary_add", x, initial_states={"h0": h0})
     assert close(result.as_numpy("y"), native.y) <= 1e-5
     assert close(result.as_numpy("c1_out"), native.final_states["c1"]) <= 1e-5
-    only_y = triton.infer("binary_add", [x_input(x)],
-                          outputs=[grpcclient.InferRequestedOutput("y")])
+    only_y = triton.infer(
+        "binary_add", [x_input(x)], outputs=[grpcclient.InferRequestedOutput("y")]
+    )
     assert only_y.as_numpy("h0_out") is None and only_y.as_numpy("y").shape == (16, 8, 1)
 
 
@@ -81,14 +82,21 @@ def test_unary_sequences_interleaved(triton, client: Client) -> None:
     got: dict = {seq: [] for seq in xs}
     for t in range(6):
         for seq, x in xs.items():
-            result = triton.infer("forecast", [x_input(x[t][None, None])], sequence_id=seq,
-                                  sequence_start=(t == 0), sequence_end=(t == 5))
+            result = triton.infer(
+                "forecast",
+                [x_input(x[t][None, None])],
+                sequence_id=seq,
+                sequence_start=(t == 0),
+                sequence_end=(t == 5),
+            )
             got[seq].append(result.as_numpy("y")[0])
     for seq, x in xs.items():
         whole = client.predict("forecast", x[None]).y[0]
         assert close(np.concatenate(got[seq]), whole) <= 1e-5
-    assert status_of(triton.infer, "forecast", [x_input(xs[7][:1][None])], sequence_id=7) == \
-        "StatusCode.INVALID_ARGUMENT"  # ended above: not open any more
+    assert (
+        status_of(triton.infer, "forecast", [x_input(xs[7][:1][None])], sequence_id=7)
+        == "StatusCode.INVALID_ARGUMENT"
+    )  # ended above: not open any more
 
 
 def test_streamed_sequences_interleaved(triton, server: RunningServer) -> None:
@@ -99,10 +107,14 @@ def test_streamed_sequences_interleaved(triton, server: RunningServer) -> None:
     try:
         for t in range(bits.shape[1]):
             for seq in range(4):
-                triton.async_stream_infer("echo", [x_input(bits[seq, t].reshape(1, 1, 1))],
-                                          request_id=f"{seq}:{t}", sequence_id=100 + seq,
-                                          sequence_start=(t == 0),
-                                          sequence_end=(t == bits.shape[1] - 1))
+                triton.async_stream_infer(
+                    "echo",
+                    [x_input(bits[seq, t].reshape(1, 1, 1))],
+                    request_id=f"{seq}:{t}",
+                    sequence_id=100 + seq,
+                    sequence_start=(t == 0),
+                    sequence_end=(t == bits.shape[1] - 1),
+                )
         predicted = np.zeros(bits.shape, int)
         for _ in range(bits.size):
             result, error = responses.get(timeout=30)
@@ -112,8 +124,13 @@ def test_streamed_sequences_interleaved(triton, server: RunningServer) -> None:
         triton.async_stream_infer("echo", [x_input(np.ones((1, 1, 1)))], sequence_id=999)
         result, error = responses.get(timeout=30)
         assert result is None and "sequence_start" in str(error)  # the stream lives on
-        triton.async_stream_infer("echo", [x_input(np.ones((1, 1, 1)))], sequence_id=5,
-                                  sequence_start=True, sequence_end=True)
+        triton.async_stream_infer(
+            "echo",
+            [x_input(np.ones((1, 1, 1)))],
+            sequence_id=5,
+            sequence_start=True,
+            sequence_end=True,
+        )
         result, error = responses.get(timeout=30)
         assert error is None and result.as_numpy("y").shape == (1, 1, 2)
     finally:
@@ -125,21 +142,31 @@ def test_streamed_sequences_interleaved(triton, server: RunningServer) -> None:
 def test_bad_requests(triton) -> None:
     x = np.zeros((1, 2, 1), np.float32)
     assert status_of(triton.infer, "nope", [x_input(x)]) == "StatusCode.NOT_FOUND"
-    assert status_of(triton.infer, "echo", [x_input(x)], model_version="9") == \
-        "StatusCode.NOT_FOUND"
-    assert status_of(triton.infer, "echo", [x_input(np.zeros((1, 2, 3)))]) == \
-        "StatusCode.INVALID_ARGUMENT"
+    assert (
+        status_of(triton.infer, "echo", [x_input(x)], model_version="9") == "StatusCode.NOT_FOUND"
+    )
+    assert (
+        status_of(triton.infer, "echo", [x_input(np.zeros((1, 2, 3)))])
+        == "StatusCode.INVALID_ARGUMENT"
+    )
     assert status_of(triton.infer, "echo", [x_input(x, "h0")]) == "StatusCode.INVALID_ARGUMENT"
     nan = np.full((1, 2, 1), np.nan, np.float32)
     assert status_of(triton.infer, "echo", [x_input(nan)]) == "StatusCode.INVALID_ARGUMENT"
     ints = grpcclient.InferInput("x", [1, 1, 1], "INT32")
     ints.set_data_from_numpy(np.zeros((1, 1, 1), np.int32))
     assert status_of(triton.infer, "echo", [ints]) == "StatusCode.INVALID_ARGUMENT"
-    assert status_of(triton.infer, "echo", [x_input(np.zeros((2, 1, 1)))], sequence_id=3,
-                     sequence_start=True) == "StatusCode.INVALID_ARGUMENT"
-    assert status_of(triton.infer, "echo", [x_input(x)],
-                     outputs=[grpcclient.InferRequestedOutput("z")]) == \
-        "StatusCode.INVALID_ARGUMENT"
+    assert (
+        status_of(
+            triton.infer, "echo", [x_input(np.zeros((2, 1, 1)))], sequence_id=3, sequence_start=True
+        )
+        == "StatusCode.INVALID_ARGUMENT"
+    )
+    assert (
+        status_of(
+            triton.infer, "echo", [x_input(x)], outputs=[grpcclient.InferRequestedOutput("z")]
+        )
+        == "StatusCode.INVALID_ARGUMENT"
+    )
     assert status_of(triton.get_model_metadata, "nope") == "StatusCode.NOT_FOUND"
     assert triton.infer("echo", [x_input(x)]).as_numpy("y").shape == (1, 2, 2)
 

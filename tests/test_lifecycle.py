@@ -49,16 +49,24 @@ def test_repository_poll_loads_and_retires_versions(tmp_path: Path) -> None:
             client.open_session("echo", version=1)
         assert err.value.code.name == "NOT_FOUND"
         shutil.copytree(v2, repo / "echo" / "1")  # back while it retires: served again
-        (repo / "echo" / "1" / "model.json").write_text(text.replace('"version": 2',
-                                                                     '"version": 1'))
+        (repo / "echo" / "1" / "model.json").write_text(
+            text.replace('"version": 2', '"version": 1')
+        )
         wait_for(lambda: list(client.get_model("echo").versions) == [1, 2])
         client.close_session(client.open_session("echo", version=1).session_id)
         shutil.rmtree(repo / "echo" / "1")
         wait_for(lambda: list(client.get_model("echo").versions) == [2])
         client.close_session(pinned.session_id)
         unloads = srv.server.engine.metrics.registry.get_sample_value
-        wait_for(lambda: unloads("rnnserve_model_events_total",
-                                 {"model": "echo", "version": "1", "event": "unload"}) == 1)
+        wait_for(
+            lambda: (
+                unloads(
+                    "rnnserve_model_events_total",
+                    {"model": "echo", "version": "1", "event": "unload"},
+                )
+                == 1
+            )
+        )
 
 
 def test_broken_model_is_skipped_not_fatal(tmp_path: Path) -> None:
@@ -73,22 +81,35 @@ def test_broken_model_is_skipped_not_fatal(tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
-    env = {**os.environ, "RNNSERVE_GRPC_PORT": "0", "RNNSERVE_METRICS_PORT": "-1",
-           "RNNSERVE_WORKERS": "1",
-           "RNNSERVE_SHUTDOWN_GRACE": "5", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "RNNSERVE_GRPC_PORT": "0",
+        "RNNSERVE_METRICS_PORT": "-1",
+        "RNNSERVE_WORKERS": "1",
+        "RNNSERVE_SHUTDOWN_GRACE": "5",
+        "PYTHONUNBUFFERED": "1",
+    }
     port_file = tmp_path / "log"
     with open(port_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "rnnserve", "serve", "--repository",
-                                 str(EXPORTED)], cwd=ROOT, env=env, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rnnserve", "serve", "--repository", str(EXPORTED)],
+            cwd=ROOT,
+            env=env,
+            stderr=log,
+        )
     try:
         wait_for(lambda: "serving" in port_file.read_text())
         line = next(ln for ln in port_file.read_text().splitlines() if "serving" in ln)
         port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
-        with Client(f"127.0.0.1:{port}") as client, client.stream("echo") as stream, \
-                grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with (
+            Client(f"127.0.0.1:{port}") as client,
+            client.stream("echo") as stream,
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
             stream.step([1.0])
             watch = health_pb2_grpc.HealthStub(channel).Watch(
-                health_pb2.HealthCheckRequest(service="echo"))
+                health_pb2.HealthCheckRequest(service="echo")
+            )
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -103,7 +124,8 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
 
 
 def test_a_cancelled_drain_reports_its_sessions_lost(
-        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """The drain parks sessions in the store; cancelled while it waits for the store, it used to
     be swallowed and the process exited 0 with the session gone."""
     with running(state_store=redis_url) as srv:
@@ -128,18 +150,33 @@ def test_tls(tmp_path: Path) -> None:
         address = f"localhost:{srv.server.port}"
         with Client(address, tls_ca=tmp_path / "cert.pem") as secure:
             assert secure.predict("echo", np.ones((1, 4, 1))).y.shape == (1, 4, 2)
-        probe = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address", address],
-                               env={**os.environ, "RNNSERVE_TLS_CA": str(tmp_path / "cert.pem")},
-                               capture_output=True, text=True, timeout=60)
+        probe = subprocess.run(
+            [sys.executable, "-m", "rnnserve", "health", "--address", address],
+            env={**os.environ, "RNNSERVE_TLS_CA": str(tmp_path / "cert.pem")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert probe.returncode == 0 and "SERVING" in probe.stdout
         # The container's probe: only the server's own settings, no address, no CA.
-        beside = subprocess.run([sys.executable, "-m", "rnnserve", "health"], env={
-            **os.environ, "RNNSERVE_GRPC_PORT": str(srv.server.port),
-            "RNNSERVE_TLS_CERT": str(tmp_path / "cert.pem")},
-            capture_output=True, text=True, timeout=60)
+        beside = subprocess.run(
+            [sys.executable, "-m", "rnnserve", "health"],
+            env={
+                **os.environ,
+                "RNNSERVE_GRPC_PORT": str(srv.server.port),
+                "RNNSERVE_TLS_CERT": str(tmp_path / "cert.pem"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert beside.returncode == 0 and "SERVING" in beside.stdout, beside.stderr
-        plaintext = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address",
-                                    address], capture_output=True, text=True, timeout=60)
+        plaintext = subprocess.run(
+            [sys.executable, "-m", "rnnserve", "health", "--address", address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert plaintext.returncode == 1
         with Client(address, timeout=2) as plain:
             with pytest.raises(RnnServeError) as err:
@@ -156,8 +193,9 @@ def test_every_flag_reads_its_environment_variable(monkeypatch: pytest.MonkeyPat
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     config = from_namespace(parser.parse_args(["--grpc-port", "9"]))
-    assert config == ServerConfig(max_sessions=7, models=("echo", "digits"),
-                                  session_idle_timeout=2.5, grpc_port=9)
+    assert config == ServerConfig(
+        max_sessions=7, models=("echo", "digits"), session_idle_timeout=2.5, grpc_port=9
+    )
     with pytest.raises(ValueError):
         from_namespace(parser.parse_args(["--max-batch-size", "0"]))
     assert "RNNSERVE_MAX_BATCH_DELAY" in parser.format_help()
@@ -172,8 +210,11 @@ def test_bad_flag_values_name_the_reason(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--memory-budget", "lots"])
     assert "'lots' is not a size such as 512M or 1G" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"--inline-run-us \(RNNSERVE_INLINE_RUN_US\) must be "
-                                         "at least 0; got -1"):
+    with pytest.raises(
+        ValueError,
+        match=r"--inline-run-us \(RNNSERVE_INLINE_RUN_US\) must be "
+        "at least 0; got -1",
+    ):
         from_namespace(parser.parse_args(["--inline-run-us", "-1"]))
     assert from_namespace(parser.parse_args(["--inline-run-us", "0"])).inline_run_us == 0
 
@@ -201,9 +242,23 @@ def test_sighup_scans_the_repository_and_serves_on(workers: str, tmp_path: Path)
 
 
 def test_ctrl_c_ends_a_client_command_without_a_traceback(server) -> None:
-    stream = subprocess.Popen([sys.executable, "-m", "rnnserve", "stream", "--model", "echo",
-                               "--address", server.address], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stream = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rnnserve",
+            "stream",
+            "--model",
+            "echo",
+            "--address",
+            server.address,
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stream.stdin.write("1\n")
     stream.stdin.flush()
     assert stream.stdout.readline().strip()  # the first output: the stream is open

@@ -38,8 +38,12 @@ while sys.stdin.readline():
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_largest_default_requests_stay_within_the_container(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "log", "--log-level", "warning")
-    probe = subprocess.Popen([sys.executable, "-c", HEALTH_PROBE, server.address],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    probe = subprocess.Popen(
+        [sys.executable, "-c", HEALTH_PROBE, server.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     stop = threading.Event()
     worst = [0.0]
 
@@ -66,8 +70,10 @@ def test_largest_default_requests_stay_within_the_container(tmp_path: Path) -> N
             peaks.append(server.status("VmHWM"))
         too_big = _predict(server.address, np.zeros((rows, steps, 1), np.float32), last=False)
         assert too_big.startswith("RESOURCE_EXHAUSTED") and "OUTPUT_MODE_LAST_STEP" in too_big
-        print(f"VmHWM MiB after 1 and 4 at once: {[p // 2**20 for p in peaks]}, "
-              f"health worst {worst[0]:.3f} s, VmRSS after {server.status('VmRSS') // 2**20}")
+        print(
+            f"VmHWM MiB after 1 and 4 at once: {[p // 2**20 for p in peaks]}, "
+            f"health worst {worst[0]:.3f} s, VmRSS after {server.status('VmRSS') // 2**20}"
+        )
         assert max(peaks) < CONTAINER_LIMIT, [p / 2**20 for p in peaks]
         assert server.status("VmRSS") < max(peaks), "memory goes back after big runs"
         assert worst[0] < 1.0, f"health took {worst[0]:.2f} s"
@@ -117,6 +123,5 @@ def test_failed_handoff_exits_nonzero_and_counts_the_lost(tmp_path: Path) -> Non
         assert server.proc.wait(60) == 1
     finally:
         server.stop()
-    messages = [json.loads(line)["message"] for line in
-                (tmp_path / "log").read_text().splitlines()]
+    messages = [json.loads(line)["message"] for line in (tmp_path / "log").read_text().splitlines()]
     assert any("3 sessions lost" in m for m in messages), messages

@@ -20,8 +20,11 @@ def scrape(port: int) -> dict[str, list]:
 
 
 def value(samples: list, name: str, **labels: str) -> float:
-    return sum(s.value for s in samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_metrics_count_what_happened() -> None:
@@ -41,39 +44,74 @@ def test_metrics_count_what_happened() -> None:
         assert srv.sweep() == 1
         after = scrape(srv.server.metrics_port)
     requests = families["rnnserve_requests"]
-    assert value(requests, "rnnserve_requests_total", model="binary_add", method="Predict",
-                 code="OK") == 1
-    assert value(requests, "rnnserve_requests_total", method="Predict", code="NOT_FOUND",
-                 model="(unknown)") == 2
-    assert value(requests, "rnnserve_requests_total", model="echo", version="1",
-                 method="Stream", code="OK") == 6  # open + 5 step messages
+    assert (
+        value(requests, "rnnserve_requests_total", model="binary_add", method="Predict", code="OK")
+        == 1
+    )
+    assert (
+        value(
+            requests,
+            "rnnserve_requests_total",
+            method="Predict",
+            code="NOT_FOUND",
+            model="(unknown)",
+        )
+        == 2
+    )
+    assert (
+        value(
+            requests,
+            "rnnserve_requests_total",
+            model="echo",
+            version="1",
+            method="Stream",
+            code="OK",
+        )
+        == 6
+    )  # open + 5 step messages
     assert value(families["rnnserve_timesteps"], "rnnserve_timesteps_total", model="echo") == 8
-    assert value(families["rnnserve_timesteps"], "rnnserve_timesteps_total",
-                 model="binary_add") == 24
+    assert (
+        value(families["rnnserve_timesteps"], "rnnserve_timesteps_total", model="binary_add") == 24
+    )
     assert value(families["rnnserve_batch_size"], "rnnserve_batch_size_count", model="echo") == 5
-    for family in ("rnnserve_request_duration_seconds", "rnnserve_queue_wait_seconds",
-                   "rnnserve_compute_seconds"):
+    for family in (
+        "rnnserve_request_duration_seconds",
+        "rnnserve_queue_wait_seconds",
+        "rnnserve_compute_seconds",
+    ):
         assert value(families[family], f"{family}_count") >= 1, family
     assert value(families["rnnserve_sessions"], "rnnserve_sessions", model="echo") == 1
     assert value(after["rnnserve_sessions"], "rnnserve_sessions", model="echo") == 0
-    assert value(after["rnnserve_session_evictions"], "rnnserve_session_evictions_total",
-                 model="echo", reason="idle") == 1
-    assert value(families["rnnserve_model_events"], "rnnserve_model_events_total",
-                 event="load") == 4
+    assert (
+        value(
+            after["rnnserve_session_evictions"],
+            "rnnserve_session_evictions_total",
+            model="echo",
+            reason="idle",
+        )
+        == 1
+    )
+    assert (
+        value(families["rnnserve_model_events"], "rnnserve_model_events_total", event="load") == 4
+    )
     assert "process_cpu_seconds" in families
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None,
-                    reason="promtool not installed (.ci/run installs Debian's prometheus)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not installed (.ci/run installs Debian's prometheus)",
+)
 def test_exposition_passes_promtool() -> None:
     with running() as srv, Client(srv.address) as client:
         client.predict("echo", np.zeros((2, 3, 1), np.float32))
         with client.stream("echo") as stream:
             stream.step([1.0])
-        text = urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics",
-                                      timeout=5).read()
-    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
-                           timeout=60)
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=5
+        ).read()
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 

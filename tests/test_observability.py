@@ -26,16 +26,25 @@ RECORDED = "rnnserve:server_error_ratio:rate5m"
 
 needs_prometheus = pytest.mark.skipif(
     shutil.which("promtool") is None or shutil.which("prometheus") is None,
-    reason="prometheus not installed (.ci/run installs Debian's prometheus)")
+    reason="prometheus not installed (.ci/run installs Debian's prometheus)",
+)
 
 
 @needs_prometheus
 def test_rules_pass_promtool_and_their_unit_tests() -> None:
-    check = subprocess.run(["promtool", "check", "rules", "rnnserve.rules.yml"], cwd=RULES,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["promtool", "check", "rules", "rnnserve.rules.yml"],
+        cwd=RULES,
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
-    tested = subprocess.run(["promtool", "test", "rules", "rnnserve.rules.test.yml"], cwd=RULES,
-                            capture_output=True, text=True)
+    tested = subprocess.run(
+        ["promtool", "test", "rules", "rnnserve.rules.test.yml"],
+        cwd=RULES,
+        capture_output=True,
+        text=True,
+    )
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
 
@@ -44,9 +53,14 @@ def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, PromQL) of every target, with Grafana's variables as a user would have
     them: the job, and a rate window that holds a few of this test's 1 s scrapes."""
     board = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"].replace("$job", "rnnserve")
-             .replace("$__rate_interval", "30s"))
-            for panel in board["panels"] for target in panel["targets"]]
+    return [
+        (
+            panel["title"],
+            target["expr"].replace("$job", "rnnserve").replace("$__rate_interval", "30s"),
+        )
+        for panel in board["panels"]
+        for target in panel["targets"]
+    ]
 
 
 def query(port: int, expr: str) -> list:
@@ -75,27 +89,46 @@ def traffic(address: str) -> None:
 
 @needs_prometheus
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "server.log", "--workers", "2",
-                           "--session-idle-timeout", "1", metrics=True)
+    server = ServerProcess(
+        tmp_path / "server.log", "--workers", "2", "--session-idle-timeout", "1", metrics=True
+    )
     port = free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES / "rnnserve.rules.yml")],
-        "scrape_configs": [{"job_name": "rnnserve", "static_configs": [
-            {"targets": [f"127.0.0.1:{server.metrics_port}"]}]}]}))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES / "rnnserve.rules.yml")],
+                "scrape_configs": [
+                    {
+                        "job_name": "rnnserve",
+                        "static_configs": [{"targets": [f"127.0.0.1:{server.metrics_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
     with open(tmp_path / "prometheus.log", "w") as log:
         prometheus = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         traffic(server.address)
         deadline = time.monotonic() + 60
         while True:
             try:
-                empty = [(title, expr) for title, expr in
-                         [*dashboard_queries(), ("a recording rule", RECORDED)]
-                         if not query(port, expr)]
+                empty = [
+                    (title, expr)
+                    for title, expr in [*dashboard_queries(), ("a recording rule", RECORDED)]
+                    if not query(port, expr)
+                ]
             except OSError:  # Prometheus still starting
                 empty = ["not answering"]
             if not empty:
@@ -104,8 +137,9 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path: Pat
             time.sleep(1)
         assert query(port, 'up{job="rnnserve"}')[0]["value"][1] == "1"
         while True:  # each group evaluated at least once, every rule without error
-            rules = json.loads(urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/api/v1/rules", timeout=5).read())["data"]["groups"]
+            rules = json.loads(
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5).read()
+            )["data"]["groups"]
             assert {g["name"] for g in rules} == {"rnnserve.recording", "rnnserve.alerts"}
             health = {r["health"] for g in rules for r in g["rules"]}
             if health == {"ok"}:

@@ -18,12 +18,15 @@ from rnnserve.ops.config import ENV_PREFIX, ServerConfig
 from tests.conftest import ROOT, RunningServer
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-INSTRUCTIONS = [line.strip() for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines()
-                if line.strip() and not line.lstrip().startswith("#")]
+INSTRUCTIONS = [
+    line.strip()
+    for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines()
+    if line.strip() and not line.lstrip().startswith("#")
+]
 
 
 def instructions(keyword: str) -> list[str]:
-    return [line[len(keyword):].strip() for line in INSTRUCTIONS if line.startswith(keyword + " ")]
+    return [line[len(keyword) :].strip() for line in INSTRUCTIONS if line.startswith(keyword + " ")]
 
 
 def test_image_environment_names_real_flags_and_fits_docker_stop() -> None:
@@ -47,25 +50,63 @@ def test_ci_runs_what_the_readme_tells_users() -> None:
 
 
 def test_health_command_against_a_live_server(server: RunningServer) -> None:
-    ok = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address", server.address],
-                        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "rnnserve", "health", "--address", server.address],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0 and "SERVING" in ok.stdout
-    down = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address",
-                           "127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    down = subprocess.run(
+        [sys.executable, "-m", "rnnserve", "health", "--address", "127.0.0.1:1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert down.returncode == 1
 
 
 def test_stream_command_echoes_bits_three_lines_later(server: RunningServer) -> None:
     bits = [1, 0, 1, 1, 0, 0, 1, 0]
-    out = subprocess.run([sys.executable, "-m", "rnnserve", "stream", "--model", "echo",
-                          "--address", server.address], input="\n".join(map(str, bits)),
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnserve",
+            "stream",
+            "--model",
+            "echo",
+            "--address",
+            server.address,
+        ],
+        input="\n".join(map(str, bits)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = [list(map(float, line.split())) for line in out.stdout.splitlines()]
     assert [int(p[1] > p[0]) for p in lines][3:] == bits[:-3]
-    bad = subprocess.run([sys.executable, "-m", "rnnserve", "stream", "--model", "echo",
-                          "--address", server.address], input="1 2\n", cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnserve",
+            "stream",
+            "--model",
+            "echo",
+            "--address",
+            server.address,
+        ],
+        input="1 2\n",
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
 
 
@@ -84,10 +125,24 @@ def test_server_reflection_lists_the_services(server: RunningServer) -> None:
 
 
 def _serve(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rnnserve", "serve", "--repository",
-                           str(ROOT / "exported"), "--models", "echo", *flags], cwd=ROOT,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnserve",
+            "serve",
+            "--repository",
+            str(ROOT / "exported"),
+            "--models",
+            "echo",
+            *flags,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_busy_ports_fail_in_one_line_naming_the_flag(server: RunningServer) -> None:
@@ -104,12 +159,17 @@ def test_busy_ports_fail_in_one_line_naming_the_flag(server: RunningServer) -> N
 
 
 def test_version_flags_and_client_help() -> None:
-    version = subprocess.run([sys.executable, "-m", "rnnserve", "--version"],
-                             capture_output=True, text=True, timeout=60)
+    version = subprocess.run(
+        [sys.executable, "-m", "rnnserve", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert version.returncode == 0 and version.stdout.strip() == f"rnnserve {__version__}"
     for command in ("health", "models", "predict", "stream"):
-        text = subprocess.run([sys.executable, "-m", "rnnserve", command, "--help"],
-                              capture_output=True, text=True, timeout=60).stdout
+        text = subprocess.run(
+            [sys.executable, "-m", "rnnserve", command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         for flag in ("--address", "--tls-ca", "--token", "RNNSERVE_TLS_CA"):
             assert flag in text, (command, flag)
         if command in ("predict", "stream"):
@@ -119,12 +179,23 @@ def test_version_flags_and_client_help() -> None:
 def test_make_serve_honours_rnnserve_variables(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "exported" / "echo", repo / "echo")
-    env = {**os.environ, "RNNSERVE_REPOSITORY": str(repo), "RNNSERVE_GRPC_PORT": "0",
-           "RNNSERVE_METRICS_PORT": "-1", "RNNSERVE_WORKERS": "1"}
+    env = {
+        **os.environ,
+        "RNNSERVE_REPOSITORY": str(repo),
+        "RNNSERVE_GRPC_PORT": "0",
+        "RNNSERVE_METRICS_PORT": "-1",
+        "RNNSERVE_WORKERS": "1",
+    }
     log = tmp_path / "log"
     with open(log, "w") as out:
-        make = subprocess.Popen(["make", "--no-print-directory", "serve"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        make = subprocess.Popen(
+            ["make", "--no-print-directory", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while "serving" not in log.read_text() and make.poll() is None:

@@ -40,12 +40,22 @@ def state(pid: int) -> str:
 
 
 def in_pid_namespace(log: Path, workers: int) -> ServerProcess:
-    if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0:
-        pytest.fail("unshare --pid cannot run here (needs root or user namespaces): the "
-                    "container case is untested")
-    return ServerProcess(log, "--workers", str(workers), metrics=True,
-                         wrapper=("unshare", "--pid", "--fork", "--kill-child"))
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode
+        != 0
+    ):
+        pytest.fail(
+            "unshare --pid cannot run here (needs root or user namespaces): the "
+            "container case is untested"
+        )
+    return ServerProcess(
+        log,
+        "--workers",
+        str(workers),
+        metrics=True,
+        wrapper=("unshare", "--pid", "--fork", "--kill-child"),
+    )
 
 
 @pytest.mark.parametrize("workers", [2, 1])
@@ -68,9 +78,21 @@ def check_pid_1(server: ServerProcess, workers: int) -> None:
     time.sleep(2)  # a worker that ends itself at start is restarted within this
     assert server.metric("rnnserve_worker_restarts") == 0
     assert server.metric("rnnserve_workers") == workers
-    liveness = subprocess.run([sys.executable, "-m", "rnnserve", "health", "--address",
-                               server.address, "--service", "liveness"],
-                              capture_output=True, text=True, timeout=60)
+    liveness = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnserve",
+            "health",
+            "--address",
+            server.address,
+            "--service",
+            "liveness",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert liveness.stdout.strip() == "SERVING", liveness.stderr
     xs = np.random.default_rng(3).integers(0, 2, (4, 12, 2)).astype(np.float32)
     with Client(server.address) as client:
@@ -82,8 +104,10 @@ def check_pid_1(server: ServerProcess, workers: int) -> None:
         np.testing.assert_allclose(got, whole[row], rtol=0, atol=1e-6)
 
     # An orphan in the namespace is handed to PID 1, which must reap it.
-    subprocess.run(["nsenter", "--target", str(supervisor), "--pid", "--", "sh", "-c",
-                    "sleep 0.2 & exit 0"], check=True)
+    subprocess.run(
+        ["nsenter", "--target", str(supervisor), "--pid", "--", "sh", "-c", "sleep 0.2 & exit 0"],
+        check=True,
+    )
     time.sleep(1.5)
     zombies = [p for p in children(supervisor) if state(p) == "Z"]
     assert not zombies, f"orphans left unreaped: {zombies}"

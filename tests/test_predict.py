@@ -59,8 +59,9 @@ def test_initial_states_continue_a_sequence(client: Client) -> None:
     assert whole.version == 1 and whole.model == "forecast"
 
 
-@pytest.mark.parametrize("x", [[[1, 1]], [], [[[1.0]], [1.0]], [np.ones((2, 1)), np.ones((2, 2))],
-                               [np.ones((0, 2))]])
+@pytest.mark.parametrize(
+    "x", [[[1, 1]], [], [[[1.0]], [1.0]], [np.ones((2, 1)), np.ones((2, 2))], [np.ones((0, 2))]]
+)
 def test_the_client_refuses_an_x_that_is_no_batch_of_sequences(client, x) -> None:
     """A 1-D sequence used to be read as timesteps of a broadcast row ([[1, 1]]: 2 steps of
     [1, 1]), an empty list raised a bare max() error."""

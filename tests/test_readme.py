@@ -60,9 +60,15 @@ def page_blocks(page: Path) -> list[Block]:
             end = lines.index("```", i + 1)
             previous = next((ln for ln in reversed(lines[:start]) if ln.strip()), "")
             marker = MARKER.fullmatch(previous.strip())
-            found.append(Block(name, start + 1, language,
-                               "\n".join(lines[start + 1:end]) + "\n",
-                               marker.group(1) if marker else ""))
+            found.append(
+                Block(
+                    name,
+                    start + 1,
+                    language,
+                    "\n".join(lines[start + 1 : end]) + "\n",
+                    marker.group(1) if marker else "",
+                )
+            )
             i = end
         i += 1
     return found
@@ -92,8 +98,12 @@ def sandbox(tmp: Path) -> Path:
 def environment(tmp: Path) -> dict[str, str]:
     cache = os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip")
     (tmp / "home").mkdir(exist_ok=True)
-    return {**os.environ, "HOME": str(tmp / "home"), "PIP_CACHE_DIR": cache,
-            "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    return {
+        **os.environ,
+        "HOME": str(tmp / "home"),
+        "PIP_CACHE_DIR": cache,
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
 
 
 def _port_free(port: int) -> bool:
@@ -106,13 +116,19 @@ def readme_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The README's own `make serve`, on the ports its examples use."""
     busy = [p for p in PORTS if not _port_free(p)]
     if busy:
-        pytest.skip(f"port(s) {busy} in use (a running `make serve`?); the README examples "
-                    "need them")
+        pytest.skip(
+            f"port(s) {busy} in use (a running `make serve`?); the README examples need them"
+        )
     (block,) = [b for b in blocks() if b.marker.startswith("background server")]
     log = tmp_path_factory.mktemp("readme") / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", "-c", block.code], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "-c", block.code],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_until_serving("localhost:8500", proc, timeout=300)
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -152,8 +168,9 @@ def transcript(code: str) -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize("block", runnable("console"), ids=str)
 def test_console_transcript(block: Block, readme_server: None) -> None:
     for command, expected in transcript(block.code):
-        out = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(
+            ["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, f"{command}\n{out.stderr}"
         got = out.stdout.splitlines()
         assert len(got) == len(expected), f"{command}\n{out.stdout}"
@@ -163,8 +180,13 @@ def test_console_transcript(block: Block, readme_server: None) -> None:
 
 @pytest.mark.parametrize("block", runnable("python"), ids=str)
 def test_python_example(block: Block, readme_server: None, tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-c", block.code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", block.code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, f"{block}\n{out.stderr}"
     assert out.stdout.strip(), "the example prints what the README says it prints"
 
@@ -174,8 +196,11 @@ def _sh_blocks(needle: str) -> list[Block]:
 
 
 def test_every_sh_block_is_run_below() -> None:
-    covered = (_sh_blocks("rnnserve-env") + _sh_blocks("python -m training train")
-               + _sh_blocks("rnnserve import"))
+    covered = (
+        _sh_blocks("rnnserve-env")
+        + _sh_blocks("python -m training train")
+        + _sh_blocks("rnnserve import")
+    )
     assert sorted(map(str, covered)) == sorted(map(str, runnable("sh")))
 
 
@@ -183,8 +208,14 @@ def test_every_sh_block_is_run_below() -> None:
 def test_train_your_own(tmp_path: Path) -> None:
     (block,) = _sh_blocks("python -m training train")
     work = sandbox(tmp_path)
-    out = subprocess.run(["bash", "-euc", block.code], cwd=work, env=environment(tmp_path),
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        ["bash", "-euc", block.code],
+        cwd=work,
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (work / "my-models" / "echo_gru" / "1" / "model.onnx").is_file()
 
@@ -199,37 +230,66 @@ def test_serve_your_own(tmp_path: Path) -> None:
     (block,) = _sh_blocks("rnnserve import")
     work = sandbox(tmp_path)
     (work / "lstm.onnx").write_bytes(torch_like("LSTM", layers=2))
-    keras.Sequential([keras.Input((None, 2)), keras.layers.GRU(5),
-                      keras.layers.Dense(1)]).save(work / "my_model.keras")
-    out = subprocess.run(["bash", "-euc", block.code], cwd=work, env=environment(tmp_path),
-                         capture_output=True, text=True, timeout=600)
+    keras.Sequential([keras.Input((None, 2)), keras.layers.GRU(5), keras.layers.Dense(1)]).save(
+        work / "my_model.keras"
+    )
+    out = subprocess.run(
+        ["bash", "-euc", block.code],
+        cwd=work,
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     for name in ("my_lstm", "my_keras"):
         assert (work / "my-models" / name / "1" / "model.json").is_file()
 
 
-@pytest.mark.skipif(shutil.which("python3.11") is None, reason="the README's pip block names "
-                    "python3.11")
+@pytest.mark.skipif(
+    shutil.which("python3.11") is None, reason="the README's pip block names python3.11"
+)
 def test_pip_install_beside_tritonclient(tmp_path: Path) -> None:
     """The README's pip block in a fresh venv; then that venv serves from another directory,
     tritonclient (on the protobuf 6 its pins pick) talks to it, and without an ONNX Runtime
     `rnnserve serve` names the extra to install."""
     (block,) = _sh_blocks("rnnserve-env")
     env = environment(tmp_path)
-    out = subprocess.run(["bash", "-euc", block.code], cwd=sandbox(tmp_path), env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        ["bash", "-euc", block.code],
+        cwd=sandbox(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert re.fullmatch(r"rnnserve \S+\n", out.stdout.splitlines(keepends=True)[-1])
     venv = tmp_path / "home" / "rnnserve-env" / "bin"
-    check = subprocess.run([str(venv / "python"), "-c", TRITON_BESIDE_RNNSERVE,
-                            str(ROOT / "exported")], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
+    check = subprocess.run(
+        [str(venv / "python"), "-c", TRITON_BESIDE_RNNSERVE, str(ROOT / "exported")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
     assert check.stdout.startswith("protobuf 6."), check.stdout
-    subprocess.run([str(venv / "pip"), "uninstall", "-q", "-y", "onnxruntime"], env=env,
-                   check=True, timeout=120)
-    bare = subprocess.run([str(venv / "rnnserve"), "serve"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    subprocess.run(
+        [str(venv / "pip"), "uninstall", "-q", "-y", "onnxruntime"],
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    bare = subprocess.run(
+        [str(venv / "rnnserve"), "serve"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bare.returncode == 2 and "pip install 'rnnserve[cpu]'" in bare.stderr, bare.stderr
 
 

@@ -32,8 +32,11 @@ def add_version(repo: Path, name: str, version: int, edit=None, source: str = "e
 def health(address: str, service: str) -> str:
     with grpc.insecure_channel(address) as channel:
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                .status
+            )
         except grpc.RpcError as exc:
             return exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
@@ -56,13 +59,17 @@ def bad_golden(target: Path) -> None:
     np.savez(target / "golden.npz", **arrays)
 
 
-@pytest.mark.parametrize("break_it, reason", [
-    (lambda repo: add_version(repo, "echo", 2, extra_state), "graph inputs"),
-    (lambda repo: add_version(repo, "echo", 2, wrong_outputs), "values per row"),
-    (lambda repo: bad_golden(add_version(repo, "echo", 2)), "disagrees with golden.npz"),
-])
+@pytest.mark.parametrize(
+    "break_it, reason",
+    [
+        (lambda repo: add_version(repo, "echo", 2, extra_state), "graph inputs"),
+        (lambda repo: add_version(repo, "echo", 2, wrong_outputs), "values per row"),
+        (lambda repo: bad_golden(add_version(repo, "echo", 2)), "disagrees with golden.npz"),
+    ],
+)
 def test_a_version_that_disagrees_with_its_graph_never_becomes_the_latest(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, break_it, reason: str) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, break_it, reason: str
+) -> None:
     repo = tmp_path / "repo"
     add_version(repo, "echo", 1)
     caplog.set_level(logging.ERROR, "rnnserve.engine.registry")
@@ -97,7 +104,8 @@ def malformed_entries(repo: Path) -> None:
 
 
 def test_malformed_entries_block_neither_start_nor_later_scans(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     repo = tmp_path / "repo"
     add_version(repo, "echo", 1)
     add_version(repo, "gone", 1)
@@ -106,8 +114,17 @@ def test_malformed_entries_block_neither_start_nor_later_scans(
     with running(repository=repo, repository_poll=0.05) as srv, srv.client() as client:
         assert sorted(m.name for m in client.list_models()) == ["echo", "gone"]
         skipped = " ".join(r.getMessage() for r in caplog.records)
-        for entry in ("listdoc", "huge", "²", "01", "nojson", "binary", "notonnx", "loose",
-                      "my model.onnx"):
+        for entry in (
+            "listdoc",
+            "huge",
+            "²",
+            "01",
+            "nojson",
+            "binary",
+            "notonnx",
+            "loose",
+            "my model.onnx",
+        ):
             assert entry in skipped, entry
         # Graphs without a model.json are named, with the command that makes one.
         assert "run `rnnserve import`" in skipped

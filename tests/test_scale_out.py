@@ -21,7 +21,8 @@ from rnnserve.client import Client, RnnServeError
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nginx") is None or shutil.which("redis-server") is None,
-    reason="nginx and redis-server not installed (.ci/run installs them)")
+    reason="nginx and redis-server not installed (.ci/run installs them)",
+)
 
 SESSIONS = 200
 STEPS = 24
@@ -29,8 +30,9 @@ RECONNECT_FOR = 20.0
 LOCK = threading.Lock()
 
 
-def drive(address: str, model: str, x: np.ndarray, progress: list[int],
-          opened: list[int]) -> tuple[str, list]:
+def drive(
+    address: str, model: str, x: np.ndarray, progress: list[int], opened: list[int]
+) -> tuple[str, list]:
     """Stream one session through the proxy; after any failure, resume it by id and go on."""
     outputs: list[np.ndarray] = []
     with Client(address, timeout=30) as client:
@@ -73,15 +75,18 @@ def test_sessions_survive_a_replica_drain_behind_nginx(redis_url: str, tmp_path:
     address = nginx.address
     try:
         rng = np.random.default_rng(0)
-        work = [("echo" if i % 2 else "binary_add",
-                 rng.integers(0, 2, (STEPS, 1 if i % 2 else 2)).astype(np.float32))
-                for i in range(SESSIONS)]
+        work = [
+            (
+                "echo" if i % 2 else "binary_add",
+                rng.integers(0, 2, (STEPS, 1 if i % 2 else 2)).astype(np.float32),
+            )
+            for i in range(SESSIONS)
+        ]
         with Client(address) as client:
             expected = [client.predict(model, x[None]).y[0] for model, x in work]
         progress, opened = [0], [0]
         with ThreadPoolExecutor(SESSIONS) as pool:
-            futures = [pool.submit(drive, address, model, x, progress, opened)
-                       for model, x in work]
+            futures = [pool.submit(drive, address, model, x, progress, opened) for model, x in work]
             while opened[0] < SESSIONS or progress[0] < SESSIONS * STEPS // 3:
                 assert not any(f.done() and f.exception() for f in futures)
                 time.sleep(0.01)

@@ -29,8 +29,11 @@ def echo():
 
 
 @settings(max_examples=300, deadline=None)
-@given(ids=st.lists(st.one_of(hex_ids, hex_ids, near_ids), max_size=12),
-       live=st.integers(0, 3), owner=st.sampled_from(["", "alice"]))
+@given(
+    ids=st.lists(st.one_of(hex_ids, hex_ids, near_ids), max_size=12),
+    live=st.integers(0, 3),
+    owner=st.sampled_from(["", "alice"]),
+)
 def test_the_batched_check_matches_the_per_id_one(ids: list[str], live: int, owner: str) -> None:
     table = SessionTable(10, 60, Metrics(CollectorRegistry()))
     opened = [table.open(echo(), None, owner=owner).id for _ in range(live)]

@@ -84,8 +84,13 @@ def test_take_all_takes_every_lock_or_none() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.sets(st.integers(0, 5), min_size=1), st.integers(0, 3),
-                          st.booleans()), min_size=1, max_size=12))
+@given(
+    st.lists(
+        st.tuples(st.sets(st.integers(0, 5), min_size=1), st.integers(0, 3), st.booleans()),
+        min_size=1,
+        max_size=12,
+    )
+)
 def test_holders_never_overlap(plans: list[tuple[set[int], int, bool]]) -> None:
     """Tasks take overlapping sets of locks (all at once when free, else one by one in order),
     yield a few times while holding them, and some are cancelled: no lock ever has two
@@ -119,8 +124,10 @@ def test_holders_never_overlap(plans: list[tuple[set[int], int, bool]]) -> None:
                 release_all(mine)
 
         before = held()
-        tasks = [asyncio.create_task(task(n, wanted, yields))
-                 for n, (wanted, yields, _) in enumerate(plans)]
+        tasks = [
+            asyncio.create_task(task(n, wanted, yields))
+            for n, (wanted, yields, _) in enumerate(plans)
+        ]
         await asyncio.sleep(0)
         for t, (_, _, cancel) in zip(tasks, plans, strict=True):
             if cancel:

@@ -63,7 +63,7 @@ def test_multi_step_messages_equal_single_steps(client: Client) -> None:
         one_by_one = np.concatenate([single.step(step) for step in x])
     for k in (8, 64):
         with client.stream("binary_add") as multi:
-            chunks = np.concatenate([multi.step(x[i:i + k]) for i in range(0, len(x), k)])
+            chunks = np.concatenate([multi.step(x[i : i + k]) for i in range(0, len(x), k)])
         assert np.array_equal(chunks, one_by_one) or close(chunks, one_by_one) <= 1e-5
 
 
@@ -72,7 +72,7 @@ def test_multiplexed_stream_equals_per_session_streams(client: Client) -> None:
     expected = client.predict("echo", x).y
     with client.stream() as gateway:
         ids = [client.open_session("echo").session_id for _ in range(50)]
-        outs = [gateway.step_many(ids, x[:, t:t + 1]) for t in range(10)]
+        outs = [gateway.step_many(ids, x[:, t : t + 1]) for t in range(10)]
         for sid in ids:
             gateway.close(sid)
     y = np.concatenate([o.y for o in outs], axis=1)
@@ -84,8 +84,7 @@ def test_multiplexed_row_errors_spare_the_other_rows(client: Client) -> None:
     good = client.open_session("echo").session_id
     closed = client.open_session("echo").session_id
     client.close_session(closed)
-    batch = client.step_many([good, "0" * 32, closed, "nothex"],
-                             np.ones((4, 1, 1), np.float32))
+    batch = client.step_many([good, "0" * 32, closed, "nothex"], np.ones((4, 1, 1), np.float32))
     assert set(batch.errors) == {1, 2, 3}
     assert batch.errors[1].code.name == "NOT_FOUND"
     assert batch.errors[2].code.name == "FAILED_PRECONDITION"
@@ -161,13 +160,13 @@ def test_the_client_sends_repeated_sessions_once(client: Client) -> None:
     expected = client.predict("echo", x).y
     ids = [client.open_session("echo").session_id for _ in range(20)]
     with client.stream() as gateway:
-        outs = [gateway.step_many(ids, x[:, t:t + 1]) for t in range(3)]
+        outs = [gateway.step_many(ids, x[:, t : t + 1]) for t in range(3)]
         assert gateway._kept == ids  # the last two went as same_sessions
         client.close_session(ids[5])
         failed = gateway.step_many(ids, x[:, 3:4])
         assert list(failed.errors) == [5] and gateway._kept is None
         ids[5] = client.open_session("echo").session_id
-        outs += [gateway.step_many(ids, x[:, t:t + 1]) for t in (4, 5)]
+        outs += [gateway.step_many(ids, x[:, t : t + 1]) for t in (4, 5)]
     y = np.concatenate([o.y for o in outs[:3]], axis=1)
     assert close(y, expected[:, :3]) <= 1e-5
     rest = [r for r in range(20) if r != 5]
@@ -176,21 +175,24 @@ def test_the_client_sends_repeated_sessions_once(client: Client) -> None:
 
 
 def test_async_gateway_callers_sharing_a_stream_step_their_own_sessions(
-        server: RunningServer) -> None:
+    server: RunningServer,
+) -> None:
     """Concurrent `step_many` calls on one asyncio stream: whether a message carries its ids or
     `same_sessions` is decided in turn with the messages before it, so each steps its own."""
 
     async def main() -> dict[str, int]:
         async with AsyncClient(server.address) as client, client.stream() as gateway:
-            sets = [[(await client.open_session("echo")).session_id for _ in range(10)]
-                    for _ in range(2)]
+            sets = [
+                [(await client.open_session("echo")).session_id for _ in range(10)]
+                for _ in range(2)
+            ]
             x = np.ones((10, 1, 1), np.float32)
             await gateway.step_many(sets[1], x)  # kept: the calls below decide at once
-            batches = await asyncio.gather(*(gateway.step_many(sets[i % 3 == 0], x)
-                                             for i in range(30)))
+            batches = await asyncio.gather(
+                *(gateway.step_many(sets[i % 3 == 0], x) for i in range(30))
+            )
             assert not any(b.errors for b in batches)
-            return {sid: (await client.close_session(sid)).steps
-                    for ids in sets for sid in ids}
+            return {sid: (await client.close_session(sid)).steps for ids in sets for sid in ids}
 
     steps = asyncio.run(main())
     assert sorted(set(steps.values())) == [11, 20]

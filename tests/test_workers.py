@@ -42,13 +42,17 @@ class Workers(ServerProcess):
         super().__init__(log, "--workers", str(WORKERS), *flags, metrics=True)
 
     def worker_pids(self) -> list[int]:
-        found = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "spawn_main"],
-                               capture_output=True, text=True).stdout.split()
+        found = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid), "-f", "spawn_main"], capture_output=True, text=True
+        ).stdout.split()
         return [int(pid) for pid in found]
 
     def scrape(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                      timeout=5).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
         values: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -57,8 +61,11 @@ class Workers(ServerProcess):
         return values
 
     def messages(self) -> list[str]:
-        return [json.loads(line)["message"] for line in self.log.read_text().splitlines()
-                if line.startswith("{")]
+        return [
+            json.loads(line)["message"]
+            for line in self.log.read_text().splitlines()
+            if line.startswith("{")
+        ]
 
 
 @pytest.fixture
@@ -87,7 +94,7 @@ def test_sessions_continue_exactly_on_whichever_worker_gets_the_call(workers: Wo
         outputs = []
         for t in range(xs.shape[1]):
             with fresh(workers) as client:
-                outputs.append(client.step(session, xs[row, t:t + 1]))
+                outputs.append(client.step(session, xs[row, t : t + 1]))
         with fresh(workers) as client, client.stream(resume=session) as stream:
             assert stream.session.steps == xs.shape[1]
         return np.concatenate(outputs)
@@ -108,10 +115,16 @@ def test_v2_sequences_continue_across_workers(workers: Workers) -> None:
     for t in range(x.shape[1]):
         triton = grpcclient.InferenceServerClient(workers.address)
         tensor = grpcclient.InferInput("x", [1, 1, 1], "FP32")
-        tensor.set_data_from_numpy(x[:, t:t + 1])
-        outputs.append(triton.infer("forecast", [tensor], sequence_id="moving-seq",
-                                    sequence_start=t == 0,
-                                    sequence_end=t == x.shape[1] - 1).as_numpy("y"))
+        tensor.set_data_from_numpy(x[:, t : t + 1])
+        outputs.append(
+            triton.infer(
+                "forecast",
+                [tensor],
+                sequence_id="moving-seq",
+                sequence_start=t == 0,
+                sequence_end=t == x.shape[1] - 1,
+            ).as_numpy("y")
+        )
         triton.close()
     with fresh(workers) as client:
         whole = client.predict("forecast", x).y
@@ -126,9 +139,16 @@ def test_metrics_are_one_sum_over_the_workers(workers: Workers) -> None:
     metrics = workers.scrape()
     assert metrics["rnnserve_sessions"] == 12
     assert metrics["rnnserve_requests_total"] >= 12
-    per_worker = [line for line in urllib.request.urlopen(
-        f"http://127.0.0.1:{workers.metrics_port}/metrics", timeout=5).read().decode()
-        .splitlines() if line.startswith("rnnserve_worker_cpu_seconds_total")]
+    per_worker = [
+        line
+        for line in urllib.request.urlopen(
+            f"http://127.0.0.1:{workers.metrics_port}/metrics", timeout=5
+        )
+        .read()
+        .decode()
+        .splitlines()
+        if line.startswith("rnnserve_worker_cpu_seconds_total")
+    ]
     assert len(per_worker) == WORKERS
 
 
@@ -141,11 +161,17 @@ def test_a_killed_worker_is_replaced_and_the_server_stays_serving(workers: Worke
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with grpc.insecure_channel(workers.address) as channel:
-            statuses.append(health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=5, wait_for_ready=True).status)
+            statuses.append(
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(), timeout=5, wait_for_ready=True)
+                .status
+            )
         pids = workers.worker_pids()
-        if len(pids) == WORKERS and victim not in pids and \
-                workers.scrape().get("rnnserve_workers") == WORKERS:
+        if (
+            len(pids) == WORKERS
+            and victim not in pids
+            and workers.scrape().get("rnnserve_workers") == WORKERS
+        ):
             break
         time.sleep(0.05)
     assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
@@ -169,9 +195,24 @@ def test_sigterm_drains_every_worker(workers: Workers) -> None:
 
 def test_a_port_held_by_workers_refuses_another_server(workers: Workers) -> None:
     for count in ("1", "2"):
-        other = subprocess.run([sys.executable, "-m", "rnnserve", "serve", "--workers", count,
-                                "--grpc-port", str(workers.port), "--metrics-port", "-1"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rnnserve",
+                "serve",
+                "--workers",
+                count,
+                "--grpc-port",
+                str(workers.port),
+                "--metrics-port",
+                "-1",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert other.returncode == 2, other.stderr
         assert f"--grpc-port {workers.port}" in other.stderr
 
@@ -200,8 +241,12 @@ def test_a_client_with_several_connections_keeps_each_session_on_one(workers: Wo
     with Client(workers.address, connections=4) as client:
         assert len({id(c) for c in client.connections.channels}) == 4
         sessions = [client.open_session("echo").session_id for _ in xs]
-        got = np.stack([np.concatenate([client.step(s, x[t:t + 1]) for t in range(len(x))])
-                        for s, x in zip(sessions, xs)])
+        got = np.stack(
+            [
+                np.concatenate([client.step(s, x[t : t + 1]) for t in range(len(x))])
+                for s, x in zip(sessions, xs)
+            ]
+        )
         assert np.max(np.abs(got - client.predict("echo", xs).y)) <= 1e-5
     assert workers.scrape().get("rnnserve_session_handoffs_total", 0) == 0  # none moved
 
@@ -217,21 +262,37 @@ def test_workers_do_not_outlive_a_killed_supervisor(workers: Workers) -> None:
 
 
 def serve_once(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rnnserve", "serve", "--workers", "2",
-                           "--grpc-port", "0", "--metrics-port", "-1", *flags], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnserve",
+            "serve",
+            "--workers",
+            "2",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "-1",
+            *flags,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_missing_repository_stops_the_server_with_one_line_before_any_worker(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     failed = serve_once("--repository", str(tmp_path / "missing"))
     assert failed.returncode == 2
     (line,) = failed.stderr.splitlines()
     assert line.startswith(f"error: --repository {tmp_path / 'missing'} is not a directory")
 
 
-def test_a_repository_no_worker_can_load_stops_the_server_with_its_reason(
-        tmp_path: Path) -> None:
+def test_a_repository_no_worker_can_load_stops_the_server_with_its_reason(tmp_path: Path) -> None:
     version = tmp_path / "repo" / "echo" / "1"
     shutil.copytree(ROOT / "exported" / "echo" / "1", version)
     (version / "model.onnx").write_bytes(b"not a graph")  # found on disk, fails to load
@@ -289,23 +350,26 @@ def test_the_workers_sockets_answer_only_their_siblings(workers: Workers) -> Non
     with fresh(workers) as client:
         mine = client.open_session("echo").session_id
         client.step(mine, [1.0])
-    sockets = sorted(glob.glob(f"{tempfile.gettempdir()}/rnnserve-*/worker-*.sock"),
-                     key=os.path.getmtime)[-WORKERS:]
+    sockets = sorted(
+        glob.glob(f"{tempfile.gettempdir()}/rnnserve-*/worker-*.sock"), key=os.path.getmtime
+    )[-WORKERS:]
     assert len(sockets) == WORKERS
     for path in sockets:
         with grpc.insecure_channel(f"unix:{path}") as channel:
             stub = rpc.SiblingsStub(channel)
             for metadata in ((), (("x-rnnserve-sibling-key", "guess"),)):
                 with pytest.raises(grpc.RpcError) as err:
-                    stub.Release(pb.ReleaseRequest(session_ids=[mine]), metadata=metadata,
-                                 timeout=10)
+                    stub.Release(
+                        pb.ReleaseRequest(session_ids=[mine]), metadata=metadata, timeout=10
+                    )
                 assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with fresh(workers) as client:  # still there, still exact
         assert client.step(mine, [1.0]).shape == (1, 2)
 
 
 def test_sessions_stepped_through_three_workers_at_once_are_never_lost_to_a_move(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """Six clients step the same two sessions, each call on a connection the kernel gives to
     any of three workers, so the sessions move all the time. A call that meets its session
     busy elsewhere or on its way waits for it (at worst UNAVAILABLE with a retry delay): it is
@@ -367,8 +431,10 @@ def test_one_chosen_id_is_one_session_whichever_workers_its_opens_reach(tmp_path
     """Opened through two workers at once, one id gave two sessions that then diverged: 16
     connections, ready beforehand, open the same id at the same moment."""
     server = Workers(tmp_path / "log")
-    channels = [grpc.insecure_channel(server.address, [("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(16)]  # a connection each
+    channels = [
+        grpc.insecure_channel(server.address, [("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(16)
+    ]  # a connection each
     try:
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=10)
@@ -381,8 +447,10 @@ def test_one_chosen_id_is_one_session_whichever_workers_its_opens_reach(tmp_path
                 def open_(stub, chosen=chosen, together=together) -> str:
                     together.wait()
                     try:
-                        stub.OpenSession(rnnserve_pb2.OpenSessionRequest(
-                            model="echo", session_id=chosen), timeout=10)
+                        stub.OpenSession(
+                            rnnserve_pb2.OpenSessionRequest(model="echo", session_id=chosen),
+                            timeout=10,
+                        )
                         return "OK"
                     except grpc.RpcError as exc:
                         return exc.code().name
@@ -403,6 +471,7 @@ def test_the_per_client_cap_counts_the_whole_server(tmp_path: Path) -> None:
     server = Workers(tmp_path / "log", "--max-sessions-per-client", "5")
     opened: list[str] = []
     try:
+
         def attempt(_: int) -> str:
             with fresh(server) as client:
                 try:
@@ -420,8 +489,11 @@ def test_the_per_client_cap_counts_the_whole_server(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while True:  # both replaced, and both of the new ones serving
             pids = server.worker_pids()
-            if len(pids) == WORKERS and not set(pids) & set(victims) and \
-                    server.scrape().get("rnnserve_workers") == WORKERS:
+            if (
+                len(pids) == WORKERS
+                and not set(pids) & set(victims)
+                and server.scrape().get("rnnserve_workers") == WORKERS
+            ):
                 break
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -441,7 +513,7 @@ def test_the_per_client_cap_counts_the_whole_server(tmp_path: Path) -> None:
 
 
 def test_a_session_let_go_to_a_sibling_that_never_took_it_is_live_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Moves are two-phase: the holder keeps the session's slot until the shared table names
     the worker it went to. Here the sibling's answer is lost (the holder releases, nobody
@@ -456,9 +528,10 @@ def test_a_session_let_go_to_a_sibling_that_never_took_it_is_live_again(
     monkeypatch.setattr(engine, "LEND_TIMEOUT", 0.2)
     claims.create(tmp_path)
     config = make_config(grpc_port=free_port())
-    holder, sibling = (RunningServer(config, worker=WorkerPlace(i, 2, tmp_path, os.getpid(),
-                                                                  "key"))
-                       for i in range(2))
+    holder, sibling = (
+        RunningServer(config, worker=WorkerPlace(i, 2, tmp_path, os.getpid(), "key"))
+        for i in range(2)
+    )
     try:
         x = np.array([[[1.0], [0.0], [1.0]]], np.float32)
         holder_engine = holder.server.engine

@@ -13,8 +13,11 @@ import numpy as np
 
 from rnnserve.models.contract import CELLS, state_names
 
-RNN_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU,
-              "simple_rnn": keras.layers.SimpleRNN}
+RNN_LAYERS = {
+    "lstm": keras.layers.LSTM,
+    "gru": keras.layers.GRU,
+    "simple_rnn": keras.layers.SimpleRNN,
+}
 HEAD_KIND = {"softmax": "probabilities", "sigmoid": "sigmoid", "linear": "regression"}
 
 
@@ -58,13 +61,21 @@ def build_model(arch: Architecture) -> keras.Model:
     x = keras.Input((None, arch.features), name="x")
     state_inputs = [keras.Input((arch.units,), name=name) for name, _ in arch.state_layout()]
     per_layer = 2 if arch.cell == "lstm" else 1
-    h = keras.layers.Rescaling(np.asarray(arch.input_scale, "float32"),
-                               np.asarray(arch.input_offset, "float32"), name="scale_in")(x)
+    h = keras.layers.Rescaling(
+        np.asarray(arch.input_scale, "float32"),
+        np.asarray(arch.input_offset, "float32"),
+        name="scale_in",
+    )(x)
     final_states = []
     for i in range(arch.layers):
-        layer = RNN_LAYERS[arch.cell](arch.units, activation=arch.activation,
-                                      return_sequences=True, return_state=True, name=f"rnn_{i}")
-        h, *states = layer(h, initial_state=state_inputs[i * per_layer:(i + 1) * per_layer])
+        layer = RNN_LAYERS[arch.cell](
+            arch.units,
+            activation=arch.activation,
+            return_sequences=True,
+            return_state=True,
+            name=f"rnn_{i}",
+        )
+        h, *states = layer(h, initial_state=state_inputs[i * per_layer : (i + 1) * per_layer])
         final_states += states
     y = keras.layers.Dense(arch.outputs, activation=arch.head, name="head")(h)
     if arch.output_scale != 1.0 or arch.output_offset != 0.0:

@@ -17,27 +17,32 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def parser() -> argparse.ArgumentParser:
     from training.tasks import TASKS
 
-    p = argparse.ArgumentParser(prog="python -m training",
-                                description="Train rnnserve's models and export them as ONNX.")
+    p = argparse.ArgumentParser(
+        prog="python -m training", description="Train rnnserve's models and export them as ONNX."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one task (or all) and export it")
     train.add_argument("--task", choices=[*TASKS, "all"], required=True)
     train.add_argument("--cell", choices=CELLS, help="recurrent cell (default: the task's)")
     train.add_argument("--layers", type=int, help="stacked recurrent layers")
     train.add_argument("--units", type=int, help="units per recurrent layer")
-    train.add_argument("--activation", choices=["tanh", "relu", "sigmoid"],
-                       help="cell activation")
-    train.add_argument("--epochs", type=int,
-                       help="epochs (binary_add: training steps of fresh pairs)")
+    train.add_argument("--activation", choices=["tanh", "relu", "sigmoid"], help="cell activation")
+    train.add_argument(
+        "--epochs", type=int, help="epochs (binary_add: training steps of fresh pairs)"
+    )
     train.add_argument("--out", type=Path, default=Path("exported"), help="model repository")
     train.add_argument("--version", type=int, default=1, help="version directory to write")
     train.add_argument("--name", help="model name (default: the task name)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--mnist", type=Path, help="digits: a local mnist.npz instead of sklearn's")
-    train.add_argument("--no-bar", action="store_true",
-                       help="write the model even if it misses the task's bar")
-    export = sub.add_parser("export", help="export a saved Keras model (LSTM/GRU/SimpleRNN "
-                            "with Dense/Activation layers) with native recurrent ops, checked")
+    train.add_argument(
+        "--no-bar", action="store_true", help="write the model even if it misses the task's bar"
+    )
+    export = sub.add_parser(
+        "export",
+        help="export a saved Keras model (LSTM/GRU/SimpleRNN "
+        "with Dense/Activation layers) with native recurrent ops, checked",
+    )
     export.add_argument("model", type=Path, help="the .keras file")
     export.add_argument("--name", required=True, help="the model's name in the repository")
     export.add_argument("--version", type=int, default=1, help="version directory to write")
@@ -77,9 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         task = TASKS[name](seed=args.seed, **extra)
         d = task.defaults
         request = ExportRequest(
-            cell=args.cell or d.cell, layers=args.layers or d.layers, units=args.units or d.units,
-            activation=args.activation or d.activation, epochs=args.epochs or d.epochs,
-            out=args.out, version=args.version, name=args.name, seed=args.seed)
+            cell=args.cell or d.cell,
+            layers=args.layers or d.layers,
+            units=args.units or d.units,
+            activation=args.activation or d.activation,
+            epochs=args.epochs or d.epochs,
+            out=args.out,
+            version=args.version,
+            name=args.name,
+            seed=args.seed,
+        )
         try:
             path = export_task(task, request, require_bar=not args.no_bar)
         except BarNotMet as exc:

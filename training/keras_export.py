@@ -35,8 +35,7 @@ PASS_THROUGH = {"InputLayer", "Dropout", "SpatialDropout1D", "GaussianNoise"}
 """Layers that do nothing at inference."""
 
 
-def export_saved(path: Path, name: str, version: int, out: Path,
-                 description: str = "") -> Path:
+def export_saved(path: Path, name: str, version: int, out: Path, description: str = "") -> Path:
     """Write out/name/version/ for the saved model; ExportError (nothing written) if it cannot
     be served exactly."""
     target = version_dir(out, name, version)
@@ -53,24 +52,44 @@ def export_saved(path: Path, name: str, version: int, out: Path,
     checks = verify_export(streaming, proto, sample)
     checks["last_step_vs_original"] = _same_answers(original, streaming)
     if not checks["last_step_vs_original"] <= TOLERANCE:
-        raise ExportError(f"the rebuilt model's last step differs from the saved model by "
-                          f"{checks['last_step_vs_original']:.3g}")
+        raise ExportError(
+            f"the rebuilt model's last step differs from the saved model by "
+            f"{checks['last_step_vs_original']:.3g}"
+        )
     units = [int(t.shape[-1]) for t in streaming.inputs[1:]]
     spec = ModelSpec(
-        name=name, version=version, task="keras",
+        name=name,
+        version=version,
+        task="keras",
         description=description or f"exported from {path.name} ({', '.join(kinds)})",
-        cell=cells[0], layers=len(cells), units=max(units), features=features,
-        outputs=int(streaming.outputs[0].shape[-1]), output_kind=_output_kind(original),
-        states=tuple(StateSpec(t.name, f"{t.name}_out", size)
-                     for t, size in zip(streaming.inputs[1:], units, strict=True)),
-        extra={"exported": {"source": path.name, "layers": kinds},
-               "verification": {**checks, "tolerance": TOLERANCE},
-               "onnx": {"opset": OPSET, "ops": sorted({n.op_type for n in proto.graph.node})}})
+        cell=cells[0],
+        layers=len(cells),
+        units=max(units),
+        features=features,
+        outputs=int(streaming.outputs[0].shape[-1]),
+        output_kind=_output_kind(original),
+        states=tuple(
+            StateSpec(t.name, f"{t.name}_out", size)
+            for t, size in zip(streaming.inputs[1:], units, strict=True)
+        ),
+        extra={
+            "exported": {"source": path.name, "layers": kinds},
+            "verification": {**checks, "tolerance": TOLERANCE},
+            "onnx": {"opset": OPSET, "ops": sorted({n.op_type for n in proto.graph.node})},
+        },
+    )
     golden = make_probe(streaming, sample, batch=4, time=10, seed=1)
     expected = run_keras(streaming, golden)
-    write_version(target, proto.SerializeToString(), spec,
-                  {INPUT_NAME: golden.x, **golden.states,
-                   **{f"expected_{k}": v for k, v in expected.items()}})
+    write_version(
+        target,
+        proto.SerializeToString(),
+        spec,
+        {
+            INPUT_NAME: golden.x,
+            **golden.states,
+            **{f"expected_{k}": v for k, v in expected.items()},
+        },
+    )
     print(json.dumps({"model": name, "version": version, "verification": checks}))
     return target
 
@@ -90,10 +109,18 @@ def _streaming(original: keras.Model) -> tuple[keras.Model, list[str], list[str]
         kinds.append(kind)
         if kind in RECURRENT:
             cell = RECURRENT[kind]
-            rebuilt = type(layer).from_config({**layer.get_config(), "return_sequences": True,
-                                               "return_state": True, "stateful": False})
-            own = [keras.Input((layer.units,), name=state)
-                   for state, _ in state_names(cell, len(cells))]
+            rebuilt = type(layer).from_config(
+                {
+                    **layer.get_config(),
+                    "return_sequences": True,
+                    "return_state": True,
+                    "stateful": False,
+                }
+            )
+            own = [
+                keras.Input((layer.units,), name=state)
+                for state, _ in state_names(cell, len(cells))
+            ]
             h, *states = rebuilt(h, initial_state=own)
             rebuilt.set_weights(layer.get_weights())
             state_inputs += own
@@ -102,9 +129,11 @@ def _streaming(original: keras.Model) -> tuple[keras.Model, list[str], list[str]
         elif kind in ("Dense", "Activation"):
             h = layer(h)
         else:
-            raise ExportError(f"layer {layer.name!r} of type {kind} cannot be served step by "
-                              "step (supported: LSTM, GRU, SimpleRNN, Dense, Activation, "
-                              "Dropout)")
+            raise ExportError(
+                f"layer {layer.name!r} of type {kind} cannot be served step by "
+                "step (supported: LSTM, GRU, SimpleRNN, Dense, Activation, "
+                "Dropout)"
+            )
     if not cells:
         raise ExportError("the model has no LSTM, GRU or SimpleRNN layer")
     return keras.Model([x, *state_inputs], [h, *finals]), cells, kinds

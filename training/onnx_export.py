@@ -16,8 +16,13 @@ from rnnserve.models.contract import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17
 ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
-HEAD_ACTIVATIONS = {"softmax": "Softmax", "sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu",
-                    "linear": None}
+HEAD_ACTIVATIONS = {
+    "softmax": "Softmax",
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "relu": "Relu",
+    "linear": None,
+}
 # Keras LSTM gate blocks are (i, f, c, o); ONNX LSTM wants (i, o, f, c).
 LSTM_GATE_ORDER = (0, 3, 1, 2)
 
@@ -30,14 +35,16 @@ def _activation_name(layer: keras.layers.Layer, attr: str, table: dict) -> str |
     fn = getattr(layer, attr)
     name = getattr(fn, "__name__", str(fn))
     if name not in table:
-        raise ExportError(f"layer {layer.name!r}: {attr} {name!r} has no exact ONNX equivalent; "
-                          f"use one of {', '.join(k for k in table)}")
+        raise ExportError(
+            f"layer {layer.name!r}: {attr} {name!r} has no exact ONNX equivalent; "
+            f"use one of {', '.join(k for k in table)}"
+        )
     return table[name]
 
 
 def _gate_blocks(matrix: np.ndarray, units: int, order: tuple[int, ...]) -> np.ndarray:
     """Reorder the gate blocks along the last axis and transpose to ONNX's [gates*units, in]."""
-    blocks = [matrix[..., g * units:(g + 1) * units] for g in order]
+    blocks = [matrix[..., g * units : (g + 1) * units] for g in order]
     return np.concatenate(blocks, axis=-1).T
 
 
@@ -61,8 +68,9 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node("Identity", [tensor], [name], name=f"out_{name}"))
 
 
-def _recurrent(b: _GraphBuilder, layer: keras.layers.Layer, seq: str,
-               states: list[str], index: int) -> tuple[str, list[str]]:
+def _recurrent(
+    b: _GraphBuilder, layer: keras.layers.Layer, seq: str, states: list[str], index: int
+) -> tuple[str, list[str]]:
     """Emit one recurrent layer over seq [T, B, in]; return its [T, B, units] output and states."""
     if getattr(layer, "go_backwards", False):
         raise ExportError(f"layer {layer.name!r} runs backwards; streaming needs forward layers")
@@ -77,8 +85,11 @@ def _recurrent(b: _GraphBuilder, layer: keras.layers.Layer, seq: str,
         op, order = "LSTM", LSTM_GATE_ORDER
         w_bias = bias if bias is not None else np.zeros(4 * units, "float32")
         b_all = np.concatenate([_gate_blocks(w_bias, units, order), np.zeros(4 * units, "float32")])
-        attrs["activations"] = [_activation_name(layer, "recurrent_activation", ACTIVATIONS),
-                                act, act]
+        attrs["activations"] = [
+            _activation_name(layer, "recurrent_activation", ACTIVATIONS),
+            act,
+            act,
+        ]
     elif kind == "GRU":
         op, order = "GRU", (0, 1, 2)
         if bias is None:
@@ -95,8 +106,9 @@ def _recurrent(b: _GraphBuilder, layer: keras.layers.Layer, seq: str,
         b_all = np.concatenate([w_bias, np.zeros(units, "float32")])
         attrs["activations"] = [act]
     else:
-        raise ExportError(f"layer {layer.name!r} of type {kind} is not an exportable recurrent "
-                          "layer")
+        raise ExportError(
+            f"layer {layer.name!r} of type {kind} is not an exportable recurrent layer"
+        )
     w = b.const(f"W{index}", _gate_blocks(kernel, units, order)[None])
     r = b.const(f"R{index}", _gate_blocks(recurrent, units, order)[None])
     bb = b.const(f"B{index}", b_all.astype("float32")[None])
@@ -114,12 +126,14 @@ def to_onnx(model: keras.Model) -> onnx.ModelProto:
     b = _GraphBuilder()
     x_in = model.inputs[0]
     features = x_in.shape[-1]
-    graph_inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
-                                                  ["batch", "time", features])]
+    graph_inputs = [
+        helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "time", features])
+    ]
     state_in = list(model.inputs[1:])
     for t in state_in:
-        graph_inputs.append(helper.make_tensor_value_info(t.name, TensorProto.FLOAT,
-                                                          ["batch", t.shape[-1]]))
+        graph_inputs.append(
+            helper.make_tensor_value_info(t.name, TensorProto.FLOAT, ["batch", t.shape[-1]])
+        )
     cur = INPUT_NAME  # [B, T, F] until the first recurrent layer, then [T, B, U]
     time_major = False
     state_cursor, final_states, rnn_index = 0, [], 0
@@ -137,7 +151,7 @@ def to_onnx(model: keras.Model) -> onnx.ModelProto:
                 cur = b.node("Transpose", [cur], perm=[1, 0, 2])[0]
                 time_major = True
             n_states = 2 if kind == "LSTM" else 1
-            names = [t.name for t in state_in[state_cursor:state_cursor + n_states]]
+            names = [t.name for t in state_in[state_cursor : state_cursor + n_states]]
             if len(names) != n_states:
                 raise ExportError(f"layer {layer.name!r} has no state inputs of its own")
             state_cursor += n_states
@@ -163,23 +177,32 @@ def to_onnx(model: keras.Model) -> onnx.ModelProto:
         elif kind == "Add" and not time_major:
             cur = b.node("Add", [INPUT_NAME, cur])[0]
         else:
-            raise ExportError(f"layer {layer.name!r} of type {kind} cannot be served exactly "
-                              "step by step (supported: Rescaling, LSTM, GRU, SimpleRNN, Dense, "
-                              "Activation, residual Add)")
+            raise ExportError(
+                f"layer {layer.name!r} of type {kind} cannot be served exactly "
+                "step by step (supported: Rescaling, LSTM, GRU, SimpleRNN, Dense, "
+                "Activation, residual Add)"
+            )
     if rnn_index == 0 or time_major:
         raise ExportError("the model needs recurrent layers followed by a Dense head")
     if state_cursor != len(state_in):
         raise ExportError("every state input must feed a recurrent layer")
     b.rename_output(cur, OUTPUT_NAME)
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
-                                             ["batch", "time", model.outputs[0].shape[-1]])]
+    outputs = [
+        helper.make_tensor_value_info(
+            OUTPUT_NAME, TensorProto.FLOAT, ["batch", "time", model.outputs[0].shape[-1]]
+        )
+    ]
     for t, final in zip(state_in, final_states):
         b.rename_output(final, f"{t.name}_out")
-        outputs.append(helper.make_tensor_value_info(f"{t.name}_out", TensorProto.FLOAT,
-                                                     ["batch", t.shape[-1]]))
+        outputs.append(
+            helper.make_tensor_value_info(
+                f"{t.name}_out", TensorProto.FLOAT, ["batch", t.shape[-1]]
+            )
+        )
     graph = helper.make_graph(b.nodes, "rnnserve", graph_inputs, outputs, b.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="rnnserve.training")
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="rnnserve.training"
+    )
     proto.ir_version = 8
     onnx.checker.check_model(proto, full_check=True)
     return proto

@@ -61,33 +61,57 @@ def export_task(task: Task, request: ExportRequest, require_bar: bool = True) ->
     metrics = task.evaluate(session)
     bar_value = metrics[task.bar.metric]
     if require_bar and not task.bar.passed(bar_value):
-        raise BarNotMet(f"{task.name}: {task.bar.metric} = {bar_value:.4f} misses the bar "
-                        f"{task.bar.threshold}")
+        raise BarNotMet(
+            f"{task.name}: {task.bar.metric} = {bar_value:.4f} misses the bar {task.bar.threshold}"
+        )
     name = request.name or task.name
     spec = ModelSpec(
-        name=name, version=request.version, task=task.name, description=task.description,
-        cell=arch.cell, layers=arch.layers, units=arch.units, features=arch.features,
-        outputs=arch.outputs, output_kind=arch.output_kind,
+        name=name,
+        version=request.version,
+        task=task.name,
+        description=task.description,
+        cell=arch.cell,
+        layers=arch.layers,
+        units=arch.units,
+        features=arch.features,
+        outputs=arch.outputs,
+        output_kind=arch.output_kind,
         states=tuple(StateSpec(i, o, arch.units) for i, o in arch.state_layout()),
         extra={
             "architecture": asdict(arch),
             "training": {**setup, "seed": request.seed},
-            "metrics": {**metrics, "bar": {"metric": task.bar.metric,
-                                           "threshold": task.bar.threshold,
-                                           "passed": task.bar.passed(bar_value)},
-                        "seed_figure": task.bar.seed_figure},
+            "metrics": {
+                **metrics,
+                "bar": {
+                    "metric": task.bar.metric,
+                    "threshold": task.bar.threshold,
+                    "passed": task.bar.passed(bar_value),
+                },
+                "seed_figure": task.bar.seed_figure,
+            },
             "verification": {**verification, "tolerance": 1e-5},
             "onnx": {"opset": OPSET, "ops": sorted({n.op_type for n in proto.graph.node})},
             "tools": _tool_versions(),
-        })
+        },
+    )
     golden = make_probe(model, sample, batch=4, time=10, seed=request.seed + 1)
     expected = run_keras(model, golden)
     target = version_dir(request.out, name, request.version)
-    write_version(target, proto.SerializeToString(), spec,
-                  {INPUT_NAME: golden.x, **golden.states,
-                   **{f"expected_{k}": v for k, v in expected.items()}},
-                  lambda staged: plot_training(losses, metrics, spec, staged / "training.png"),
-                  replace=True)
-    print(json.dumps({"model": name, "version": request.version, **metrics,
-                      "verification": verification}))
+    write_version(
+        target,
+        proto.SerializeToString(),
+        spec,
+        {
+            INPUT_NAME: golden.x,
+            **golden.states,
+            **{f"expected_{k}": v for k, v in expected.items()},
+        },
+        lambda staged: plot_training(losses, metrics, spec, staged / "training.png"),
+        replace=True,
+    )
+    print(
+        json.dumps(
+            {"model": name, "version": request.version, **metrics, "verification": verification}
+        )
+    )
     return target

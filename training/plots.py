@@ -9,8 +9,9 @@ import numpy as np
 from rnnserve.models.contract import ModelSpec
 
 
-def plot_training(losses: list[float], metrics: dict[str, float], spec: ModelSpec,
-                  path: Path) -> None:
+def plot_training(
+    losses: list[float], metrics: dict[str, float], spec: ModelSpec, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,13 +22,14 @@ def plot_training(losses: list[float], metrics: dict[str, float], spec: ModelSpe
     ax.plot(steps, losses, lw=0.5, alpha=0.4, label="loss per step")
     window = max(1, len(losses) // 50)
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window}")
+    ax.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss")
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    ax.set_title(f"{spec.name} v{spec.version}: {spec.layers}x{spec.cell}({spec.units})\n{shown}",
-                 fontsize=8)
+    ax.set_title(
+        f"{spec.name} v{spec.version}: {spec.layers}x{spec.cell}({spec.units})\n{shown}", fontsize=8
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)

@@ -18,8 +18,14 @@ LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 class Trainer:
-    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                 loss_fn: LossFn, label: str, total_steps: int) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        loss_fn: LossFn,
+        label: str,
+        total_steps: int,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -37,14 +43,17 @@ class Trainer:
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss, finals
 
-    def step(self, x: np.ndarray, y: np.ndarray,
-             states: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def step(self, x: np.ndarray, y: np.ndarray, states: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Train on one batch; return the final states (for stateful callers)."""
         loss, finals = self._step(tf.constant(x), tf.constant(y), [tf.constant(s) for s in states])
         self.losses.append(float(loss))
         n = len(self.losses)
         if n == 1 or n % max(1, self.total_steps // 20) == 0 or n == self.total_steps:
             recent = float(np.mean(self.losses[-50:]))
-            print(f"[{self.label}] step {n}/{self.total_steps} loss {recent:.5f} "
-                  f"({time.monotonic() - self._started:.0f}s)", file=sys.stderr, flush=True)
+            print(
+                f"[{self.label}] step {n}/{self.total_steps} loss {recent:.5f} "
+                f"({time.monotonic() - self._started:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
         return [np.asarray(f) for f in finals]

@@ -35,14 +35,17 @@ class Probe:
         return {INPUT_NAME: self.x, **self.states}
 
 
-def make_probe(model: keras.Model, sample: np.ndarray, batch: int, time: int,
-               seed: int = 0) -> Probe:
+def make_probe(
+    model: keras.Model, sample: np.ndarray, batch: int, time: int, seed: int = 0
+) -> Probe:
     """Draw timesteps from `sample` (real [N, features] rows) so scaling sees realistic values."""
     rng = np.random.default_rng(seed)
     rows = sample.reshape(-1, sample.shape[-1])
     x = rows[rng.integers(0, len(rows), batch * time)].reshape(batch, time, -1)
-    states = {t.name: rng.uniform(-0.5, 0.5, (batch, t.shape[-1])).astype("float32")
-              for t in model.inputs[1:]}
+    states = {
+        t.name: rng.uniform(-0.5, 0.5, (batch, t.shape[-1])).astype("float32")
+        for t in model.inputs[1:]
+    }
     return Probe(x.astype("float32"), states)
 
 
@@ -62,7 +65,7 @@ def run_streamed(session: ort.InferenceSession, probe: Probe) -> dict[str, np.nd
     states = dict(probe.states)
     ys = []
     for t in range(probe.x.shape[1]):
-        out = run_onnx(session, Probe(probe.x[:, t:t + 1], states))
+        out = run_onnx(session, Probe(probe.x[:, t : t + 1], states))
         ys.append(out[OUTPUT_NAME])
         states = {n: out[f"{n}_out"] for n in states}
     return {OUTPUT_NAME: np.concatenate(ys, axis=1), **{f"{n}_out": v for n, v in states.items()}}
@@ -81,8 +84,9 @@ def check_ops(proto: onnx.ModelProto) -> None:
         raise VerificationError(f"graph must use native recurrent ops only, has {sorted(ops)}")
 
 
-def verify_export(model: keras.Model, proto: onnx.ModelProto, sample: np.ndarray,
-                  seed: int = 0) -> dict[str, float]:
+def verify_export(
+    model: keras.Model, proto: onnx.ModelProto, sample: np.ndarray, seed: int = 0
+) -> dict[str, float]:
     """Return the measured differences; raise VerificationError past TOLERANCE."""
     check_ops(proto)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -92,8 +96,9 @@ def verify_export(model: keras.Model, proto: onnx.ModelProto, sample: np.ndarray
     report = {
         "onnx_vs_keras": max_diff(whole, run_keras(model, probe)),
         "streamed_vs_whole": max_diff(run_streamed(session, probe), whole),
-        "batch1_vs_batch64": max_diff(run_onnx(session, single),
-                                          {k: v[:1] for k, v in whole.items()}),
+        "batch1_vs_batch64": max_diff(
+            run_onnx(session, single), {k: v[:1] for k, v in whole.items()}
+        ),
     }
     failed = {k: v for k, v in report.items() if not v <= TOLERANCE}
     if failed:

@@ -47,8 +47,9 @@ class RnnServeError(Exception):
     """A failed call or stream message: the gRPC status code, the server's message, and how
     long to wait before retrying when the server says so (None: retrying unchanged won't help)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
@@ -56,8 +57,9 @@ class RnnServeError(Exception):
 
     @classmethod
     def from_status(cls, status: status_pb2.Status) -> RnnServeError:
-        return cls(BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN), status.message,
-                   retry_after(status))
+        return cls(
+            BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN), status.message, retry_after(status)
+        )
 
     @classmethod
     def from_rpc_error(cls, exc: grpc.RpcError) -> RnnServeError:
@@ -100,9 +102,13 @@ def _timesteps(x: ArrayLike) -> np.ndarray:
     return a[None] if a.ndim == 1 else a
 
 
-def _predict_request(model: str, x: ArrayLike | Sequence[ArrayLike], version: int,
-                     initial_states: Mapping[str, ArrayLike] | None,
-                     last_only: bool) -> pb.PredictRequest:
+def _predict_request(
+    model: str,
+    x: ArrayLike | Sequence[ArrayLike],
+    version: int,
+    initial_states: Mapping[str, ArrayLike] | None,
+    last_only: bool,
+) -> pb.PredictRequest:
     """x: [batch, time, features], or a list of [time_i, features] sequences of any lengths."""
     lengths: list[int] = []
     if isinstance(x, np.ndarray):
@@ -112,35 +118,49 @@ def _predict_request(model: str, x: ArrayLike | Sequence[ArrayLike], version: in
         shapes = {s.shape[1:] for s in seqs}
         if not seqs or any(s.ndim != 2 or not len(s) for s in seqs) or len(shapes) != 1:
             found = [list(s.shape) for s in seqs[:3]]
-            raise ValueError("predict's x: a non-empty list of [time, features] sequences with "
-                             f"one feature count (or a [batch, time, features] array); got "
-                             f"{len(seqs)} sequences of shapes {found}"
-                             f"{' …' if len(seqs) > 3 else ''}")
+            raise ValueError(
+                "predict's x: a non-empty list of [time, features] sequences with "
+                f"one feature count (or a [batch, time, features] array); got "
+                f"{len(seqs)} sequences of shapes {found}"
+                f"{' …' if len(seqs) > 3 else ''}"
+            )
         lengths = [len(s) for s in seqs]
         batch = np.zeros((len(seqs), max(lengths), seqs[0].shape[-1]), "<f4")
         for row, s in enumerate(seqs):
-            batch[row, :len(s)] = s
+            batch[row, : len(s)] = s
         if len(set(lengths)) == 1:
             lengths = []
     mode = pb.OUTPUT_MODE_LAST_STEP if last_only else pb.OUTPUT_MODE_ALL_STEPS
-    return pb.PredictRequest(model=model, version=version, x=to_tensor(batch), lengths=lengths,
-                             initial_states=_states(initial_states), output_mode=mode)
+    return pb.PredictRequest(
+        model=model,
+        version=version,
+        x=to_tensor(batch),
+        lengths=lengths,
+        initial_states=_states(initial_states),
+        output_mode=mode,
+    )
 
 
 def _prediction(response: pb.PredictResponse) -> Prediction:
-    return Prediction(answer_array(response.y), _arrays(response.final_states), response.model,
-                      response.version)
+    return Prediction(
+        answer_array(response.y), _arrays(response.final_states), response.model, response.version
+    )
 
 
-def _open_request(model: str, version: int, initial_states: Mapping[str, ArrayLike] | None,
-                  session_id: str) -> pb.OpenSessionRequest:
-    return pb.OpenSessionRequest(model=model, version=version,
-                                 initial_states=_states(initial_states), session_id=session_id)
+def _open_request(
+    model: str, version: int, initial_states: Mapping[str, ArrayLike] | None, session_id: str
+) -> pb.OpenSessionRequest:
+    return pb.OpenSessionRequest(
+        model=model, version=version, initial_states=_states(initial_states), session_id=session_id
+    )
 
 
 def _step_batch(response: pb.StepResponse) -> StepBatch:
-    return StepBatch(answer_array(response.y), list(response.steps),
-                     {e.row: RnnServeError.from_status(e.status) for e in response.errors})
+    return StepBatch(
+        answer_array(response.y),
+        list(response.steps),
+        {e.row: RnnServeError.from_status(e.status) for e in response.errors},
+    )
 
 
 def _single(batch: StepBatch) -> np.ndarray:
@@ -150,17 +170,20 @@ def _single(batch: StepBatch) -> np.ndarray:
 
 
 def _one_session_step(session_id: str, x: ArrayLike) -> pb.StepRequest:
-    return pb.StepRequest(session_ids=[session_id] if session_id else [],
-                          x=to_tensor(_timesteps(x)[None]))
+    return pb.StepRequest(
+        session_ids=[session_id] if session_id else [], x=to_tensor(_timesteps(x)[None])
+    )
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     # A connection of its own: gRPC would otherwise share one TCP connection between channels
     # to the same address, and a server's workers (or a proxy's replicas) are chosen per
     # connection.
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.use_local_subchannel_pool", 1)]
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -181,15 +204,24 @@ class _Connections:
     chosen per connection, so a client with several spreads its sessions over them; each
     session's calls always take the same connection, so the session stays where it is."""
 
-    def __init__(self, transport: Any, address: str, tls_ca: Path | str | None,
-                 max_message_bytes: int, count: int) -> None:
+    def __init__(
+        self,
+        transport: Any,
+        address: str,
+        tls_ca: Path | str | None,
+        max_message_bytes: int,
+        count: int,
+    ) -> None:
         if count < 1:
             raise ValueError("connections must be at least 1")
         options = _channel_options(max_message_bytes)
         creds = _credentials(tls_ca)
-        self.channels = [transport.secure_channel(address, creds, options) if creds
-                         else transport.insecure_channel(address, options)
-                         for _ in range(count)]
+        self.channels = [
+            transport.secure_channel(address, creds, options)
+            if creds
+            else transport.insecure_channel(address, options)
+            for _ in range(count)
+        ]
         self.stubs = [rpc.InferenceStub(c) for c in self.channels]
         self._turn = itertools.cycle(range(count))
 
@@ -208,9 +240,15 @@ class Client:
     connections to spread sessions over (a server with --workers N serves each connection
     in one worker; a message naming several sessions should keep to one connection)."""
 
-    def __init__(self, address: str, token: str | None = None,
-                 tls_ca: Path | str | None = None, timeout: float | None = 30.0,
-                 max_message_bytes: int = 16 * 1024 * 1024, connections: int = 1) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        tls_ca: Path | str | None = None,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = 16 * 1024 * 1024,
+        connections: int = 1,
+    ) -> None:
         self.connections = _Connections(grpc, address, tls_ca, max_message_bytes, connections)
         self.channel = self.connections.channels[0]
         self.timeout = timeout
@@ -229,7 +267,8 @@ class Client:
     def _call(self, method: str, request: Any, session_id: str = "") -> Any:
         try:
             return getattr(self.connections.stub(session_id), method)(
-                request, timeout=self.timeout, metadata=_routed(self.metadata, session_id))
+                request, timeout=self.timeout, metadata=_routed(self.metadata, session_id)
+            )
         except grpc.RpcError as exc:
             raise RnnServeError.from_rpc_error(exc) from None
 
@@ -239,24 +278,34 @@ class Client:
     def get_model(self, model: str, version: int = 0) -> Model:
         return self._call("GetModel", pb.GetModelRequest(model=model, version=version)).model
 
-    def predict(self, model: str, x: ArrayLike | Sequence[ArrayLike], *, version: int = 0,
-                initial_states: Mapping[str, ArrayLike] | None = None,
-                last_only: bool = False) -> Prediction:
+    def predict(
+        self,
+        model: str,
+        x: ArrayLike | Sequence[ArrayLike],
+        *,
+        version: int = 0,
+        initial_states: Mapping[str, ArrayLike] | None = None,
+        last_only: bool = False,
+    ) -> Prediction:
         """x: [batch, time, features], or a list of [time_i, features] sequences of any lengths."""
-        return _prediction(self._call("Predict", _predict_request(
-            model, x, version, initial_states, last_only)))
+        return _prediction(
+            self._call("Predict", _predict_request(model, x, version, initial_states, last_only))
+        )
 
-    def open_session(self, model: str, version: int = 0,
-                     initial_states: Mapping[str, ArrayLike] | None = None) -> Session:
+    def open_session(
+        self, model: str, version: int = 0, initial_states: Mapping[str, ArrayLike] | None = None
+    ) -> Session:
         """The client picks the id, so a proxy routes this call like every later one."""
         session_id = new_session_id()
-        return self._call("OpenSession", _open_request(model, version, initial_states,
-                                                       session_id), session_id).session
+        return self._call(
+            "OpenSession", _open_request(model, version, initial_states, session_id), session_id
+        ).session
 
     def step(self, session_id: str, x: ArrayLike) -> np.ndarray:
         """One session, k timesteps ([k, features] or one [features] step) → [k, outputs]."""
-        return _single(_step_batch(self._call("Step", _one_session_step(session_id, x),
-                                              session_id)))
+        return _single(
+            _step_batch(self._call("Step", _one_session_step(session_id, x), session_id))
+        )
 
     def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
         """x [rows, k, features], a row per session; failed rows are reported, not raised."""
@@ -265,24 +314,34 @@ class Client:
         return _step_batch(self._call("Step", request, only))
 
     def reset(self, session_id: str) -> Session:
-        return self._call("ResetSession", pb.ResetSessionRequest(session_id=session_id),
-                          session_id).session
+        return self._call(
+            "ResetSession", pb.ResetSessionRequest(session_id=session_id), session_id
+        ).session
 
     def snapshot(self, session_id: str) -> dict[str, np.ndarray]:
-        return _arrays(self._call("GetSessionState", pb.GetSessionStateRequest(
-            session_id=session_id), session_id).states)
+        return _arrays(
+            self._call(
+                "GetSessionState", pb.GetSessionStateRequest(session_id=session_id), session_id
+            ).states
+        )
 
     def close_session(self, session_id: str) -> Session:
-        return self._call("CloseSession", pb.CloseSessionRequest(session_id=session_id),
-                          session_id).session
+        return self._call(
+            "CloseSession", pb.CloseSessionRequest(session_id=session_id), session_id
+        ).session
 
-    def stream(self, model: str = "", version: int = 0,
-               initial_states: Mapping[str, ArrayLike] | None = None,
-               resume: str = "") -> StreamSession:
+    def stream(
+        self,
+        model: str = "",
+        version: int = 0,
+        initial_states: Mapping[str, ArrayLike] | None = None,
+        resume: str = "",
+    ) -> StreamSession:
         """Open a stream and, given a model (or a session id to resume), its session."""
         session_id = resume or (new_session_id() if model else "")
-        stream = StreamSession(self.connections.stub(session_id),
-                               _routed(self.metadata, session_id))
+        stream = StreamSession(
+            self.connections.stub(session_id), _routed(self.metadata, session_id)
+        )
         if resume:
             stream.resume(resume)
         elif model:
@@ -306,8 +365,11 @@ class _StreamBase:
         return pb.StreamRequest(request_id=self._next_id, **kind)
 
     def _many(self, ids: list[str], x: pb.Tensor, same: bool) -> pb.StreamRequest:
-        return self._request(step=pb.StepRequest(same_sessions=True, x=x) if same else
-                             pb.StepRequest(session_ids=ids, x=x))
+        return self._request(
+            step=pb.StepRequest(same_sessions=True, x=x)
+            if same
+            else pb.StepRequest(session_ids=ids, x=x)
+        )
 
     def _keep(self, ids: list[str], answer: pb.StepResponse) -> StepBatch:
         batch = _step_batch(answer)
@@ -337,7 +399,8 @@ class StreamSession(_StreamBase):
         super().__init__()
         self._requests: queue.Queue = queue.Queue()
         self._responses: grpc.Future = stub.Stream(  # an iterator of StreamResponse too
-            iter(self._requests.get, _END), metadata=metadata)
+            iter(self._requests.get, _END), metadata=metadata
+        )
 
     def __enter__(self) -> StreamSession:
         return self
@@ -359,22 +422,27 @@ class StreamSession(_StreamBase):
         except StopIteration:
             raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the stream ended") from None
 
-    def open(self, model: str, version: int = 0,
-             initial_states: Mapping[str, ArrayLike] | None = None,
-             session_id: str = "") -> Session:
-        self.session = self.send(self._request(open=_open_request(
-            model, version, initial_states, session_id)), "open").session
+    def open(
+        self,
+        model: str,
+        version: int = 0,
+        initial_states: Mapping[str, ArrayLike] | None = None,
+        session_id: str = "",
+    ) -> Session:
+        self.session = self.send(
+            self._request(open=_open_request(model, version, initial_states, session_id)), "open"
+        ).session
         return self.session
 
     def resume(self, session_id: str) -> Session:
-        self.session = self.send(self._request(resume=pb.ResumeSessionRequest(
-            session_id=session_id)), "resume").session
+        self.session = self.send(
+            self._request(resume=pb.ResumeSessionRequest(session_id=session_id)), "resume"
+        ).session
         return self.session
 
     def step(self, x: ArrayLike) -> np.ndarray:
         """k timesteps of the stream's session ([k, features] or one [features]) → [k, outputs]."""
-        return _single(_step_batch(self.send(self._request(step=_one_session_step("", x)),
-                                             "step")))
+        return _single(_step_batch(self.send(self._request(step=_one_session_step("", x)), "step")))
 
     def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
         """Steps for many sessions in one message: x [rows, k, features], a row per session.
@@ -390,16 +458,22 @@ class StreamSession(_StreamBase):
         return self._keep(ids, self.send(self._many(ids, tensor, same=False), "step"))
 
     def reset(self, session_id: str = "") -> Session:
-        return self.send(self._request(reset=pb.ResetSessionRequest(session_id=session_id)),
-                         "reset").session
+        return self.send(
+            self._request(reset=pb.ResetSessionRequest(session_id=session_id)), "reset"
+        ).session
 
     def snapshot(self, session_id: str = "") -> dict[str, np.ndarray]:
-        return _arrays(self.send(self._request(get_state=pb.GetSessionStateRequest(
-            session_id=session_id)), "get_state").states)
+        return _arrays(
+            self.send(
+                self._request(get_state=pb.GetSessionStateRequest(session_id=session_id)),
+                "get_state",
+            ).states
+        )
 
     def close(self, session_id: str = "") -> Session:
-        closed = self.send(self._request(close=pb.CloseSessionRequest(session_id=session_id)),
-                           "close").session
+        closed = self.send(
+            self._request(close=pb.CloseSessionRequest(session_id=session_id)), "close"
+        ).session
         if self.session is not None and closed.session_id == self.session.session_id:
             self.session = None
         return closed
@@ -422,11 +496,16 @@ _END = object()
 class AsyncClient:
     """The asyncio client: the same calls and arguments as `Client`, awaited."""
 
-    def __init__(self, address: str, token: str | None = None,
-                 tls_ca: Path | str | None = None, timeout: float | None = 30.0,
-                 max_message_bytes: int = 16 * 1024 * 1024, connections: int = 1) -> None:
-        self.connections = _Connections(grpc.aio, address, tls_ca, max_message_bytes,
-                                        connections)
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        tls_ca: Path | str | None = None,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = 16 * 1024 * 1024,
+        connections: int = 1,
+    ) -> None:
+        self.connections = _Connections(grpc.aio, address, tls_ca, max_message_bytes, connections)
         self.timeout = timeout
         self.metadata = _metadata(token)
 
@@ -443,7 +522,8 @@ class AsyncClient:
     async def _call(self, method: str, request: Any, session_id: str = "") -> Any:
         try:
             return await getattr(self.connections.stub(session_id), method)(
-                request, timeout=self.timeout, metadata=_routed(self.metadata, session_id))
+                request, timeout=self.timeout, metadata=_routed(self.metadata, session_id)
+            )
         except grpc.RpcError as exc:
             raise RnnServeError.from_rpc_error(exc) from None
 
@@ -451,24 +531,39 @@ class AsyncClient:
         return list((await self._call("ListModels", pb.ListModelsRequest())).models)
 
     async def get_model(self, model: str, version: int = 0) -> Model:
-        return (await self._call("GetModel", pb.GetModelRequest(model=model,
-                                                                version=version))).model
+        return (
+            await self._call("GetModel", pb.GetModelRequest(model=model, version=version))
+        ).model
 
-    async def predict(self, model: str, x: ArrayLike | Sequence[ArrayLike], *, version: int = 0,
-                      initial_states: Mapping[str, ArrayLike] | None = None,
-                      last_only: bool = False) -> Prediction:
-        return _prediction(await self._call("Predict", _predict_request(
-            model, x, version, initial_states, last_only)))
+    async def predict(
+        self,
+        model: str,
+        x: ArrayLike | Sequence[ArrayLike],
+        *,
+        version: int = 0,
+        initial_states: Mapping[str, ArrayLike] | None = None,
+        last_only: bool = False,
+    ) -> Prediction:
+        return _prediction(
+            await self._call(
+                "Predict", _predict_request(model, x, version, initial_states, last_only)
+            )
+        )
 
-    async def open_session(self, model: str, version: int = 0,
-                           initial_states: Mapping[str, ArrayLike] | None = None) -> Session:
+    async def open_session(
+        self, model: str, version: int = 0, initial_states: Mapping[str, ArrayLike] | None = None
+    ) -> Session:
         session_id = new_session_id()
-        return (await self._call("OpenSession", _open_request(
-            model, version, initial_states, session_id), session_id)).session
+        return (
+            await self._call(
+                "OpenSession", _open_request(model, version, initial_states, session_id), session_id
+            )
+        ).session
 
     async def step(self, session_id: str, x: ArrayLike) -> np.ndarray:
-        return _single(_step_batch(await self._call("Step", _one_session_step(session_id, x),
-                                                    session_id)))
+        return _single(
+            _step_batch(await self._call("Step", _one_session_step(session_id, x), session_id))
+        )
 
     async def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
         request = pb.StepRequest(session_ids=session_ids, x=to_tensor(x))
@@ -476,33 +571,61 @@ class AsyncClient:
         return _step_batch(await self._call("Step", request, only))
 
     async def reset(self, session_id: str) -> Session:
-        return (await self._call("ResetSession", pb.ResetSessionRequest(
-            session_id=session_id), session_id)).session
+        return (
+            await self._call(
+                "ResetSession", pb.ResetSessionRequest(session_id=session_id), session_id
+            )
+        ).session
 
     async def snapshot(self, session_id: str) -> dict[str, np.ndarray]:
-        return _arrays((await self._call("GetSessionState", pb.GetSessionStateRequest(
-            session_id=session_id), session_id)).states)
+        return _arrays(
+            (
+                await self._call(
+                    "GetSessionState", pb.GetSessionStateRequest(session_id=session_id), session_id
+                )
+            ).states
+        )
 
     async def close_session(self, session_id: str) -> Session:
-        return (await self._call("CloseSession", pb.CloseSessionRequest(
-            session_id=session_id), session_id)).session
+        return (
+            await self._call(
+                "CloseSession", pb.CloseSessionRequest(session_id=session_id), session_id
+            )
+        ).session
 
-    def stream(self, model: str = "", version: int = 0,
-               initial_states: Mapping[str, ArrayLike] | None = None,
-               resume: str = "") -> AsyncStreamSession:
+    def stream(
+        self,
+        model: str = "",
+        version: int = 0,
+        initial_states: Mapping[str, ArrayLike] | None = None,
+        resume: str = "",
+    ) -> AsyncStreamSession:
         """`async with client.stream(model) as session:` opens the stream and its session."""
         session_id = resume or (new_session_id() if model else "")
-        return AsyncStreamSession(self.connections.stub(session_id),
-                                  _routed(self.metadata, session_id), model,
-                                  version, initial_states, resume, session_id)
+        return AsyncStreamSession(
+            self.connections.stub(session_id),
+            _routed(self.metadata, session_id),
+            model,
+            version,
+            initial_states,
+            resume,
+            session_id,
+        )
 
 
 class AsyncStreamSession(_StreamBase):
     """One bidirectional Stream on asyncio; the session opens (or resumes) on entering."""
 
-    def __init__(self, stub: rpc.InferenceStub, metadata: tuple, model: str, version: int,
-                 initial_states: Mapping[str, ArrayLike] | None, resume: str,
-                 session_id: str) -> None:
+    def __init__(
+        self,
+        stub: rpc.InferenceStub,
+        metadata: tuple,
+        model: str,
+        version: int,
+        initial_states: Mapping[str, ArrayLike] | None,
+        resume: str,
+        session_id: str,
+    ) -> None:
         super().__init__()
         self._call = stub.Stream(metadata=metadata)
         self._lock = asyncio.Lock()
@@ -537,45 +660,70 @@ class AsyncStreamSession(_StreamBase):
             raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the stream ended")
         return self._answer(response, kind)
 
-    async def open(self, model: str, version: int = 0,
-                   initial_states: Mapping[str, ArrayLike] | None = None,
-                   session_id: str = "") -> Session:
-        self.session = (await self.send(self._request(open=_open_request(
-            model, version, initial_states, session_id)), "open")).session
+    async def open(
+        self,
+        model: str,
+        version: int = 0,
+        initial_states: Mapping[str, ArrayLike] | None = None,
+        session_id: str = "",
+    ) -> Session:
+        self.session = (
+            await self.send(
+                self._request(open=_open_request(model, version, initial_states, session_id)),
+                "open",
+            )
+        ).session
         return self.session
 
     async def resume(self, session_id: str) -> Session:
-        self.session = (await self.send(self._request(resume=pb.ResumeSessionRequest(
-            session_id=session_id)), "resume")).session
+        self.session = (
+            await self.send(
+                self._request(resume=pb.ResumeSessionRequest(session_id=session_id)), "resume"
+            )
+        ).session
         return self.session
 
     async def step(self, x: ArrayLike) -> np.ndarray:
-        return _single(_step_batch(await self.send(
-            self._request(step=_one_session_step("", x)), "step")))
+        return _single(
+            _step_batch(await self.send(self._request(step=_one_session_step("", x)), "step"))
+        )
 
     async def step_many(self, session_ids: Sequence[str], x: ArrayLike) -> StepBatch:
         ids, tensor = list(session_ids), to_tensor(x)
         async with self._lock:  # whether the ids go along depends on the message before
             if ids == self._kept:
                 try:
-                    return self._keep(ids, await self._exchange(self._many(ids, tensor, True),
-                                                                "step"))
+                    return self._keep(
+                        ids, await self._exchange(self._many(ids, tensor, True), "step")
+                    )
                 except RnnServeError as exc:
                     if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
                         raise
             return self._keep(ids, await self._exchange(self._many(ids, tensor, False), "step"))
 
     async def reset(self, session_id: str = "") -> Session:
-        return (await self.send(self._request(reset=pb.ResetSessionRequest(
-            session_id=session_id)), "reset")).session
+        return (
+            await self.send(
+                self._request(reset=pb.ResetSessionRequest(session_id=session_id)), "reset"
+            )
+        ).session
 
     async def snapshot(self, session_id: str = "") -> dict[str, np.ndarray]:
-        return _arrays((await self.send(self._request(get_state=pb.GetSessionStateRequest(
-            session_id=session_id)), "get_state")).states)
+        return _arrays(
+            (
+                await self.send(
+                    self._request(get_state=pb.GetSessionStateRequest(session_id=session_id)),
+                    "get_state",
+                )
+            ).states
+        )
 
     async def close(self, session_id: str = "") -> Session:
-        closed = (await self.send(self._request(close=pb.CloseSessionRequest(
-            session_id=session_id)), "close")).session
+        closed = (
+            await self.send(
+                self._request(close=pb.CloseSessionRequest(session_id=session_id)), "close"
+            )
+        ).session
         if self.session is not None and closed.session_id == self.session.session_id:
             self.session = None
         return closed

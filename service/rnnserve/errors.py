@@ -44,6 +44,5 @@ class Unauthenticated(ServingError):
     code = "UNAUTHENTICATED"
 
 
-
 class DeadlineExceeded(ServingError):
     code = "DEADLINE_EXCEEDED"

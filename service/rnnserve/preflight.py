@@ -24,18 +24,25 @@ def _readable_file(flag: str, path: str) -> None:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise NotServable(f"{flag} {path}: cannot read it ({exc.strerror or exc}); mount the "
-                          "file there or fix the path") from None
+        raise NotServable(
+            f"{flag} {path}: cannot read it ({exc.strerror or exc}); mount the "
+            "file there or fix the path"
+        ) from None
 
 
 def check(config: ServerConfig) -> None:
-    for flag, path in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key),
-                       ("--auth-tokens-file", config.auth_tokens_file)):
+    for flag, path in (
+        ("--tls-cert", config.tls_cert),
+        ("--tls-key", config.tls_key),
+        ("--auth-tokens-file", config.auth_tokens_file),
+    ):
         if path:
             _readable_file(flag, path)
     root = config.repository
-    hint = ("mount a model repository (<name>/<version>/model.onnx + model.json) there, "
-            "or point --repository (RNNSERVE_REPOSITORY) at one")
+    hint = (
+        "mount a model repository (<name>/<version>/model.onnx + model.json) there, "
+        "or point --repository (RNNSERVE_REPOSITORY) at one"
+    )
     try:
         if not stat.S_ISDIR(os.stat(root).st_mode):
             raise NotServable(f"--repository {root} is not a directory; {hint}")
@@ -43,15 +50,21 @@ def check(config: ServerConfig) -> None:
     except FileNotFoundError:
         raise NotServable(f"--repository {root} is not a directory; {hint}") from None
     except OSError as exc:
-        raise NotServable(f"--repository {root}: cannot read it as uid {os.getuid()} "
-                          f"({exc.strerror or exc}); {hint}") from None
+        raise NotServable(
+            f"--repository {root}: cannot read it as uid {os.getuid()} "
+            f"({exc.strerror or exc}); {hint}"
+        ) from None
     held = sorted({name for name, _ in found.found})
     if not held:
-        why = "; ".join(f"{path}: {problem}" for path, problem in
-                        list(found.problems.items())[:2])
-        raise NotServable(f"--repository {root} holds no servable model"
-                          + (f" ({why})" if why else "") + f"; {hint}")
+        why = "; ".join(f"{path}: {problem}" for path, problem in list(found.problems.items())[:2])
+        raise NotServable(
+            f"--repository {root} holds no servable model"
+            + (f" ({why})" if why else "")
+            + f"; {hint}"
+        )
     absent = sorted(set(config.models) - set(held))
     if absent and (config.repository_poll == 0 or len(absent) == len(config.models)):
-        raise NotServable(f"--models names {', '.join(absent)}, which --repository {root} "
-                          f"does not hold (it holds {', '.join(held)})")
+        raise NotServable(
+            f"--models names {', '.join(absent)}, which --repository {root} "
+            f"does not hold (it holds {', '.join(held)})"
+        )

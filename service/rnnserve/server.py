@@ -88,8 +88,11 @@ class Server:
         status = health_pb2.HealthCheckResponse
         models = self.engine.models()
         ready = {m.spec.name for m in models if m.ready}
-        wanted = {m.spec.name: status.SERVING if m.spec.name in ready else status.NOT_SERVING
-                  for m in models if m.spec.name != LIVENESS}  # a model so named: no entry
+        wanted = {
+            m.spec.name: status.SERVING if m.spec.name in ready else status.NOT_SERVING
+            for m in models
+            if m.spec.name != LIVENESS
+        }  # a model so named: no entry
         whole = self.synced and self.engine.ready
         await self.health.set("", status.SERVING if whole else status.NOT_SERVING)
         for name, serving in wanted.items():
@@ -127,8 +130,11 @@ class Server:
         except (StoreUnavailable, TimeoutError) as exc:
             lost = self.engine.live_sessions
             if lost:
-                log.error("could not hand %d sessions off to the shared state store (%s); "
-                          "they are lost", lost, exc or "timed out")
+                log.error(
+                    "could not hand %d sessions off to the shared state store (%s); they are lost",
+                    lost,
+                    exc or "timed out",
+                )
                 self.engine.metrics.lost.labels("drain").inc(lost)
         self.streams.end_idle()  # streams opened while the handoff ran
         await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
@@ -150,8 +156,11 @@ class Server:
         try:
             lost = await self.stop()
         except asyncio.CancelledError:  # sessions may be out of the table, not yet parked
-            log.error("the drain was cancelled before it ended: up to %d sessions, those held "
-                      "when it began, are lost", held)
+            log.error(
+                "the drain was cancelled before it ended: up to %d sessions, those held "
+                "when it began, are lost",
+                held,
+            )
             return 1
         if lost:
             log.error("stopped; %d sessions lost", lost)
@@ -167,8 +176,9 @@ class Server:
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not config.tls_cert:
         return None
-    return grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
-                                         Path(config.tls_cert).read_bytes())])
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+    )
 
 
 async def _every(period: float, action, what: str) -> None:
@@ -186,23 +196,30 @@ def _bind_grpc(server: grpc.aio.Server, config: ServerConfig, shared: bool) -> i
     (`shared`) joins its siblings on the port its supervisor checked and holds."""
     address = f"{config.host}:{config.grpc_port}"
     if config.grpc_port and not shared and not can_listen(config.host, config.grpc_port):
-        raise PortUnavailable(f"--grpc-port {config.grpc_port}: {address} is in use (another "
-                              "server?)")
+        raise PortUnavailable(
+            f"--grpc-port {config.grpc_port}: {address} is in use (another server?)"
+        )
     credentials = _credentials(config)
     try:
-        port = (server.add_secure_port(address, credentials) if credentials
-                else server.add_insecure_port(address))
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials
+            else server.add_insecure_port(address)
+        )
     except RuntimeError:
         port = 0
     if not port:
-        raise PortUnavailable(f"--grpc-port {config.grpc_port}: cannot listen on {address} "
-                              "(in use by another server, or not an address of this host)")
+        raise PortUnavailable(
+            f"--grpc-port {config.grpc_port}: cannot listen on {address} "
+            "(in use by another server, or not an address of this host)"
+        )
     return port
 
 
 async def _start_internal(engine: Engine, worker: WorkerPlace) -> grpc.aio.Server:
-    internal = grpc.aio.server(interceptors=[SharedKeyInterceptor(SIBLING_KEY_HEADER,
-                                                                  worker.sibling_key)])
+    internal = grpc.aio.server(
+        interceptors=[SharedKeyInterceptor(SIBLING_KEY_HEADER, worker.sibling_key)]
+    )
     siblings_pb2_grpc.add_SiblingsServicer_to_server(SiblingsServicer(engine), internal)
     path = socket_path(worker.run_dir, worker.index)
     path.unlink(missing_ok=True)  # left by this worker's crashed predecessor
@@ -211,10 +228,14 @@ async def _start_internal(engine: Engine, worker: WorkerPlace) -> grpc.aio.Serve
     return internal
 
 
-async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None, *,
-                        clock: Callable[[], float] = time.monotonic,
-                        runner: type[Runner] = Runner,
-                        worker: WorkerPlace | None = None) -> Server:
+async def create_server(
+    config: ServerConfig,
+    registry: CollectorRegistry | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    runner: type[Runner] = Runner,
+    worker: WorkerPlace | None = None,
+) -> Server:
     """Listen on config's ports (0 picks free ones), then load the models: health and readiness
     say NOT_SERVING until the first version is loaded, so probes see the load happen. `clock`
     (idle time) and `runner` (model runs) are what tests replace to control time and faults.
@@ -226,57 +247,94 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     identities = Identities.load(config.auth_token, config.auth_tokens_file)  # before slow work
     providers_for(config.device)  # --device cuda without a working CUDA provider stops here
     metrics = Metrics(registry or CollectorRegistry())
-    executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1,
-                                  thread_name_prefix="ort")
+    executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1, thread_name_prefix="ort")
     models = ModelRegistry(config, metrics, executor, runner)
-    claims = (Claims(worker.run_dir, worker.index, config.max_sessions_per_client)
-              if worker is not None and worker.count > 1 else None)
-    sessions = SessionTable(config.max_sessions, config.session_idle_timeout, metrics, clock,
-                            max_per_client=config.max_sessions_per_client, claims=claims)
-    handoff = (RedisHandoff(config.state_store, config.session_idle_timeout, config.handoff_wait,
-                            config.shutdown_grace + config.handoff_wait)
-               if config.state_store else None)
-    siblings = (Siblings(worker.run_dir, worker.index, worker.count, worker.sibling_key)
-                if worker is not None and worker.count > 1 else None)
-    engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff,
-                    siblings)
-    internal = (await _start_internal(engine, worker)
-                if siblings is not None and worker is not None else None)
+    claims = (
+        Claims(worker.run_dir, worker.index, config.max_sessions_per_client)
+        if worker is not None and worker.count > 1
+        else None
+    )
+    sessions = SessionTable(
+        config.max_sessions,
+        config.session_idle_timeout,
+        metrics,
+        clock,
+        max_per_client=config.max_sessions_per_client,
+        claims=claims,
+    )
+    handoff = (
+        RedisHandoff(
+            config.state_store,
+            config.session_idle_timeout,
+            config.handoff_wait,
+            config.shutdown_grace + config.handoff_wait,
+        )
+        if config.state_store
+        else None
+    )
+    siblings = (
+        Siblings(worker.run_dir, worker.index, worker.count, worker.sibling_key)
+        if worker is not None and worker.count > 1
+        else None
+    )
+    engine = Engine(config, models, sessions, MemoryBudget(config.memory_budget), handoff, siblings)
+    internal = (
+        await _start_internal(engine, worker)
+        if siblings is not None and worker is not None
+        else None
+    )
     streams = OpenStreams()
-    interceptors = [*([BearerTokenInterceptor(identities)] if identities.enabled else []),
-                    Admission(config.max_concurrent_rpcs, OPEN_METHODS, read_slots(config),
-                              config.read_timeout, reader(identities))]
-    limits = [("grpc.max_receive_message_length", config.max_message_bytes),
-              ("grpc.max_send_message_length", config.max_message_bytes),
-              ("grpc.max_concurrent_streams", config.max_streams_per_connection),
-              ("grpc.so_reuseport", int(worker is not None)),
-              # No window growth past the HTTP/2 default: a client that writes but never reads
-              # then holds ~64 KiB of its stream's data here, not megabytes.
-              ("grpc.http2.bdp_probe", 0),
-              ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
-              # Calls that arrived and wait for the event loop to take them: grpc core's
-              # default (1,000) cancelled 161 of 2,000 unary calls sent at once on one channel.
-              ("grpc.server.max_pending_requests", 2 * config.max_concurrent_rpcs),
-              ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_concurrent_rpcs)]
+    interceptors = [
+        *([BearerTokenInterceptor(identities)] if identities.enabled else []),
+        Admission(
+            config.max_concurrent_rpcs,
+            OPEN_METHODS,
+            read_slots(config),
+            config.read_timeout,
+            reader(identities),
+        ),
+    ]
+    limits = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        ("grpc.so_reuseport", int(worker is not None)),
+        # No window growth past the HTTP/2 default: a client that writes but never reads
+        # then holds ~64 KiB of its stream's data here, not megabytes.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
+        # Calls that arrived and wait for the event loop to take them: grpc core's
+        # default (1,000) cancelled 161 of 2,000 unary calls sent at once on one channel.
+        ("grpc.server.max_pending_requests", 2 * config.max_concurrent_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_concurrent_rpcs),
+    ]
     server = grpc.aio.server(interceptors=interceptors, options=limits)
     handlers = TolerantServer(server, metrics)  # undecodable requests: INVALID_ARGUMENT
     rnnserve_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(engine, metrics, identities, streams), handlers)
+        InferenceServicer(engine, metrics, identities, streams), handlers
+    )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(engine, metrics, identities, streams), handlers)
+        KServeServicer(engine, metrics, identities, streams), handlers
+    )
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), handlers)
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        handlers,
+    )
     port = _bind_grpc(server, config, shared=False) if worker is None else config.grpc_port
     http = start_metrics(config, metrics.registry)
     if worker is None:
         await server.start()
-    started = Server(config, server, port, http, engine, health_servicer, executor, [],
-                     streams, internal)
+    started = Server(
+        config, server, port, http, engine, health_servicer, executor, [], streams, internal
+    )
     try:
         await started.sync_models()
         if not engine.ready:
@@ -291,23 +349,45 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     async def sweep() -> None:
         engine.evict_idle()
 
-    started.tasks.append(asyncio.create_task(
-        _every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4), sweep, "idle sweep")))
+    started.tasks.append(
+        asyncio.create_task(
+            _every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4), sweep, "idle sweep")
+        )
+    )
     if config.repository_poll > 0:
-        started.tasks.append(asyncio.create_task(_every(config.repository_poll,
-                                                        started.sync_models, "repository poll")))
+        started.tasks.append(
+            asyncio.create_task(
+                _every(config.repository_poll, started.sync_models, "repository poll")
+            )
+        )
     if config.auth_tokens_file:
-        started.tasks.append(asyncio.create_task(_every(
-            TOKENS_POLL, _TokensWatch(config, identities).check, "tokens file check")))
+        started.tasks.append(
+            asyncio.create_task(
+                _every(TOKENS_POLL, _TokensWatch(config, identities).check, "tokens file check")
+            )
+        )
     if handoff is not None:  # sessions held here can be asked for by other replicas
         started.tasks.append(asyncio.create_task(handoff.serve_releases(engine.park_on_request)))
-        started.tasks.append(asyncio.create_task(_every(
-            config.session_idle_timeout / 3, engine.refresh_claims, "session records")))
-    metrics_at = (f"; metrics on :{started.metrics_port}" if http is not None else
-                  "; metrics disabled" if worker is None else "")
-    log.info("%sserving %s on %s:%d%s", f"worker {worker.index}: " if worker else "",
-             ", ".join(f"{m.spec.name} v{m.spec.version}" for m in engine.models()),
-             config.host, port, metrics_at)
+        started.tasks.append(
+            asyncio.create_task(
+                _every(config.session_idle_timeout / 3, engine.refresh_claims, "session records")
+            )
+        )
+    metrics_at = (
+        f"; metrics on :{started.metrics_port}"
+        if http is not None
+        else "; metrics disabled"
+        if worker is None
+        else ""
+    )
+    log.info(
+        "%sserving %s on %s:%d%s",
+        f"worker {worker.index}: " if worker else "",
+        ", ".join(f"{m.spec.name} v{m.spec.version}" for m in engine.models()),
+        config.host,
+        port,
+        metrics_at,
+    )
     return started
 
 
@@ -343,8 +423,11 @@ class _TokensWatch:
             return
         self.reported = ""
         if changed:
-            log.info("tokens reloaded from %s: %d clients", self.config.auth_tokens_file,
-                     len(self.identities.names))
+            log.info(
+                "tokens reloaded from %s: %d clients",
+                self.config.auth_tokens_file,
+                len(self.identities.names),
+            )
 
 
 async def _rescan(server: Server) -> None:
@@ -357,8 +440,11 @@ async def _rescan(server: Server) -> None:
         log.exception("repository scan after SIGHUP failed")
 
 
-async def serve(config: ServerConfig, worker: WorkerPlace | None = None,
-                on_ready: Callable[[int], None] | None = None) -> int:
+async def serve(
+    config: ServerConfig,
+    worker: WorkerPlace | None = None,
+    on_ready: Callable[[int], None] | None = None,
+) -> int:
     """Run until SIGTERM or SIGINT, then drain within --shutdown-grace. The exit status: 0, or
     1 if sessions were lost because the handoff to the shared store failed. `on_ready` gets
     the port once the server serves (a worker tells its supervisor)."""
@@ -367,8 +453,9 @@ async def serve(config: ServerConfig, worker: WorkerPlace | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: server.tasks.append(
-        asyncio.create_task(_rescan(server))))
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: server.tasks.append(asyncio.create_task(_rescan(server)))
+    )
     if on_ready is not None:
         on_ready(server.port)
     await stop.wait()

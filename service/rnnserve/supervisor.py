@@ -112,10 +112,16 @@ class _WorkerStats:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        cpu = CounterMetricFamily("rnnserve_worker_cpu_seconds", "CPU time of each worker "
-                                  "process (user + system)", labels=["worker"])
-        rss = GaugeMetricFamily("rnnserve_worker_resident_memory_bytes", "Resident memory of "
-                                "each worker process", labels=["worker"])
+        cpu = CounterMetricFamily(
+            "rnnserve_worker_cpu_seconds",
+            "CPU time of each worker process (user + system)",
+            labels=["worker"],
+        )
+        rss = GaugeMetricFamily(
+            "rnnserve_worker_resident_memory_bytes",
+            "Resident memory of each worker process",
+            labels=["worker"],
+        )
         for index, process in sorted(self.supervisor.processes.items()):
             try:
                 fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -123,13 +129,17 @@ class _WorkerStats:
                 continue  # it just died; the supervisor restarts it
             cpu.add_metric([str(index)], (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
             rss.add_metric([str(index)], int(fields[21]) * PAGE)
-        restarts = CounterMetricFamily("rnnserve_worker_restarts", "Workers started again "
-                                       "after they died", labels=[])
+        restarts = CounterMetricFamily(
+            "rnnserve_worker_restarts", "Workers started again after they died", labels=[]
+        )
         restarts.add_metric([], self.supervisor.restarts)
         workers = GaugeMetricFamily("rnnserve_workers", "Worker processes serving")
         workers.add_metric([], len(self.supervisor.ready))
-        lost = CounterMetricFamily("rnnserve_worker_sessions_lost", "Sessions that died with "
-                                   "their worker (a crash, the OOM killer, SIGKILL)", labels=[])
+        lost = CounterMetricFamily(
+            "rnnserve_worker_sessions_lost",
+            "Sessions that died with their worker (a crash, the OOM killer, SIGKILL)",
+            labels=[],
+        )
         lost.add_metric([], self.supervisor.sessions_lost)
         return [cpu, rss, restarts, workers, lost]
 
@@ -159,9 +169,11 @@ class Supervisor:
         try:
             self.run_dir = Path(tempfile.mkdtemp(prefix="rnnserve-"))
         except OSError as exc:
-            log.error("cannot serve: the workers need a writable temporary directory (%s): "
-                      "mount one at /tmp (docker run --read-only --tmpfs /tmp) or set TMPDIR",
-                      exc)
+            log.error(
+                "cannot serve: the workers need a writable temporary directory (%s): "
+                "mount one at /tmp (docker run --read-only --tmpfs /tmp) or set TMPDIR",
+                exc,
+            )
             return 2
         metrics_dir = self.run_dir / METRICS_DIR
         metrics_dir.mkdir()
@@ -171,8 +183,11 @@ class Supervisor:
             held = hold_port(self.config)
             port = held.getsockname()[1]
             worker_config = dataclasses.replace(
-                self.config, grpc_port=port, metrics_port=-1,
-                memory_budget=max(1, self.config.memory_budget // self.count))
+                self.config,
+                grpc_port=port,
+                metrics_port=-1,
+                memory_budget=max(1, self.config.memory_budget // self.count),
+            )
             http = start_metrics(self.config, self._registry())
         except OSError as exc:
             log.error("cannot serve: %s", exc)
@@ -199,8 +214,12 @@ class Supervisor:
     def _start(self, index: int, config: ServerConfig) -> None:
         receive, send = self.context.Pipe(duplex=False)
         place = WorkerPlace(index, self.count, self.run_dir, os.getpid(), self.sibling_key)
-        process = self.context.Process(target=_worker_main, args=(config, place, send),
-                                       name=f"rnnserve-worker-{index}", daemon=False)
+        process = self.context.Process(
+            target=_worker_main,
+            args=(config, place, send),
+            name=f"rnnserve-worker-{index}",
+            daemon=False,
+        )
         process.start()
         send.close()
         self.processes[index] = process
@@ -247,8 +266,12 @@ class Supervisor:
             if self.stopping:
                 self.due.clear()  # a stop during a restart's back-off starts nothing new
                 if deadline is None:
-                    deadline = time.monotonic() + self.config.shutdown_grace + \
-                        self.config.handoff_wait + STOP_MARGIN
+                    deadline = (
+                        time.monotonic()
+                        + self.config.shutdown_grace
+                        + self.config.handoff_wait
+                        + STOP_MARGIN
+                    )
             self._start_due(config)
             wake_at = min([*self.due.values(), *([deadline] if deadline else [])], default=None)
             timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
@@ -273,10 +296,16 @@ class Supervisor:
             self._reap_orphans()
             if not announced and len(self.ready) == self.count:
                 announced = True
-                metrics = (f"metrics on :{http.server_port}" if http is not None
-                           else "metrics disabled")
-                log.info("serving on %s:%d with %d workers; %s", self.config.host, port,
-                         self.count, metrics)
+                metrics = (
+                    f"metrics on :{http.server_port}" if http is not None else "metrics disabled"
+                )
+                log.info(
+                    "serving on %s:%d with %d workers; %s",
+                    self.config.host,
+                    port,
+                    self.count,
+                    metrics,
+                )
         return codes
 
     def _reap_orphans(self) -> None:
@@ -329,13 +358,24 @@ class Supervisor:
             log.error("worker %d could not start (exit status %d): stopping", index, code)
             self._on_signal(signal.SIGTERM, None)
             return code
-        how = f"exit status {code}" if process.exitcode >= 0 else \
-            f"signal {signal.Signals(-process.exitcode).name}"
+        how = (
+            f"exit status {code}"
+            if process.exitcode >= 0
+            else f"signal {signal.Signals(-process.exitcode).name}"
+        )
         self.failures[index] = 0 if was_ready else failures + 1
-        pause = RESTART_BACKOFF[min(self.failures[index], len(RESTART_BACKOFF) - 1)] \
-            if self.failures[index] else 0.0
-        log.error("worker %d (pid %d) died (%s): starting it again%s", index, process.pid,
-                  how, f" in {pause:g} s" if pause else "")
+        pause = (
+            RESTART_BACKOFF[min(self.failures[index], len(RESTART_BACKOFF) - 1)]
+            if self.failures[index]
+            else 0.0
+        )
+        log.error(
+            "worker %d (pid %d) died (%s): starting it again%s",
+            index,
+            process.pid,
+            how,
+            f" in {pause:g} s" if pause else "",
+        )
         self.due[index] = time.monotonic() + pause  # _watch starts it, unless a stop comes
         return None
 
@@ -349,13 +389,13 @@ class Supervisor:
                 try:
                     forgotten = claims.forget_worker(self.run_dir, index)
                 except sqlite3.Error as exc:  # its rows stay; the worker must start anyway
-                    log.error("could not drop worker %d's sessions from the shared table: %s",
-                              index, exc)
+                    log.error(
+                        "could not drop worker %d's sessions from the shared table: %s", index, exc
+                    )
                     forgotten = 0
                 self.sessions_lost += forgotten
                 if forgotten:
-                    log.error("worker %d died holding %d sessions; they are lost", index,
-                              forgotten)
+                    log.error("worker %d died holding %d sessions; they are lost", index, forgotten)
                 self._start(index, config)
 
     def _kill_all(self) -> None:

@@ -28,8 +28,9 @@ IMAGE = os.environ.get("RNNSERVE_TEST_IMAGE", "rnnserve-test")
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout,
-                          check=check)
+    return subprocess.run(
+        [DOCKER, *args], capture_output=True, text=True, timeout=timeout, check=check
+    )
 
 
 def build(target: str, tag: str) -> None:
@@ -41,9 +42,19 @@ def build(target: str, tag: str) -> None:
     if bundle and Path(bundle).is_file():
         flags.append(f"--secret id=pipca,src={bundle}")
     started = time.monotonic()
-    made = subprocess.run(["make", target, f"DOCKER={DOCKER}", f"IMAGE={tag}",
-                           f"DOCKER_BUILD_ARGS={' '.join(flags)}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=3600)
+    made = subprocess.run(
+        [
+            "make",
+            target,
+            f"DOCKER={DOCKER}",
+            f"IMAGE={tag}",
+            f"DOCKER_BUILD_ARGS={' '.join(flags)}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
     print(f"make {target}: {time.monotonic() - started:.0f} s")
 
@@ -53,11 +64,13 @@ def engine() -> None:
     try:
         docker("version", timeout=30)
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"no Docker engine answers `{DOCKER} version` (DOCKER_HOST="
-                    f"{os.environ.get('DOCKER_HOST', 'unset')}): {exc}. Start one, e.g. "
-                    "../shared/container/engine.sh >/tmp/dk-host && "
-                    "export DOCKER_HOST=$(cat /tmp/dk-host) (not `$(engine.sh)`: the daemon it "
-                    "starts holds that pipe open)")
+        pytest.fail(
+            f"no Docker engine answers `{DOCKER} version` (DOCKER_HOST="
+            f"{os.environ.get('DOCKER_HOST', 'unset')}): {exc}. Start one, e.g. "
+            "../shared/container/engine.sh >/tmp/dk-host && "
+            "export DOCKER_HOST=$(cat /tmp/dk-host) (not `$(engine.sh)`: the daemon it "
+            "starts holds that pipe open)"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -71,14 +84,19 @@ def image(engine: None) -> str:
 class Container:
     """One `docker run -d` of the image, on free loopback ports."""
 
-    def __init__(self, image: str, *flags: str, env: dict[str, str] | None = None,
-                 workers: int = 2) -> None:
+    def __init__(
+        self, image: str, *flags: str, env: dict[str, str] | None = None, workers: int = 2
+    ) -> None:
         self.name = f"rnnserve-test-{uuid.uuid4().hex[:8]}"
         self.port, self.metrics_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
-        settings = {"RNNSERVE_HOST": "127.0.0.1", "RNNSERVE_GRPC_PORT": str(self.port),
-                    "RNNSERVE_METRICS_PORT": str(self.metrics_port),
-                    "RNNSERVE_WORKERS": str(workers), **(env or {})}
+        settings = {
+            "RNNSERVE_HOST": "127.0.0.1",
+            "RNNSERVE_GRPC_PORT": str(self.port),
+            "RNNSERVE_METRICS_PORT": str(self.metrics_port),
+            "RNNSERVE_WORKERS": str(workers),
+            **(env or {}),
+        }
         env_flags = [item for key, value in settings.items() for item in ("-e", f"{key}={value}")]
         docker("run", "-d", "--network", "host", "--name", self.name, *env_flags, *flags, image)
 
@@ -90,20 +108,27 @@ class Container:
         return done.stdout + done.stderr
 
     def messages(self) -> list[str]:
-        return [json.loads(line)["message"] for line in self.logs().splitlines()
-                if line.startswith("{")]
+        return [
+            json.loads(line)["message"] for line in self.logs().splitlines() if line.startswith("{")
+        ]
 
     def wait_serving(self, timeout: float = 120, credentials=None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.state()["Running"]:
                 raise AssertionError(f"the container stopped: {self.logs()[-3000:]}")
-            channel = (grpc.secure_channel(f"localhost:{self.port}", credentials)
-                       if credentials else grpc.insecure_channel(self.address))
+            channel = (
+                grpc.secure_channel(f"localhost:{self.port}", credentials)
+                if credentials
+                else grpc.insecure_channel(self.address)
+            )
             with channel:
                 try:
-                    status = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=2).status
+                    status = (
+                        health_pb2_grpc.HealthStub(channel)
+                        .Check(health_pb2.HealthCheckRequest(), timeout=2)
+                        .status
+                    )
                     if status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:

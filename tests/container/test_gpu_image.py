@@ -47,16 +47,25 @@ def gpu_image(engine: None) -> str:
 
 
 def test_every_library_of_the_cuda_provider_resolves_but_the_driver(gpu_image: str) -> None:
-    found = json.loads(docker("run", "--rm", "--entrypoint", "python", gpu_image, "-c",
-                              LINKS).stdout)
+    found = json.loads(
+        docker("run", "--rm", "--entrypoint", "python", gpu_image, "-c", LINKS).stdout
+    )
     assert found["version"].startswith("1.31")
     assert "CUDAExecutionProvider" in found["providers"]
     unresolved = {lib: set(gone) - DRIVER for lib, gone in found["missing"].items()}
     assert not {lib: gone for lib, gone in unresolved.items() if gone}, unresolved
     # What the provider and cuDNN load at run time (dlopen), present by the names they ask for.
-    for soname in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10",
-                   "libcufft.so.12", "libnvrtc.so.13", "libcudnn.so.9", "libcudnn_ops.so.9",
-                   "libcudnn_engines_precompiled.so.9"):
+    for soname in (
+        "libcudart.so.13",
+        "libcublas.so.13",
+        "libcublasLt.so.13",
+        "libcurand.so.10",
+        "libcufft.so.12",
+        "libnvrtc.so.13",
+        "libcudnn.so.9",
+        "libcudnn_ops.so.9",
+        "libcudnn_engines_precompiled.so.9",
+    ):
         assert soname in found["present"], soname
 
 

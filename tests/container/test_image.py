@@ -28,8 +28,10 @@ def reference(model: str, x: np.ndarray) -> np.ndarray:
     """The model's output from ONNX Runtime in this process, from zero states."""
     (version,) = (EXPORTED / model).iterdir()
     session = ort.InferenceSession(str(version / "model.onnx"))
-    feeds = {"x": x, **{s.input: np.zeros((len(x), s.size), np.float32)
-                        for s in spec(model).states}}
+    feeds = {
+        "x": x,
+        **{s.input: np.zeros((len(x), s.size), np.float32) for s in spec(model).states},
+    }
     return session.run(["y"], feeds)[0]
 
 
@@ -40,14 +42,21 @@ def bits(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 def metric(container: Container, name: str) -> float:
     import urllib.request
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{container.metrics_port}/metrics",
-                                  timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + " ", name + "{")))
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{container.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
 
 
 def test_plain_docker_run_serves_with_every_worker_and_stops_cleanly(
-        image: str, containers) -> None:
+    image: str, containers
+) -> None:
     server = Container(image)  # no --init, no extra flags
     containers.append(server)
     server.wait_serving()
@@ -74,8 +83,10 @@ def test_plain_docker_run_serves_with_every_worker_and_stops_cleanly(
     # The engine's own HEALTHCHECK, on the moved port; the liveness entry for Kubernetes.
     assert server.port != 8500
     server.wait_health("healthy")
-    assert docker("exec", server.name, "rnnserve", "health", "--service",
-                  "liveness").stdout.strip() == "SERVING"
+    assert (
+        docker("exec", server.name, "rnnserve", "health", "--service", "liveness").stdout.strip()
+        == "SERVING"
+    )
 
     # PID 1 reaps what the kernel hands it.
     docker("exec", server.name, "sh", "-c", "sleep 0.2 & exit 0")
@@ -112,8 +123,10 @@ def test_plain_docker_run_serves_with_every_worker_and_stops_cleanly(
             with pytest.raises(RnnServeError) as ended:
                 stream.step([[1.0]])
             assert ended.value.code.name in ("UNAVAILABLE", "CANCELLED")
-    print(f"docker stop with 4 open streams and a Predict of {answer.get('took', 0):.1f} s "
-          f"running: {took:.1f} s, exit code {code}")
+    print(
+        f"docker stop with 4 open streams and a Predict of {answer.get('took', 0):.1f} s "
+        f"running: {took:.1f} s, exit code {code}"
+    )
     assert "error" not in answer, answer.get("error")
     assert answer["took"] > 0.3, "the Predict ended before the stop: make it larger"
     np.testing.assert_allclose(answer["y"], reference("binary_add", big), rtol=0, atol=1e-5)
@@ -122,8 +135,7 @@ def test_plain_docker_run_serves_with_every_worker_and_stops_cleanly(
     assert "worst exit status 0" in server.logs()
 
 
-def test_sessions_parked_by_one_container_resume_exactly_in_another(
-        image: str, containers) -> None:
+def test_sessions_parked_by_one_container_resume_exactly_in_another(image: str, containers) -> None:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (.ci/run installs it)")
     redis = Redis()
@@ -152,7 +164,8 @@ def test_sessions_parked_by_one_container_resume_exactly_in_another(
 
 
 def test_read_only_root_with_a_tmpfs_serves_and_without_one_says_what_to_mount(
-        image: str, containers) -> None:
+    image: str, containers
+) -> None:
     server = Container(image, "--read-only", "--tmpfs", "/tmp")
     containers.append(server)
     server.wait_serving()
@@ -180,8 +193,12 @@ def test_tls_and_docker_health(image: str, containers, tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path, "localhost")
     for path in (tmp_path, cert, key):  # the server runs as uid 10001
         path.chmod(0o755 if path.is_dir() else 0o644)
-    server = Container(image, "-v", f"{tmp_path}:/certs:ro", env={
-        "RNNSERVE_TLS_CERT": "/certs/cert.pem", "RNNSERVE_TLS_KEY": "/certs/key.pem"})
+    server = Container(
+        image,
+        "-v",
+        f"{tmp_path}:/certs:ro",
+        env={"RNNSERVE_TLS_CERT": "/certs/cert.pem", "RNNSERVE_TLS_KEY": "/certs/key.pem"},
+    )
     containers.append(server)
     server.wait_serving(credentials=grpc.ssl_channel_credentials(cert.read_bytes()))
     with Client(f"localhost:{server.port}", tls_ca=cert) as client:
@@ -189,15 +206,21 @@ def test_tls_and_docker_health(image: str, containers, tmp_path: Path) -> None:
     server.wait_health("healthy")  # the image's probe speaks TLS by the server's settings
 
 
-@pytest.mark.parametrize("setup", ["missing TLS file", "empty model volume",
-                                   "unreadable model volume"])
-def test_a_broken_setup_stops_the_container_with_one_line(setup: str, image: str,
-                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "setup", ["missing TLS file", "empty model volume", "unreadable model volume"]
+)
+def test_a_broken_setup_stops_the_container_with_one_line(
+    setup: str, image: str, tmp_path: Path
+) -> None:
     volume = tmp_path / "models"
     volume.mkdir()
     flags = {
-        "missing TLS file": ["-e", "RNNSERVE_TLS_CERT=/certs/cert.pem",
-                             "-e", "RNNSERVE_TLS_KEY=/certs/key.pem"],
+        "missing TLS file": [
+            "-e",
+            "RNNSERVE_TLS_CERT=/certs/cert.pem",
+            "-e",
+            "RNNSERVE_TLS_KEY=/certs/key.pem",
+        ],
         "empty model volume": ["-v", f"{volume}:/srv/rnnserve/exported:ro"],
         "unreadable model volume": ["-v", f"{volume}:/srv/rnnserve/exported:ro"],
     }[setup]
@@ -205,8 +228,20 @@ def test_a_broken_setup_stops_the_container_with_one_line(setup: str, image: str
         shutil.copytree(EXPORTED / "echo", volume / "echo")
         volume.chmod(0o700)  # root's, and the server runs as uid 10001
     started = time.monotonic()
-    done = docker("run", "--rm", "--network", "host", *flags, image, "--grpc-port", "0",
-                  "--metrics-port", "-1", timeout=60, check=False)
+    done = docker(
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        *flags,
+        image,
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "-1",
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     assert time.monotonic() - started < 30
     (line,) = done.stderr.strip().splitlines()
@@ -215,19 +250,36 @@ def test_a_broken_setup_stops_the_container_with_one_line(setup: str, image: str
 
 
 def test_the_image_holds_the_installed_package_and_the_models_only(image: str) -> None:
-    script = ("import rnnserve, sys; print(rnnserve.__file__); "
-              "import importlib.util as u; print(u.find_spec('pip'), u.find_spec('setuptools'))")
+    script = (
+        "import rnnserve, sys; print(rnnserve.__file__); "
+        "import importlib.util as u; print(u.find_spec('pip'), u.find_spec('setuptools'))"
+    )
     shown = docker("run", "--rm", "--entrypoint", "python", image, "-c", script).stdout.split("\n")
     assert shown[0].startswith("/opt/rnnserve/lib/python3.11/site-packages/rnnserve/")
     assert shown[1] == "None None"  # no pip, no setuptools in the serving environment
-    listing = docker("run", "--rm", "--entrypoint", "sh", image, "-c",
-                     "ls -A /srv/rnnserve; ls -d $HOME; ls -A /opt").stdout.split()
+    listing = docker(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "ls -A /srv/rnnserve; ls -d $HOME; ls -A /opt",
+    ).stdout.split()
     assert listing == ["exported", "/home/rnnserve", "rnnserve"]
-    found = docker("run", "--rm", "--user", "0", "--entrypoint", "sh", image, "-c",
-                   "find /opt /srv /home -path '*/site-packages/*' "
-                   "! -path '*/site-packages/rnnserve*' -prune -o \\( -name setup.py "
-                   "-o -name Makefile -o -name '*.egg-info' "
-                   "-o -name training -o -name '__editable__*' \\) -print; cat "
-                   "/opt/rnnserve/lib/python3.11/site-packages/rnnserve-*/direct_url.json"
-                   ).stdout
+    found = docker(
+        "run",
+        "--rm",
+        "--user",
+        "0",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "find /opt /srv /home -path '*/site-packages/*' "
+        "! -path '*/site-packages/rnnserve*' -prune -o \\( -name setup.py "
+        "-o -name Makefile -o -name '*.egg-info' "
+        "-o -name training -o -name '__editable__*' \\) -print; cat "
+        "/opt/rnnserve/lib/python3.11/site-packages/rnnserve-*/direct_url.json",
+    ).stdout
     assert found.startswith("{") and '"editable"' not in found, found  # from the wheel only

@@ -45,8 +45,9 @@ class Task(Protocol):
     def architecture(self, cell: str, layers: int, units: int, activation: str) -> Architecture:
         """The model shape, with this task's data scaling baked into the graph."""
 
-    def train(self, model: keras.Model, arch: Architecture,
-              epochs: int) -> tuple[list[float], dict[str, Any]]:
+    def train(
+        self, model: keras.Model, arch: Architecture, epochs: int
+    ) -> tuple[list[float], dict[str, Any]]:
         """Train in place; return the loss per step and the training set-up to record."""
 
     def evaluate(self, session: ort.InferenceSession) -> dict[str, float]:

@@ -30,38 +30,57 @@ def encode(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class BinaryAddTask:
     name = "binary_add"
-    description = ("8-bit binary adder: per step the bits of a and b (LSB first) in, "
-                   "the sum bit out (sigmoid).")
+    description = (
+        "8-bit binary adder: per step the bits of a and b (LSB first) in, "
+        "the sum bit out (sigmoid)."
+    )
     defaults = Defaults(cell="lstm", layers=2, units=20, epochs=2000)
-    bar = Bar("exact_sums", 1.0, True,
-              "seed: loss 0.00079 at step 2000, every printed test sum exact")
+    bar = Bar(
+        "exact_sums", 1.0, True, "seed: loss 0.00079 at step 2000, every printed test sum exact"
+    )
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
 
     def architecture(self, cell: str, layers: int, units: int, activation: str) -> Architecture:
-        return Architecture(features=2, outputs=1, head="sigmoid", cell=cell, layers=layers,
-                            units=units, activation=activation)
+        return Architecture(
+            features=2,
+            outputs=1,
+            head="sigmoid",
+            cell=cell,
+            layers=layers,
+            units=units,
+            activation=activation,
+        )
 
-    def train(self, model: keras.Model, arch: Architecture,
-              epochs: int) -> tuple[list[float], dict[str, Any]]:
+    def train(
+        self, model: keras.Model, arch: Architecture, epochs: int
+    ) -> tuple[list[float], dict[str, Any]]:
         """`epochs` counts steps here, each on fresh random pairs, as in the seed."""
-        trainer = Trainer(model, keras.optimizers.Adam(0.01), keras.losses.MeanSquaredError(),
-                          self.name, epochs)
+        trainer = Trainer(
+            model, keras.optimizers.Adam(0.01), keras.losses.MeanSquaredError(), self.name, epochs
+        )
         states = zero_states(arch, BATCH)
         for _ in range(epochs):
             x, y = encode(self.rng.integers(0, LIMIT, BATCH), self.rng.integers(0, LIMIT, BATCH))
             trainer.step(x, y, states)
-        setup = {"optimizer": "Adam(0.01)", "loss": "mean squared error", "batch": BATCH,
-                 "steps": epochs, "data": "fresh random pairs a, b < 128 each step"}
+        setup = {
+            "optimizer": "Adam(0.01)",
+            "loss": "mean squared error",
+            "batch": BATCH,
+            "steps": epochs,
+            "data": "fresh random pairs a, b < 128 each step",
+        }
         return trainer.losses, setup
 
     def evaluate(self, session: ort.InferenceSession) -> dict[str, float]:
         """All 128 × 128 pairs in one call; a sum counts only if every bit is right."""
         a, b = (g.reshape(-1) for g in np.meshgrid(np.arange(LIMIT), np.arange(LIMIT)))
         x, _ = encode(a, b)
-        feeds = {INPUT_NAME: x, **{i.name: np.zeros((len(x), i.shape[1]), "float32")
-                                   for i in session.get_inputs()[1:]}}
+        feeds = {
+            INPUT_NAME: x,
+            **{i.name: np.zeros((len(x), i.shape[1]), "float32") for i in session.get_inputs()[1:]},
+        }
         (y,) = session.run([OUTPUT_NAME], feeds)
         sums = (np.rint(y[..., 0]).astype(int) << np.arange(BITS)).sum(axis=1)
         return {"exact_sums": float(np.mean(sums == a + b)), "pairs": float(len(a))}

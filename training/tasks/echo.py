@@ -30,22 +30,35 @@ class EchoTask:
     name = "echo"
     description = "Echo RNN: returns the input bit from 3 steps earlier (2 class probabilities)."
     defaults = Defaults(cell="simple_rnn", layers=1, units=4, epochs=20)
-    bar = Bar("stream_accuracy", 0.999, True,
-              "seed: loss falls close to zero (no accuracy published)")
+    bar = Bar(
+        "stream_accuracy", 0.999, True, "seed: loss falls close to zero (no accuracy published)"
+    )
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
 
     def architecture(self, cell: str, layers: int, units: int, activation: str) -> Architecture:
-        return Architecture(features=1, outputs=2, head="softmax", cell=cell, layers=layers,
-                            units=units, activation=activation)
+        return Architecture(
+            features=1,
+            outputs=2,
+            head="softmax",
+            cell=cell,
+            layers=layers,
+            units=units,
+            activation=activation,
+        )
 
-    def train(self, model: keras.Model, arch: Architecture,
-              epochs: int) -> tuple[list[float], dict[str, Any]]:
+    def train(
+        self, model: keras.Model, arch: Architecture, epochs: int
+    ) -> tuple[list[float], dict[str, Any]]:
         windows = SERIES_LENGTH // ROWS // WINDOW
-        trainer = Trainer(model, keras.optimizers.Adagrad(0.3),
-                          keras.losses.SparseCategoricalCrossentropy(), self.name,
-                          epochs * windows)
+        trainer = Trainer(
+            model,
+            keras.optimizers.Adagrad(0.3),
+            keras.losses.SparseCategoricalCrossentropy(),
+            self.name,
+            epochs * windows,
+        )
         for _ in range(epochs):
             bits = self.rng.integers(0, 2, (ROWS, SERIES_LENGTH // ROWS)).astype("float32")
             target = echo_targets(bits)
@@ -53,10 +66,15 @@ class EchoTask:
             for w in range(windows):
                 cut = slice(w * WINDOW, (w + 1) * WINDOW)
                 states = trainer.step(bits[:, cut, None], target[:, cut], states)
-        setup = {"optimizer": "Adagrad(0.3)", "loss": "sparse categorical cross-entropy",
-                 "series_length": SERIES_LENGTH, "batch_rows": ROWS,
-                 "truncated_backprop_length": WINDOW, "state_carried_between_windows": True,
-                 "epochs": epochs}
+        setup = {
+            "optimizer": "Adagrad(0.3)",
+            "loss": "sparse categorical cross-entropy",
+            "series_length": SERIES_LENGTH,
+            "batch_rows": ROWS,
+            "truncated_backprop_length": WINDOW,
+            "state_carried_between_windows": True,
+            "epochs": epochs,
+        }
         return trainer.losses, setup
 
     def evaluate(self, session: ort.InferenceSession) -> dict[str, float]:
@@ -66,8 +84,7 @@ class EchoTask:
         names = [o.name for o in session.get_outputs()]
         predicted = np.empty(len(bits))
         for t, bit in enumerate(bits):
-            out = dict(zip(names, session.run(names, {INPUT_NAME: bit.reshape(1, 1, 1),
-                                                      **states})))
+            out = dict(zip(names, session.run(names, {INPUT_NAME: bit.reshape(1, 1, 1), **states})))
             predicted[t] = out[OUTPUT_NAME][0, 0].argmax()
             states = {n: out[f"{n}_out"] for n in states}
         correct = predicted[ECHO_STEP:] == echo_targets(bits)[ECHO_STEP:]

@@ -87,18 +87,25 @@ for _, key in ipairs(KEYS) do
 end
 """
 """Drop the holder records that still name this replica (another may have taken one since)."""
+
+
 class RedisHandoff:
     """Parks and adopts sessions through Redis over a bounded pool of connections: a burst of
     adoptions waits for a connection instead of failing with 'Too many connections'."""
 
-    def __init__(self, url: str, ttl_seconds: float, wait_seconds: float,
-                 park_seconds: float) -> None:
+    def __init__(
+        self, url: str, ttl_seconds: float, wait_seconds: float, park_seconds: float
+    ) -> None:
         import redis.asyncio as redis
 
         self._errors = (redis.RedisError, OSError, asyncio.TimeoutError)
         pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT,
-            socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT)
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_WAIT,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+        )
         self.client = redis.Redis(connection_pool=pool)
         self.ttl_ms = max(1, int(ttl_seconds * 1000))
         self.wait_seconds = wait_seconds
@@ -128,16 +135,18 @@ class RedisHandoff:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for s in sessions:
-                    pipe.set(KEY_PREFIX + store_key(s.owner, s.session_id), s.encode(),
-                             px=self.ttl_ms)
+                    pipe.set(
+                        KEY_PREFIX + store_key(s.owner, s.session_id), s.encode(), px=self.ttl_ms
+                    )
                 if done_parking:
                     pipe.zrem(PARKING_KEY, self.replica)  # adopters need not wait for us
                 await pipe.execute()
         except self._errors as exc:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
 
-    async def adopt(self, session_ids: list[str], owner: str, wait: bool,
-                    expected: bool = False) -> Adoption:
+    async def adopt(
+        self, session_ids: list[str], owner: str, wait: bool, expected: bool = False
+    ) -> Adoption:
         """Take the owner's parked sessions among `session_ids`, in one round trip per try,
         and learn which live replicas hold the others. While a replica is parking (and
         `wait`), or while their holders were asked to park them (`expected`), missing ids are
@@ -149,8 +158,9 @@ class RedisHandoff:
         tries = 0
         while missing:
             try:
-                parking, taken = await self._take_once(missing, owner, adoption.held,
-                                                       ask_holders=not expected and not tries)
+                parking, taken = await self._take_once(
+                    missing, owner, adoption.held, ask_holders=not expected and not tries
+                )
             except self._errors as exc:
                 if adoption.taken:  # already out of the store: the caller restores them
                     return adoption
@@ -160,17 +170,18 @@ class RedisHandoff:
             if not (missing and (parking and wait or expected)) or time.monotonic() >= deadline:
                 break
             tries += 1  # a holder asked to park takes a millisecond or two: look again soon
-            await asyncio.sleep(min(ADOPT_POLL, FIRST_POLL * 2 ** tries))
+            await asyncio.sleep(min(ADOPT_POLL, FIRST_POLL * 2**tries))
         return adoption
 
-    async def _take_once(self, session_ids: list[str], owner: str, held: dict[str, list[str]],
-                         ask_holders: bool) -> tuple[bool, dict[str, ParkedSession]]:
+    async def _take_once(
+        self, session_ids: list[str], owner: str, held: dict[str, list[str]], ask_holders: bool
+    ) -> tuple[bool, dict[str, ParkedSession]]:
         """One run of TAKE_SCRIPT: whether a replica is parking, and the sessions taken; the
         ids other replicas hold are added to `held` by holder."""
         reply = await self._take(
             keys=[PARKING_KEY, *(KEY_PREFIX + store_key(owner, i) for i in session_ids)],
-            args=[_now_ms(), OWNER_PREFIX if ask_holders else "", len(KEY_PREFIX),
-                  self.replica])
+            args=[_now_ms(), OWNER_PREFIX if ask_holders else "", len(KEY_PREFIX), self.replica],
+        )
         taken: dict[str, ParkedSession] = {}
         for position, value in zip(reply[1::2], reply[2::2]):
             if position < 0:
@@ -180,8 +191,7 @@ class RedisHandoff:
             try:
                 taken[session_id] = ParkedSession.decode(session_id, value)
             except ValueError as exc:  # binascii's and json's errors included
-                log.error("LOST session %s: its parked record is unreadable (%s)",
-                          session_id, exc)
+                log.error("LOST session %s: its parked record is unreadable (%s)", session_id, exc)
         return bool(reply[0]), taken
 
     async def parking(self) -> bool:
@@ -224,8 +234,9 @@ class RedisHandoff:
         """Record this process as the holder of a newly opened session (its `store_key`); where
         its id is already taken, "parked" or the replica holding it, and nothing is recorded."""
         try:
-            where = await self._claim_new(keys=[KEY_PREFIX + key, OWNER_PREFIX + key],
-                                          args=[self.replica, ttl_ms])
+            where = await self._claim_new(
+                keys=[KEY_PREFIX + key, OWNER_PREFIX + key], args=[self.replica, ttl_ms]
+            )
         except self._errors as exc:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
         return None if where is None else where.decode()
@@ -236,8 +247,9 @@ class RedisHandoff:
         try:
             heard = 0
             for holder, ids in held.items():
-                heard += await self.client.publish(RELEASE_CHANNEL + holder,
-                                                   json.dumps({"ids": ids, "owner": owner}))
+                heard += await self.client.publish(
+                    RELEASE_CHANNEL + holder, json.dumps({"ids": ids, "owner": owner})
+                )
         except self._errors as exc:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
         return heard > 0
@@ -269,8 +281,7 @@ class RedisHandoff:
         except self._errors:
             raise  # the store: serve_releases subscribes again once it is back
         except Exception:  # one request's failure must not end the listening for good
-            log.exception("a release request for %d sessions failed; they stay here",
-                          len(ids))
+            log.exception("a release request for %d sessions failed; they stay here", len(ids))
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -34,15 +34,26 @@ def socket_path(run_dir: Path, index: int) -> Path:
 
 def to_message(parked: ParkedSession) -> pb.MovedSession:
     return pb.MovedSession(
-        session_id=parked.session_id, owner=parked.owner, model=parked.model,
-        version=parked.version, steps=parked.steps, idle_seconds=parked.idle_seconds,
-        states={k: np.ascontiguousarray(v, "<f4").tobytes() for k, v in parked.states.items()})
+        session_id=parked.session_id,
+        owner=parked.owner,
+        model=parked.model,
+        version=parked.version,
+        steps=parked.steps,
+        idle_seconds=parked.idle_seconds,
+        states={k: np.ascontiguousarray(v, "<f4").tobytes() for k, v in parked.states.items()},
+    )
 
 
 def from_message(moved: pb.MovedSession) -> ParkedSession:
-    return ParkedSession(moved.session_id, moved.owner, moved.model, moved.version, moved.steps,
-                         moved.idle_seconds,
-                         {k: np.frombuffer(v, "<f4").copy() for k, v in moved.states.items()})
+    return ParkedSession(
+        moved.session_id,
+        moved.owner,
+        moved.model,
+        moved.version,
+        moved.steps,
+        moved.idle_seconds,
+        {k: np.frombuffer(v, "<f4").copy() for k, v in moved.states.items()},
+    )
 
 
 class SiblingsServicer(rpc.SiblingsServicer):
@@ -51,15 +62,19 @@ class SiblingsServicer(rpc.SiblingsServicer):
     def __init__(self, engine) -> None:
         self.engine = engine
 
-    async def Release(self, request: pb.ReleaseRequest,
-                      context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
-        moved, ended, moving = await self.engine.release_sessions(list(request.session_ids),
-                                                                  request.owner)
-        return pb.ReleaseResponse(sessions=[to_message(p) for p in moved], ended=ended,
-                                  moving=moving)
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        moved, ended, moving = await self.engine.release_sessions(
+            list(request.session_ids), request.owner
+        )
+        return pb.ReleaseResponse(
+            sessions=[to_message(p) for p in moved], ended=ended, moving=moving
+        )
 
-    async def Restore(self, request: pb.RestoreRequest,
-                      context: grpc.aio.ServicerContext) -> pb.RestoreResponse:
+    async def Restore(
+        self, request: pb.RestoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RestoreResponse:
         lost = self.engine.take_back([from_message(m) for m in request.sessions])
         return pb.RestoreResponse(lost=lost)
 
@@ -81,17 +96,21 @@ class Siblings:
             stub = self._stubs[index] = rpc.SiblingsStub(channel)
         return stub
 
-    async def take(self, session_ids: list[str], owner: str
-                   ) -> tuple[dict[str, tuple[int, ParkedSession]], dict[str, str], set[str]]:
+    async def take(
+        self, session_ids: list[str], owner: str
+    ) -> tuple[dict[str, tuple[int, ParkedSession]], dict[str, str], set[str]]:
         """Ask every sibling at once: the sessions released (with the worker each came from),
         the ids a sibling ended recently (with why), and those live but not free to move
         now (busy, or on their way between two other workers)."""
         indexes = list(self.paths)
         request = pb.ReleaseRequest(session_ids=session_ids, owner=owner)
         answers = await asyncio.gather(
-            *(self._stub(i).Release(request, timeout=MOVE_CALL_TIMEOUT, metadata=self.metadata)
-              for i in indexes),
-            return_exceptions=True)
+            *(
+                self._stub(i).Release(request, timeout=MOVE_CALL_TIMEOUT, metadata=self.metadata)
+                for i in indexes
+            ),
+            return_exceptions=True,
+        )
         moved: dict[str, tuple[int, ParkedSession]] = {}
         ended: dict[str, str] = {}
         moving: set[str] = set()
@@ -99,9 +118,13 @@ class Siblings:
             if isinstance(answer, BaseException):
                 if not isinstance(answer, grpc.RpcError):
                     raise answer
-                unanswered.warning(f"sibling-{index}", "worker %d did not answer a session "
-                                   "lookup (%s): sessions it held cannot be reached now",
-                                   index, answer.code().name)
+                unanswered.warning(
+                    f"sibling-{index}",
+                    "worker %d did not answer a session "
+                    "lookup (%s): sessions it held cannot be reached now",
+                    index,
+                    answer.code().name,
+                )
                 continue
             for message in answer.sessions:
                 moved[message.session_id] = (index, from_message(message))
@@ -114,7 +137,9 @@ class Siblings:
         try:
             answer = await self._stub(index).Restore(
                 pb.RestoreRequest(sessions=[to_message(p) for p in sessions]),
-                timeout=MOVE_CALL_TIMEOUT, metadata=self.metadata)
+                timeout=MOVE_CALL_TIMEOUT,
+                metadata=self.metadata,
+            )
         except grpc.RpcError:
             return [p.session_id for p in sessions]
         return list(answer.lost)

@@ -44,16 +44,24 @@ def read_slots(config: ServerConfig) -> ReadSlots:
 def reader(identities: Identities) -> Callable[[grpc.aio.ServicerContext], str]:
     """Whose a read is: the client's name where tokens name clients, else the connection (an
     anonymous server cannot tell its clients apart any better)."""
+
     def client(context: grpc.aio.ServicerContext) -> str:
         if identities.enabled:  # a reloaded tokens file may turn auth on or off
             return identities.client(context.invocation_metadata())
         return context.peer()
+
     return client
 
 
 class Admission(grpc.aio.ServerInterceptor):
-    def __init__(self, capacity: int, exempt: tuple[str, ...], reads: ReadSlots,
-                 read_timeout: float, client: Callable[[grpc.aio.ServicerContext], str]) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        exempt: tuple[str, ...],
+        reads: ReadSlots,
+        read_timeout: float,
+        client: Callable[[grpc.aio.ServicerContext], str],
+    ) -> None:
         self.capacity = capacity
         self.exempt = exempt
         """Method path prefixes never counted nor refused (health, reflection)."""
@@ -66,7 +74,8 @@ class Admission(grpc.aio.ServerInterceptor):
         self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
@@ -77,8 +86,9 @@ class Admission(grpc.aio.ServerInterceptor):
             exempt = details.method.startswith(self.exempt)
             if exempt and handler.request_streaming:
                 return handler
-            wrapped = self._wrap(handler, counted=not exempt,
-                                 read=self._read_open if exempt else self._read)
+            wrapped = self._wrap(
+                handler, counted=not exempt, read=self._read_open if exempt else self._read
+            )
             known = self._wrapped[id(handler)] = (handler, wrapped)
         return known[1]
 
@@ -87,7 +97,8 @@ class Admission(grpc.aio.ServerInterceptor):
             raise ResourceExhausted(
                 f"the server has {self.capacity} calls open, its limit "
                 "(--max-concurrent-rpcs); retry, or spread calls over more replicas",
-                retry_after=RETRY_AFTER)
+                retry_after=RETRY_AFTER,
+            )
         self.open += 1
 
     async def _read(self, context: grpc.aio.ServicerContext) -> Any:
@@ -100,7 +111,8 @@ class Admission(grpc.aio.ServerInterceptor):
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the request message did not arrive within {self.read_timeout:g} s of the "
-                "server asking for it (--read-timeout); send each message whole") from None
+                "server asking for it (--read-timeout); send each message whole"
+            ) from None
         finally:
             self.reads.give_back(client)
         return _present(request)
@@ -117,15 +129,21 @@ class Admission(grpc.aio.ServerInterceptor):
             raise DeadlineExceeded("the health check's message did not arrive in time") from None
         return _present(request)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, counted: bool,
-              read: Callable[[grpc.aio.ServicerContext], Awaitable[Any]],
-              ) -> grpc.RpcMethodHandler:
+    def _wrap(
+        self,
+        handler: grpc.RpcMethodHandler,
+        counted: bool,
+        read: Callable[[grpc.aio.ServicerContext], Awaitable[Any]],
+    ) -> grpc.RpcMethodHandler:
         """The handler, counted from start to end when `counted`, with a unary request read by
         `read` after admission; the same four kinds of behaviour, async generators where the
         behaviour is one."""
-        kind = {(False, False): "unary_unary", (False, True): "unary_stream",
-                (True, False): "stream_unary", (True, True): "stream_stream"}[
-            (handler.request_streaming, handler.response_streaming)]
+        kind = {
+            (False, False): "unary_unary",
+            (False, True): "unary_stream",
+            (True, False): "stream_unary",
+            (True, True): "stream_stream",
+        }[(handler.request_streaming, handler.response_streaming)]
         inner = getattr(handler, kind)
         unary_request = not handler.request_streaming
         admission = self
@@ -149,6 +167,7 @@ class Admission(grpc.aio.ServerInterceptor):
                 admission.open -= 1
 
         if inspect.isasyncgenfunction(inner):
+
             async def generating(request, context):
                 request = await start(request, context)
                 try:
@@ -156,18 +175,23 @@ class Admission(grpc.aio.ServerInterceptor):
                         yield response
                 finally:
                     leave()
+
             behaviour: Callable[..., Any] = generating
         else:
+
             async def returning(request, context):
                 request = await start(request, context)
                 try:
                     return await inner(request, context)
                 finally:
                     leave()
+
             behaviour = returning
         streaming = "stream_stream" if handler.response_streaming else "stream_unary"
-        return handler._replace(request_streaming=True, **{
-            "unary_unary": None, "unary_stream": None, streaming: behaviour})
+        return handler._replace(
+            request_streaming=True,
+            **{"unary_unary": None, "unary_stream": None, streaming: behaviour},
+        )
 
 
 def _present(request: Any) -> Any:

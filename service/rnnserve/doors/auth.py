@@ -17,11 +17,13 @@ from rnnserve.errors import Unauthenticated
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-def refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
-             message: str) -> grpc.RpcMethodHandler:
+def refusing(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
     """A handler that ends every call with `code` before reading its request: served as a
     stream-request handler (the same on the wire), as grpc reads a unary request before the
     handler runs, and a refused caller could then make the server receive a whole message."""
+
     async def abort(request, context: grpc.aio.ServicerContext):
         await context.abort(code, message)
 
@@ -31,11 +33,15 @@ def refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
 
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(
-            abort_stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            abort_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
     return grpc.stream_unary_rpc_method_handler(
-        abort, request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer)
+        abort,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -43,7 +49,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self.identities = identities
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
@@ -52,8 +59,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         try:
             self.identities.client(details.invocation_metadata)
         except Unauthenticated:
-            return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer "
-                            "token: send metadata 'authorization: Bearer <token>'")
+            return refusing(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'",
+            )
         return handler
 
 
@@ -66,13 +76,18 @@ class SharedKeyInterceptor(grpc.aio.ServerInterceptor):
         self.key = key.encode()
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         given = dict(details.invocation_metadata or ()).get(self.header, "")
         if handler is None or hmac.compare_digest(
-                given.encode() if isinstance(given, str) else given, self.key):
+            given.encode() if isinstance(given, str) else given, self.key
+        ):
             return handler
-        return refusing(handler, grpc.StatusCode.PERMISSION_DENIED,
-                        "this socket answers only the other workers of its server")
+        return refusing(
+            handler,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "this socket answers only the other workers of its server",
+        )

@@ -37,8 +37,10 @@ class _UndecodableInStream(Exception):
 
 
 def _message(method: str, marker: Undecodable) -> str:
-    return (f"the request to {method} is not a valid {marker.message_type} message; "
-            "check that client and server use the same .proto")
+    return (
+        f"the request to {method} is not a valid {marker.message_type} message; "
+        "check that client and server use the same .proto"
+    )
 
 
 def _deserializer(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -69,13 +71,15 @@ class _Refuser:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def refuse(self, method: str, marker: Undecodable,
-                     context: grpc.aio.ServicerContext) -> None:
+    async def refuse(
+        self, method: str, marker: Undecodable, context: grpc.aio.ServicerContext
+    ) -> None:
         name = method.rsplit("/", 1)[-1]
         count, _ = self.metrics.children("", "", name, "INVALID_ARGUMENT")
         count.inc()
-        log.warning(f"undecodable:{method}", "undecodable %s request (%s)", method,
-                    marker.message_type)
+        log.warning(
+            f"undecodable:{method}", "undecodable %s request (%s)", method, marker.message_type
+        )
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(method, marker))
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -98,8 +102,10 @@ class _Refuser:
 
             if not inspect.isasyncgenfunction(inner):
                 stream_stream = stream_stream_writing
-            return handler._replace(request_deserializer=_deserializer(
-                handler.request_deserializer), stream_stream=stream_stream)
+            return handler._replace(
+                request_deserializer=_deserializer(handler.request_deserializer),
+                stream_stream=stream_stream,
+            )
         if handler.request_streaming:
             inner = handler.stream_unary
 
@@ -109,8 +115,10 @@ class _Refuser:
                 except _UndecodableInStream as exc:
                     await refuse(exc.args[0], context)
 
-            return handler._replace(request_deserializer=_deserializer(
-                handler.request_deserializer), stream_unary=stream_unary)
+            return handler._replace(
+                request_deserializer=_deserializer(handler.request_deserializer),
+                stream_unary=stream_unary,
+            )
         if handler.response_streaming:
             inner = handler.unary_stream
 
@@ -128,8 +136,10 @@ class _Refuser:
             if not inspect.isasyncgenfunction(inner):
                 unary_stream = unary_stream_writing
 
-            return handler._replace(request_deserializer=_deserializer(
-                handler.request_deserializer), unary_stream=unary_stream)
+            return handler._replace(
+                request_deserializer=_deserializer(handler.request_deserializer),
+                unary_stream=unary_stream,
+            )
         inner = handler.unary_unary
 
         async def unary_unary(request, context):
@@ -137,8 +147,10 @@ class _Refuser:
                 await refuse(request, context)
             return await inner(request, context)
 
-        return handler._replace(request_deserializer=_deserializer(
-            handler.request_deserializer), unary_unary=unary_unary)
+        return handler._replace(
+            request_deserializer=_deserializer(handler.request_deserializer),
+            unary_unary=unary_unary,
+        )
 
 
 class _TolerantGeneric(grpc.GenericRpcHandler):
@@ -167,12 +179,14 @@ class TolerantServer:
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         self._server.add_generic_rpc_handlers(
-            tuple(_TolerantGeneric(h, self._refuser) for h in handlers))
+            tuple(_TolerantGeneric(h, self._refuser) for h in handlers)
+        )
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
         self._server.add_registered_method_handlers(
-            service, {name: self._refuser.wrap(h, f"/{service}/{name}")
-                      for name, h in handlers.items()})
+            service,
+            {name: self._refuser.wrap(h, f"/{service}/{name}") for name, h in handlers.items()},
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)

@@ -45,8 +45,10 @@ class Identities:
         if tokens_file:
             for name, secret in parse_tokens(Path(tokens_file)):
                 if secret in tokens:
-                    raise ValueError(f"{tokens_file}: client {name!r} reuses another client's "
-                                     "token; every client needs its own")
+                    raise ValueError(
+                        f"{tokens_file}: client {name!r} reuses another client's "
+                        "token; every client needs its own"
+                    )
                 tokens[secret] = name
         return cls(tokens)
 
@@ -64,13 +66,17 @@ class Identities:
         if not self._clients:
             return ""
         for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and \
-                    value[:len(BEARER)].lower() == BEARER:
-                name = self._clients.get(_digest(value[len(BEARER):].strip()))
+            if (
+                key == "authorization"
+                and isinstance(value, str)
+                and value[: len(BEARER)].lower() == BEARER
+            ):
+                name = self._clients.get(_digest(value[len(BEARER) :].strip()))
                 if name is not None:
                     return name
-        raise Unauthenticated("missing or unknown bearer token: send metadata "
-                              "'authorization: Bearer <token>'")
+        raise Unauthenticated(
+            "missing or unknown bearer token: send metadata 'authorization: Bearer <token>'"
+        )
 
 
 def parse_tokens(path: Path) -> list[tuple[str, str]]:
@@ -90,11 +96,13 @@ def parse_tokens(path: Path) -> list[tuple[str, str]]:
             raise ValueError(f"{where}: expected 'client-name token', got {len(fields)} fields")
         name, token = fields
         if not NAME.fullmatch(name):
-            raise ValueError(f"{where}: client name {name[:64]!r} must be 1-64 letters, digits, "
-                             "'_', '.' or '-'")
+            raise ValueError(
+                f"{where}: client name {name[:64]!r} must be 1-64 letters, digits, '_', '.' or '-'"
+            )
         if len(token) < MIN_TOKEN_LENGTH:
-            raise ValueError(f"{where}: the token of {name!r} is shorter than "
-                             f"{MIN_TOKEN_LENGTH} characters")
+            raise ValueError(
+                f"{where}: the token of {name!r} is shorter than {MIN_TOKEN_LENGTH} characters"
+            )
         if name in names:
             raise ValueError(f"{where}: client {name!r} appears twice")
         names.add(name)

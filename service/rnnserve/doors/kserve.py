@@ -35,8 +35,10 @@ def _version(text: str) -> int:
     if not text:
         return 0
     if not (text.isascii() and text.isdigit() and len(text) <= MAX_VERSION_DIGITS):
-        raise InvalidArgument(f"model_version {text[:32]!r} is not a version number (digits "
-                              "0-9; empty for the latest)")
+        raise InvalidArgument(
+            f"model_version {text[:32]!r} is not a version number (digits "
+            "0-9; empty for the latest)"
+        )
     return int(text)
 
 
@@ -50,8 +52,9 @@ def sequence_session_id(client: str, model: str, sequence_id: int | str) -> str:
 
 
 class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: Metrics, identities: Identities,
-                 streams: OpenStreams) -> None:
+    def __init__(
+        self, engine: Engine, metrics: Metrics, identities: Identities, streams: OpenStreams
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.identities = identities
@@ -62,57 +65,67 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
         return v2.ServerLiveResponse(live=True)
 
     @unary
-    async def ServerReady(self, request: v2.ServerReadyRequest,
-                          call: Call) -> v2.ServerReadyResponse:
+    async def ServerReady(
+        self, request: v2.ServerReadyRequest, call: Call
+    ) -> v2.ServerReadyResponse:
         return v2.ServerReadyResponse(ready=self.engine.ready)
 
     @unary
     async def ModelReady(self, request: v2.ModelReadyRequest, call: Call) -> v2.ModelReadyResponse:
         return v2.ModelReadyResponse(
-            ready=self.engine.model_ready(request.name, _version(request.version)))
+            ready=self.engine.model_ready(request.name, _version(request.version))
+        )
 
     @unary
-    async def ServerMetadata(self, request: v2.ServerMetadataRequest,
-                             call: Call) -> v2.ServerMetadataResponse:
-        return v2.ServerMetadataResponse(name="rnnserve", version=__version__,
-                                         extensions=EXTENSIONS)
+    async def ServerMetadata(
+        self, request: v2.ServerMetadataRequest, call: Call
+    ) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(
+            name="rnnserve", version=__version__, extensions=EXTENSIONS
+        )
 
     @unary
-    async def ModelMetadata(self, request: v2.ModelMetadataRequest,
-                            call: Call) -> v2.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: v2.ModelMetadataRequest, call: Call
+    ) -> v2.ModelMetadataResponse:
         model = self._model(request.name, request.version, call)
         return metadata(model.spec, model.versions)
 
     @unary
-    async def ModelConfig(self, request: v2.ModelConfigRequest,
-                          call: Call) -> v2.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: v2.ModelConfigRequest, call: Call
+    ) -> v2.ModelConfigResponse:
         model = self._model(request.name, request.version, call)
         return v2.ModelConfigResponse(config=config(model.spec, self.engine.idle_timeout))
 
     @unary
-    async def RepositoryIndex(self, request: v2.RepositoryIndexRequest,
-                              call: Call) -> v2.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: v2.RepositoryIndexRequest, call: Call
+    ) -> v2.RepositoryIndexResponse:
         index = v2.RepositoryIndexResponse()
         for model in self.engine.models():
             if model.ready or not request.ready:
-                index.models.add(name=model.spec.name, version=str(model.spec.version),
-                                 state=model.state)
+                index.models.add(
+                    name=model.spec.name, version=str(model.spec.version), state=model.state
+                )
         return index
 
     @unary
     async def ModelInfer(self, request: v2.ModelInferRequest, call: Call) -> v2.ModelInferResponse:
         return await self._infer(request, call)
 
-    async def ModelStreamInfer(self, requests: AsyncIterator[v2.ModelInferRequest],
-                               context: grpc.aio.ServicerContext
-                               ) -> AsyncIterator[v2.ModelStreamInferResponse]:
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[v2.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[v2.ModelStreamInferResponse]:
         """One response per request, in order; a failed request answers error_message only."""
-        async for reply in stream_replies(requests, context, self.engine, self.identities,
-                                          self.streams, self._stream_reply):
+        async for reply in stream_replies(
+            requests, context, self.engine, self.identities, self.streams, self._stream_reply
+        ):
             yield reply
 
-    async def _stream_reply(self, request: v2.ModelInferRequest,
-                            client: str) -> v2.ModelStreamInferResponse:
+    async def _stream_reply(
+        self, request: v2.ModelInferRequest, client: str
+    ) -> v2.ModelStreamInferResponse:
         try:
             with self.metrics.track("ModelStreamInfer", client) as call:
                 reply = await self._infer(request, call)
@@ -121,8 +134,8 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
             error = exc if isinstance(exc, ServingError) else internal_error("ModelStreamInfer")
             return v2.ModelStreamInferResponse(
                 error_message=f"{error.code}: {error}",
-                infer_response=v2.ModelInferResponse(model_name=request.model_name,
-                                                      id=request.id))
+                infer_response=v2.ModelInferResponse(model_name=request.model_name, id=request.id),
+            )
 
     def _model(self, name: str, version: str, call: Call) -> ModelView:
         call.model = self.engine.model_label(name)
@@ -134,33 +147,51 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
         model = self._model(request.model_name, request.model_version, call)
         inputs = request_inputs(request)
         if INPUT_NAME not in inputs:
-            raise InvalidArgument(f"input {INPUT_NAME!r} (FP32 [batch, time, "
-                                  f"{model.spec.features}]) is required")
+            raise InvalidArgument(
+                f"input {INPUT_NAME!r} (FP32 [batch, time, {model.spec.features}]) is required"
+            )
         x = inputs.pop(INPUT_NAME)
         sequence_id = parameter(request, "sequence_id")
         if not sequence_id:  # Triton: 0 or "" means no sequence
-            result = await self.engine.predict(model.spec.name, model.spec.version, x, [],
-                                               inputs, last_only=False)
-            outputs = {OUTPUT_NAME: result.y, **{s.output: result.final_states[s.input]
-                                                 for s in model.spec.states}}
+            result = await self.engine.predict(
+                model.spec.name, model.spec.version, x, [], inputs, last_only=False
+            )
+            outputs = {
+                OUTPUT_NAME: result.y,
+                **{s.output: result.final_states[s.input] for s in model.spec.states},
+            }
             return response(model.spec, request, outputs)
         return await self._sequence_step(model, request, sequence_id, x, inputs, call.client)
 
-    async def _sequence_step(self, model: ModelView, request: v2.ModelInferRequest,
-                             sequence_id: int | str | float, x: np.ndarray,
-                             states: dict[str, np.ndarray],
-                             client: str) -> v2.ModelInferResponse:
+    async def _sequence_step(
+        self,
+        model: ModelView,
+        request: v2.ModelInferRequest,
+        sequence_id: int | str | float,
+        x: np.ndarray,
+        states: dict[str, np.ndarray],
+        client: str,
+    ) -> v2.ModelInferResponse:
         spec = model.spec
-        if isinstance(sequence_id, (float, bool)) or \
-                (isinstance(sequence_id, str) and len(sequence_id) > MAX_SEQUENCE_ID):
-            raise InvalidArgument("sequence_id must be an integer or a string of at most "
-                                  f"{MAX_SEQUENCE_ID} characters")
+        if isinstance(sequence_id, (float, bool)) or (
+            isinstance(sequence_id, str) and len(sequence_id) > MAX_SEQUENCE_ID
+        ):
+            raise InvalidArgument(
+                "sequence_id must be an integer or a string of at most "
+                f"{MAX_SEQUENCE_ID} characters"
+            )
         wanted = {o.name for o in request.outputs}
         step = await self.engine.sequence_step(
-            spec.name, spec.version, sequence_session_id(client, spec.name, sequence_id), x, states,
+            spec.name,
+            spec.version,
+            sequence_session_id(client, spec.name, sequence_id),
+            x,
+            states,
             start=bool(parameter(request, "sequence_start")),
             end=bool(parameter(request, "sequence_end")),
-            with_states=not wanted or bool(wanted - {OUTPUT_NAME}), owner=client)
+            with_states=not wanted or bool(wanted - {OUTPUT_NAME}),
+            owner=client,
+        )
         outputs = {OUTPUT_NAME: step.y}
         if step.states is not None:
             outputs.update({s.output: step.states[s.input][None] for s in spec.states})

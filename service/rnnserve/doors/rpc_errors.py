@@ -30,8 +30,7 @@ def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
     """Track metrics for a unary RPC and map engine errors to gRPC status codes."""
 
     @functools.wraps(method)
-    async def handler(self: Any, request: Any,
-                      context: grpc.aio.ServicerContext) -> Any:
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             client = self.identities.client(context.invocation_metadata())
             with self.metrics.track(method.__name__, client) as call:
@@ -44,8 +43,9 @@ def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
     return handler
 
 
-async def abort_unless_open(check_open: Callable[[], None],
-                            context: grpc.aio.ServicerContext) -> None:
+async def abort_unless_open(
+    check_open: Callable[[], None], context: grpc.aio.ServicerContext
+) -> None:
     """End a stream with UNAVAILABLE once the server drains, so its client reconnects."""
     try:
         check_open()
@@ -53,9 +53,14 @@ async def abort_unless_open(check_open: Callable[[], None],
         await abort(context, exc)
 
 
-async def stream_replies(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
-                         engine: Any, identities: Any, streams: Any,
-                         answer: Callable[[Any, str], Awaitable[Any]]) -> AsyncIterator[Any]:
+async def stream_replies(
+    requests: AsyncIterator[Any],
+    context: grpc.aio.ServicerContext,
+    engine: Any,
+    identities: Any,
+    streams: Any,
+    answer: Callable[[Any, str], Awaitable[Any]],
+) -> AsyncIterator[Any]:
     """A bidirectional stream for both front doors: the caller's identity once, then one
     `answer(request, client)` per message. Once the server drains, the stream ends with
     UNAVAILABLE: at once if it was waiting for a message, after its current one otherwise."""

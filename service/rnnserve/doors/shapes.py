@@ -20,11 +20,14 @@ FLOAT32 = np.dtype("<f4")
 
 def element_count(shape: Sequence[int], what: str, max_dims: int) -> int:
     if not 1 <= len(shape) <= max_dims:
-        raise InvalidArgument(f"{what}: shape has {len(shape)} dimensions; 1 to {max_dims} "
-                              "are accepted")
+        raise InvalidArgument(
+            f"{what}: shape has {len(shape)} dimensions; 1 to {max_dims} are accepted"
+        )
     if min(shape) < 1 or max(shape) > MAX_DIMENSION:
-        raise InvalidArgument(f"{what}: shape {list(shape)} has a dimension outside "
-                              f"1..{MAX_DIMENSION}; tensors may not be empty")
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} has a dimension outside "
+            f"1..{MAX_DIMENSION}; tensors may not be empty"
+        )
     return math.prod(shape)
 
 
@@ -32,6 +35,8 @@ def float32_array(data: bytes, shape: Sequence[int], what: str, max_dims: int) -
     """A read-only view of `data` (little-endian float32) with the given shape."""
     count = element_count(shape, what, max_dims)
     if len(data) != count * FLOAT32.itemsize:
-        raise InvalidArgument(f"{what}: shape {list(shape)} needs {count * FLOAT32.itemsize} "
-                              f"bytes of float32, got {len(data)}")
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} needs {count * FLOAT32.itemsize} "
+            f"bytes of float32, got {len(data)}"
+        )
     return np.frombuffer(data, FLOAT32).reshape(tuple(shape))

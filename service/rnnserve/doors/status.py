@@ -35,8 +35,9 @@ def row_status(code: str, message: str, retry_after: float | None = None) -> sta
     return fill_status(status_pb2.Status(), code, message, retry_after)
 
 
-def fill_status(status: status_pb2.Status, code: str, message: str,
-                retry_after: float | None = None) -> status_pb2.Status:
+def fill_status(
+    status: status_pb2.Status, code: str, message: str, retry_after: float | None = None
+) -> status_pb2.Status:
     """`row_status` written into a message in place: a step's rows fill the statuses in its
     response, half the cost of building each and copying it in."""
     status.code = CODES[code].value[0]

@@ -32,10 +32,15 @@ def answer_array(tensor: pb.Tensor) -> np.ndarray:
 
 def _check_datatype(tensor: pb.Tensor, what: str) -> None:
     if tensor.datatype not in DATATYPES:
-        name = (pb.DataType.Name(tensor.datatype) if tensor.datatype in pb.DataType.values()
-                else str(tensor.datatype))
-        raise InvalidArgument(f"{what}: datatype {name} is not served; rnnserve models take "
-                              "DATA_TYPE_FP32 (set Tensor.datatype)")
+        name = (
+            pb.DataType.Name(tensor.datatype)
+            if tensor.datatype in pb.DataType.values()
+            else str(tensor.datatype)
+        )
+        raise InvalidArgument(
+            f"{what}: datatype {name} is not served; rnnserve models take "
+            "DATA_TYPE_FP32 (set Tensor.datatype)"
+        )
 
 
 def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> pb.Tensor:

@@ -71,9 +71,19 @@ class Work:
 
 
 class Batcher:
-    def __init__(self, runner: Runner, store: Slots, metrics: Metrics, labels: tuple[str, str],
-                 executor: Executor, run_slots: asyncio.Semaphore, max_batch_size: int,
-                 max_batch_delay_s: float, inline_run_s: float, run_times: RunTimes) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        store: Slots,
+        metrics: Metrics,
+        labels: tuple[str, str],
+        executor: Executor,
+        run_slots: asyncio.Semaphore,
+        max_batch_size: int,
+        max_batch_delay_s: float,
+        inline_run_s: float,
+        run_times: RunTimes,
+    ) -> None:
         self.runner = runner
         self.store = store
         self.executor = executor
@@ -96,8 +106,9 @@ class Batcher:
 
     async def step(self, slots: SlotIndex, x: np.ndarray) -> np.ndarray:
         """Advance the sessions in `slots` by x's timesteps; their states update in place."""
-        y, _ = await self._submit(Work(x, self._loop.create_future(), self._loop.time(),
-                                       slots=slots))
+        y, _ = await self._submit(
+            Work(x, self._loop.create_future(), self._loop.time(), slots=slots)
+        )
         return y
 
     def step_now(self, slots: SlotIndex, x: np.ndarray) -> np.ndarray | None:
@@ -105,18 +116,19 @@ class Batcher:
         with `step`). A failed run raises, its sessions as they were."""
         if self._closed or not self._alone(x.shape[0] * x.shape[1]):
             return None
-        y, _ = self._run_alone(Work(x, self._loop.create_future(), self._loop.time(),
-                                    slots=slots))
+        y, _ = self._run_alone(Work(x, self._loop.create_future(), self._loop.time(), slots=slots))
         return y
 
     async def predict(self, x: np.ndarray, states: list[np.ndarray]) -> Result:
-        return await self._submit(Work(x, self._loop.create_future(), self._loop.time(),
-                                       states=states))
+        return await self._submit(
+            Work(x, self._loop.create_future(), self._loop.time(), states=states)
+        )
 
     async def _submit(self, work: Work) -> Result:
         if self._closed:
-            raise Unavailable("this model version is unloading; retry on the latest version",
-                              retry_after=0.0)
+            raise Unavailable(
+                "this model version is unloading; retry on the latest version", retry_after=0.0
+            )
         if self._alone(work.rows * work.x.shape[1]):
             return self._run_alone(work)
         self._pending.append(work)
@@ -140,9 +152,15 @@ class Batcher:
         194 -> 179 at 64 (bench/streaming.py's loads, A/B in one run, 2 cores). CPython's event
         loop exposes its ready queue only as `_ready`; on another loop this never says yes."""
         ready = getattr(self._loop, "_ready", None)
-        return (ready is not None and not ready and not self._pending
-                and self._flush_at is None and self._threaded is None and self.max_delay <= 0
-                and self._short(steps))
+        return (
+            ready is not None
+            and not ready
+            and not self._pending
+            and self._flush_at is None
+            and self._threaded is None
+            and self.max_delay <= 0
+            and self._short(steps)
+        )
 
     def _schedule(self) -> None:
         """Arrange one flush: after the current burst, or when --max-batch-delay ends."""
@@ -154,9 +172,11 @@ class Batcher:
                 return
             self._flush_at.cancel()  # the batch filled before its delay ended
         self._flush_soon = due
-        self._flush_at = (self._loop.call_soon(self._flush) if due else
-                          self._loop.call_at(self._pending[0].enqueued + self.max_delay,
-                                             self._flush))
+        self._flush_at = (
+            self._loop.call_soon(self._flush)
+            if due
+            else self._loop.call_at(self._pending[0].enqueued + self.max_delay, self._flush)
+        )
 
     async def close(self) -> None:
         """Fail queued work; a batch already running finishes and answers its callers."""
@@ -177,8 +197,7 @@ class Batcher:
                 for work in batch:  # steps and predictions of equal length apart
                     groups.setdefault((work.x.shape[1], work.slots is None), []).append(work)
                 if any(self._threads(group) for group in groups.values()):
-                    self._threaded = self._loop.create_task(
-                        self._run_groups(list(groups.values())))
+                    self._threaded = self._loop.create_task(self._run_groups(list(groups.values())))
                     return
                 for group in groups.values():
                     self._run_inline(group)
@@ -322,8 +341,11 @@ class Batcher:
     def _run(self, group: list[Work], inline: bool) -> Ran:
         """On the event loop (`inline`) through reused bound buffers."""
         if group[0].slots is not None:
-            slots = (group[0].slots if len(group) == 1
-                     else [s for w in group for s in cast(SlotIndex, w.slots)])
+            slots = (
+                group[0].slots
+                if len(group) == 1
+                else [s for w in group for s in cast(SlotIndex, w.slots)]
+            )
             y, finals, reused = self.store.step([w.x for w in group], slots, inline)
             return Ran(self._split(group, y, [], reused), slots, finals)
         rows = sum(w.rows for w in group)
@@ -345,13 +367,18 @@ class Batcher:
     def _joined(group: list[Work]) -> tuple[np.ndarray, list[np.ndarray]]:
         if len(group) == 1:
             return group[0].x, cast(list[np.ndarray], group[0].states)
-        return (np.concatenate([w.x for w in group]),
-                [np.concatenate(states)
-                 for states in zip(*(cast(list[np.ndarray], w.states) for w in group))])
+        return (
+            np.concatenate([w.x for w in group]),
+            [
+                np.concatenate(states)
+                for states in zip(*(cast(list[np.ndarray], w.states) for w in group))
+            ],
+        )
 
     @staticmethod
-    def _split(group: list[Work], y: np.ndarray, finals: list[np.ndarray],
-               reused: bool) -> list[Result]:
+    def _split(
+        group: list[Work], y: np.ndarray, finals: list[np.ndarray], reused: bool
+    ) -> list[Result]:
         """Each work's rows of y and of a prediction's final states (a step's stay with the
         store until committed). Rows of `reused` buffers are copied out: the next run
         overwrites them."""

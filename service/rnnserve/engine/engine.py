@@ -106,8 +106,7 @@ class SessionView:
 
     @classmethod
     def of(cls, session: Session) -> SessionView:
-        return cls(session.id, session.model.spec.name, session.model.spec.version,
-                   session.steps)
+        return cls(session.id, session.model.spec.name, session.model.spec.version, session.steps)
 
 
 @dataclass(frozen=True)
@@ -155,8 +154,9 @@ class SessionGroup:
 
     __slots__ = ("ids", "owner", "model", "sessions", "locks", "slots", "removals")
 
-    def __init__(self, owner: str, model: LoadedModel, sessions: list[Session],
-                 removals: int) -> None:
+    def __init__(
+        self, owner: str, model: LoadedModel, sessions: list[Session], removals: int
+    ) -> None:
         self.ids = [s.id for s in sessions]  # the sessions' own strings: no copies kept
         self.owner = owner
         self.model = model
@@ -171,8 +171,11 @@ class SessionGroup:
         return GROUP_ROW_BYTES * len(self.sessions)
 
     def holds(self, session_ids: list[str], owner: str, removals: int) -> bool:
-        return (removals == self.removals and owner == self.owner
-                and (session_ids is self.ids or session_ids == self.ids))
+        return (
+            removals == self.removals
+            and owner == self.owner
+            and (session_ids is self.ids or session_ids == self.ids)
+        )
 
     def takes(self, x: np.ndarray) -> bool:
         """x fits the model, and is finite (else `_resolve` names the rows that are not)."""
@@ -224,15 +227,24 @@ class _Locked:
 
 def _states_of(session: Session) -> dict[str, np.ndarray]:
     """A copy of the session's state tensors by name (the caller holds its lock)."""
-    return {spec.input: state for spec, state in zip(session.model.spec.states,
-                                                     session.model.store.read(session.slot))}
+    return {
+        spec.input: state
+        for spec, state in zip(session.model.spec.states, session.model.store.read(session.slot))
+    }
 
 
 def _parked(session: Session, now: float) -> ParkedSession:
     """The session as it leaves this process (the caller holds its lock)."""
-    return ParkedSession(session.id, session.owner, session.model.spec.name,
-                         session.model.spec.version, session.steps, now - session.last_used,
-                         _states_of(session), session.model.graph)
+    return ParkedSession(
+        session.id,
+        session.owner,
+        session.model.spec.name,
+        session.model.spec.version,
+        session.steps,
+        now - session.last_used,
+        _states_of(session),
+        session.model.graph,
+    )
 
 
 def _forget_before(times: OrderedDict, cutoff: float) -> None:
@@ -248,19 +260,27 @@ def _check_finite(array: np.ndarray, what: str) -> None:
 
 def _run_error(model: LoadedModel, exc: BaseException) -> ServingError:
     """What the rows of a failed run are told (the log has the exception)."""
-    return exc if isinstance(exc, ServingError) else ServingError(
-        f"the run of {model.spec.name} v{model.spec.version} failed; the server log has the "
-        "details")
+    return (
+        exc
+        if isinstance(exc, ServingError)
+        else ServingError(
+            f"the run of {model.spec.name} v{model.spec.version} failed; the server log has the "
+            "details"
+        )
+    )
 
 
-async def _in_spans(run: Callable[[np.ndarray], Awaitable[np.ndarray]], x: np.ndarray,
-                    span: int) -> np.ndarray:
+async def _in_spans(
+    run: Callable[[np.ndarray], Awaitable[np.ndarray]], x: np.ndarray, span: int
+) -> np.ndarray:
     """y for x [rows, k, features] from runs of at most `span` timesteps, one after another
     (the state carried between them), joined along time."""
     if span >= x.shape[1]:
         return await run(x)
-    return np.concatenate([await run(np.ascontiguousarray(x[:, t:t + span]))
-                           for t in range(0, x.shape[1], span)], axis=1)
+    return np.concatenate(
+        [await run(np.ascontiguousarray(x[:, t : t + span])) for t in range(0, x.shape[1], span)],
+        axis=1,
+    )
 
 
 def _first_labels(sessions: list[Session | None]) -> tuple[str, str] | None:
@@ -270,9 +290,15 @@ def _first_labels(sessions: list[Session | None]) -> tuple[str, str] | None:
 class Engine:
     """What the front doors and the server call, and all they call: models, sessions, drain."""
 
-    def __init__(self, config: ServerConfig, registry: ModelRegistry, sessions: SessionTable,
-                 budget: MemoryBudget, handoff: SharedStore | None = None,
-                 siblings: SiblingWorkers | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        registry: ModelRegistry,
+        sessions: SessionTable,
+        budget: MemoryBudget,
+        handoff: SharedStore | None = None,
+        siblings: SiblingWorkers | None = None,
+    ) -> None:
         self.config = config
         self.budget = budget
         self._registry = registry
@@ -329,8 +355,10 @@ class Engine:
     def models(self) -> list[ModelView]:
         """Every version open for new work, then those still loading (not ready)."""
         served = [self._view(m) for m in self._registry.serving()]
-        return served + [ModelView(spec, self._registry.versions(spec.name), "LOADING")
-                         for spec in self._registry.loading()]
+        return served + [
+            ModelView(spec, self._registry.versions(spec.name), "LOADING")
+            for spec in self._registry.loading()
+        ]
 
     def describe(self, name: str, version: int = 0) -> ModelView:
         """The named version, or the latest; NOT_FOUND or UNAVAILABLE (loading) otherwise."""
@@ -348,8 +376,11 @@ class Engine:
             return False
 
     def _view(self, model: LoadedModel) -> ModelView:
-        return ModelView(model.spec, self._registry.versions(model.spec.name),
-                         "UNAVAILABLE" if self._draining else "READY")
+        return ModelView(
+            model.spec,
+            self._registry.versions(model.spec.name),
+            "UNAVAILABLE" if self._draining else "READY",
+        )
 
     async def sync_models(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load versions that appeared in the repository, retire those that disappeared;
@@ -385,8 +416,11 @@ class Engine:
             del self._lent[key]
             if back and self._sessions.find(session.id, session.owner) is None:
                 self._sessions.revive(session)
-                log.warning("session %s was let go to a sibling that never took it (its call "
-                            "failed): live here again", session.id)
+                log.warning(
+                    "session %s was let go to a sibling that never took it (its call "
+                    "failed): live here again",
+                    session.id,
+                )
             else:
                 self._sessions.free(session)
 
@@ -407,10 +441,14 @@ class Engine:
     @property
     def closing_message(self) -> str:
         if self._handoff is not None:
-            return ("the server is shutting down; reconnect (to another replica) and resume "
-                    "your session by id")
-        return ("the server is shutting down and its sessions end with it (no --state-store); "
-                "reconnect to another replica and open a new session")
+            return (
+                "the server is shutting down; reconnect (to another replica) and resume "
+                "your session by id"
+            )
+        return (
+            "the server is shutting down and its sessions end with it (no --state-store); "
+            "reconnect to another replica and open a new session"
+        )
 
     def check_open(self) -> None:
         """UNAVAILABLE once draining: callers reconnect, and resume their sessions elsewhere
@@ -421,8 +459,10 @@ class Engine:
     def _check_x(self, model: LoadedModel, x: np.ndarray, what: str) -> None:
         spec = model.spec
         if x.ndim != 3 or x.shape[2] != spec.features:
-            raise InvalidArgument(f"{what} must be [rows, timesteps, {spec.features}] for "
-                                  f"{spec.name}, got shape {list(x.shape)}")
+            raise InvalidArgument(
+                f"{what} must be [rows, timesteps, {spec.features}] for "
+                f"{spec.name}, got shape {list(x.shape)}"
+            )
         self._check_limits(x, what)
 
     def _check_limits(self, x: np.ndarray, what: str) -> None:
@@ -430,20 +470,26 @@ class Engine:
         if x.shape[0] < 1 or x.shape[1] < 1:
             raise InvalidArgument(f"{what} is empty (shape {list(x.shape)})")
         if x.shape[0] > self.config.max_batch_rows:
-            raise InvalidArgument(f"{what} has {x.shape[0]} rows (sequences or sessions); the "
-                                  f"limit is {self.config.max_batch_rows} (--max-batch-rows)")
+            raise InvalidArgument(
+                f"{what} has {x.shape[0]} rows (sequences or sessions); the "
+                f"limit is {self.config.max_batch_rows} (--max-batch-rows)"
+            )
         if x.shape[1] > self.config.max_timesteps:
-            raise InvalidArgument(f"{what} has {x.shape[1]} timesteps per row; the limit is "
-                                  f"{self.config.max_timesteps} (--max-timesteps)")
+            raise InvalidArgument(
+                f"{what} has {x.shape[1]} timesteps per row; the limit is "
+                f"{self.config.max_timesteps} (--max-timesteps)"
+            )
 
-    def _states(self, model: LoadedModel, given: dict[str, np.ndarray],
-                rows: int) -> list[np.ndarray]:
+    def _states(
+        self, model: LoadedModel, given: dict[str, np.ndarray], rows: int
+    ) -> list[np.ndarray]:
         """Given states in the model's order, [rows, size] each; missing ones are zeros."""
         known = {s.input: s for s in model.spec.states}
         unknown = sorted(set(given) - set(known))
         if unknown:
-            raise InvalidArgument(f"unknown state {', '.join(unknown)}; {model.spec.name} has "
-                                  f"{', '.join(known)}")
+            raise InvalidArgument(
+                f"unknown state {', '.join(unknown)}; {model.spec.name} has {', '.join(known)}"
+            )
         states = []
         for name, spec in known.items():
             state = given.get(name)
@@ -453,14 +499,22 @@ class Engine:
             if rows == 1 and state.shape == (spec.size,):
                 state = state[None]
             if state.shape != (rows, spec.size):
-                raise InvalidArgument(f"state {name} must be [{rows}, {spec.size}], got "
-                                      f"{list(state.shape)}")
+                raise InvalidArgument(
+                    f"state {name} must be [{rows}, {spec.size}], got {list(state.shape)}"
+                )
             _check_finite(state, f"state {name}")
             states.append(np.ascontiguousarray(state, np.float32))
         return states
 
-    async def predict(self, name: str, version: int, x: np.ndarray, lengths: list[int],
-                      initial_states: dict[str, np.ndarray], last_only: bool) -> PredictResult:
+    async def predict(
+        self,
+        name: str,
+        version: int,
+        x: np.ndarray,
+        lengths: list[int],
+        initial_states: dict[str, np.ndarray],
+        last_only: bool,
+    ) -> PredictResult:
         self.check_open()
         model = self._registry.get(name, version)
         self._check_x(model, x, "x")
@@ -479,33 +533,54 @@ class Engine:
     def _answer_bytes(self, model: LoadedModel, rows: int, steps: int, states: bool) -> int:
         """The response's size, refused up front when it would exceed the message limit."""
         spec = model.spec
-        nbytes = FLOAT * rows * (steps * spec.outputs
-                                 + (sum(s.size for s in spec.states) if states else 0))
+        nbytes = (
+            FLOAT
+            * rows
+            * (steps * spec.outputs + (sum(s.size for s in spec.states) if states else 0))
+        )
         if nbytes + MESSAGE_OVERHEAD + ROW_OVERHEAD * rows > self.config.max_message_bytes:
             raise ResourceExhausted(
                 f"the answer would be {nbytes:,} bytes, over the {self.config.max_message_bytes:,}"
                 "-byte message limit (--max-message-bytes): send fewer rows or timesteps per "
-                "call" + (", or ask for the last step only (OUTPUT_MODE_LAST_STEP)"
-                          if steps > 1 and states else ""))
+                "call"
+                + (
+                    ", or ask for the last step only (OUTPUT_MODE_LAST_STEP)"
+                    if steps > 1 and states
+                    else ""
+                )
+            )
         return nbytes
 
-    def _predict_plan(self, model: LoadedModel, x: np.ndarray,
-                      last_only: bool) -> tuple[int, Reservation]:
+    def _predict_plan(
+        self, model: LoadedModel, x: np.ndarray, last_only: bool
+    ) -> tuple[int, Reservation]:
         """Rows per run, and the reservation for the whole call: its messages plus one run."""
         rows, time = x.shape[:2]
         answer = self._answer_bytes(model, rows, 1 if last_only else time, states=True)
         one_row = model.cost.run(1, time)
-        self.budget.check_run(one_row, f"one sequence of {time} timesteps",
-                          "split long sequences and carry the state over (a session, or "
-                          "initial_states from the last call's final_states)")
+        self.budget.check_run(
+            one_row,
+            f"one sequence of {time} timesteps",
+            "split long sequences and carry the state over (a session, or "
+            "initial_states from the last call's final_states)",
+        )
         chunk = min(rows, self.budget.chunk // one_row)
         total = MESSAGE_COPIES * answer + 2 * x.nbytes + model.cost.run(chunk, time)
-        return chunk, self.budget.reserve(total, f"a Predict of {rows} sequences x {time} "
-                                          "timesteps", "send fewer sequences per call")
+        return chunk, self.budget.reserve(
+            total,
+            f"a Predict of {rows} sequences x {time} timesteps",
+            "send fewer sequences per call",
+        )
 
-    async def _predict_chunks(self, model: LoadedModel, x: np.ndarray, lens: np.ndarray,
-                              states: list[np.ndarray], last_only: bool,
-                              chunk: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    async def _predict_chunks(
+        self,
+        model: LoadedModel,
+        x: np.ndarray,
+        lens: np.ndarray,
+        states: list[np.ndarray],
+        last_only: bool,
+        chunk: int,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Runs of `chunk` rows one after another, so a large call's peak stays bounded."""
         rows = x.shape[0]
         if chunk >= rows:
@@ -516,27 +591,35 @@ class Engine:
         finals = [np.empty_like(s) for s in states]
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
-            y_part, finals_part = await self._predict_rows(model, x[part], lens[part],
-                                                           [s[part] for s in states])
+            y_part, finals_part = await self._predict_rows(
+                model, x[part], lens[part], [s[part] for s in states]
+            )
             y[part] = y_part[np.arange(len(y_part)), lens[part] - 1] if last_only else y_part
             for out, final in zip(finals, finals_part):
                 out[part] = final
         return y, finals
 
-    async def _predict_rows(self, model: LoadedModel, x: np.ndarray, lens: np.ndarray,
-                            states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    async def _predict_rows(
+        self, model: LoadedModel, x: np.ndarray, lens: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         if (lens == x.shape[1]).all():
             return await model.batcher.predict(x, states)
         return await self._predict_ragged(model, x, lens, states)
 
-    async def _predict_ragged(self, model: LoadedModel, x: np.ndarray, lens: np.ndarray,
-                              states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    async def _predict_ragged(
+        self, model: LoadedModel, x: np.ndarray, lens: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Sequences of each length run as their own group: exact, no padded steps in the state."""
         groups = [np.flatnonzero(lens == n) for n in np.unique(lens)]
-        results = await asyncio.gather(*(  # every group ends before the call (and its memory)
-            model.batcher.predict(np.ascontiguousarray(x[idx, :lens[idx[0]]]),
-                                  [s[idx] for s in states]) for idx in groups),
-            return_exceptions=True)
+        results = await asyncio.gather(
+            *(  # every group ends before the call (and its memory)
+                model.batcher.predict(
+                    np.ascontiguousarray(x[idx, : lens[idx[0]]]), [s[idx] for s in states]
+                )
+                for idx in groups
+            ),
+            return_exceptions=True,
+        )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -544,14 +627,19 @@ class Engine:
         finals = [np.empty_like(s) for s in states]
         ran = cast(list[tuple[np.ndarray, list[np.ndarray]]], results)  # none failed
         for idx, (y_group, final_group) in zip(groups, ran):
-            y[idx, :y_group.shape[1]] = y_group
+            y[idx, : y_group.shape[1]] = y_group
             for out, part in zip(finals, final_group):
                 out[idx] = part
         return y, finals
 
-    async def open_session(self, name: str, version: int,
-                           initial_states: dict[str, np.ndarray], session_id: str = "",
-                           owner: str = "") -> SessionView:
+    async def open_session(
+        self,
+        name: str,
+        version: int,
+        initial_states: dict[str, np.ndarray],
+        session_id: str = "",
+        owner: str = "",
+    ) -> SessionView:
         self.check_open()
         model = self._registry.get(name, version)
         states = self._states(model, initial_states, 1) if initial_states else None
@@ -572,8 +660,11 @@ class Engine:
         try:
             where = await self._store.claim_new(key, self._claim_ttl_ms)
         except StoreUnavailable as exc:
-            store_log.warning("store-down-open", "opened sessions without checking that "
-                              "their ids are free on other replicas: %s", exc)
+            store_log.warning(
+                "store-down-open",
+                "opened sessions without checking that their ids are free on other replicas: %s",
+                exc,
+            )
             self._claim([key])
             return
         if where is None:
@@ -581,11 +672,13 @@ class Engine:
         if self._sessions.release(session):
             self._sessions.left(session.owner, session.id)
         held = "parked in the shared store" if where == "parked" else "live on another replica"
-        raise AlreadyExists(f"session {session.id} already exists ({held}); resume it, or open "
-                            "one under a new id")
+        raise AlreadyExists(
+            f"session {session.id} already exists ({held}); resume it, or open one under a new id"
+        )
 
-    def _open(self, model: LoadedModel, states: list[np.ndarray] | None, session_id: str,
-              owner: str) -> Session:
+    def _open(
+        self, model: LoadedModel, states: list[np.ndarray] | None, session_id: str, owner: str
+    ) -> Session:
         """A new session, recorded as held here so other replicas can ask for it."""
         session = self._sessions.open(model, states, session_id, owner)
         self._claim([store_key(owner, session.id)])
@@ -607,8 +700,9 @@ class Engine:
             raise failed[session_id]
         return self._sessions.get(session_id, owner)
 
-    async def _adopt(self, session_ids: list[str], alone: bool,
-                     owner: str) -> dict[str, ServingError]:
+    async def _adopt(
+        self, session_ids: list[str], alone: bool, owner: str
+    ) -> dict[str, ServingError]:
         """Bring the ids not live here from where they are: a sibling worker of this server,
         else the shared store where another replica parked them. Returns the ids whose
         adoption failed, with the error for their row. A message's live rows never wait for
@@ -623,16 +717,20 @@ class Engine:
         if self._siblings is not None:
             missing, failed = await self._from_siblings(missing, owner)
             for i in self._sessions.lost(missing, owner) if missing else ():
-                failed[i] = FailedPrecondition(f"session {i} was lost when the worker process "
-                                               "holding it died; open a new session")
+                failed[i] = FailedPrecondition(
+                    f"session {i} was lost when the worker process "
+                    "holding it died; open a new session"
+                )
             missing = [i for i in missing if i not in failed]
         if missing and self._handoff is not None:
-            failed.update(await self._from_store(
-                missing, alone or len(missing) == len(session_ids), owner))
+            failed.update(
+                await self._from_store(missing, alone or len(missing) == len(session_ids), owner)
+            )
         return failed
 
-    async def _from_siblings(self, missing: list[str], owner: str
-                             ) -> tuple[list[str], dict[str, ServingError]]:
+    async def _from_siblings(
+        self, missing: list[str], owner: str
+    ) -> tuple[list[str], dict[str, ServingError]]:
         """Move the owner's sessions here from the workers that hold them; the ids still
         missing, and those a sibling ended (FAILED_PRECONDITION, as if ended here). A session
         busy where it is, or on its way between two other workers, is asked for again until
@@ -659,10 +757,13 @@ class Engine:
             asking = sorted(moving)
         failed: dict[str, ServingError] = {
             i: FailedPrecondition(f"session {i} was {why}; open a new session")
-            for i, why in ended.items()}
+            for i, why in ended.items()
+        }
         for i in moving - moved - failed.keys():
-            failed[i] = Unavailable(f"session {i} is busy on another worker of this server; "
-                                    "retry", retry_after=MOVE_POLL_MAX)
+            failed[i] = Unavailable(
+                f"session {i} is busy on another worker of this server; retry",
+                retry_after=MOVE_POLL_MAX,
+            )
         return [i for i in missing if i not in moved and i not in failed], failed
 
     def _leaving(self, session_ids: list[str], owner: str) -> set[str]:
@@ -670,19 +771,25 @@ class Engine:
         the siblings' answers, read while the session is between two of them, may not name
         it (1 call in ~10 runs of 360 was told NOT_FOUND that way)."""
         recent = time.monotonic() - MOVE_WINDOW
-        return {i for i in session_ids
-                if (owner, i) in self._lent or self._moved_away.get((owner, i), 0) > recent}
+        return {
+            i
+            for i in session_ids
+            if (owner, i) in self._lent or self._moved_away.get((owner, i), 0) > recent
+        }
 
-    async def _take_from_siblings(self, session_ids: list[str], owner: str
-                                  ) -> tuple[set[str], dict[str, str], set[str]]:
+    async def _take_from_siblings(
+        self, session_ids: list[str], owner: str
+    ) -> tuple[set[str], dict[str, str], set[str]]:
         """One ask of every sibling: the ids they let go (restored here at once), those they
         ended (with why), and those not free to move now."""
-        moved, ended, moving = await self._not_lost(self._workers.take(session_ids, owner),
-                                                    self._keep_moved)
+        moved, ended, moving = await self._not_lost(
+            self._workers.take(session_ids, owner), self._keep_moved
+        )
         return set(moved), ended, moving
 
-    async def _not_lost(self, taking: Awaitable[T],
-                        keep: Callable[[T], Coroutine[Any, Any, None]]) -> T:
+    async def _not_lost(
+        self, taking: Awaitable[T], keep: Callable[[T], Coroutine[Any, Any, None]]
+    ) -> T:
         """`taking`'s answer, after `keep` restored the sessions it took out of a sibling or
         the store. Those exist nowhere else until restored here, so a caller that gives up
         meanwhile (a deadline, a cancelled stream) does not stop that: `keep` then runs when
@@ -697,14 +804,16 @@ class Engine:
         await keep(result)
         return result
 
-    def _keep_orphaned(self, keep: Callable[[T], Coroutine[Any, Any, None]]
-                       ) -> Callable[[asyncio.Future], None]:
+    def _keep_orphaned(
+        self, keep: Callable[[T], Coroutine[Any, Any, None]]
+    ) -> Callable[[asyncio.Future], None]:
         def kept(answer: asyncio.Future) -> None:
             if answer.cancelled() or answer.exception() is not None:
                 return  # nothing was taken, or the failure is logged where it happened
             task = asyncio.get_running_loop().create_task(keep(answer.result()))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
         return kept
 
     async def _keep_moved(self, answer: Moves) -> None:
@@ -716,37 +825,53 @@ class Engine:
                 refused.setdefault(source, []).append(parked)
         for source, sessions in refused.items():
             for stranded in await self._workers.give_back(source, sessions):
-                log.warning("session %s could be neither held here nor given back to worker "
-                            "%d now; it stays lent there, which takes it back", stranded,
-                            source)
+                log.warning(
+                    "session %s could be neither held here nor given back to worker "
+                    "%d now; it stays lent there, which takes it back",
+                    stranded,
+                    source,
+                )
 
     async def _keep_adopted(self, adoption: Adoption) -> None:
         """Restore what was taken from the store; park again what this replica cannot hold."""
-        refused = [parked for parked in adoption.taken.values()
-                   if not self._restore(parked, "adopted")]
+        refused = [
+            parked for parked in adoption.taken.values() if not self._restore(parked, "adopted")
+        ]
         if refused:
             await self._give_back(refused)
 
-    async def _from_store(self, missing: list[str], wait: bool,
-                          owner: str) -> dict[str, ServingError]:
+    async def _from_store(
+        self, missing: list[str], wait: bool, owner: str
+    ) -> dict[str, ServingError]:
         """Parked sessions, else those another live replica holds: asked to park them now."""
         try:
-            adoption = await self._not_lost(self._store.adopt(missing, owner, wait),
-                                            self._keep_adopted)
+            adoption = await self._not_lost(
+                self._store.adopt(missing, owner, wait), self._keep_adopted
+            )
             taken = set(adoption.taken)
             if adoption.held and await self._store.request_release(adoption.held, owner):
                 held = [i for ids in adoption.held.values() for i in ids]
-                taken.update((await self._not_lost(
-                    self._store.adopt(held, owner, wait=False, expected=True),
-                    self._keep_adopted)).taken)
+                taken.update(
+                    (
+                        await self._not_lost(
+                            self._store.adopt(held, owner, wait=False, expected=True),
+                            self._keep_adopted,
+                        )
+                    ).taken
+                )
         except StoreUnavailable as exc:
-            error = Unavailable(f"{exc}; sessions parked by other replicas cannot be reached now, "
-                                "retry shortly", retry_after=1.0)
+            error = Unavailable(
+                f"{exc}; sessions parked by other replicas cannot be reached now, retry shortly",
+                retry_after=1.0,
+            )
             return dict.fromkeys(missing, error)
         if wait or len(taken) == len(missing) or not await self._store.parking():
             return {}
-        busy = Unavailable("this session may be on its way from a replica that is shutting "
-                           "down; retry in a moment", retry_after=0.2)
+        busy = Unavailable(
+            "this session may be on its way from a replica that is shutting "
+            "down; retry in a moment",
+            retry_after=0.2,
+        )
         return {i: busy for i in missing if i not in taken}
 
     def _restore(self, parked: ParkedSession, how: str) -> bool:
@@ -764,11 +889,23 @@ class Engine:
             arriving = how in ("moved", "returned")
             if arriving and self._sessions.find(parked.session_id, parked.owner) is not None:
                 return True  # taken back here before this copy came: the live one stays
-            self._sessions.restore(model, parked.session_id, states, parked.steps,
-                                  parked.idle_seconds, parked.owner, arriving=arriving)
+            self._sessions.restore(
+                model,
+                parked.session_id,
+                states,
+                parked.steps,
+                parked.idle_seconds,
+                parked.owner,
+                arriving=arriving,
+            )
         except (ServingError, ValueError) as exc:
-            log.warning("cannot adopt session %s (%s v%d): %s; left for another replica",
-                        parked.session_id, parked.model, parked.version, exc)
+            log.warning(
+                "cannot adopt session %s (%s v%d): %s; left for another replica",
+                parked.session_id,
+                parked.model,
+                parked.version,
+                exc,
+            )
             return False
         self.metrics.handoffs.labels(*model.labels, how).inc()
         self._claim([store_key(parked.owner, parked.session_id)])
@@ -798,17 +935,22 @@ class Engine:
                 ids, self._claims = self._claims, []
                 ended, self._unclaims = self._unclaims, []
                 await self._store.claim(ids, self._claim_ttl_ms)
-                await self._store.unclaim([  # not one opened here again meanwhile
-                    store_key(owner, i) for owner, i in ended
-                    if self._sessions.find(i, owner) is None])
+                await self._store.unclaim(
+                    [  # not one opened here again meanwhile
+                        store_key(owner, i)
+                        for owner, i in ended
+                        if self._sessions.find(i, owner) is None
+                    ]
+                )
         finally:
             self._claiming = None
 
     async def refresh_claims(self) -> None:
         """Renew the records of every live session before they expire."""
         if self._handoff is not None:
-            await self._store.claim([store_key(s.owner, s.id) for s in self._sessions.live()],
-                                      self._claim_ttl_ms)
+            await self._store.claim(
+                [store_key(s.owner, s.id) for s in self._sessions.live()], self._claim_ttl_ms
+            )
 
     async def park_on_request(self, session_ids: list[str], owner: str) -> None:
         """Another replica got calls for these sessions: park them for it (after their
@@ -819,15 +961,17 @@ class Engine:
         try:
             await self._store.give_back(moved)
         except StoreUnavailable as exc:
-            log.warning("could not park %d requested sessions (%s); they stay here",
-                        len(moved), exc)
+            log.warning(
+                "could not park %d requested sessions (%s); they stay here", len(moved), exc
+            )
             self.take_back(moved)
             return
         for parked in moved:
             self.metrics.handoffs.labels(parked.model, str(parked.version), "released").inc()
 
-    async def release_sessions(self, session_ids: list[str], owner: str, wait: bool = False
-                               ) -> tuple[list[ParkedSession], dict[str, str], list[str]]:
+    async def release_sessions(
+        self, session_ids: list[str], owner: str, wait: bool = False
+    ) -> tuple[list[ParkedSession], dict[str, str], list[str]]:
         """Let the owner's sessions among the ids go, with their state; why the others ended
         here, if they did; and which are not free to move now. For a sibling worker (not
         `wait`) a session with steps in flight or waiting here is one of those, as is one
@@ -845,8 +989,9 @@ class Engine:
                 reason = self._sessions.ended_reason(session_id, owner)
                 if session is None and reason is not None:
                     ended[session_id] = reason
-                elif session is None and ((owner, session_id) in self._moved_away
-                                          or (owner, session_id) in self._lent):
+                elif session is None and (
+                    (owner, session_id) in self._moved_away or (owner, session_id) in self._lent
+                ):
                     moving.append(session_id)  # on its way to another worker: ask there
                 continue
             if not session.lock.take():
@@ -890,8 +1035,12 @@ class Engine:
         try:
             await self._store.give_back(refused)
         except StoreUnavailable as exc:  # the store failed between taking and giving back
-            log.error("LOST %d sessions taken from the shared store that this replica could "
-                      "not serve and could not park again: %s", len(refused), exc)
+            log.error(
+                "LOST %d sessions taken from the shared store that this replica could "
+                "not serve and could not park again: %s",
+                len(refused),
+                exc,
+            )
             self.metrics.lost.labels("store").inc(len(refused))
 
     async def hand_off(self) -> int:
@@ -910,8 +1059,9 @@ class Engine:
                 self.metrics.handoffs.labels(*session.model.labels, "parked").inc()
         return len(parked)
 
-    async def step(self, session_ids: list[str], x: np.ndarray, owner: str = "",
-                   memo: StepMemo | None = None) -> StepOutcome:
+    async def step(
+        self, session_ids: list[str], x: np.ndarray, owner: str = "", memo: StepMemo | None = None
+    ) -> StepOutcome:
         """Advance each row's session by x's k timesteps. Rows fail alone; others proceed.
         A stream passes its own `memo`, so that naming the same sessions again costs no
         lookups."""
@@ -919,22 +1069,26 @@ class Engine:
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[0] != len(session_ids):
-            raise InvalidArgument(f"x must be [{len(session_ids)} sessions, timesteps, features]"
-                                  f", got shape {list(x.shape)}")
+            raise InvalidArgument(
+                f"x must be [{len(session_ids)} sessions, timesteps, features]"
+                f", got shape {list(x.shape)}"
+            )
         self._check_limits(x, "x")
         if len(session_ids) > self._sessions.max_sessions:
             raise InvalidArgument(
                 f"a message names {len(session_ids)} sessions; no more than --max-sessions "
                 f"({self._sessions.max_sessions}) can be live in one process, so more are never "
-                "looked for: send them in several messages")
+                "looked for: send them in several messages"
+            )
         group = memo.group if memo is not None else None
         failed: dict[str, ServingError] = {}
         fresh = group is None or not group.holds(session_ids, owner, self._sessions.removals)
         if fresh:
             if memo is not None:
                 self.forget(memo)
-            failed = (await self._adopt(session_ids, alone=False, owner=owner)
-                      if self._elsewhere else {})  # no coroutine on the common path
+            failed = (
+                await self._adopt(session_ids, alone=False, owner=owner) if self._elsewhere else {}
+            )  # no coroutine on the common path
             group = None if failed else self._group(session_ids, owner)
         if group is not None and group.takes(x):
             outcome = await self._step_group(group, x)
@@ -944,8 +1098,9 @@ class Engine:
         sessions, errors, cost = await self._resolve(session_ids, x, owner, failed)
         valid = [s for s in sessions if s is not None]
         if not valid:
-            return StepOutcome(np.full((*x.shape[:2], 0), np.nan, np.float32),
-                               [0] * len(sessions), errors, None)
+            return StepOutcome(
+                np.full((*x.shape[:2], 0), np.nan, np.float32), [0] * len(sessions), errors, None
+            )
         outputs = valid[0].model.spec.outputs
         span, reserve = self._steps_plan(valid[0].model, x, cost)
         async with reserve, _Locked(valid):
@@ -978,9 +1133,11 @@ class Engine:
         """The ids of the sessions a stream keeps from its previous step (what `same_sessions`
         names)."""
         if memo.group is None:
-            raise FailedPrecondition("this stream keeps no sessions from its previous step (it "
-                                     "named none, some of its rows failed, or the memory budget "
-                                     "had no room to keep them): send session_ids")
+            raise FailedPrecondition(
+                "this stream keeps no sessions from its previous step (it "
+                "named none, some of its rows failed, or the memory budget "
+                "had no room to keep them): send session_ids"
+            )
         return memo.group.ids
 
     def forget(self, memo: StepMemo) -> None:
@@ -1017,9 +1174,15 @@ class Engine:
                 return self._group_failed(model, slots, x, exc)
             return self._group_stepped(model, slots, y)
 
-    def _run_now(self, model: LoadedModel, slots: np.ndarray | list[int],
-                 locks: list[SessionLock], x: np.ndarray, span: int,
-                 reserve: Reservation) -> np.ndarray | None:
+    def _run_now(
+        self,
+        model: LoadedModel,
+        slots: np.ndarray | list[int],
+        locks: list[SessionLock],
+        x: np.ndarray,
+        span: int,
+        reserve: Reservation,
+    ) -> np.ndarray | None:
         """y of a step of these sessions run at once, on the event loop, when nothing has to
         be waited for: the memory is there, every lock is free, the run is one span and the
         batcher is idle and rates it short. None sends the step the general way (reservation,
@@ -1033,37 +1196,48 @@ class Engine:
             return None
         return model.batcher.step_now(slots, x)
 
-    def _group_stepped(self, model: LoadedModel, slots: np.ndarray,
-                       y: np.ndarray) -> StepOutcome:
+    def _group_stepped(self, model: LoadedModel, slots: np.ndarray, y: np.ndarray) -> StepOutcome:
         model.store.used_at[slots] = self._sessions.clock()
         return StepOutcome(y, model.store.steps[slots].tolist(), [], model.labels)
 
     @staticmethod
-    def _group_failed(model: LoadedModel, slots: np.ndarray, x: np.ndarray,
-                      exc: Exception) -> StepOutcome:
+    def _group_failed(
+        model: LoadedModel, slots: np.ndarray, x: np.ndarray, exc: Exception
+    ) -> StepOutcome:
         """A group's failed run: every row's error, each session as it was."""
         error = _run_error(model, exc)
-        return StepOutcome(np.full((*x.shape[:2], model.spec.outputs), np.nan, np.float32),
-                           model.store.steps[slots].tolist(),
-                           [RowError.of(r, error) for r in range(len(slots))],
-                           None)
+        return StepOutcome(
+            np.full((*x.shape[:2], model.spec.outputs), np.nan, np.float32),
+            model.store.steps[slots].tolist(),
+            [RowError.of(r, error) for r in range(len(slots))],
+            None,
+        )
 
-    def _steps_plan(self, first: LoadedModel, x: np.ndarray,
-                    cost: RunCost) -> tuple[int, Reservation]:
+    def _steps_plan(
+        self, first: LoadedModel, x: np.ndarray, cost: RunCost
+    ) -> tuple[int, Reservation]:
         """Timesteps per run (long messages run in spans, the state carried between them, which
         is exact), and the reservation for the whole message: its messages plus one span."""
         rows, k = x.shape[:2]
         answer = self._answer_bytes(first, rows, k, states=False)
-        self.budget.check_run(cost.run(1, 1), f"one timestep of {rows} sessions",
-                              "send fewer sessions per message")
+        self.budget.check_run(
+            cost.run(1, 1), f"one timestep of {rows} sessions", "send fewer sessions per message"
+        )
         span = min(k, max(1, (self.budget.chunk - cost.per_row) // cost.per_step))
         total = MESSAGE_COPIES * answer + 2 * x.nbytes + cost.run(1, span)
-        return span, self.budget.reserve(total, f"a step of {rows} sessions x {k} timesteps",
-                                         "send fewer sessions or timesteps per message")
+        return span, self.budget.reserve(
+            total,
+            f"a step of {rows} sessions x {k} timesteps",
+            "send fewer sessions or timesteps per message",
+        )
 
-    async def _resolve(self, session_ids: list[str], x: np.ndarray, owner: str,
-                 failed: dict[str, ServingError],
-                 ) -> tuple[list[Session | None], list[RowError], RunCost]:
+    async def _resolve(
+        self,
+        session_ids: list[str],
+        x: np.ndarray,
+        owner: str,
+        failed: dict[str, ServingError],
+    ) -> tuple[list[Session | None], list[RowError], RunCost]:
         """Each row's session or error, and the run cost of all live rows taken together,
         letting other calls run every ROWS_PER_TURN rows."""
         # One check of the whole on the common path; rows are told apart only when one is off.
@@ -1080,20 +1254,26 @@ class Engine:
                 await asyncio.sleep(0)  # sessions that end meanwhile are caught under the locks
             try:
                 if session_id in seen:
-                    raise InvalidArgument(f"session {session_id} appears twice in one message; "
-                                          "send its timesteps together as one row")
+                    raise InvalidArgument(
+                        f"session {session_id} appears twice in one message; "
+                        "send its timesteps together as one row"
+                    )
                 seen.add(session_id)
                 if session_id in failed:
                     raise failed[session_id]
                 session = self._sessions.get(session_id, owner)
                 spec = session.model.spec
                 if spec.features != x.shape[2]:
-                    raise InvalidArgument(f"session {session_id} ({spec.name}) takes "
-                                          f"{spec.features} features per step, got {x.shape[2]}")
+                    raise InvalidArgument(
+                        f"session {session_id} ({spec.name}) takes "
+                        f"{spec.features} features per step, got {x.shape[2]}"
+                    )
                 if outputs not in (None, spec.outputs):
-                    raise InvalidArgument(f"session {session_id} ({spec.name}) has "
-                                          f"{spec.outputs} outputs, unlike the message's first "
-                                          "session; send it in its own message")
+                    raise InvalidArgument(
+                        f"session {session_id} ({spec.name}) has "
+                        f"{spec.outputs} outputs, unlike the message's first "
+                        "session; send it in its own message"
+                    )
                 if bad_values is not None and bad_values[row]:
                     raise InvalidArgument(f"timesteps for session {session_id} contain NaN or Inf")
                 outputs = spec.outputs
@@ -1105,8 +1285,14 @@ class Engine:
                 errors.append(RowError.of(row, exc))
         return sessions, errors, RunCost(per_step, per_row)
 
-    async def _run_steps(self, sessions: list[Session | None], x: np.ndarray,
-                         errors: list[RowError], outputs: int, span: int) -> np.ndarray:
+    async def _run_steps(
+        self,
+        sessions: list[Session | None],
+        x: np.ndarray,
+        errors: list[RowError],
+        outputs: int,
+        span: int,
+    ) -> np.ndarray:
         """y [rows, k, outputs] for the live rows' sessions, NaN where a row failed; `span`
         timesteps per run."""
         groups: dict[LoadedModel, list[int]] = {}
@@ -1115,29 +1301,42 @@ class Engine:
                 continue
             if self._sessions.ended(session):  # closed or evicted while we waited for its lock
                 sessions[row] = None
-                errors.append(RowError(row, FailedPrecondition.code,
-                                       f"session {session.id} ended before this step ran"))
+                errors.append(
+                    RowError(
+                        row,
+                        FailedPrecondition.code,
+                        f"session {session.id} ended before this step ran",
+                    )
+                )
                 continue
             groups.setdefault(session.model, []).append(row)
-        y = await _in_spans(lambda part: self._run_span(groups, sessions, part, outputs, errors),
-                            x, span)
+        y = await _in_spans(
+            lambda part: self._run_span(groups, sessions, part, outputs, errors), x, span
+        )
         now = self._sessions.clock()
         for rows in groups.values():
             for r in rows:
                 cast(Session, sessions[r]).last_used = now  # a row of `groups` is live
         return y
 
-    async def _run_span(self, groups: dict[LoadedModel, list[int]],
-                        sessions: list[Session | None], x: np.ndarray, outputs: int,
-                        errors: list[RowError]) -> np.ndarray:
+    async def _run_span(
+        self,
+        groups: dict[LoadedModel, list[int]],
+        sessions: list[Session | None],
+        x: np.ndarray,
+        outputs: int,
+        errors: list[RowError],
+    ) -> np.ndarray:
         """One run per model. A model whose run fails fails only its own rows (their sessions
         unchanged, see Batcher._finish); they leave `groups` and `sessions` for later spans."""
         if not groups:  # every row failed or ended
             return np.full((*x.shape[:2], outputs), np.nan, np.float32)
         whole = len(groups) == 1 and len(next(iter(groups.values()))) == len(x)
         live = cast(list[Session], sessions)  # the rows of `groups` are live
-        coros = [model.batcher.step([live[r].slot for r in rows], x if whole else x[rows])
-                 for model, rows in groups.items()]
+        coros = [
+            model.batcher.step([live[r].slot for r in rows], x if whole else x[rows])
+            for model, rows in groups.items()
+        ]
         results: list[np.ndarray | BaseException]
         if len(coros) == 1:
             try:
@@ -1162,9 +1361,18 @@ class Engine:
             y[rows] = result
         return y
 
-    async def sequence_step(self, name: str, version: int, session_id: str, x: np.ndarray,
-                            states: dict[str, np.ndarray], start: bool, end: bool,
-                            with_states: bool, owner: str) -> SequenceStep:
+    async def sequence_step(
+        self,
+        name: str,
+        version: int,
+        session_id: str,
+        x: np.ndarray,
+        states: dict[str, np.ndarray],
+        start: bool,
+        end: bool,
+        with_states: bool,
+        owner: str,
+    ) -> SequenceStep:
         """One request of a v2 sequence: start (replacing an earlier sequence of that id), step,
         read the states and end, all under the session's lock. Everything the client sent is
         checked before the earlier sequence is touched, and a start whose step fails leaves no
@@ -1173,8 +1381,10 @@ class Engine:
         model = self._registry.get(name, version)
         spec = model.spec
         if x.ndim != 3 or x.shape[0] != 1:
-            raise InvalidArgument(f"a sequence request carries one sequence: x must be "
-                                  f"[1, time, {spec.features}], got {list(x.shape)}")
+            raise InvalidArgument(
+                f"a sequence request carries one sequence: x must be "
+                f"[1, time, {spec.features}], got {list(x.shape)}"
+            )
         self._check_x(model, x, "x")
         _check_finite(x, "x")
         span, reserve = self._steps_plan(model, x, model.cost)
@@ -1185,18 +1395,27 @@ class Engine:
             except (NotFound, FailedPrecondition):
                 pass
             except Unavailable as exc:  # the store is down: a new sequence needs none of it
-                store_log.warning("store-down-start", "sequence %s started without asking the "
-                                  "shared state store for an earlier one (%s)", session_id, exc)
+                store_log.warning(
+                    "store-down-start",
+                    "sequence %s started without asking the "
+                    "shared state store for an earlier one (%s)",
+                    session_id,
+                    exc,
+                )
             session = self._open(model, initial, session_id, owner)
         elif states:
-            raise InvalidArgument("state inputs belong on the sequence_start request; the "
-                                  "server carries the state after that")
+            raise InvalidArgument(
+                "state inputs belong on the sequence_start request; the "
+                "server carries the state after that"
+            )
         else:
             try:
                 session = await self._find(session_id, owner)
             except (NotFound, FailedPrecondition) as exc:
-                raise InvalidArgument(f"this sequence of model {spec.name!r} is not open: send "
-                                      f"sequence_start=true on its first request ({exc})") from None
+                raise InvalidArgument(
+                    f"this sequence of model {spec.name!r} is not open: send "
+                    f"sequence_start=true on its first request ({exc})"
+                ) from None
         try:
             y = self._step_one_now(session, x, span, reserve)
             if y is not None:
@@ -1209,16 +1428,18 @@ class Engine:
                 self._sessions.close(session, "failed on its first step")
             raise
 
-    def _sequence_stepped(self, session: Session, y: np.ndarray, with_states: bool,
-                          end: bool) -> SequenceStep:
+    def _sequence_stepped(
+        self, session: Session, y: np.ndarray, with_states: bool, end: bool
+    ) -> SequenceStep:
         """What a sequence step answers, taken before an `end` lets the session go."""
         current = _states_of(session) if with_states else None
         if end:
             self._sessions.close(session, "ended by sequence_end")
         return SequenceStep(y, current)
 
-    def _step_one_now(self, session: Session, x: np.ndarray, span: int,
-                      reserve: Reservation) -> np.ndarray | None:
+    def _step_one_now(
+        self, session: Session, x: np.ndarray, span: int, reserve: Reservation
+    ) -> np.ndarray | None:
         """`_step_one` run at once when it can be (see `_run_now`), else None."""
         model = session.model
         if self._sessions.ended(session):
@@ -1253,8 +1474,9 @@ class Engine:
             session.last_used = self._sessions.clock()
             return SessionView.of(session)
 
-    async def session_state(self, session_id: str,
-                            owner: str = "") -> tuple[SessionView, dict[str, np.ndarray]]:
+    async def session_state(
+        self, session_id: str, owner: str = ""
+    ) -> tuple[SessionView, dict[str, np.ndarray]]:
         """The session and a copy of its state tensors, taken together under its lock."""
         session = await self._find(session_id, owner)
         async with session.lock:

@@ -49,8 +49,13 @@ class LoadedModel:
 
 
 class ModelRegistry:
-    def __init__(self, config: ServerConfig, metrics: Metrics, executor: Executor,
-                 runner: type[Runner] = Runner) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        metrics: Metrics,
+        executor: Executor,
+        runner: type[Runner] = Runner,
+    ) -> None:
         self.config = config
         self.runner = runner
         """The class that runs a version; tests inject one that fails or stalls on cue."""
@@ -67,12 +72,17 @@ class ModelRegistry:
         self._reported: dict[Path, str] = {}
 
     def _load(self, found: ModelVersion) -> tuple[Runner, RunTimes, str, RunCost]:
-        runner = self.runner(found.spec, found.path, self.config.device,
-                             self.config.intra_op_threads)
+        runner = self.runner(
+            found.spec, found.path, self.config.device, self.config.intra_op_threads
+        )
         check_model(runner, found.path)
         data = (found.path / MODEL_FILE).read_bytes()  # once: the digest and the cost's graph
-        return (runner, timed_at_load(runner), hashlib.sha256(data).hexdigest(),
-                RunCost.of(found.spec, onnx.load_model_from_string(data)))
+        return (
+            runner,
+            timed_at_load(runner),
+            hashlib.sha256(data).hexdigest(),
+            RunCost.of(found.spec, onnx.load_model_from_string(data)),
+        )
 
     async def sync(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load versions that appeared on disk; retire those that disappeared. A broken entry
@@ -84,13 +94,18 @@ class ModelRegistry:
                 await changed()
 
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, scan, self.config.repository,
-                                            self.config.models)
+        result = await loop.run_in_executor(
+            self.executor, scan, self.config.repository, self.config.models
+        )
         for path, reason in result.problems.items():
             self._report(path, reason)
-        self._loading.update({key: version.spec for key, version in result.found.items()
-                              if key not in self._models
-                              and self._rejected.get(version.path) != version.signature})
+        self._loading.update(
+            {
+                key: version.spec
+                for key, version in result.found.items()
+                if key not in self._models and self._rejected.get(version.path) != version.signature
+            }
+        )
         if self._loading:
             await tell()
         for key, version in sorted(result.found.items()):
@@ -103,7 +118,8 @@ class ModelRegistry:
                 continue  # failed before and unchanged since
             try:
                 runner, times, graph, cost = await loop.run_in_executor(
-                    self.executor, self._load, version)
+                    self.executor, self._load, version
+                )
             except Exception as exc:  # one broken model must not stop the others
                 self._rejected[version.path] = version.signature
                 self._report(version.path, _one_line(exc))
@@ -113,8 +129,11 @@ class ModelRegistry:
             self._rejected.pop(version.path, None)
             self._add(version, runner, times, graph, cost)
             await tell()
-        self._reported = {path: reason for path, reason in self._reported.items()
-                          if path in result.problems or path in self._rejected}
+        self._reported = {
+            path: reason
+            for path, reason in self._reported.items()
+            if path in result.problems or path in self._rejected
+        }
         for key, model in list(self._models.items()):
             if key not in result.found and not model.retiring:
                 model.retiring = True
@@ -129,19 +148,34 @@ class ModelRegistry:
             self._reported[path] = reason
             log.error("skipping %s: %s", path, reason)
 
-    def _add(self, version: ModelVersion, runner: Runner, times: RunTimes, graph: str,
-             cost: RunCost) -> None:
+    def _add(
+        self, version: ModelVersion, runner: Runner, times: RunTimes, graph: str, cost: RunCost
+    ) -> None:
         labels = (version.spec.name, str(version.spec.version))
         store = self._store(version.spec, runner)
-        batcher = Batcher(runner, store, self.metrics, labels, self.executor, self.run_slots,
-                          self.config.max_batch_size, self.config.max_batch_delay / 1e6,
-                          self.config.inline_run_us / 1e6, times)
+        batcher = Batcher(
+            runner,
+            store,
+            self.metrics,
+            labels,
+            self.executor,
+            self.run_slots,
+            self.config.max_batch_size,
+            self.config.max_batch_delay / 1e6,
+            self.config.inline_run_us / 1e6,
+            times,
+        )
         self._open.clear()
-        self._models[version.key] = LoadedModel(version.spec, version.path, runner, store, batcher,
-                                                cost, graph)
+        self._models[version.key] = LoadedModel(
+            version.spec, version.path, runner, store, batcher, cost, graph
+        )
         self.metrics.model_events.labels(*labels, "load").inc()
-        log.info("loaded %s v%d on %s, session state on the %s", *version.key, runner.provider,
-                 "device" if isinstance(store, DeviceStateStore) else "host")
+        log.info(
+            "loaded %s v%d on %s, session state on the %s",
+            *version.key,
+            runner.provider,
+            "device" if isinstance(store, DeviceStateStore) else "host",
+        )
 
     def _store(self, spec: ModelSpec, runner: Runner) -> Slots:
         """--session-state: auto keeps state where the model runs (CUDA: on the device)."""
@@ -172,16 +206,20 @@ class ModelRegistry:
         """The versions of `name` open for new work, ascending (not to be modified)."""
         found = self._open.get(name)
         if found is None:
-            found = sorted(version for (key, version), model in self._models.items()
-                           if key == name and not model.retiring)
+            found = sorted(
+                version
+                for (key, version), model in self._models.items()
+                if key == name and not model.retiring
+            )
             if found:  # names clients make up are not kept
                 self._open[name] = found
         return found
 
     def knows(self, name: str) -> bool:
         """Whether some version of `name` is loaded or loading here."""
-        return any(found == name for found, _ in self._models) or \
-            any(found == name for found, _ in self._loading)
+        return any(found == name for found, _ in self._models) or any(
+            found == name for found, _ in self._loading
+        )
 
     def get(self, name: str, version: int = 0) -> LoadedModel:
         """The named version, or the latest when version is 0."""
@@ -195,8 +233,9 @@ class ModelRegistry:
             raise NotFound(f"no model {name!r} (served: {known})")
         chosen = version or versions[-1]
         if (name, chosen) in self._loading:
-            raise Unavailable(f"model {name!r} v{chosen} is loading; retry shortly",
-                              retry_after=1.0)
+            raise Unavailable(
+                f"model {name!r} v{chosen} is loading; retry shortly", retry_after=1.0
+            )
         model = self._models.get((name, chosen))
         if model is None or model.retiring:
             raise NotFound(f"model {name!r} has no version {chosen} (loaded: {versions})")

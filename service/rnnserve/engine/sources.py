@@ -41,13 +41,20 @@ class ParkedSession:
     """sha256 of the model.onnx the states came from ("" where unknown: between workers)."""
 
     def encode(self) -> str:
-        return json.dumps({
-            "owner": self.owner, "model": self.model, "version": self.version,
-            "steps": self.steps,
-            "idle_seconds": self.idle_seconds,
-            "graph": self.graph,
-            "states": {k: base64.b64encode(np.ascontiguousarray(v, "<f4").tobytes()).decode()
-                       for k, v in self.states.items()}})
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "model": self.model,
+                "version": self.version,
+                "steps": self.steps,
+                "idle_seconds": self.idle_seconds,
+                "graph": self.graph,
+                "states": {
+                    k: base64.b64encode(np.ascontiguousarray(v, "<f4").tobytes()).decode()
+                    for k, v in self.states.items()
+                },
+            }
+        )
 
     @classmethod
     def decode(cls, session_id: str, text: bytes) -> ParkedSession:
@@ -61,14 +68,18 @@ class ParkedSession:
         states = doc.get("states")
         if not (isinstance(model, str) and isinstance(owner, str) and isinstance(graph, str)):
             raise ValueError("model, owner and graph must be strings")
-        if not (_whole(version) and version >= 1 and _whole(steps) and
-                0 <= steps <= MAX_STEPS):
+        if not (_whole(version) and version >= 1 and _whole(steps) and 0 <= steps <= MAX_STEPS):
             raise ValueError(f"version {version!r} or steps {steps!r} out of range")
-        if not (isinstance(idle, int | float) and not isinstance(idle, bool)
-                and math.isfinite(idle) and idle >= 0):
+        if not (
+            isinstance(idle, int | float)
+            and not isinstance(idle, bool)
+            and math.isfinite(idle)
+            and idle >= 0
+        ):
             raise ValueError(f"idle_seconds {idle!r} is not a finite time")
         if not isinstance(states, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in states.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in states.items()
+        ):
             raise ValueError("states must map names to base64 strings")
         arrays = {}
         for name, encoded in states.items():
@@ -106,6 +117,7 @@ def _whole(value: object) -> TypeGuard[int]:
 class Adoption:
     """What one `adopt` found: the sessions it took out of the store, and the ids it did not
     find parked that other live replicas hold (by holder)."""
+
     taken: dict[str, ParkedSession]
     held: dict[str, list[str]]
 
@@ -144,8 +156,9 @@ class SharedStore(Protocol):
 
     async def give_back(self, parked: list[ParkedSession]) -> None: ...
 
-    async def adopt(self, session_ids: list[str], owner: str, wait: bool,
-                    expected: bool = False) -> Adoption: ...
+    async def adopt(
+        self, session_ids: list[str], owner: str, wait: bool, expected: bool = False
+    ) -> Adoption: ...
 
     async def parking(self) -> bool: ...
 
@@ -158,6 +171,7 @@ class SharedStore(Protocol):
     async def claim_new(self, key: str, ttl_ms: int) -> str | None: ...
 
     async def serve_releases(
-            self, release: Callable[[list[str], str], Awaitable[None]]) -> None: ...
+        self, release: Callable[[list[str], str], Awaitable[None]]
+    ) -> None: ...
 
     async def close(self) -> None: ...

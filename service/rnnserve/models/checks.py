@@ -48,15 +48,20 @@ def _check_graph(runner: Runner) -> None:
     outputs = {o.name: o for o in runner.session.get_outputs()}
     expected_inputs = [INPUT_NAME, *runner.state_inputs]
     if sorted(inputs) != sorted(expected_inputs):
-        raise ValueError(f"graph inputs {sorted(inputs)} do not match model.json "
-                         f"{sorted(expected_inputs)}")
+        raise ValueError(
+            f"graph inputs {sorted(inputs)} do not match model.json {sorted(expected_inputs)}"
+        )
     missing = [name for name in runner.outputs if name not in outputs]
     if missing:
-        raise ValueError(f"graph lacks the outputs {missing} that model.json declares; it has "
-                         f"{sorted(outputs)}")
-    declared = {INPUT_NAME: (3, spec.features), OUTPUT_NAME: (3, spec.outputs),
-                **{s.input: (2, s.size) for s in spec.states},
-                **{s.output: (2, s.size) for s in spec.states}}
+        raise ValueError(
+            f"graph lacks the outputs {missing} that model.json declares; it has {sorted(outputs)}"
+        )
+    declared = {
+        INPUT_NAME: (3, spec.features),
+        OUTPUT_NAME: (3, spec.outputs),
+        **{s.input: (2, s.size) for s in spec.states},
+        **{s.output: (2, s.size) for s in spec.states},
+    }
     for name, (rank, last) in declared.items():
         arg = inputs.get(name) or outputs[name]
         if arg.type != "tensor(float)":
@@ -65,8 +70,9 @@ def _check_graph(runner: Runner) -> None:
         if shape is not None and len(shape) != rank:
             raise ValueError(f"graph {name!r} has rank {len(shape)}, model.json implies {rank}")
         if shape and _static(shape[-1]) not in (None, last):
-            raise ValueError(f"graph {name!r} has {shape[-1]} values per row; model.json says "
-                             f"{last}")
+            raise ValueError(
+                f"graph {name!r} has {shape[-1]} values per row; model.json says {last}"
+            )
 
 
 def _check_run(runner: Runner, rows: int, steps: int) -> None:
@@ -75,12 +81,16 @@ def _check_run(runner: Runner, rows: int, steps: int) -> None:
     x = rng.uniform(-1, 1, (rows, steps, spec.features)).astype(np.float32)
     y, finals = runner.run(x, [np.zeros((rows, s.size), np.float32) for s in spec.states])
     if y.shape != (rows, steps, spec.outputs):
-        raise ValueError(f"a [{rows}, {steps}, {spec.features}] run gave y of shape "
-                         f"{list(y.shape)}, not [{rows}, {steps}, {spec.outputs}] as declared")
+        raise ValueError(
+            f"a [{rows}, {steps}, {spec.features}] run gave y of shape "
+            f"{list(y.shape)}, not [{rows}, {steps}, {spec.outputs}] as declared"
+        )
     for state, final in zip(spec.states, finals):
         if final.shape != (rows, state.size):
-            raise ValueError(f"a {rows}-row run gave {state.output} of shape {list(final.shape)}"
-                             f", not [{rows}, {state.size}] as declared")
+            raise ValueError(
+                f"a {rows}-row run gave {state.output} of shape {list(final.shape)}"
+                f", not [{rows}, {state.size}] as declared"
+            )
     if not np.isfinite(y).all() or not all(np.isfinite(f).all() for f in finals):
         raise ValueError("a warm-up run on inputs in [-1, 1] gave NaN or Inf")
 
@@ -94,24 +104,36 @@ def _check_golden(runner: Runner, path: Path) -> None:
             golden = {name: np.asarray(data[name], np.float32) for name in data.files}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{GOLDEN_FILE} cannot be read: {exc}") from None
-    needed = [INPUT_NAME, "expected_y", *runner.state_inputs,
-              *(f"expected_{s.output}" for s in spec.states)]
+    needed = [
+        INPUT_NAME,
+        "expected_y",
+        *runner.state_inputs,
+        *(f"expected_{s.output}" for s in spec.states),
+    ]
     absent = [name for name in needed if name not in golden]
     if absent:
         raise ValueError(f"{GOLDEN_FILE} lacks {absent}")
     x = golden[INPUT_NAME]
     rows = x.shape[0] if x.ndim == 3 else 0
-    if x.ndim != 3 or x.shape[2] != spec.features or \
-            any(golden[s.input].shape != (rows, s.size) for s in spec.states):
+    if (
+        x.ndim != 3
+        or x.shape[2] != spec.features
+        or any(golden[s.input].shape != (rows, s.size) for s in spec.states)
+    ):
         raise ValueError(f"{GOLDEN_FILE} inputs do not fit the declared shapes")
     y, finals = runner.run(x, [golden[s.input] for s in spec.states])
-    pairs = [("y", y, golden["expected_y"]),
-             *((s.output, f, golden[f"expected_{s.output}"]) for s, f in zip(spec.states, finals))]
+    pairs = [
+        ("y", y, golden["expected_y"]),
+        *((s.output, f, golden[f"expected_{s.output}"]) for s, f in zip(spec.states, finals)),
+    ]
     for name, got, want in pairs:
         if got.shape != want.shape:
-            raise ValueError(f"{GOLDEN_FILE}: {name} has shape {list(got.shape)}, expected "
-                             f"{list(want.shape)}")
+            raise ValueError(
+                f"{GOLDEN_FILE}: {name} has shape {list(got.shape)}, expected {list(want.shape)}"
+            )
         error = off_by(got, want)
         if not error <= GOLDEN_TOLERANCE:
-            raise ValueError(f"the graph disagrees with {GOLDEN_FILE}: {name} is off by "
-                             f"{error:.3g} (tolerance {GOLDEN_TOLERANCE:g})")
+            raise ValueError(
+                f"the graph disagrees with {GOLDEN_FILE}: {name} is off by "
+                f"{error:.3g} (tolerance {GOLDEN_TOLERANCE:g})"
+            )

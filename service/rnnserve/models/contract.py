@@ -109,8 +109,9 @@ class ModelSpec:
             features=int(doc["input"]["features"]),
             outputs=int(doc["output"]["size"]),
             output_kind=str(doc["output"]["kind"]),
-            states=tuple(StateSpec(str(s["input"]), str(s["output"]), int(s["size"]))
-                         for s in doc["states"]),
+            states=tuple(
+                StateSpec(str(s["input"]), str(s["output"]), int(s["size"])) for s in doc["states"]
+            ),
             extra={k: v for k, v in doc.items() if k not in known},
         )
         spec.validate()
@@ -119,8 +120,10 @@ class ModelSpec:
     def validate(self) -> None:
         names = [n for s in self.states for n in (s.input, s.output)]
         if len(set(names)) != len(names) or {INPUT_NAME, OUTPUT_NAME} & set(names):
-            raise ValueError("states: every state input and output name must be unique and "
-                             f"differ from {INPUT_NAME!r} and {OUTPUT_NAME!r}")
+            raise ValueError(
+                "states: every state input and output name must be unique and "
+                f"differ from {INPUT_NAME!r} and {OUTPUT_NAME!r}"
+            )
         if self.cell not in (*CELLS, LOOP, MIXED):
             raise ValueError(f"cell {self.cell!r} is not one of {(*CELLS, LOOP, MIXED)}")
         if self.output_kind not in OUTPUT_KINDS:
@@ -148,8 +151,12 @@ def read_spec(directory: Path) -> ModelSpec:
 
 def is_version_name(name: str) -> bool:
     """A version directory's name: the version number in ASCII digits, no leading zero."""
-    return (name.isascii() and name.isdigit() and len(name) <= MAX_VERSION_DIGITS
-            and not name.startswith("0"))
+    return (
+        name.isascii()
+        and name.isdigit()
+        and len(name) <= MAX_VERSION_DIGITS
+        and not name.startswith("0")
+    )
 
 
 def check_model_name(name: str) -> None:
@@ -157,8 +164,10 @@ def check_model_name(name: str) -> None:
     characters, so `<repository>/<name>` never leaves the repository (`../x`, `/abs`)."""
     pattern = _validator().schema["properties"]["name"]["pattern"]
     if not re.fullmatch(pattern, name):
-        raise ValueError(f"{name!r} is not a model name: a letter or digit, then up to 127 "
-                         "letters, digits, '_', '.' or '-' (no '/')")
+        raise ValueError(
+            f"{name!r} is not a model name: a letter or digit, then up to 127 "
+            "letters, digits, '_', '.' or '-' (no '/')"
+        )
 
 
 @cache
@@ -169,16 +178,21 @@ def _validator() -> jsonschema.protocols.Validator:
 
 def _short(text: str, limit: int = 200) -> str:
     line = " ".join(text.split())
-    return line if len(line) <= limit else line[:limit - 1] + "…"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def write_spec(directory: Path, spec: ModelSpec) -> None:
     (directory / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
 
 
-def write_version(target: Path, model: bytes, spec: ModelSpec, golden: dict[str, np.ndarray],
-                  before_rename: Callable[[Path], None] | None = None,
-                  replace: bool = False) -> Path:
+def write_version(
+    target: Path,
+    model: bytes,
+    spec: ModelSpec,
+    golden: dict[str, np.ndarray],
+    before_rename: Callable[[Path], None] | None = None,
+    replace: bool = False,
+) -> Path:
     """A version's files (model.onnx, model.json, golden.npz) written into a staging directory
     beside `target`, then renamed into place, so a repository scan never sees half a version.
     `before_rename` may add files or check the staged version (raising stops it; nothing is
@@ -199,4 +213,3 @@ def write_version(target: Path, model: bytes, spec: ModelSpec, golden: dict[str,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-

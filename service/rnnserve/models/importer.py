@@ -107,9 +107,18 @@ class Plan:
     recurrences: list[Recurrence]
 
 
-def import_graph(graph: Path, name: str, version: int, repository: Path, *,
-                 time_major: bool | None = None, input_name: str = "", output_name: str = "",
-                 output_kind: str = "regression", description: str = "") -> Path:
+def import_graph(
+    graph: Path,
+    name: str,
+    version: int,
+    repository: Path,
+    *,
+    time_major: bool | None = None,
+    input_name: str = "",
+    output_name: str = "",
+    output_kind: str = "regression",
+    description: str = "",
+) -> Path:
     """Write repository/name/version/ (model.onnx, model.json, golden.npz) for the graph; the
     directory written. ImportRefused (and nothing written) when it cannot be served exactly."""
     if output_kind not in OUTPUT_KINDS:
@@ -129,24 +138,33 @@ def import_graph(graph: Path, name: str, version: int, repository: Path, *,
     wrapped = _wrap(model, plan)
     golden, checks = _prove(original, wrapped, plan)
     spec = ModelSpec(
-        name=name, version=version, task="imported",
-        description=description or f"imported from {graph.name} "
-        f"({', '.join(r.node.op_type for r in plan.recurrences)})",
-        cell=_cell(plan), layers=len(plan.recurrences),
+        name=name,
+        version=version,
+        task="imported",
+        description=description
+        or f"imported from {graph.name} ({', '.join(r.node.op_type for r in plan.recurrences)})",
+        cell=_cell(plan),
+        layers=len(plan.recurrences),
         units=max(st.size for r in plan.recurrences for st in r.states),
         features=plan.features,
-        outputs=plan.outputs, output_kind=output_kind,
+        outputs=plan.outputs,
+        output_kind=output_kind,
         states=tuple(StateSpec(st.input, st.output, st.size) for st in _states(plan)),
-        extra={"imported": {
-            "source": graph.name,
-            "sha256": _fingerprint(graph),
-            "external_data": _external_files(graph),
-            "producer": f"{original.producer_name} {original.producer_version}".strip(),
-            "recurrent_ops": [f"{r.node.op_type} ({r.node.name or 'unnamed'})"
-                              for r in plan.recurrences],
-            "x_layout": "time-major" if plan.time_major else "batch-first",
-            "verification": checks,
-            "notes": _notes(plan)}})
+        extra={
+            "imported": {
+                "source": graph.name,
+                "sha256": _fingerprint(graph),
+                "external_data": _external_files(graph),
+                "producer": f"{original.producer_name} {original.producer_version}".strip(),
+                "recurrent_ops": [
+                    f"{r.node.op_type} ({r.node.name or 'unnamed'})" for r in plan.recurrences
+                ],
+                "x_layout": "time-major" if plan.time_major else "batch-first",
+                "verification": checks,
+                "notes": _notes(plan),
+            }
+        },
+    )
     spec.validate()
     return write_version(target, wrapped.SerializeToString(), spec, golden, _check_staged)
 
@@ -175,9 +193,15 @@ def _external_files(graph: Path) -> list[str]:
     """The files beside the graph that hold its external tensors, in name order (read from
     the file itself: loading the data marks the tensors as held inline)."""
     model = onnx.load(str(graph), load_external_data=False)
-    return sorted({entry.value for tensor in _tensors(model.graph)
-                   if tensor.data_location == TensorProto.EXTERNAL
-                   for entry in tensor.external_data if entry.key == "location"})
+    return sorted(
+        {
+            entry.value
+            for tensor in _tensors(model.graph)
+            if tensor.data_location == TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
 
 
 def _fingerprint(graph: Path) -> str:
@@ -222,13 +246,16 @@ def _prefix_graph(graph: onnx.GraphProto) -> None:
                 _prefix_graph(sub)
 
 
-def _plan(model: onnx.ModelProto, time_major: bool | None, input_name: str,
-          output_name: str) -> Plan:
+def _plan(
+    model: onnx.ModelProto, time_major: bool | None, input_name: str, output_name: str
+) -> Plan:
     graph = model.graph
     nodes = [n for n in graph.node if n.op_type in (*NATIVE, *CONTROL_FLOW)]
     if not nodes:
-        raise ImportRefused("it has no recurrent operator (LSTM, GRU, RNN, or a Loop or Scan "
-                            "over time): nothing to carry between steps")
+        raise ImportRefused(
+            "it has no recurrent operator (LSTM, GRU, RNN, or a Loop or Scan "
+            "over time): nothing to carry between steps"
+        )
     recurrences = [_recurrence(node, index) for index, node in enumerate(nodes)]
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
@@ -236,8 +263,12 @@ def _plan(model: onnx.ModelProto, time_major: bool | None, input_name: str,
     # y comes from the last one's per-step output (stacked final states come from Y_h).
     first, last = recurrences[0], recurrences[-1]
     x = _pick(inputs, input_name, "input", lambda i: _reaches(graph, i.name, first))
-    y = _pick(list(graph.output), output_name, "output",
-              lambda o: any(_derives(graph, o.name, s) for s in last.sequence_outputs))
+    y = _pick(
+        list(graph.output),
+        output_name,
+        "output",
+        lambda o: any(_derives(graph, o.name, s) for s in last.sequence_outputs),
+    )
     features = _sequence_shape(x)
     return _probe(model, x.name, y.name, features, recurrences, time_major)
 
@@ -249,17 +280,27 @@ def _recurrence(node: onnx.NodeProto, index: int) -> Recurrence:
     direction = attrs.get("direction", b"forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
     if direction != "forward":
-        raise ImportRefused(f"its {node.op_type} {node.name!r} runs {direction}: its output at a "
-                            "step depends on later steps, so it cannot be streamed")
+        raise ImportRefused(
+            f"its {node.op_type} {node.name!r} runs {direction}: its output at a "
+            "step depends on later steps, so it cannot be streamed"
+        )
     if "hidden_size" not in attrs:
         raise ImportRefused(f"its {node.op_type} {node.name!r} has no hidden_size")
     cell = NATIVE[node.op_type]
     positions = [INITIAL_H, INITIAL_C] if cell == "lstm" else [INITIAL_H]
     hidden = int(attrs["hidden_size"])
-    states = [State(i, o, hidden, p, 1 + k) for k, ((i, o), p)
-              in enumerate(zip(state_names(cell, index), positions, strict=True))]
-    return Recurrence(node, cell, states, 1 if attrs.get("layout", 0) == 1 else 0,
-                      {node.input[0]}, [node.output[0]])
+    states = [
+        State(i, o, hidden, p, 1 + k)
+        for k, ((i, o), p) in enumerate(zip(state_names(cell, index), positions, strict=True))
+    ]
+    return Recurrence(
+        node,
+        cell,
+        states,
+        1 if attrs.get("layout", 0) == 1 else 0,
+        {node.input[0]},
+        [node.output[0]],
+    )
 
 
 CONTROL_FLOW = {"Loop": (2, 2, 1), "Scan": (0, 0, 0)}
@@ -274,29 +315,43 @@ def _control_flow(node: onnx.NodeProto, index: int) -> Recurrence:
     attrs = {a.name: a for a in node.attribute}
     body = attrs["body"].g
     node_at, body_in_at, body_out_at = CONTROL_FLOW[node.op_type]
-    scanned = (helper.get_attribute_value(attrs["num_scan_inputs"])
-               if node.op_type == "Scan" else 0)
+    scanned = helper.get_attribute_value(attrs["num_scan_inputs"]) if node.op_type == "Scan" else 0
     carried = len(node.input) - node_at - scanned
     states: list[State] = []
-    for k, value in enumerate(body.input[body_in_at:body_in_at + carried]):
+    for k, value in enumerate(body.input[body_in_at : body_in_at + carried]):
         tensor = value.type.tensor_type
-        if (tensor.elem_type != TensorProto.FLOAT or len(tensor.shape.dim) != 2
-                or tensor.shape.dim[0].HasField("dim_value")  # no batch axis: a constant
-                or _passed_through(body, value.name, body.output[body_out_at + k].name)):
+        if (
+            tensor.elem_type != TensorProto.FLOAT
+            or len(tensor.shape.dim) != 2
+            or tensor.shape.dim[0].HasField("dim_value")  # no batch axis: a constant
+            or _passed_through(body, value.name, body.output[body_out_at + k].name)
+        ):
             continue
         size = tensor.shape.dim[1]
         if not size.HasField("dim_value"):
-            raise ImportRefused(f"its {node.op_type} {node.name!r} carries {value.name!r} "
-                                "without a fixed size; cannot tell its state size")
+            raise ImportRefused(
+                f"its {node.op_type} {node.name!r} carries {value.name!r} "
+                "without a fixed size; cannot tell its state size"
+            )
         n = len(states)
-        states.append(State(f"h{index}" if n == 0 else f"h{index}_{n}",
-                            f"h{index}_out" if n == 0 else f"h{index}_{n}_out",
-                            int(size.dim_value), node_at + k, k))
+        states.append(
+            State(
+                f"h{index}" if n == 0 else f"h{index}_{n}",
+                f"h{index}_out" if n == 0 else f"h{index}_{n}_out",
+                int(size.dim_value),
+                node_at + k,
+                k,
+            )
+        )
     if not states:
-        raise ImportRefused(f"its {node.op_type} {node.name!r} carries no [batch, size] float "
-                            "value that changes: no recurrent state to serve")
-    sequence = {*(node.input[:1] if node.op_type == "Loop" else node.input[carried:]),
-                *_outer_names(node)}
+        raise ImportRefused(
+            f"its {node.op_type} {node.name!r} carries no [batch, size] float "
+            "value that changes: no recurrent state to serve"
+        )
+    sequence = {
+        *(node.input[:1] if node.op_type == "Loop" else node.input[carried:]),
+        *_outer_names(node),
+    }
     return Recurrence(node, LOOP, states, None, sequence, list(node.output[carried:]))
 
 
@@ -317,14 +372,18 @@ def _pick(candidates: list, chosen: str, what: str, fits) -> onnx.ValueInfoProto
     if chosen:
         named = [c for c in candidates if c.name == PREFIX + chosen]
         if not named:
-            raise ImportRefused(f"the graph has no {what} {chosen!r}; it has "
-                                f"{', '.join(c.name.removeprefix(PREFIX) for c in candidates)}")
+            raise ImportRefused(
+                f"the graph has no {what} {chosen!r}; it has "
+                f"{', '.join(c.name.removeprefix(PREFIX) for c in candidates)}"
+            )
         return named[0]
     fitting = [c for c in candidates if fits(c)]
     if len(fitting) != 1:
         names = ", ".join(c.name.removeprefix(PREFIX) for c in fitting) or "none"
-        raise ImportRefused(f"cannot tell which {what} is the sequence ({names} could be); "
-                            f"name it with --{what} NAME")
+        raise ImportRefused(
+            f"cannot tell which {what} is the sequence ({names} could be); "
+            f"name it with --{what} NAME"
+        )
     return fitting[0]
 
 
@@ -367,24 +426,34 @@ def _sequence_shape(value: onnx.ValueInfoProto) -> int:
     if value.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise ImportRefused(f"input {name!r} is not float32")
     if len(dims) != 3 or not dims[2].HasField("dim_value"):
-        raise ImportRefused(f"input {name!r} must be rank 3 with a fixed feature size ([time, "
-                            "batch, features] or [batch, time, features])")
+        raise ImportRefused(
+            f"input {name!r} must be rank 3 with a fixed feature size ([time, "
+            "batch, features] or [batch, time, features])"
+        )
     if dims[0].HasField("dim_value") or dims[1].HasField("dim_value"):
         fixed = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
-        raise ImportRefused(f"input {name!r} has fixed batch or time sizes {fixed}: export "
-                            "with dynamic axes for both (torch.onnx.export's dynamic_axes)")
+        raise ImportRefused(
+            f"input {name!r} has fixed batch or time sizes {fixed}: export "
+            "with dynamic axes for both (torch.onnx.export's dynamic_axes)"
+        )
     return int(dims[2].dim_value)
 
 
-def _probe(model: onnx.ModelProto, x: str, y: str, features: int,
-           recurrences: list[Recurrence], time_major: bool | None) -> Plan:
+def _probe(
+    model: onnx.ModelProto,
+    x: str,
+    y: str,
+    features: int,
+    recurrences: list[Recurrence],
+    time_major: bool | None,
+) -> Plan:
     """Run the wrapped graph under each layout the flags allow: the one that runs (batch and
     time differ, so the other fails on a shape) is the graph's, and y's shape tells its own."""
     layouts = [time_major] if time_major is not None else [False, True]
     errors = []
     for layout in layouts:
         plan = Plan(x, y, layout, False, False, features, 0, recurrences)
-        shape = (f"[time, batch, {features}]" if layout else f"[batch, time, {features}]")
+        shape = f"[time, batch, {features}]" if layout else f"[batch, time, {features}]"
         try:
             session = _session(_wrap(model, plan, raw_y=True), quiet=True)
         except Exception as exc:  # noqa: BLE001 - ORT raises several kinds for a bad graph
@@ -401,20 +470,32 @@ def _probe(model: onnx.ModelProto, x: str, y: str, features: int,
             errors.append(f"as {shape}: {_line(exc)}")
             continue
         return _y_layout(plan, raw.shape)
-    raise ImportRefused(f"it does not run as a sequence model here ({'; '.join(errors)}); "
-                        "if it is time-major or batch-first, say so with --time-major or "
-                        "--batch-first")
+    raise ImportRefused(
+        f"it does not run as a sequence model here ({'; '.join(errors)}); "
+        "if it is time-major or batch-first, say so with --time-major or "
+        "--batch-first"
+    )
 
 
 def _y_layout(plan: Plan, shape: tuple[int, ...]) -> Plan:
     squeeze = len(shape) == 4 and shape[1] == 1
     dims = (shape[0], *shape[2:]) if squeeze else shape
     if len(dims) != 3 or {dims[0], dims[1]} != {BATCH, TIME}:
-        raise ImportRefused(f"its output {plan.y.removeprefix(PREFIX)!r} has shape {list(shape)} "
-                            f"for {BATCH} sequences of {TIME} steps: rnnserve needs one output "
-                            "per timestep ([batch, time, outputs]); export the per-step output")
-    return Plan(plan.x, plan.y, plan.time_major, dims[0] == TIME, squeeze, plan.features,
-                int(dims[2]), plan.recurrences)
+        raise ImportRefused(
+            f"its output {plan.y.removeprefix(PREFIX)!r} has shape {list(shape)} "
+            f"for {BATCH} sequences of {TIME} steps: rnnserve needs one output "
+            "per timestep ([batch, time, outputs]); export the per-step output"
+        )
+    return Plan(
+        plan.x,
+        plan.y,
+        plan.time_major,
+        dims[0] == TIME,
+        squeeze,
+        plan.features,
+        int(dims[2]),
+        plan.recurrences,
+    )
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -444,8 +525,9 @@ def _wrap(source: onnx.ModelProto, plan: Plan, raw_y: bool = False) -> onnx.Mode
         before.append(helper.make_node("Transpose", [INPUT_NAME], [plan.x], perm=[1, 0, 2]))
     else:
         before.append(helper.make_node("Identity", [INPUT_NAME], [plan.x]))
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
-                                            [batch, time, plan.features])]
+    inputs = [
+        helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, time, plan.features])
+    ]
     outputs = []
     if raw_y:
         after.append(helper.make_node("Identity", [plan.y], [OUTPUT_NAME]))
@@ -455,10 +537,16 @@ def _wrap(source: onnx.ModelProto, plan: Plan, raw_y: bool = False) -> onnx.Mode
         if plan.y_squeeze:
             after.append(axes("Squeeze", y, 1, "y_squeezed"))
             y = "y_squeezed"
-        after.append(helper.make_node("Transpose", [y], [OUTPUT_NAME], perm=[1, 0, 2])
-                     if plan.y_time_major else helper.make_node("Identity", [y], [OUTPUT_NAME]))
-        outputs.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
-                                                     [batch, time, plan.outputs]))
+        after.append(
+            helper.make_node("Transpose", [y], [OUTPUT_NAME], perm=[1, 0, 2])
+            if plan.y_time_major
+            else helper.make_node("Identity", [y], [OUTPUT_NAME])
+        )
+        outputs.append(
+            helper.make_tensor_value_info(
+                OUTPUT_NAME, TensorProto.FLOAT, [batch, time, plan.outputs]
+            )
+        )
     for r in plan.recurrences:
         node = _same_node(graph, r.node)
         while len(node.input) <= max(st.fed_at for st in r.states):
@@ -470,13 +558,17 @@ def _wrap(source: onnx.ModelProto, plan: Plan, raw_y: bool = False) -> onnx.Mode
                 before.append(axes("Unsqueeze", state.input, r.directions_axis, fed))
             node.input[state.fed_at] = fed
             final = _final_of(node, state, f"{state.output}_raw")
-            after.append(axes("Squeeze", final, r.directions_axis, state.output)
-                         if r.directions_axis is not None
-                         else helper.make_node("Identity", [final], [state.output]))
-            inputs.append(helper.make_tensor_value_info(state.input, TensorProto.FLOAT,
-                                                        [batch, state.size]))
-            outputs.append(helper.make_tensor_value_info(state.output, TensorProto.FLOAT,
-                                                         [batch, state.size]))
+            after.append(
+                axes("Squeeze", final, r.directions_axis, state.output)
+                if r.directions_axis is not None
+                else helper.make_node("Identity", [final], [state.output])
+            )
+            inputs.append(
+                helper.make_tensor_value_info(state.input, TensorProto.FLOAT, [batch, state.size])
+            )
+            outputs.append(
+                helper.make_tensor_value_info(state.output, TensorProto.FLOAT, [batch, state.size])
+            )
     kept = [*before, *graph.node, *after]
     del graph.node[:]
     graph.node.extend(_live(kept, [o.name for o in outputs]))
@@ -493,12 +585,15 @@ def _wrap(source: onnx.ModelProto, plan: Plan, raw_y: bool = False) -> onnx.Mode
     return model
 
 
-def _same_node(graph: onnx.GraphProto, node: onnx.NodeProto,
-               prefix: str = "") -> onnx.NodeProto:
+def _same_node(graph: onnx.GraphProto, node: onnx.NodeProto, prefix: str = "") -> onnx.NodeProto:
     """The node of `graph` that is `node` of the plan's graph (same op, same outputs once
     `prefix` is added: the plan's graph has the original's names under PREFIX)."""
-    return next(n for n in graph.node if n.op_type == node.op_type and
-                [prefix + o if o else o for o in n.output] == list(node.output))
+    return next(
+        n
+        for n in graph.node
+        if n.op_type == node.op_type
+        and [prefix + o if o else o for o in n.output] == list(node.output)
+    )
 
 
 def _final_of(node: onnx.NodeProto, state: State, name: str) -> str:
@@ -534,10 +629,14 @@ def _outer_names(node: onnx.NodeProto) -> list[str]:
     names = []
     for attribute in node.attribute:
         for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
-            local = {i.name for i in sub.input} | {t.name for t in sub.initializer} | \
-                {o for n in sub.node for o in n.output}
-            names += [i for n in sub.node for i in (*n.input, *_outer_names(n))
-                      if i and i not in local]
+            local = (
+                {i.name for i in sub.input}
+                | {t.name for t in sub.initializer}
+                | {o for n in sub.node for o in n.output}
+            )
+            names += [
+                i for n in sub.node for i in (*n.input, *_outer_names(n)) if i and i not in local
+            ]
     return names
 
 
@@ -551,8 +650,9 @@ def _session(model: onnx.ModelProto, quiet: bool = False) -> ort.InferenceSessio
     return ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
 
 
-def _prove(original: onnx.ModelProto, wrapped: onnx.ModelProto,
-           plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def _prove(
+    original: onnx.ModelProto, wrapped: onnx.ModelProto, plan: Plan
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The golden set and the worst differences, or ImportRefused."""
     rng = np.random.default_rng(1)
     batch, steps = 4, 9
@@ -567,11 +667,13 @@ def _prove(original: onnx.ModelProto, wrapped: onnx.ModelProto,
         else:
             feeds[value.name] = _random_like(value, batch, rng)
     try:
-        got = dict(zip([o.name for o in probe.graph.output],
-                       _session(probe).run(None, feeds), strict=True))
+        got = dict(
+            zip([o.name for o in probe.graph.output], _session(probe).run(None, feeds), strict=True)
+        )
     except Exception as exc:  # noqa: BLE001
-        raise ImportRefused(f"the original graph does not run on random inputs: {_line(exc)}") \
-            from None
+        raise ImportRefused(
+            f"the original graph does not run on random inputs: {_line(exc)}"
+        ) from None
     y = got[plan.y.removeprefix(PREFIX)]
     y = y[:, 0] if plan.y_squeeze else y
     expected_y = y.transpose(1, 0, 2) if plan.y_time_major else y
@@ -579,8 +681,9 @@ def _prove(original: onnx.ModelProto, wrapped: onnx.ModelProto,
     for r in plan.recurrences:
         for st in r.states:
             fed = got.get(f"probe_{st.input}")
-            initial[st.input] = (np.zeros((batch, st.size), np.float32) if fed is None else
-                                 _unstacked(fed, r))
+            initial[st.input] = (
+                np.zeros((batch, st.size), np.float32) if fed is None else _unstacked(fed, r)
+            )
             expected_finals[st.output] = _unstacked(got[f"probe_{st.output}"], r)
     session = _session(wrapped)
     names = [o.name for o in wrapped.graph.output]
@@ -588,25 +691,36 @@ def _prove(original: onnx.ModelProto, wrapped: onnx.ModelProto,
     state = dict(initial)
     streamed_y = []
     for t in range(steps):
-        step = dict(zip(names, session.run(None, {INPUT_NAME: x[:, t:t + 1], **state}),
-                        strict=True))
+        step = dict(
+            zip(names, session.run(None, {INPUT_NAME: x[:, t : t + 1], **state}), strict=True)
+        )
         streamed_y.append(step[OUTPUT_NAME])
         state = {st.input: step[st.output] for st in _states(plan)}
     checks = {
-        "whole_vs_original": _worst([(whole[OUTPUT_NAME], expected_y)] +
-                                    [(whole[o], expected_finals[o]) for o in expected_finals]),
+        "whole_vs_original": _worst(
+            [(whole[OUTPUT_NAME], expected_y)]
+            + [(whole[o], expected_finals[o]) for o in expected_finals]
+        ),
         "streamed_vs_original": _worst(
-            [(np.concatenate(streamed_y, axis=1), expected_y)] +
-            [(state[st.input], expected_finals[st.output]) for st in _states(plan)])}
+            [(np.concatenate(streamed_y, axis=1), expected_y)]
+            + [(state[st.input], expected_finals[st.output]) for st in _states(plan)]
+        ),
+    }
     for what, error in checks.items():
         if not error <= TOLERANCE:
             where = "run whole" if what.startswith("whole") else "streamed one step at a time"
-            raise ImportRefused(f"the wrapped graph, {where}, differs from the original by "
-                                f"{error:.3g} (tolerance {TOLERANCE:g}): its outputs do not "
-                                "follow from its recurrent states alone, so it cannot be "
-                                "served step by step")
-    golden = {INPUT_NAME: x, **initial, "expected_y": expected_y,
-              **{f"expected_{o}": v for o, v in expected_finals.items()}}
+            raise ImportRefused(
+                f"the wrapped graph, {where}, differs from the original by "
+                f"{error:.3g} (tolerance {TOLERANCE:g}): its outputs do not "
+                "follow from its recurrent states alone, so it cannot be "
+                "served step by step"
+            )
+    golden = {
+        INPUT_NAME: x,
+        **initial,
+        "expected_y": expected_y,
+        **{f"expected_{o}": v for o, v in expected_finals.items()},
+    }
     return golden, {"tolerance": TOLERANCE, **checks}
 
 
@@ -621,15 +735,22 @@ def _with_outputs(original: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         node = _same_node(graph, r.node, PREFIX)
         for st in r.states:
             if len(node.input) > st.fed_at and node.input[st.fed_at]:
-                extra.append(helper.make_node("Identity", [node.input[st.fed_at]],
-                                              [f"probe_{st.input}"]))
-                graph.output.append(helper.make_tensor_value_info(f"probe_{st.input}",
-                                                                  TensorProto.FLOAT, None))
-            extra.append(helper.make_node("Identity",
-                                          [_final_of(node, st, f"probe_{st.output}_raw")],
-                                          [f"probe_{st.output}"]))
-            graph.output.append(helper.make_tensor_value_info(f"probe_{st.output}",
-                                                              TensorProto.FLOAT, None))
+                extra.append(
+                    helper.make_node("Identity", [node.input[st.fed_at]], [f"probe_{st.input}"])
+                )
+                graph.output.append(
+                    helper.make_tensor_value_info(f"probe_{st.input}", TensorProto.FLOAT, None)
+                )
+            extra.append(
+                helper.make_node(
+                    "Identity",
+                    [_final_of(node, st, f"probe_{st.output}_raw")],
+                    [f"probe_{st.output}"],
+                )
+            )
+            graph.output.append(
+                helper.make_tensor_value_info(f"probe_{st.output}", TensorProto.FLOAT, None)
+            )
     graph.node.extend(extra)
     return probe
 
@@ -638,10 +759,12 @@ def _notes(plan: Plan) -> list[str]:
     loops = [r.node.name or "unnamed" for r in plan.recurrences if r.cell == LOOP]
     if not loops:
         return []
-    return [f"served as it is: the recurrence {', '.join(loops)} is a generic Loop or Scan, whose "
-            "body ONNX Runtime interprets node by node every timestep: several times slower "
-            "per step than a native LSTM/GRU/RNN. For speed, export native recurrent ops "
-            "(`python -m training export` for Keras models)."]
+    return [
+        f"served as it is: the recurrence {', '.join(loops)} is a generic Loop or Scan, whose "
+        "body ONNX Runtime interprets node by node every timestep: several times slower "
+        "per step than a native LSTM/GRU/RNN. For speed, export native recurrent ops "
+        "(`python -m training export` for Keras models)."
+    ]
 
 
 def _states(plan: Plan) -> list[State]:
@@ -654,15 +777,17 @@ def _unstacked(value: np.ndarray, recurrence: Recurrence) -> np.ndarray:
     return value if axis is None else np.take(value, 0, axis=axis)
 
 
-def _random_like(value: onnx.ValueInfoProto, batch: int,
-                 rng: np.random.Generator) -> np.ndarray:
+def _random_like(value: onnx.ValueInfoProto, batch: int, rng: np.random.Generator) -> np.ndarray:
     """Random values for one of the original's other inputs (its states): fixed dims as they
     are, the symbolic one is the batch."""
-    dims = [d.dim_value if d.HasField("dim_value") else batch
-            for d in value.type.tensor_type.shape.dim]
+    dims = [
+        d.dim_value if d.HasField("dim_value") else batch for d in value.type.tensor_type.shape.dim
+    ]
     if value.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise ImportRefused(f"input {value.name!r} is neither the sequence nor a float state; "
-                            "rnnserve feeds only x and recurrent states")
+        raise ImportRefused(
+            f"input {value.name!r} is neither the sequence nor a float state; "
+            "rnnserve feeds only x and recurrent states"
+        )
     return (0.5 * rng.standard_normal(dims)).astype(np.float32)
 
 
@@ -675,8 +800,9 @@ def _check_staged(directory: Path) -> None:
     try:
         check_model(Runner(read_spec(directory), directory, "cpu", 1), directory)
     except ValueError as exc:
-        raise ImportRefused(f"the wrapped graph fails the server's load checks: "
-                            f"{_line(exc)}") from None
+        raise ImportRefused(
+            f"the wrapped graph fails the server's load checks: {_line(exc)}"
+        ) from None
 
 
 def _line(exc: BaseException) -> str:
@@ -689,8 +815,10 @@ def describe(directory: Path) -> str:
     spec = json.loads((directory / "model.json").read_text())
     states = ", ".join(s["input"] for s in spec["states"])
     checks = spec["imported"]["verification"]
-    return (f"wrote {directory}: {spec['layers']} recurrent op(s), x [batch, time, "
-            f"{spec['input']['features']}] -> y [batch, time, {spec['output']['size']}], states "
-            f"{states}; equal to the original within {checks['whole_vs_original']:.1e} whole and "
-            f"{checks['streamed_vs_original']:.1e} streamed" +
-            "".join(f"\nwarning: {note}" for note in spec["imported"]["notes"]))
+    return (
+        f"wrote {directory}: {spec['layers']} recurrent op(s), x [batch, time, "
+        f"{spec['input']['features']}] -> y [batch, time, {spec['output']['size']}], states "
+        f"{states}; equal to the original within {checks['whole_vs_original']:.1e} whole and "
+        f"{checks['streamed_vs_original']:.1e} streamed"
+        + "".join(f"\nwarning: {note}" for note in spec["imported"]["notes"])
+    )

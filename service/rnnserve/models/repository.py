@@ -60,21 +60,25 @@ def scan(root: Path, only: tuple[str, ...] = ()) -> Scan:
     found: dict[tuple[str, int], ModelVersion] = {}
     problems: dict[Path, str] = {}
     for graph in sorted(root.glob("*.onnx")):
-        problems[graph] = (f"a graph needs a directory of its own: {IMPORT_HINT} "
-                           f"{graph} --name {_name_for(graph)}")
+        problems[graph] = (
+            f"a graph needs a directory of its own: {IMPORT_HINT} {graph} --name {_name_for(graph)}"
+        )
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if only and model_dir.name not in only:
             continue
         try:
-            version_dirs = sorted(p for p in model_dir.iterdir() if p.is_dir()
-                                  and not p.name.startswith("."))
+            version_dirs = sorted(
+                p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
             loose = sorted(model_dir.glob("*.onnx"))
         except OSError as exc:
             problems[model_dir] = f"cannot list it: {exc.strerror}"
             continue
         if loose and not version_dirs:
-            problems[model_dir] = (f"no version directories ({model_dir.name}/1/model.onnx, "
-                                   f"…): {IMPORT_HINT} {loose[0]} --name {model_dir.name}")
+            problems[model_dir] = (
+                f"no version directories ({model_dir.name}/1/model.onnx, "
+                f"…): {IMPORT_HINT} {loose[0]} --name {model_dir.name}"
+            )
         for version_dir in version_dirs:
             try:
                 found_version = _version(model_dir.name, version_dir)
@@ -87,16 +91,22 @@ def scan(root: Path, only: tuple[str, ...] = ()) -> Scan:
 
 def _version(name: str, directory: Path) -> ModelVersion:
     if not is_version_name(directory.name):
-        raise ValueError("version directories are named by their version number (1, 2, …; "
-                         "ASCII digits, no leading zero)")
+        raise ValueError(
+            "version directories are named by their version number (1, 2, …; "
+            "ASCII digits, no leading zero)"
+        )
     if not (directory / MODEL_FILE).is_file():
         raise ValueError(f"no {MODEL_FILE}")
     if not (directory / SPEC_FILE).is_file():
-        raise ValueError(f"no {SPEC_FILE} beside {MODEL_FILE} (its format: model.schema.json); "
-                         f"for a graph from another exporter: {IMPORT_HINT} "
-                         f"{directory / MODEL_FILE} --name NAME")
+        raise ValueError(
+            f"no {SPEC_FILE} beside {MODEL_FILE} (its format: model.schema.json); "
+            f"for a graph from another exporter: {IMPORT_HINT} "
+            f"{directory / MODEL_FILE} --name NAME"
+        )
     spec = read_spec(directory)
     if (spec.name, spec.version) != (name, int(directory.name)):
-        raise ValueError(f"{SPEC_FILE} says {spec.name} v{spec.version}; the directory says "
-                         f"{name} v{directory.name}")
+        raise ValueError(
+            f"{SPEC_FILE} says {spec.name} v{spec.version}; the directory says "
+            f"{name} v{directory.name}"
+        )
     return ModelVersion(spec, directory, signature(directory))

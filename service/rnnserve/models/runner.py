@@ -53,8 +53,13 @@ class Bound(Protocol):
     uploads: list[tuple[ort.OrtValue, np.ndarray]]
 
 
-def bind_host(binding: ort.IOBinding, name: str, array: np.ndarray, device: str,
-              uploads: list[tuple[ort.OrtValue, np.ndarray]]) -> None:
+def bind_host(
+    binding: ort.IOBinding,
+    name: str,
+    array: np.ndarray,
+    device: str,
+    uploads: list[tuple[ort.OrtValue, np.ndarray]],
+) -> None:
     """Bind a host array that is refilled before every run. On CPU it is bound as it is and
     read at each run. Elsewhere IOBinding copies a host input to the device once, when it is
     bound (on CUDA every step saw the first step's x), so the array gets a device value of its
@@ -65,8 +70,13 @@ def bind_host(binding: ort.IOBinding, name: str, array: np.ndarray, device: str,
         bind_uploaded(binding, name, array, device, uploads)
 
 
-def bind_uploaded(binding: ort.IOBinding, name: str, array: np.ndarray, device: str,
-                  uploads: list[tuple[ort.OrtValue, np.ndarray]]) -> None:
+def bind_uploaded(
+    binding: ort.IOBinding,
+    name: str,
+    array: np.ndarray,
+    device: str,
+    uploads: list[tuple[ort.OrtValue, np.ndarray]],
+) -> None:
     """Bind a value of `device`'s own for a host array, refreshed from it before each run."""
     value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype.type, device, 0)
     binding.bind_ortvalue_input(name, value)
@@ -114,8 +124,10 @@ def cuda_loads() -> str:
     except Exception as exc:  # noqa: BLE001
         return f"the CUDA provider failed to start: {' '.join(str(exc).split())[:200]}"
     if CUDA not in session.get_providers():
-        return ("the CUDA provider did not load (libcudart/cuDNN missing? install "
-                "rnnserve[gpu] with CUDA 13 and cuDNN 9)")
+        return (
+            "the CUDA provider did not load (libcudart/cuDNN missing? install "
+            "rnnserve[gpu] with CUDA 13 and cuDNN 9)"
+        )
     return ""
 
 
@@ -172,16 +184,22 @@ def _ops_off_gpu(path: Path) -> list[str]:
 class Runner:
     def __init__(self, spec: ModelSpec, directory: Path, device: str, intra_op_threads: int):
         self.spec = spec
-        self.session = ort.InferenceSession(str(directory / MODEL_FILE),
-                                            session_options(intra_op_threads),
-                                            providers=providers_for(device))
+        self.session = ort.InferenceSession(
+            str(directory / MODEL_FILE),
+            session_options(intra_op_threads),
+            providers=providers_for(device),
+        )
         self.provider = self.session.get_providers()[0]
         self.device_type = "cuda" if self.provider == CUDA else "cpu"
         """Where the provider keeps tensors: OrtValues for device-resident state go there."""
         if self.provider == CUDA and (slow := _ops_off_gpu(directory / MODEL_FILE)):
-            log.warning("%s v%d: ONNX Runtime has no CUDA kernel for %s; those nodes run on "
-                        "the CPU, with copies to and from the GPU around them", spec.name,
-                        spec.version, ", ".join(slow))
+            log.warning(
+                "%s v%d: ONNX Runtime has no CUDA kernel for %s; those nodes run on "
+                "the CPU, with copies to and from the GPU around them",
+                spec.name,
+                spec.version,
+                ", ".join(slow),
+            )
         self.state_inputs = [s.input for s in spec.states]
         self.outputs = [OUTPUT_NAME, *(s.output for s in spec.states)]
         self._bound = ShapeCache(self.bind)
@@ -201,16 +219,19 @@ class Runner:
     def bind(self, rows: int, steps: int) -> Buffers:
         """New buffers for [rows, steps] runs, owned by the caller."""
         spec = self.spec
-        buffers = Buffers(self.session.io_binding(),
-                          np.zeros((rows, steps, spec.features), np.float32),
-                          [np.zeros((rows, s.size), np.float32) for s in spec.states],
-                          np.zeros((rows, steps, spec.outputs), np.float32),
-                          [np.zeros((rows, s.size), np.float32) for s in spec.states])
+        buffers = Buffers(
+            self.session.io_binding(),
+            np.zeros((rows, steps, spec.features), np.float32),
+            [np.zeros((rows, s.size), np.float32) for s in spec.states],
+            np.zeros((rows, steps, spec.outputs), np.float32),
+            [np.zeros((rows, s.size), np.float32) for s in spec.states],
+        )
         for name, array in ((INPUT_NAME, buffers.x), *zip(self.state_inputs, buffers.states)):
             bind_host(buffers.binding, name, array, self.device_type, buffers.uploads)
         for name, array in zip(self.outputs, (buffers.y, *buffers.finals)):
-            buffers.binding.bind_output(name, "cpu", 0, np.float32, list(array.shape),
-                                        array.ctypes.data)
+            buffers.binding.bind_output(
+                name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data
+            )
         return buffers
 
     def run_bound(self, buffers: Bound) -> None:

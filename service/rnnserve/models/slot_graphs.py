@@ -40,8 +40,9 @@ def _model(nodes: list, inputs: list, outputs: list, name: str) -> bytes:
     from onnx import helper
 
     graph = helper.make_graph(nodes, name, inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="rnnserve")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="rnnserve"
+    )
     model.ir_version = IR_VERSION
     return model.SerializeToString()
 
@@ -59,8 +60,7 @@ def gather_model(sizes: tuple[int, ...]) -> bytes:
 
     inputs = [_float(table(i), "capacity", n) for i, n in enumerate(sizes)]
     inputs.append(helper.make_tensor_value_info(SLOTS, TensorProto.INT64, ["rows", 1]))
-    nodes = [helper.make_node("GatherND", [table(i), SLOTS], [rows(i)])
-             for i in range(len(sizes))]
+    nodes = [helper.make_node("GatherND", [table(i), SLOTS], [rows(i)]) for i in range(len(sizes))]
     outputs = [_float(rows(i), "rows", n) for i, n in enumerate(sizes)]
     return _model(nodes, inputs, outputs, "gather_slots")
 
@@ -73,8 +73,10 @@ def scatter_model(sizes: tuple[int, ...]) -> bytes:
     inputs = [_float(table(i), "capacity", n) for i, n in enumerate(sizes)]
     inputs.append(helper.make_tensor_value_info(SLOTS, TensorProto.INT64, ["rows", 1]))
     inputs += [_float(update(i), "rows", n) for i, n in enumerate(sizes)]
-    nodes = [helper.make_node("ScatterND", [table(i), SLOTS, update(i)], [updated(i)])
-             for i in range(len(sizes))]
+    nodes = [
+        helper.make_node("ScatterND", [table(i), SLOTS, update(i)], [updated(i)])
+        for i in range(len(sizes))
+    ]
     outputs = [_float(updated(i), "capacity", n) for i, n in enumerate(sizes)]
     return _model(nodes, inputs, outputs, "scatter_slots")
 

@@ -20,83 +20,154 @@ class ServerConfig:
     repository: Path = _opt(Path("exported"), "model repository: <name>/<version>/model.onnx")
     models: tuple[str, ...] = _opt((), "serve only these models (comma-separated); default all")
     host: str = _opt("127.0.0.1", "address to bind (0.0.0.0 in the container)")
-    workers: str = _opt("auto", "worker processes serving the gRPC port, each with its own "
-                        "event loop, models and sessions: a number, or auto (the CPUs this "
-                        "process may use: affinity and cgroup CPU quota)")
+    workers: str = _opt(
+        "auto",
+        "worker processes serving the gRPC port, each with its own "
+        "event loop, models and sessions: a number, or auto (the CPUs this "
+        "process may use: affinity and cgroup CPU quota)",
+    )
     grpc_port: int = _opt(8500, "gRPC port (0 picks a free one)", minimum=0, maximum=65535)
-    metrics_port: int = _opt(8000, "Prometheus /metrics port (0 picks a free one, -1 disables)",
-                             minimum=-1, maximum=65535)
-    device: str = _opt("auto", "auto (CUDA when present), cpu or cuda",
-                       choices=("auto", "cpu", "cuda"))
-    session_state: str = _opt("auto", "where session state lives between steps: device (the "
-                              "provider's memory: on CUDA a step moves only x and y), host, or "
-                              "auto (device on CUDA, host on CPU)",
-                              choices=("auto", "device", "host"))
-    intra_op_threads: int = _opt(1, "ONNX Runtime threads per run; 1 suits tiny recurrent models",
-                                 minimum=1, maximum=1024)
-    batch_workers: int = _opt(2, "ONNX Runtime runs that may execute at once, across models",
-                              minimum=1, maximum=1024)
+    metrics_port: int = _opt(
+        8000,
+        "Prometheus /metrics port (0 picks a free one, -1 disables)",
+        minimum=-1,
+        maximum=65535,
+    )
+    device: str = _opt(
+        "auto", "auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
+    session_state: str = _opt(
+        "auto",
+        "where session state lives between steps: device (the "
+        "provider's memory: on CUDA a step moves only x and y), host, or "
+        "auto (device on CUDA, host on CPU)",
+        choices=("auto", "device", "host"),
+    )
+    intra_op_threads: int = _opt(
+        1, "ONNX Runtime threads per run; 1 suits tiny recurrent models", minimum=1, maximum=1024
+    )
+    batch_workers: int = _opt(
+        2, "ONNX Runtime runs that may execute at once, across models", minimum=1, maximum=1024
+    )
     max_batch_size: int = _opt(256, "rows one coalesced ONNX Runtime run may take", minimum=1)
-    max_batch_delay: int = _opt(0, "µs a batch waits for more work after its first item; 0 "
-                                   "takes what is queued, which batches well under load",
-                                   minimum=0, maximum=10_000_000)
-    inline_run_us: int = _opt(500, "runs expected (from the model's measured runs) to take up "
-                                   "to this many µs execute on the event loop, cheaper than a "
-                                   "thread hand-off; longer ones in the thread pool; 0: all there",
-                                   minimum=0)
-    max_sessions: int = _opt(10_000, "live sessions in all; more get RESOURCE_EXHAUSTED "
-                                     "(each model preallocates this many state slots)",
-                                     minimum=1)
-    session_idle_timeout: float = _opt(300.0, "seconds without a step before a session is "
-                                              "evicted", minimum=0.1)
-    max_timesteps: int = _opt(100_000, "timesteps per sequence or per session in one request",
-                              minimum=1)
-    max_batch_rows: int = _opt(65_536, "sequences per Predict, sessions per Steps message",
-                               minimum=1)
-    max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message accepted or sent "
-                                  "(K/M/G suffixes, powers of 1024)", bytes=True, minimum=1,
-                                  maximum=2**31 - 1)  # gRPC's limit: a C int
-    max_streams_per_connection: int = _opt(2048, "concurrent calls (streams) one client "
-                                                 "connection may have open (HTTP/2 setting; "
-                                                 "a client opens streams before it learns it, "
-                                                 "so one below what a client sends on one "
-                                                 "connection refuses its calls)",
-                                                 minimum=1, maximum=2**31 - 1)
-    max_concurrent_rpcs: int = _opt(2048, "calls open at once in all (a stalled stream holds "
-                                          "~140 KiB); more get RESOURCE_EXHAUSTED",
-                                          minimum=1, maximum=2**31 - 1)
-    read_budget: int = _opt(128 * 1024 * 1024, "request messages being received at once, "
-                            "outside --memory-budget: a unary call's message is read only while "
-                            "it holds one --max-message-bytes of this (so at least one message), "
-                            "one client at most half of it (K/M/G suffixes)",
-                            bytes=True, minimum=1)
-    read_timeout: float = _opt(30.0, "seconds a unary call's request message may take to "
-                                     "arrive once the server reads it; a slower sender gets "
-                                     "DEADLINE_EXCEEDED", minimum=0.01, maximum=3600)
-    memory_budget: int = _opt(512 * 1024 * 1024, "working memory all requests together may use "
-                              "(inputs, runs, answers): larger work waits, work that could never "
-                              "fit is refused (K/M/G suffixes)", bytes=True, minimum=1)
-    repository_poll: float = _opt(0.0, "seconds between repository scans for new or removed "
-                                       "versions; 0 scans only at start", minimum=0,
-                                       zero_or_at_least=0.05)
-    state_store: str = _opt("", "redis://host:port/db: on drain, park sessions there for other "
-                                "replicas to adopt; empty: sessions end with the process")
-    handoff_wait: float = _opt(1.0, "seconds to wait for a session another replica is parking "
-                                    "right now, before answering NOT_FOUND", minimum=0,
-                                    maximum=3600)
-    shutdown_grace: float = _opt(10.0, "seconds the drain after SIGTERM may take: parking "
-                                       "sessions and finishing in-flight work together",
-                                 minimum=0, maximum=3600)
-    auth_token: str = _opt("", "bearer token required on every call but health (the client "
-                               "'default'); empty: none")
-    auth_tokens_file: str = _opt("", "file of 'client-name token' lines: each client's sessions "
-                                     "and v2 sequences are its own, metrics name the client")
-    max_sessions_per_client: int = _opt(0, "live sessions one client may hold; 0: no limit "
-                                           "beyond --max-sessions", minimum=0)
+    max_batch_delay: int = _opt(
+        0,
+        "µs a batch waits for more work after its first item; 0 "
+        "takes what is queued, which batches well under load",
+        minimum=0,
+        maximum=10_000_000,
+    )
+    inline_run_us: int = _opt(
+        500,
+        "runs expected (from the model's measured runs) to take up "
+        "to this many µs execute on the event loop, cheaper than a "
+        "thread hand-off; longer ones in the thread pool; 0: all there",
+        minimum=0,
+    )
+    max_sessions: int = _opt(
+        10_000,
+        "live sessions in all; more get RESOURCE_EXHAUSTED "
+        "(each model preallocates this many state slots)",
+        minimum=1,
+    )
+    session_idle_timeout: float = _opt(
+        300.0, "seconds without a step before a session is evicted", minimum=0.1
+    )
+    max_timesteps: int = _opt(
+        100_000, "timesteps per sequence or per session in one request", minimum=1
+    )
+    max_batch_rows: int = _opt(
+        65_536, "sequences per Predict, sessions per Steps message", minimum=1
+    )
+    max_message_bytes: int = _opt(
+        16 * 1024 * 1024,
+        "largest gRPC message accepted or sent (K/M/G suffixes, powers of 1024)",
+        bytes=True,
+        minimum=1,
+        maximum=2**31 - 1,
+    )  # gRPC's limit: a C int
+    max_streams_per_connection: int = _opt(
+        2048,
+        "concurrent calls (streams) one client "
+        "connection may have open (HTTP/2 setting; "
+        "a client opens streams before it learns it, "
+        "so one below what a client sends on one "
+        "connection refuses its calls)",
+        minimum=1,
+        maximum=2**31 - 1,
+    )
+    max_concurrent_rpcs: int = _opt(
+        2048,
+        "calls open at once in all (a stalled stream holds ~140 KiB); more get RESOURCE_EXHAUSTED",
+        minimum=1,
+        maximum=2**31 - 1,
+    )
+    read_budget: int = _opt(
+        128 * 1024 * 1024,
+        "request messages being received at once, "
+        "outside --memory-budget: a unary call's message is read only while "
+        "it holds one --max-message-bytes of this (so at least one message), "
+        "one client at most half of it (K/M/G suffixes)",
+        bytes=True,
+        minimum=1,
+    )
+    read_timeout: float = _opt(
+        30.0,
+        "seconds a unary call's request message may take to "
+        "arrive once the server reads it; a slower sender gets "
+        "DEADLINE_EXCEEDED",
+        minimum=0.01,
+        maximum=3600,
+    )
+    memory_budget: int = _opt(
+        512 * 1024 * 1024,
+        "working memory all requests together may use "
+        "(inputs, runs, answers): larger work waits, work that could never "
+        "fit is refused (K/M/G suffixes)",
+        bytes=True,
+        minimum=1,
+    )
+    repository_poll: float = _opt(
+        0.0,
+        "seconds between repository scans for new or removed versions; 0 scans only at start",
+        minimum=0,
+        zero_or_at_least=0.05,
+    )
+    state_store: str = _opt(
+        "",
+        "redis://host:port/db: on drain, park sessions there for other "
+        "replicas to adopt; empty: sessions end with the process",
+    )
+    handoff_wait: float = _opt(
+        1.0,
+        "seconds to wait for a session another replica is parking "
+        "right now, before answering NOT_FOUND",
+        minimum=0,
+        maximum=3600,
+    )
+    shutdown_grace: float = _opt(
+        10.0,
+        "seconds the drain after SIGTERM may take: parking "
+        "sessions and finishing in-flight work together",
+        minimum=0,
+        maximum=3600,
+    )
+    auth_token: str = _opt(
+        "", "bearer token required on every call but health (the client 'default'); empty: none"
+    )
+    auth_tokens_file: str = _opt(
+        "",
+        "file of 'client-name token' lines: each client's sessions "
+        "and v2 sequences are its own, metrics name the client",
+    )
+    max_sessions_per_client: int = _opt(
+        0, "live sessions one client may hold; 0: no limit beyond --max-sessions", minimum=0
+    )
     tls_cert: str = _opt("", "PEM certificate chain; with --tls-key enables TLS")
     tls_key: str = _opt("", "PEM private key")
-    log_level: str = _opt("info", "debug, info, warning or error",
-                          choices=("debug", "info", "warning", "error"))
+    log_level: str = _opt(
+        "info", "debug, info, warning or error", choices=("debug", "info", "warning", "error")
+    )
 
 
 ENV_PREFIX = "RNNSERVE_"
@@ -178,10 +249,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if env in os.environ:
             default = FromEnvironment(os.environ[env], env)
         shown = ",".join(default) if isinstance(default, tuple) else default
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
-                            type=functools.partial(_flag_value, f),
-                            choices=f.metadata.get("choices"),
-                            help=f"{f.metadata['help']} (default: {shown!s}; env {env})")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=default,
+            type=functools.partial(_flag_value, f),
+            choices=f.metadata.get("choices"),
+            help=f"{f.metadata['help']} (default: {shown!s}; env {env})",
+        )
 
 
 def from_namespace(args: argparse.Namespace) -> ServerConfig:
@@ -192,10 +267,14 @@ def from_namespace(args: argparse.Namespace) -> ServerConfig:
 
 def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
     """RNNSERVE_* names in the environment that nothing reads (a typo, a renamed flag)."""
-    known = {ENV_PREFIX + f.name.upper() for f in fields(ServerConfig)} | \
-        {ENV_PREFIX + name for name in CLIENT_VARIABLES}
-    return sorted(n for n in (os.environ if environ is None else environ)
-                  if n.startswith(ENV_PREFIX) and n not in known)
+    known = {ENV_PREFIX + f.name.upper() for f in fields(ServerConfig)} | {
+        ENV_PREFIX + name for name in CLIENT_VARIABLES
+    }
+    return sorted(
+        n
+        for n in (os.environ if environ is None else environ)
+        if n.startswith(ENV_PREFIX) and n not in known
+    )
 
 
 def worker_count(config: ServerConfig) -> int:
@@ -234,10 +313,13 @@ def validate(config: ServerConfig) -> None:
             raise ValueError(f"{_names(f.name)} must be 0 or at least {floor}; got {value}")
     workers = config.workers.strip().lower()
     cap = WORKERS_PER_CPU * available_cpus()
-    if workers != "auto" and not (workers.isascii() and workers.isdigit()
-                                  and 1 <= int(workers) <= cap):
-        raise ValueError(f"{_names('workers')} must be auto or a number from 1 to {cap} "
-                         f"({WORKERS_PER_CPU} per CPU this process may use); got "
-                         f"{config.workers!r}")
+    if workers != "auto" and not (
+        workers.isascii() and workers.isdigit() and 1 <= int(workers) <= cap
+    ):
+        raise ValueError(
+            f"{_names('workers')} must be auto or a number from 1 to {cap} "
+            f"({WORKERS_PER_CPU} per CPU this process may use); got "
+            f"{config.workers!r}"
+        )
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")

@@ -47,8 +47,9 @@ class Throttled:
     def error(self, cause: str, message: str, *args: object, exc_info: bool = False) -> None:
         self._log(logging.ERROR, cause, message, args, exc_info)
 
-    def _log(self, level: int, cause: str, message: str, args: tuple,
-             exc_info: bool = False) -> None:
+    def _log(
+        self, level: int, cause: str, message: str, args: tuple, exc_info: bool = False
+    ) -> None:
         now = time.monotonic()
         last, held = self._last.get(cause, (None, 0))
         if last is not None and now - last < self.interval:

@@ -18,8 +18,23 @@ from prometheus_client import (
 from rnnserve.errors import ServingError
 
 MODEL = ("model", "version")
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                   0.25, 0.5, 1.0, 2.5, 10.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 
@@ -47,8 +62,9 @@ class Call:
             code = exc.code
         else:
             code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
-        count, latency = self.metrics.children(self.model, self.version, self.method, code,
-                                               self.client)
+        count, latency = self.metrics.children(
+            self.model, self.version, self.method, code, self.client
+        )
         count.inc()
         latency.observe(time.perf_counter() - self.started)
 
@@ -56,36 +72,78 @@ class Call:
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter("rnnserve_requests", "Requests (stream messages count singly) by "
-                                "method, gRPC status code and client (a name from "
-                                "--auth-tokens-file, \"\" without auth)",
-                                [*MODEL, "method", "code", "client"], registry=registry)
-        self.latency = Histogram("rnnserve_request_duration_seconds",
-                                 "Time from request received to response ready",
-                                 [*MODEL, "method"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.queue_wait = Histogram("rnnserve_queue_wait_seconds",
-                                    "Time work waited in the batcher before its run started",
-                                    MODEL, buckets=LATENCY_BUCKETS, registry=registry)
-        self.compute = Histogram("rnnserve_compute_seconds", "ONNX Runtime time per batch run",
-                                 MODEL, buckets=LATENCY_BUCKETS, registry=registry)
-        self.batch_size = Histogram("rnnserve_batch_size", "Rows (sequences or sessions) per "
-                                    "ONNX Runtime run", MODEL, buckets=BATCH_BUCKETS,
-                                    registry=registry)
-        self.timesteps = Counter("rnnserve_timesteps", "Timesteps processed", MODEL,
-                                 registry=registry)
-        self.sessions = Gauge("rnnserve_sessions", "Live sessions", MODEL, registry=registry,
-                              multiprocess_mode="livesum")  # with --workers: their sum
-        self.evictions = Counter("rnnserve_session_evictions", "Sessions ended by the server, "
-                                 "by reason", [*MODEL, "reason"], registry=registry)
-        self.handoffs = Counter("rnnserve_session_handoffs", "Sessions parked in (on drain) or "
-                                "adopted from the shared state store", [*MODEL, "direction"],
-                                registry=registry)
-        self.lost = Counter("rnnserve_sessions_lost", "Sessions lost, by where: drain (the "
-                            "shared store could not take them), move (between workers), store "
-                            "(taken from the store, could not be parked again)", ["reason"],
-                            registry=registry)
-        self.model_events = Counter("rnnserve_model_events", "Model version loads and unloads",
-                                    [*MODEL, "event"], registry=registry)
+        self.requests = Counter(
+            "rnnserve_requests",
+            "Requests (stream messages count singly) by "
+            "method, gRPC status code and client (a name from "
+            '--auth-tokens-file, "" without auth)',
+            [*MODEL, "method", "code", "client"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "rnnserve_request_duration_seconds",
+            "Time from request received to response ready",
+            [*MODEL, "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "rnnserve_queue_wait_seconds",
+            "Time work waited in the batcher before its run started",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.compute = Histogram(
+            "rnnserve_compute_seconds",
+            "ONNX Runtime time per batch run",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "rnnserve_batch_size",
+            "Rows (sequences or sessions) per ONNX Runtime run",
+            MODEL,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.timesteps = Counter(
+            "rnnserve_timesteps", "Timesteps processed", MODEL, registry=registry
+        )
+        self.sessions = Gauge(
+            "rnnserve_sessions",
+            "Live sessions",
+            MODEL,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )  # with --workers: their sum
+        self.evictions = Counter(
+            "rnnserve_session_evictions",
+            "Sessions ended by the server, by reason",
+            [*MODEL, "reason"],
+            registry=registry,
+        )
+        self.handoffs = Counter(
+            "rnnserve_session_handoffs",
+            "Sessions parked in (on drain) or adopted from the shared state store",
+            [*MODEL, "direction"],
+            registry=registry,
+        )
+        self.lost = Counter(
+            "rnnserve_sessions_lost",
+            "Sessions lost, by where: drain (the "
+            "shared store could not take them), move (between workers), store "
+            "(taken from the store, could not be parked again)",
+            ["reason"],
+            registry=registry,
+        )
+        self.model_events = Counter(
+            "rnnserve_model_events",
+            "Model version loads and unloads",
+            [*MODEL, "event"],
+            registry=registry,
+        )
         self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -94,13 +152,16 @@ class Metrics:
         """`with metrics.track(name) as call:` counts and times one call (or stream message)."""
         return Call(self, method, client)
 
-    def children(self, model: str, version: str, method: str, code: str,
-                 client: str = "") -> tuple[Any, Any]:
+    def children(
+        self, model: str, version: str, method: str, code: str, client: str = ""
+    ) -> tuple[Any, Any]:
         """The request counter and latency histogram for these labels, looked up once: a
         streamed step must not pay prometheus-client's labels() on every message."""
         key = (model, version, method, code, client)
         found = self._children.get(key)
         if found is None:
-            found = self._children[key] = (self.requests.labels(*key),
-                                           self.latency.labels(model, version, method))
+            found = self._children[key] = (
+                self.requests.labels(*key),
+                self.latency.labels(model, version, method),
+            )
         return found

@@ -62,10 +62,10 @@ class _Server(ThreadingMixIn, WSGIServer):
 def serve(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
     """Serve `registry` on host:port from a daemon thread; shutdown() and server_close() stop
     it, as with prometheus-client's own server."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                flags=socket.AI_PASSIVE)[0][0]
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     server_class = type("MetricsServer", (_Server,), {"address_family": family})
-    http: WSGIServer = make_server(host, port, make_wsgi_app(registry), server_class,
-                                   handler_class=_Handler)
+    http: WSGIServer = make_server(
+        host, port, make_wsgi_app(registry), server_class, handler_class=_Handler
+    )
     threading.Thread(target=http.serve_forever, name="metrics-http", daemon=True).start()
     return http

@@ -20,7 +20,8 @@ def can_listen(host: str, port: int) -> bool:
     adds a C++ log line to the one-line error; gRPC's own bind stays the real check."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT ok
             probe.bind(address)
@@ -36,9 +37,11 @@ def start_metrics(config: ServerConfig, registry: CollectorRegistry) -> WSGIServ
     try:
         http = metrics_http.serve(config.host, config.metrics_port, registry)
     except OSError as exc:
-        raise PortUnavailable(f"--metrics-port {config.metrics_port}: cannot listen on "
-                              f"{config.host}:{config.metrics_port} ({exc.strerror or exc}); "
-                              "-1 disables metrics") from None
+        raise PortUnavailable(
+            f"--metrics-port {config.metrics_port}: cannot listen on "
+            f"{config.host}:{config.metrics_port} ({exc.strerror or exc}); "
+            "-1 disables metrics"
+        ) from None
     return http
 
 
@@ -51,10 +54,13 @@ def hold_port(config: ServerConfig) -> socket.socket:
     socket that never listens: a second server's check fails from now on, and port 0 becomes
     a concrete port for every worker."""
     if config.grpc_port and not can_listen(config.host, config.grpc_port):
-        raise PortUnavailable(f"--grpc-port {config.grpc_port}: {config.host}:"
-                              f"{config.grpc_port} is in use (another server?)")
+        raise PortUnavailable(
+            f"--grpc-port {config.grpc_port}: {config.host}:"
+            f"{config.grpc_port} is in use (another server?)"
+        )
     family, kind, proto, _, address = socket.getaddrinfo(
-        config.host, config.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        config.host, config.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
     held = socket.socket(family, kind, proto)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -78,10 +78,14 @@ def forget_worker(run_dir: Path, worker: int) -> int:
         with db:  # one transaction
             db.execute("BEGIN IMMEDIATE")
             db.execute("DELETE FROM lost WHERE at < ?", (now - LOST_MEMORY,))
-            db.execute("INSERT OR REPLACE INTO lost SELECT owner, id, ? FROM sessions "
-                       "WHERE worker IN (?, ?)", (now, worker, lent_by(worker)))
-            return db.execute("DELETE FROM sessions WHERE worker IN (?, ?)",
-                              (worker, lent_by(worker))).rowcount
+            db.execute(
+                "INSERT OR REPLACE INTO lost SELECT owner, id, ? FROM sessions "
+                "WHERE worker IN (?, ?)",
+                (now, worker, lent_by(worker)),
+            )
+            return db.execute(
+                "DELETE FROM sessions WHERE worker IN (?, ?)", (worker, lent_by(worker))
+            ).rowcount
     finally:
         db.close()
 
@@ -102,18 +106,29 @@ class Claims:
             db = self.db
             db.execute("BEGIN IMMEDIATE")
             try:
-                if chosen and db.execute("SELECT 1 FROM sessions WHERE owner = ? AND id = ?",
-                                         (owner, session_id)).fetchone():
-                    raise AlreadyExists(f"session {session_id} is already open; pick a new "
-                                        "random id")
-                if self.max_per_client and db.execute(
-                        "SELECT COUNT(*) FROM sessions WHERE owner = ?",
-                        (owner,)).fetchone()[0] >= self.max_per_client:
+                if (
+                    chosen
+                    and db.execute(
+                        "SELECT 1 FROM sessions WHERE owner = ? AND id = ?", (owner, session_id)
+                    ).fetchone()
+                ):
+                    raise AlreadyExists(
+                        f"session {session_id} is already open; pick a new random id"
+                    )
+                if (
+                    self.max_per_client
+                    and db.execute(
+                        "SELECT COUNT(*) FROM sessions WHERE owner = ?", (owner,)
+                    ).fetchone()[0]
+                    >= self.max_per_client
+                ):
                     raise ResourceExhausted(
                         f"this client holds its maximum of {self.max_per_client} sessions "
-                        "(--max-sessions-per-client); close finished ones")
-                db.execute("INSERT INTO sessions VALUES (?, ?, ?)",
-                           (owner, session_id, self.worker))
+                        "(--max-sessions-per-client); close finished ones"
+                    )
+                db.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?)", (owner, session_id, self.worker)
+                )
                 db.execute("DELETE FROM lost WHERE owner = ? AND id = ?", (owner, session_id))
                 db.execute("COMMIT")
             except BaseException:
@@ -124,45 +139,61 @@ class Claims:
     def lend(self, owner: str, session_id: str) -> None:
         """This worker lets the session go to a sibling: the row says so until it arrives."""
         with _failing_as_unavailable():
-            self.db.execute("UPDATE sessions SET worker = ? WHERE owner = ? AND id = ?",
-                            (lent_by(self.worker), owner, session_id))
+            self.db.execute(
+                "UPDATE sessions SET worker = ? WHERE owner = ? AND id = ?",
+                (lent_by(self.worker), owner, session_id),
+            )
 
     def arrive(self, owner: str, session_id: str) -> bool:
         """A session lent by a sibling (or by this worker, coming back) is here: whether it is
         this worker's now. False when it is not lent (its lender took it back, or another
         worker holds it): then it must not be kept."""
         with _failing_as_unavailable():
-            return self.db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?) ON CONFLICT (owner, id) DO UPDATE SET "
-                "worker = excluded.worker WHERE worker < 0",
-                (owner, session_id, self.worker)).rowcount == 1
+            return (
+                self.db.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?) ON CONFLICT (owner, id) DO UPDATE SET "
+                    "worker = excluded.worker WHERE worker < 0",
+                    (owner, session_id, self.worker),
+                ).rowcount
+                == 1
+            )
 
     def take_back(self, owner: str, session_id: str) -> bool:
         """Whether a session this worker lent is its own again: True when it never arrived
         anywhere (the row still says lent by this worker)."""
         with _failing_as_unavailable():
-            return self.db.execute(
-                "UPDATE sessions SET worker = ? WHERE owner = ? AND id = ? AND worker = ?",
-                (self.worker, owner, session_id, lent_by(self.worker))).rowcount == 1
+            return (
+                self.db.execute(
+                    "UPDATE sessions SET worker = ? WHERE owner = ? AND id = ? AND worker = ?",
+                    (self.worker, owner, session_id, lent_by(self.worker)),
+                ).rowcount
+                == 1
+            )
 
     def end(self, owner: str, session_id: str) -> None:
         """The session left the server: closed, evicted, parked in the store, or lost."""
         with _failing_as_unavailable():
-            self.db.execute("DELETE FROM sessions WHERE owner = ? AND id = ?",
-                            (owner, session_id))
+            self.db.execute("DELETE FROM sessions WHERE owner = ? AND id = ?", (owner, session_id))
 
     def lost(self, owner: str, session_ids: list[str]) -> list[str]:
         """Those of the owner's ids whose sessions died with their worker (forget_worker)."""
         with _failing_as_unavailable():
-            return [row[0] for row in self.db.execute(
-                "SELECT id FROM lost WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
-                (owner, json.dumps(session_ids)))]
+            return [
+                row[0]
+                for row in self.db.execute(
+                    "SELECT id FROM lost WHERE owner = ? "
+                    "AND id IN (SELECT value FROM json_each(?))",
+                    (owner, json.dumps(session_ids)),
+                )
+            ]
 
     def here(self) -> list[tuple[str, str]]:
         """The (owner, id) of every row naming this worker, as holder or as lender."""
         with _failing_as_unavailable():
-            return self.db.execute("SELECT owner, id FROM sessions WHERE worker IN (?, ?)",
-                                   (self.worker, lent_by(self.worker))).fetchall()
+            return self.db.execute(
+                "SELECT owner, id FROM sessions WHERE worker IN (?, ?)",
+                (self.worker, lent_by(self.worker)),
+            ).fetchall()
 
 
 @contextlib.contextmanager
@@ -170,5 +201,6 @@ def _failing_as_unavailable() -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
-        raise Unavailable(f"the workers' shared session table failed ({exc}); retry",
-                          retry_after=1.0) from None
+        raise Unavailable(
+            f"the workers' shared session table failed ({exc}); retry", retry_after=1.0
+        ) from None

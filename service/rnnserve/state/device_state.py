@@ -52,13 +52,17 @@ class DeviceStateStore(Slots):
         super().__init__(spec, capacity, runner)
         self.device = runner.device_type
         self.sizes = tuple(s.size for s in spec.states)
-        self.tables = [ort.OrtValue.ortvalue_from_numpy(np.zeros((capacity, n), np.float32),
-                                                        self.device, 0) for n in self.sizes]
+        self.tables = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((capacity, n), np.float32), self.device, 0)
+            for n in self.sizes
+        ]
         providers = runner.session.get_providers()
-        self._gather = ort.InferenceSession(graphs.gather_model(self.sizes), session_options(),
-                                            providers=providers)
-        self._scatter = ort.InferenceSession(graphs.scatter_model(self.sizes), session_options(),
-                                             providers=providers)
+        self._gather = ort.InferenceSession(
+            graphs.gather_model(self.sizes), session_options(), providers=providers
+        )
+        self._scatter = ort.InferenceSession(
+            graphs.scatter_model(self.sizes), session_options(), providers=providers
+        )
         self._bound = ShapeCache(self._bind)
 
     def _values(self, rows: int) -> list[ort.OrtValue]:
@@ -69,12 +73,18 @@ class DeviceStateStore(Slots):
         the very path a GPU does (bind_host)."""
         spec, runner = self.spec, self.runner
         slots = np.zeros((rows, 1), np.int64)
-        b = DeviceBuffers(runner.session.io_binding(), self._gather.io_binding(),
-                          self._scatter.io_binding(),
-                          np.zeros((rows, steps, spec.features), np.float32),
-                          np.zeros((rows, steps, spec.outputs), np.float32), slots,
-                          self._value(slots.shape, np.int64), self._values(rows),
-                          self._values(rows), [])
+        b = DeviceBuffers(
+            runner.session.io_binding(),
+            self._gather.io_binding(),
+            self._scatter.io_binding(),
+            np.zeros((rows, steps, spec.features), np.float32),
+            np.zeros((rows, steps, spec.outputs), np.float32),
+            slots,
+            self._value(slots.shape, np.int64),
+            self._values(rows),
+            self._values(rows),
+            [],
+        )
         bind_uploaded(b.binding, INPUT_NAME, b.x, self.device, b.uploads)
         b.binding.bind_output(OUTPUT_NAME, "cpu", 0, np.float32, list(b.y.shape), b.y.ctypes.data)
         for name, value in zip(runner.state_inputs, b.states):
@@ -101,8 +111,11 @@ class DeviceStateStore(Slots):
 
     def step(self, xs: list[np.ndarray], slots: SlotIndex, inline: bool) -> Stepped:
         rows, k = len(slots), xs[0].shape[1]
-        b = (self._bound.get(rows, k) if inline and rows * k <= BOUND_MAX_STEPS
-             else self._bind(rows, k))
+        b = (
+            self._bound.get(rows, k)
+            if inline and rows * k <= BOUND_MAX_STEPS
+            else self._bind(rows, k)
+        )
         fill(b.x, xs)
         b.slots[:, 0] = slots
         b.slots_value.update_inplace(b.slots)
@@ -114,8 +127,7 @@ class DeviceStateStore(Slots):
         self._scatter.run_with_iobinding(finals.scatter)  # finals.slots holds `slots`
         self._advance(slots, steps)
 
-    def commit_rows(self, slots: SlotIndex, finals: DeviceBuffers, start: int,
-                    steps: int) -> None:
+    def commit_rows(self, slots: SlotIndex, finals: DeviceBuffers, start: int, steps: int) -> None:
         """Rare (callers cancelled while their run was in a thread): through the host."""
         end = start + len(slots)
         self._put(slots, [value.numpy()[start:end] for value in finals.finals])

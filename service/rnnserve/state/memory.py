@@ -87,8 +87,7 @@ def graph_tensor_bytes(model: onnx.ModelProto, x_name: str) -> tuple[int, int]:
         rest = [d for d in dims if d not in (batch, time)]
         if batch not in dims or not all(isinstance(d, int) and d > 0 for d in rest):
             continue
-        nbytes = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize * \
-            math.prod(rest)
+        nbytes = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize * math.prod(rest)
         if time in dims:
             per_step += nbytes
         else:
@@ -118,13 +117,15 @@ class MemoryBudget:
         if nbytes > self.capacity:
             raise ResourceExhausted(
                 f"{what} needs about {_mib(nbytes)} of working memory; this server's budget is "
-                f"{_mib(self.capacity)} (--memory-budget): {advice}")
+                f"{_mib(self.capacity)} (--memory-budget): {advice}"
+            )
 
     def check_run(self, nbytes: int, what: str, advice: str) -> None:
         if nbytes > self.chunk:
             raise ResourceExhausted(
                 f"{what} needs about {_mib(nbytes)} of working memory in one run; this server "
-                f"allows {_mib(self.chunk)} per run (1/{CHUNK_SHARE} of --memory-budget): {advice}")
+                f"allows {_mib(self.chunk)} per run (1/{CHUNK_SHARE} of --memory-budget): {advice}"
+            )
 
     def reserve(self, nbytes: int, what: str, advice: str) -> Reservation:
         """`async with budget.reserve(n, ...)`: held until the block ends; refused up front if
@@ -138,7 +139,9 @@ class MemoryBudget:
         if self.queued + nbytes > self.capacity:
             raise ResourceExhausted(
                 f"the memory budget ({_mib(self.capacity)}) is taken by other requests and "
-                f"{_mib(self.queued)} more wait for it; retry with backoff", retry_after=0.1)
+                f"{_mib(self.queued)} more wait for it; retry with backoff",
+                retry_after=0.1,
+            )
         future = asyncio.get_running_loop().create_future()
         entry = (nbytes, future)
         self._waiters.append(entry)
@@ -222,7 +225,9 @@ def return_freed_memory() -> bool:
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                    and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        return bool(
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        )
     except (OSError, AttributeError):
         return False

@@ -79,9 +79,15 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self, max_sessions: int, idle_timeout: float, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic, max_per_client: int = 0,
-                 claims: Claims | None = None) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        idle_timeout: float,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        max_per_client: int = 0,
+        claims: Claims | None = None,
+    ) -> None:
         self.max_sessions = max_sessions
         self.claims = claims
         """The server's shared table, where workers share a port (claims.py): chosen ids and
@@ -109,8 +115,13 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._live)
 
-    def open(self, model: LoadedModel, states: list[np.ndarray] | None,
-             session_id: str = "", owner: str = "") -> Session:
+    def open(
+        self,
+        model: LoadedModel,
+        states: list[np.ndarray] | None,
+        session_id: str = "",
+        owner: str = "",
+    ) -> Session:
         """A new session, under the client's id if it chose one (so proxies can route by it)."""
         if session_id:
             check_session_id(session_id)
@@ -120,8 +131,16 @@ class SessionTable:
         session_id = session_id or secrets.token_hex(SESSION_ID_HEX // 2)
         return self._claimed(model, session_id, states, 0, 0.0, owner, chosen)
 
-    def restore(self, model: LoadedModel, session_id: str, states: list[np.ndarray], steps: int,
-                idle_seconds: float, owner: str, arriving: bool = False) -> Session:
+    def restore(
+        self,
+        model: LoadedModel,
+        session_id: str,
+        states: list[np.ndarray],
+        steps: int,
+        idle_seconds: float,
+        owner: str,
+        arriving: bool = False,
+    ) -> Session:
         """Take over a session another replica handed off, under its own id and owner; or,
         `arriving`, one a sibling worker let go to this one (already the server's)."""
         if arriving:
@@ -135,13 +154,22 @@ class SessionTable:
                 raise
             if not arrived:
                 self.release(session)
-                raise FailedPrecondition(f"session {session_id} went back to the worker it "
-                                         "came from")
+                raise FailedPrecondition(
+                    f"session {session_id} went back to the worker it came from"
+                )
             return session
         return self._claimed(model, session_id, states, steps, idle_seconds, owner, True)
 
-    def _claimed(self, model: LoadedModel, session_id: str, states: list[np.ndarray] | None,
-                 steps: int, idle_seconds: float, owner: str, chosen: bool) -> Session:
+    def _claimed(
+        self,
+        model: LoadedModel,
+        session_id: str,
+        states: list[np.ndarray] | None,
+        steps: int,
+        idle_seconds: float,
+        owner: str,
+        chosen: bool,
+    ) -> Session:
         """A session new to the server: recorded in the shared table first, where there is
         one, so no other worker can open the same id or pass the client's cap meanwhile."""
         if self.claims is None:
@@ -159,14 +187,25 @@ class SessionTable:
         if self.claims is not None:
             self.claims.end(owner, session_id)
 
-    def _add(self, model: LoadedModel, session_id: str, states: list[np.ndarray] | None,
-             steps: int, idle_seconds: float, owner: str) -> Session:
+    def _add(
+        self,
+        model: LoadedModel,
+        session_id: str,
+        states: list[np.ndarray] | None,
+        steps: int,
+        idle_seconds: float,
+        owner: str,
+    ) -> Session:
         if len(self._live) >= self.max_sessions:
-            raise ResourceExhausted(f"the server holds its maximum of {self.max_sessions} "
-                                    "sessions; close finished sessions or retry later")
+            raise ResourceExhausted(
+                f"the server holds its maximum of {self.max_sessions} "
+                "sessions; close finished sessions or retry later"
+            )
         if self.max_per_client and self._per_client[owner] >= self.max_per_client:
-            raise ResourceExhausted(f"this client holds its maximum of {self.max_per_client} "
-                                    "sessions (--max-sessions-per-client); close finished ones")
+            raise ResourceExhausted(
+                f"this client holds its maximum of {self.max_per_client} "
+                "sessions (--max-sessions-per-client); close finished ones"
+            )
         slot = model.store.allocate()
         if states is not None:
             try:
@@ -195,11 +234,16 @@ class SessionTable:
         check is one regex over all of them where all are (the common case), not one call per
         id: a message may name tens of thousands."""
         live, ended = self._live, self._ended
-        unknown = [i for i in dict.fromkeys(session_ids)
-                   if (owner, i) not in live and (owner, i) not in ended]
+        unknown = [
+            i
+            for i in dict.fromkeys(session_ids)
+            if (owner, i) not in live and (owner, i) not in ended
+        ]
         joined = "\n".join(unknown)  # as long as this only if no id holds a newline
-        if (len(joined) == len(unknown) * (SESSION_ID_HEX + 1) - 1
-                and _SESSION_IDS.fullmatch(joined) is not None):
+        if (
+            len(joined) == len(unknown) * (SESSION_ID_HEX + 1) - 1
+            and _SESSION_IDS.fullmatch(joined) is not None
+        ):
             return unknown
         return [i for i in unknown if is_session_id(i)]
 
@@ -306,8 +350,7 @@ class SessionTable:
         bug; without it their ids and the client's cap would stay taken."""
         if self.claims is None:
             return 0
-        gone = [key for key in self.claims.here()
-                if key not in self._live and key not in moving]
+        gone = [key for key in self.claims.here() if key not in self._live and key not in moving]
         for owner, session_id in gone:
             self.claims.end(owner, session_id)
         return len(gone)

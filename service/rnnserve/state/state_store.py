@@ -56,8 +56,10 @@ class Slots(ABC):
 
     def allocate(self) -> int:
         if not self._free:
-            raise ResourceExhausted(f"all {self.capacity} session slots of this model are in use; "
-                                    "close idle sessions or raise --max-sessions")
+            raise ResourceExhausted(
+                f"all {self.capacity} session slots of this model are in use; "
+                "close idle sessions or raise --max-sessions"
+            )
         slot = self._free.pop()
         self.zero(slot)
         return slot
@@ -117,7 +119,7 @@ class StateStore(Slots):
         """The slots' rows: a view for one slot (the streaming case; plain slicing is far
         cheaper than fancy indexing in a busy server), a copy for several."""
         if len(slots) == 1:
-            return [array[slots[0]:slots[0] + 1] for array in self.arrays]
+            return [array[slots[0] : slots[0] + 1] for array in self.arrays]
         return [array[slots] for array in self.arrays]
 
     def step(self, xs: list[np.ndarray], slots: SlotIndex, inline: bool) -> Stepped:
@@ -145,6 +147,7 @@ class StateStore(Slots):
                 array[slots] = state
         self._advance(slots, steps)
 
-    def commit_rows(self, slots: SlotIndex, finals: list[np.ndarray], start: int,
-                    steps: int) -> None:
-        self.commit(slots, [f[start:start + len(slots)] for f in finals], steps)
+    def commit_rows(
+        self, slots: SlotIndex, finals: list[np.ndarray], start: int, steps: int
+    ) -> None:
+        self.commit(slots, [f[start : start + len(slots)] for f in finals], steps)
