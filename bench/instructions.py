@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import inspect
 import os
 import re
 import shutil
@@ -83,9 +85,12 @@ def checkout(rev: str, into: Path) -> str:
         raise SystemExit(
             f"--against {rev}: git could not check it out: {added.stderr.strip().splitlines()[-1]}"
         )
-    shutil.copytree(
-        ROOT / "service" / "generated", tree / "service" / "generated", dirs_exist_ok=True
-    )
+    generated = ROOT / "service" / "rnnserve" / "generated"
+    if (tree / "service" / "rnnserve").is_dir():  # service/ is a source root
+        shutil.copytree(generated, tree / "service" / "rnnserve" / "generated", dirs_exist_ok=True)
+        return str(tree / "service")
+    # before the src-layout, service/ itself was the package
+    shutil.copytree(generated, tree / "service" / "generated", dirs_exist_ok=True)
     (into / "path").mkdir()
     (into / "path" / "rnnserve").symlink_to(tree / "service")
     return str(into / "path")
@@ -109,9 +114,9 @@ def _step(rows: int) -> bytes:
     """A stream step as the Python client sends it once the stream keeps its sessions."""
     import numpy as np
 
-    from rnnserve.doors.tensors import to_tensor
     from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 
+    to_tensor = _module("doors.tensors", "tensors").to_tensor
     x = to_tensor(np.ones((rows, 1, 1), np.float32))
     step = pb.StepRequest(same_sessions=True, x=x) if rows > 1 else pb.StepRequest(x=x)
     return pb.StreamRequest(step=step).SerializeToString()
@@ -136,24 +141,35 @@ def _v2_calls(servicer: Any) -> Callable[[int], Awaitable[None]]:
     return infer
 
 
+def _module(path: str, flat: str) -> Any:
+    """rnnserve.<path>, or rnnserve.<flat> in a revision from before the src-layout (--against
+    counts one beside this tree)."""
+    try:
+        return importlib.import_module(f"rnnserve.{path}")
+    except ImportError:
+        return importlib.import_module(f"rnnserve.{flat}")
+
+
 async def _rnnserve(load: str) -> Callable[[int], Awaitable[None]]:
     """`messages` messages through the servicers' own methods."""
     from concurrent.futures import ThreadPoolExecutor
 
     from prometheus_client import CollectorRegistry
 
-    from rnnserve.doors.identity import Identities
-    from rnnserve.doors.kserve import KServeServicer
-    from rnnserve.doors.native import InferenceServicer, _StreamState
-    from rnnserve.doors.streams import OpenStreams
-    from rnnserve.engine.engine import Engine
-    from rnnserve.engine.registry import ModelRegistry
     from rnnserve.generated.inference import grpc_service_pb2 as v2
     from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
-    from rnnserve.ops.config import ServerConfig
-    from rnnserve.ops.metrics import Metrics
-    from rnnserve.state.memory import MemoryBudget
-    from rnnserve.state.sessions import SessionTable
+
+    Identities = _module("doors.identity", "identity").Identities
+    KServeServicer = _module("doors.kserve", "kserve").KServeServicer
+    native_module = _module("doors.native", "servicer")
+    InferenceServicer, _StreamState = native_module.InferenceServicer, native_module._StreamState
+    OpenStreams = _module("doors.streams", "streams").OpenStreams
+    Engine = _module("engine.engine", "engine").Engine
+    ModelRegistry = _module("engine.registry", "registry").ModelRegistry
+    ServerConfig = _module("ops.config", "config").ServerConfig
+    Metrics = _module("ops.metrics", "metrics").Metrics
+    MemoryBudget = _module("state.memory", "memory").MemoryBudget
+    SessionTable = _module("state.sessions", "sessions").SessionTable
 
     config = ServerConfig(
         repository=ROOT / "exported",
@@ -179,10 +195,15 @@ async def _rnnserve(load: str) -> Callable[[int], Awaitable[None]]:
     native = InferenceServicer(engine, metrics, identities, OpenStreams())
     stream = _StreamState()
     rows = LOADS[load][1]
+
+    async def opened() -> str:
+        session = engine.open_session("echo", 0, {})  # a coroutine in newer revisions
+        return (await session if inspect.isawaitable(session) else session).session_id
+
     if rows == 1:
-        stream.current = engine.open_session("echo", 0, {}).session_id
+        stream.current = await opened()
     else:
-        ids = [engine.open_session("echo", 0, {}).session_id for _ in range(rows)]
+        ids = [await opened() for _ in range(rows)]
         first = pb.StreamRequest.FromString(_step(rows))
         first.step.same_sessions = False
         first.step.session_ids.extend(ids)
