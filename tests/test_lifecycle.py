@@ -265,3 +265,30 @@ def test_ctrl_c_ends_a_client_command_without_a_traceback(server) -> None:
     stream.send_signal(signal.SIGINT)
     out, err = stream.communicate(timeout=30)
     assert stream.returncode == 130 and "Traceback" not in err, err
+
+
+def test_background_work_that_fails_or_ends_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """The server's background work (idle sweep, repository poll, release listener) is tracked:
+    a failure is logged with its traceback, an end of lasting work too, and one-off work (a
+    SIGHUP's rescan) leaves the list once done."""
+
+    async def fails() -> None:
+        raise RuntimeError("broken on purpose")
+
+    async def ends() -> None:
+        return None
+
+    with running() as srv:
+        before = len(srv.server.tasks)
+
+        async def start() -> int:
+            srv.server.background(fails(), "failing work")
+            srv.server.background(ends(), "lasting work")
+            srv.server.background(ends(), "one-off work", lasting=False)
+            await asyncio.sleep(0.05)
+            return len(srv.server.tasks)
+
+        assert srv.call(start()) == before + 2  # the one-off work is gone from the list
+    assert "failing work failed and stopped: broken on purpose" in caplog.text
+    assert "lasting work ended while the server serves" in caplog.text
+    assert "one-off work" not in caplog.text

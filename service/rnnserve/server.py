@@ -7,10 +7,11 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -78,6 +79,26 @@ class Server:
     """The first repository scan is done (until then the server is not ready)."""
     health_names: dict[str, int] = field(default_factory=dict)
     """The status each model name's health entry was last set to."""
+
+    def background(self, work: Coroutine[Any, Any, None], what: str, lasting: bool = True) -> None:
+        """Run `work` beside the server, tracked so that stop() cancels it. Its failure is
+        logged, and so is the end of `lasting` work (it should run until stop: an idle sweep
+        or a release listener that ended silently would leave the server unswept or deaf);
+        one-off work leaves the list when done, so repeated SIGHUPs do not grow it."""
+        task = asyncio.create_task(work, name=what)
+        self.tasks.append(task)
+        task.add_done_callback(lambda done: self._ended(done, what, lasting))
+
+    def _ended(self, task: asyncio.Task, what: str, lasting: bool) -> None:
+        if not lasting and task in self.tasks:
+            self.tasks.remove(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("%s failed and stopped: %s", what, error, exc_info=error)
+        elif lasting and not self.stopping:
+            log.error("%s ended while the server serves", what)
 
     async def set_serving(self) -> None:
         """Health per model follows the registry: NOT_SERVING while its only versions load,
@@ -333,7 +354,16 @@ async def create_server(
     if worker is None:
         await server.start()
     started = Server(
-        config, server, port, http, engine, health_servicer, executor, [], streams, internal
+        config=config,
+        grpc_server=server,
+        port=port,
+        metrics_http=http,
+        engine=engine,
+        health=health_servicer,
+        executor=executor,
+        tasks=[],
+        streams=streams,
+        internal=internal,
     )
     try:
         await started.sync_models()
@@ -349,29 +379,25 @@ async def create_server(
     async def sweep() -> None:
         engine.evict_idle()
 
-    started.tasks.append(
-        asyncio.create_task(
-            _every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4), sweep, "idle sweep")
-        )
+    started.background(
+        _every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4), sweep, "idle sweep"),
+        "idle sweep",
     )
     if config.repository_poll > 0:
-        started.tasks.append(
-            asyncio.create_task(
-                _every(config.repository_poll, started.sync_models, "repository poll")
-            )
+        started.background(
+            _every(config.repository_poll, started.sync_models, "repository poll"),
+            "repository poll",
         )
     if config.auth_tokens_file:
-        started.tasks.append(
-            asyncio.create_task(
-                _every(TOKENS_POLL, _TokensWatch(config, identities).check, "tokens file check")
-            )
+        started.background(
+            _every(TOKENS_POLL, _TokensWatch(config, identities).check, "tokens file check"),
+            "tokens file check",
         )
     if handoff is not None:  # sessions held here can be asked for by other replicas
-        started.tasks.append(asyncio.create_task(handoff.serve_releases(engine.park_on_request)))
-        started.tasks.append(
-            asyncio.create_task(
-                _every(config.session_idle_timeout / 3, engine.refresh_claims, "session records")
-            )
+        started.background(handoff.serve_releases(engine.park_on_request), "release requests")
+        started.background(
+            _every(config.session_idle_timeout / 3, engine.refresh_claims, "session records"),
+            "session records",
         )
     metrics_at = (
         f"; metrics on :{started.metrics_port}"
@@ -454,7 +480,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(
-        signal.SIGHUP, lambda: server.tasks.append(asyncio.create_task(_rescan(server)))
+        signal.SIGHUP, lambda: server.background(_rescan(server), "SIGHUP rescan", lasting=False)
     )
     if on_ready is not None:
         on_ready(server.port)

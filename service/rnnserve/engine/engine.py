@@ -1197,8 +1197,8 @@ class Engine:
         return model.batcher.step_now(slots, x)
 
     def _group_stepped(self, model: LoadedModel, slots: np.ndarray, y: np.ndarray) -> StepOutcome:
-        model.store.used_at[slots] = self._sessions.clock()
-        return StepOutcome(y, model.store.steps[slots].tolist(), [], model.labels)
+        model.store.touch(slots, self._sessions.clock())
+        return StepOutcome(y, model.store.step_counts(slots), [], model.labels)
 
     @staticmethod
     def _group_failed(
@@ -1208,7 +1208,7 @@ class Engine:
         error = _run_error(model, exc)
         return StepOutcome(
             np.full((*x.shape[:2], model.spec.outputs), np.nan, np.float32),
-            model.store.steps[slots].tolist(),
+            model.store.step_counts(slots),
             [RowError.of(r, error) for r in range(len(slots))],
             None,
         )

@@ -72,6 +72,14 @@ class Slots(ABC):
         self.write(slot, [np.zeros(s.size, np.float32) for s in self.spec.states])
         self.steps[slot] = 0
 
+    def touch(self, slots: SlotIndex, now: float) -> None:
+        """These slots' sessions were used at `now` (what the idle sweep reads)."""
+        self.used_at[slots] = now
+
+    def step_counts(self, slots: SlotIndex) -> list[int]:
+        """Each slot's session's timesteps since it opened or was reset."""
+        return self.steps[slots].tolist()
+
     def _advance(self, slots: SlotIndex, steps: int) -> None:
         if len(slots) == 1:
             self.steps[slots[0]] += steps
