@@ -63,9 +63,9 @@ return reply
 """How many replicas are parking; then, for each session key, its record taken out of the
 store (GETDEL) as (its 1-based position, the record), or else, if asked (ARGV[2] is the holders'
 prefix), the live replica holding it as (minus its position, that replica). One command and a
-sparse reply, not a command or a reply element per id: a pipeline of 65,536 GETDELs cost
-redis-py ~10 µs per id (a reply read per command), and parsing a reply element per id, most of
-them nil, was most of an unknown id's cost (bench/unknown_ids.py)."""
+sparse reply, not a command or a reply element per id: with a pipeline, redis-py reads a reply
+per command, and parsing a reply element per id, most of them nil, was most of an unknown id's
+cost (bench/unknown_ids.py; docs/benchmarks.md)."""
 CLAIM_NEW_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 'parked'

@@ -6,13 +6,11 @@ runs after them, so every step that arrived in the same loop iteration shares a 
 switch or event sits between a step and its run. While a run is in an executor thread, new work
 queues and forms the next batch when the run ends.
 
-Short runs happen on the event loop itself, long ones in executor threads. Measured on 2 cores:
-handing a run to a thread and back costs 70-140 µs of CPU (more when the loop has gone to sleep
-meanwhile), against 15 µs for a one-step echo run and 170 µs for a 1,000-session one. So a run
-expected to take at most --inline-run-us (from this model's measured runs, see run_times) runs
-on the loop: the hand-off would cost more than the loop's wait is worth. At 1,000 echo sessions
-per message that is 1.6 -> 1.2 µs of server CPU per session-step. A 16k-sequence Predict still
-runs off the loop.
+Short runs happen on the event loop itself, long ones in executor threads: handing a run to a
+thread and back costs more CPU than a small model's run itself, so a run expected to take at
+most --inline-run-us (from this model's measured runs, see run_times) runs on the loop, where
+the hand-off would cost more than the loop's wait is worth; a large Predict still runs off the
+loop. The measurements: docs/benchmarks.md, "Measurements behind the design".
 
 Each work item keeps its own future, cancelled items are dropped before a batch forms, and a
 failing run fails only the items in it.
@@ -148,9 +146,9 @@ class Batcher:
         for company: nothing else is queued, scheduled or running, no delay was asked for, it
         is small enough for the event loop, and the loop has no other callback ready this turn
         (which might bring work to batch with). A lone stream then skips the flush callback
-        and the wake-up of its caller: 543 -> 462 µs of server CPU per step at 1 stream,
-        194 -> 179 at 64 (bench/streaming.py's loads, A/B in one run, 2 cores). CPython's event
-        loop exposes its ready queue only as `_ready`; on another loop this never says yes."""
+        and the wake-up of its caller, which is most of its server CPU per step beside the run
+        (docs/benchmarks.md). CPython's event loop exposes its ready queue only as `_ready`;
+        on another loop this never says yes, and every step takes the queue."""
         ready = getattr(self._loop, "_ready", None)
         return (
             ready is not None

@@ -56,8 +56,8 @@ GROUP_ROW_BYTES = 32
 MOVE_WINDOW = 2.0
 """Seconds a session that moved to a sibling is said to be on its way (its asker restores it
 within milliseconds): a third worker asking meanwhile asks again instead of answering NOT_FOUND
-(6 clients stepping 2 sessions through 3 workers: 19 % of calls were told NOT_FOUND or
-"ended before this step ran")."""
+or "ended before this step ran", as it did for clients stepping the same sessions through
+several workers (tests/test_workers.py)."""
 LEND_TIMEOUT = MOVE_CALL_TIMEOUT + 1.0
 """Seconds after which a session let go to a sibling has arrived there or never will: the
 sibling's call has passed its deadline."""
@@ -769,7 +769,7 @@ class Engine:
     def _leaving(self, session_ids: list[str], owner: str) -> set[str]:
         """Those of the ids this worker let go to a sibling a moment ago: on their way, so
         the siblings' answers, read while the session is between two of them, may not name
-        it (1 call in ~10 runs of 360 was told NOT_FOUND that way)."""
+        it, and the call was told NOT_FOUND (tests/test_workers.py, now and then)."""
         recent = time.monotonic() - MOVE_WINDOW
         return {
             i
@@ -1113,9 +1113,8 @@ class Engine:
     def _group(self, session_ids: list[str], owner: str) -> SessionGroup | None:
         """The common message's rows, proved fine without a Python loop over them: every id a
         distinct live session of the caller's, all of one model. None sends the message the
-        row-by-row way (`_resolve`), which says what is wrong with which row. Multiplexed at
-        1,000 sessions per message, the row-by-row way costs ~3 µs of the server's CPU per
-        session-step; this one a tenth of that."""
+        row-by-row way (`_resolve`), which says what is wrong with which row. Multiplexed, the
+        row-by-row way costs about ten times this one per session-step (docs/benchmarks.md)."""
         sessions = self._sessions.all_owned(session_ids, owner)
         if sessions is None or len(set(session_ids)) != len(session_ids):
             return None
@@ -1189,9 +1188,8 @@ class Engine:
         locks, batcher). Nothing awaits between these checks and the commit, so no other work
         can come between them: the locks and the reservation need to be free, not taken and
         given back. A stream's step then skips five coroutines and the taking and giving back
-        of its locks: in-process (servicer and engine, no gRPC; 7 interleaved rounds, 2 cores)
-        76 -> 64 µs per lone step, 470 -> 422 µs per 1,000-session message. A failed run
-        raises, its sessions as they were."""
+        of its locks (what that saves: docs/benchmarks.md). A failed run raises, its sessions
+        as they were."""
         if span < x.shape[1] or not self.budget.fits(reserve.nbytes) or not all_free(locks):
             return None
         return model.batcher.step_now(slots, x)
@@ -1241,7 +1239,7 @@ class Engine:
         """Each row's session or error, and the run cost of all live rows taken together,
         letting other calls run every ROWS_PER_TURN rows."""
         # One check of the whole on the common path; rows are told apart only when one is off.
-        # (np.isfinite: a sum would need np.errstate against overflow, which costs ~2.5 µs.)
+        # (np.isfinite: a sum would need np.errstate against overflow, which costs more.)
         finite = np.isfinite(x)
         bad_values = None if finite.all() else ~finite.all(axis=(1, 2))
         sessions: list[Session | None] = []

@@ -2,7 +2,7 @@
 enough for the event loop.
 
 A run's time is not proportional to its size: a one-row run of a small model is mostly fixed
-cost (echo: 15 µs for 1 row, 53 µs for 256, 170 µs for 1,024), so a single per-step rate learnt
+cost (docs/benchmarks.md has echo's times by size), so a single per-step rate learnt
 from small runs would overrate large ones and the other way round. Runs are kept apart by size
 class (powers of two of rows x timesteps), each with its own average. A size not yet seen is
 rated at the rate of the largest smaller class seen, which can only overrate it (fixed costs

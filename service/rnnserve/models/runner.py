@@ -32,9 +32,9 @@ BOUND_SHAPES = 32
 class Buffers:
     """Inputs to fill and outputs to read for one run shape, bound to the session once.
 
-    Between gRPC messages a bound run costs the server 7-12 % less CPU per step than
-    `session.run` (bench/streaming.py's two echo + ORT floors), so every small run on the event
-    loop goes through these.
+    Between gRPC messages a bound run costs the server less CPU per step than `session.run`
+    (bench/streaming.py's two echo + ORT floors; docs/benchmarks.md), so every small run on the
+    event loop goes through these.
     """
 
     binding: ort.IOBinding
@@ -159,9 +159,9 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # The arena keeps a large run's peak for the life of the process (1.2 GB after one
-    # 65536x31 forecast run; 94 MB without). Without it a one-step run costs the same
-    # (17.6 vs 18.0 µs in a loop), so memory goes back to the system after every run.
+    # The arena keeps a large run's peak for the life of the process; without it a one-step
+    # run costs the same, and memory goes back to the system after every run
+    # (docs/benchmarks.md).
     options.enable_cpu_mem_arena = False
     # ONNX Runtime's own warnings are plain text on stderr; what an operator needs from them
     # (a node placed on CPU) rnnserve logs itself, as JSON like every other line.

@@ -13,8 +13,8 @@ supervisor moves a dead worker's rows to a table of lost sessions before startin
 a later call for one is told it was lost (not that no such session exists) for LOST_MEMORY.
 
 SQLite from the standard library, in WAL mode without fsync (the file lives as long as the
-server): an open costs one short write transaction (~20 µs here), an end ~15 µs, steps
-touch nothing.
+server): an open costs one short write transaction, an end another, and steps touch nothing
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ The estimate counts x and its transpose, each layer's output sequence twice, the
 gate pre-activations and the head's three tensors, so it errs high for every cell kind.
 
 That formula knows only what model.json says. An imported graph can hold more between the
-recurrence and y (an RNN(4) with a 4,096-wide hidden Dense layer peaked at 3.2 GB for one
-800 KB Predict costed at a few MB), so the graph itself is costed too: ONNX shape inference sizes
+recurrence and y (a small RNN under a wide hidden Dense layer peaked at hundreds of times its
+costed bytes: tests/test_import.py), so the graph itself is costed too: ONNX shape inference sizes
 each tensor, and every tensor that scales with x's batch and time dimensions adds its bytes.
 A run's cost is the larger of the two.
 """
@@ -216,12 +216,12 @@ def return_freed_memory() -> bool:
     """Make glibc give large freed blocks back to the system at once.
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    request-sized arrays come from the heap and stay in the process: after four of the largest
-    Predicts the server held 430 MB; with the thresholds set here, 160 MB. Pinning the mmap one
-    also pins the heap's trim threshold at 128 KiB, and trimming the heap top after nearly every
-    message cost a lone stream ~50 µs of server CPU per step (+18 %); blocks over 128 KiB are
-    mapped on their own anyway, so the heap may keep up to 32 MiB of free top. A no-op (False)
-    where the C library is not glibc.
+    request-sized arrays come from the heap and stay in the process, several times what the
+    thresholds set here leave. Pinning the mmap one also pins the heap's trim threshold at
+    128 KiB, and trimming the heap top after nearly every message made a lone stream's steps
+    markedly dearer; blocks over 128 KiB are mapped on their own anyway, so the heap may keep up
+    to 32 MiB of free top (figures: docs/benchmarks.md). A no-op (False) where the C library is
+    not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
