@@ -83,13 +83,15 @@ def test_a_chosen_id_is_one_session_across_replicas(redis_url: str) -> None:
 
     with running(state_store=redis_url) as b, Client(b.address) as on_b:
         a = RunningServer(make_config(state_store=redis_url))
-        with Client(a.address) as on_a:
-            assert open_on(a) == "OK"
-            on_a.step(chosen, [1.0])
-            assert open_on(b) == "ALREADY_EXISTS"  # live on a
-            assert b.server.engine.live_sessions == 0
-            assert open_on(a) == "ALREADY_EXISTS"  # live here
-        a.stop()  # parked in the store
+        try:
+            with Client(a.address) as on_a:
+                assert open_on(a) == "OK"
+                on_a.step(chosen, [1.0])
+                assert open_on(b) == "ALREADY_EXISTS"  # live on a
+                assert b.server.engine.live_sessions == 0
+                assert open_on(a) == "ALREADY_EXISTS"  # live here
+        finally:
+            a.stop()  # parked in the store
         assert open_on(b) == "ALREADY_EXISTS"  # parked
         assert b.server.engine.live_sessions == 0
         whole = on_b.predict("echo", np.array([[[1.0], [0.0]]])).y[0]
@@ -101,7 +103,10 @@ def test_a_chosen_id_is_one_session_across_replicas(redis_url: str) -> None:
             while store.exists(f"rnnserve:owner:{chosen}"):  # dropped in the background
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
+            # the record of a process that died (nobody listens on its release channel)
+            store.set(f"rnnserve:owner:{chosen}", "0123456789abcdef")
             assert open_on(c) == "OK"  # ended: the id is free again, on any replica
+            assert store.get(f"rnnserve:owner:{chosen}") != b"0123456789abcdef"
 
 
 def test_without_a_store_sessions_end_with_the_process() -> None:

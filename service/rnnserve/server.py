@@ -85,6 +85,9 @@ class Server:
         logged, and so is the end of `lasting` work (it should run until stop: an idle sweep
         or a release listener that ended silently would leave the server unswept or deaf);
         one-off work leaves the list when done, so repeated SIGHUPs do not grow it."""
+        if self.stopping:  # stop() has cancelled the others: this would outlive them
+            work.close()
+            return
         task = asyncio.create_task(work, name=what)
         self.tasks.append(task)
         task.add_done_callback(lambda done: self._ended(done, what, lasting))

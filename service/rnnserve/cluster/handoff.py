@@ -71,14 +71,17 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return 'parked'
 end
 local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then
+if holder and holder ~= ARGV[1]
+    and redis.call('PUBSUB', 'NUMSUB', ARGV[3] .. holder)[2] > 0 then
   return holder
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return false
 """
 """Record this replica as the holder of a new session unless its id is parked or held by another
-live replica: one atomic check-and-set, so two replicas opening one id cannot both win."""
+live replica: one atomic check-and-set, so two replicas opening one id cannot both win. A holder
+is live while it listens on its release channel: the record of a process that died (SIGKILL,
+the OOM killer) would otherwise keep its ids from being opened again until it expires."""
 UNCLAIM_SCRIPT = """
 for _, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[1] then
@@ -235,7 +238,8 @@ class RedisHandoff:
         its id is already taken, "parked" or the replica holding it, and nothing is recorded."""
         try:
             where = await self._claim_new(
-                keys=[KEY_PREFIX + key, OWNER_PREFIX + key], args=[self.replica, ttl_ms]
+                keys=[KEY_PREFIX + key, OWNER_PREFIX + key],
+                args=[self.replica, ttl_ms, RELEASE_CHANNEL],
             )
         except self._errors as exc:
             raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None

@@ -646,7 +646,16 @@ class Engine:
         if not (session_id and self._handoff is not None):
             return SessionView.of(self._open(model, states, session_id, owner))
         session = self._sessions.open(model, states, session_id, owner)
-        await self._only_one_across_replicas(session)
+        session.lock.take()  # nothing steps or moves it before the check is done
+        try:
+            await self._only_one_across_replicas(session)
+        except BaseException:  # refused, or the caller left mid-check: it never opened
+            if self._sessions.release(session):
+                self._sessions.left(session.owner, session.id)
+            self._unclaim(session.owner, session.id)  # if the store recorded it after all
+            raise
+        finally:
+            session.lock.release()
         return SessionView.of(session)
 
     async def _only_one_across_replicas(self, session: Session) -> None:
@@ -669,8 +678,6 @@ class Engine:
             return
         if where is None:
             return
-        if self._sessions.release(session):
-            self._sessions.left(session.owner, session.id)
         held = "parked in the shared store" if where == "parked" else "live on another replica"
         raise AlreadyExists(
             f"session {session.id} already exists ({held}); resume it, or open one under a new id"
@@ -716,16 +723,17 @@ class Engine:
         failed: dict[str, ServingError] = {}
         if self._siblings is not None:
             missing, failed = await self._from_siblings(missing, owner)
-            for i in self._sessions.lost(missing, owner) if missing else ():
-                failed[i] = FailedPrecondition(
-                    f"session {i} was lost when the worker process "
-                    "holding it died; open a new session"
-                )
-            missing = [i for i in missing if i not in failed]
         if missing and self._handoff is not None:
             failed.update(
                 await self._from_store(missing, alone or len(missing) == len(session_ids), owner)
             )
+        if self._siblings is not None and missing:  # found nowhere: perhaps died with a worker
+            unknown = [i for i in missing if i not in failed and self._sessions.adoptable(i, owner)]
+            for i in self._sessions.lost(unknown, owner) if unknown else ():
+                failed[i] = FailedPrecondition(
+                    f"session {i} was lost when the worker process "
+                    "holding it died; open a new session"
+                )
         return failed
 
     async def _from_siblings(
@@ -767,15 +775,11 @@ class Engine:
         return [i for i in missing if i not in moved and i not in failed], failed
 
     def _leaving(self, session_ids: list[str], owner: str) -> set[str]:
-        """Those of the ids this worker let go to a sibling a moment ago: on their way, so
-        the siblings' answers, read while the session is between two of them, may not name
-        it, and the call was told NOT_FOUND (tests/test_workers.py, now and then)."""
-        recent = time.monotonic() - MOVE_WINDOW
-        return {
-            i
-            for i in session_ids
-            if (owner, i) in self._lent or self._moved_away.get((owner, i), 0) > recent
-        }
+        """Those of the ids this worker lent to a sibling and that are not yet settled: on
+        their way, so the siblings' answers, read while the session is between two of them,
+        may not name it, and the call was told NOT_FOUND (tests/test_workers.py, now and then).
+        Not those parked for another replica: those are asked of the store."""
+        return {i for i in session_ids if (owner, i) in self._lent}
 
     async def _take_from_siblings(
         self, session_ids: list[str], owner: str
@@ -849,8 +853,12 @@ class Engine:
                 self._store.adopt(missing, owner, wait), self._keep_adopted
             )
             taken = set(adoption.taken)
-            if adoption.held and await self._store.request_release(adoption.held, owner):
-                held = [i for ids in adoption.held.values() for i in ids]
+            holders = {  # not those a later try of the same adopt took meanwhile
+                holder: [i for i in ids if i not in taken] for holder, ids in adoption.held.items()
+            }
+            holders = {holder: ids for holder, ids in holders.items() if ids}
+            if holders and await self._store.request_release(holders, owner):
+                held = [i for ids in holders.values() for i in ids]
                 taken.update(
                     (
                         await self._not_lost(
@@ -935,13 +943,10 @@ class Engine:
                 ids, self._claims = self._claims, []
                 ended, self._unclaims = self._unclaims, []
                 await self._store.claim(ids, self._claim_ttl_ms)
-                await self._store.unclaim(
-                    [  # not one opened here again meanwhile
-                        store_key(owner, i)
-                        for owner, i in ended
-                        if self._sessions.find(i, owner) is None
-                    ]
-                )
+                gone = [(o, i) for o, i in ended if self._sessions.find(i, o) is None]
+                await self._store.unclaim([store_key(o, i) for o, i in gone])
+                again = [store_key(o, i) for o, i in gone if self._sessions.find(i, o) is not None]
+                await self._store.claim(again, self._claim_ttl_ms)  # opened anew meanwhile
         finally:
             self._claiming = None
 
