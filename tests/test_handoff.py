@@ -30,12 +30,14 @@ def test_drained_sessions_continue_exactly_on_another_replica(redis_url: str) ->
         expected_adder = on_b.predict("binary_add", adder).y
         expected_echo = on_b.predict("echo", echo).y
         a = RunningServer(make_config(state_store=redis_url))
-        with Client(a.address) as on_a:
-            ids = [on_a.open_session("binary_add").session_id for _ in adder] + [
-                on_a.open_session("echo").session_id for _ in echo
-            ]
-            first = [on_a.step(i, x[:8]) for i, x in zip(ids, [*adder, *echo])]
-        a.stop()  # SIGTERM's drain: every session is parked in Redis
+        try:
+            with Client(a.address) as on_a:
+                ids = [on_a.open_session("binary_add").session_id for _ in adder] + [
+                    on_a.open_session("echo").session_id for _ in echo
+                ]
+                first = [on_a.step(i, x[:8]) for i, x in zip(ids, [*adder, *echo])]
+        finally:
+            a.stop()  # SIGTERM's drain: every session is parked in Redis
         with pytest.raises(RnnServeError):
             Client(a.address, timeout=1).list_models()
         with on_b.stream() as stream:
@@ -133,8 +135,10 @@ def test_v2_sequences_survive_a_handoff(redis_url: str) -> None:
     x = np.random.default_rng(5).uniform(320, 370, (1, 10, 1)).astype(np.float32)
     with running(state_store=redis_url) as b:
         a = RunningServer(make_config(state_store=redis_url))
-        first = infer(a.address, x[:, :4], sequence_start=True)
-        a.stop()
+        try:
+            first = infer(a.address, x[:, :4], sequence_start=True)
+        finally:
+            a.stop()
         rest = infer(b.address, x[:, 4:], sequence_end=True)  # no START: adopted from Redis
         with Client(b.address) as client:
             whole = client.predict("forecast", x).y
