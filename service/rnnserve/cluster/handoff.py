@@ -165,15 +165,23 @@ class RedisHandoff:
                     missing, owner, adoption.held, ask_holders=not expected and not tries
                 )
             except self._errors as exc:
-                if adoption.taken:  # already out of the store: the caller restores them
-                    return adoption
-                raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
+                if not adoption.taken:
+                    raise StoreUnavailable(
+                        f"the shared state store is unreachable ({exc})"
+                    ) from None
+                break  # already out of the store: the caller restores them
             adoption.taken.update(taken)
             missing = [i for i in missing if i not in adoption.taken]
             if not (missing and (parking and wait or expected)) or time.monotonic() >= deadline:
                 break
             tries += 1  # a holder asked to park takes a millisecond or two: look again soon
             await asyncio.sleep(min(ADOPT_POLL, FIRST_POLL * 2**tries))
+        # holders are asked for on the first try only: a later try may have taken their ids
+        adoption.held = {
+            holder: ids
+            for holder, held in adoption.held.items()
+            if (ids := [i for i in held if i not in adoption.taken])
+        }
         return adoption
 
     async def _take_once(

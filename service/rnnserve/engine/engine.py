@@ -853,12 +853,8 @@ class Engine:
                 self._store.adopt(missing, owner, wait), self._keep_adopted
             )
             taken = set(adoption.taken)
-            holders = {  # not those a later try of the same adopt took meanwhile
-                holder: [i for i in ids if i not in taken] for holder, ids in adoption.held.items()
-            }
-            holders = {holder: ids for holder, ids in holders.items() if ids}
-            if holders and await self._store.request_release(holders, owner):
-                held = [i for ids in holders.values() for i in ids]
+            if adoption.held and await self._store.request_release(adoption.held, owner):
+                held = [i for ids in adoption.held.values() for i in ids]
                 taken.update(
                     (
                         await self._not_lost(
