@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rnnserve.engine.engine import Engine, StepMemo
+from rnnserve.engine.engine import Engine
 from rnnserve.engine.registry import ModelRegistry
 from rnnserve.engine.run_times import RunTimes
+from rnnserve.engine.steps import StepMemo
 from rnnserve.errors import InvalidArgument, Unavailable
 from rnnserve.models.contract import read_spec
-from rnnserve.models.runner import Runner
+from rnnserve.models.runner import OrtRunner
 from rnnserve.ops.config import ServerConfig
 from rnnserve.ops.metrics import Metrics
 from rnnserve.state.memory import MemoryBudget
@@ -56,7 +57,7 @@ async def arrive_after(turns: int) -> None:
 def test_concurrent_sessions_coalesce_and_match_unbatched_runs() -> None:
     rng = np.random.default_rng(11)
     xs = rng.integers(0, 2, (40, 12, 2)).astype(np.float32)
-    runner = Runner(
+    runner = OrtRunner(
         read_spec(EXPORTED / "binary_add" / "1"), EXPORTED / "binary_add" / "1", "cpu", 1
     )
     expected = [runner.run(x[None], [np.zeros((1, 20), np.float32)] * 4)[0][0] for x in xs]
@@ -104,7 +105,7 @@ def test_engine_validates_before_queueing() -> None:
 
 def test_bound_buffers_give_exactly_what_a_plain_run_gives() -> None:
     directory = EXPORTED / "binary_add" / "1"
-    runner = Runner(read_spec(directory), directory, "cpu", 1)
+    runner = OrtRunner(read_spec(directory), directory, "cpu", 1)
     rng = np.random.default_rng(5)
     for rows, steps in [(1, 1), (3, 1), (1, 8), (64, 4), (1, 1)]:  # (1, 1) again: reused
         x = rng.integers(0, 2, (rows, steps, 2)).astype(np.float32)
@@ -204,16 +205,16 @@ def test_cancelled_steps_leave_state_alone_and_close_fails_queued_work() -> None
         session = SessionTable(10, 60, metrics).open(model, None)
         x = np.ones((1, 1, 1), np.float32)
         before = model.store.read(session.slot)
-        queued = asyncio.ensure_future(model.batcher.step([session.slot], x))
+        queued = asyncio.ensure_future(model.batcher.run(x, [session.slot]))
         await asyncio.sleep(0)  # queued, its flush not yet run
         queued.cancel()
         await asyncio.gather(queued, return_exceptions=True)
         assert queued.cancelled()
         assert all(np.array_equal(a, b) for a, b in zip(before, model.store.read(session.slot)))
-        await model.batcher.step([session.slot], x)  # the batcher still works
+        await model.batcher.run(x, [session.slot])  # the batcher still works
         assert not np.array_equal(before[0], model.store.read(session.slot)[0])
 
-        waiting = asyncio.ensure_future(model.batcher.step([session.slot], x))
+        waiting = asyncio.ensure_future(model.batcher.run(x, [session.slot]))
         await asyncio.sleep(0)  # queued
         await model.batcher.close()
         try:
@@ -223,7 +224,7 @@ def test_cancelled_steps_leave_state_alone_and_close_fails_queued_work() -> None
         else:
             raise AssertionError("queued work survived close()")
         try:
-            await model.batcher.step([session.slot], x)
+            await model.batcher.run(x, [session.slot])
         except Unavailable:
             pass
         else:
@@ -243,13 +244,13 @@ def test_a_lone_step_runs_at_once_and_company_still_batches() -> None:
         table = SessionTable(10, 60, metrics)
         slots = [table.open(model, None).slot for _ in range(4)]
         x = np.ones((1, 1, 1), np.float32)
-        lone = model.batcher.step(slots[:1], x)
+        lone = model.batcher.run(x, slots[:1])
         with pytest.raises(StopIteration) as done:  # finished on its first resumption
             lone.send(None)
-        assert done.value.value.shape == (1, 1, 2)
+        assert done.value.value[0].shape == (1, 1, 2)  # y
         runs = metrics.registry.get_sample_value
         before = runs("rnnserve_batch_size_count", {"model": "echo", "version": "1"})
-        await asyncio.gather(*(model.batcher.step([s], x) for s in slots))
+        await asyncio.gather(*(model.batcher.run(x, [s]) for s in slots))
         after = runs("rnnserve_batch_size_count", {"model": "echo", "version": "1"})
         assert after - before == 1  # four steps, one run
         await registry.close()
@@ -324,9 +325,9 @@ def test_an_error_while_a_batch_is_formed_reaches_its_callers() -> None:
         times = FailingOnce()
         times.measured(1, 1e-6)
         model.batcher.run_times = times
-        calls = [asyncio.ensure_future(model.batcher.step([slot], x)) for slot in slots]
+        calls = [asyncio.ensure_future(model.batcher.run(x, [slot])) for slot in slots]
         done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
-        after = await model.batcher.step([slots[0]], x)  # the batcher goes on
+        after = await model.batcher.run(x, [slots[0]])  # the batcher goes on
         await model.batcher.close()
         return [*done, after]
 

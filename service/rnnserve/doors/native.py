@@ -12,7 +12,8 @@ from rnnserve.doors.rpc_errors import internal_error, stream_replies, unary
 from rnnserve.doors.status import fill_status, row_status, to_status
 from rnnserve.doors.streams import OpenStreams
 from rnnserve.doors.tensors import fill_tensor, to_array, to_arrays, to_tensor, to_tensors
-from rnnserve.engine.engine import Engine, ModelView, SessionView, StepMemo, StepOutcome
+from rnnserve.engine.engine import Engine, ModelView, SessionView
+from rnnserve.engine.steps import StepMemo, StepOutcome
 from rnnserve.errors import InvalidArgument, ServingError
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc

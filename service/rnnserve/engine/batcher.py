@@ -1,6 +1,10 @@
 """Dynamic batcher: concurrent steps and predictions for one model version, coalesced into one
 ONNX Runtime run per group of equal timestep count.
 
+One entry, `submit`, decides where work runs: at once on the event loop when it is alone, else
+queued for the next flush, which runs each group on the loop or in an executor thread. Every
+run, wherever it ran, ends in `_finish`, on the loop: commit, answer, record its timing.
+
 Work queued while the event loop handles a burst of messages is flushed by one callback that
 runs after them, so every step that arrived in the same loop iteration shares a run; no task
 switch or event sits between a step and its run. While a run is in an executor thread, new work
@@ -30,7 +34,7 @@ import numpy as np
 
 from rnnserve.engine.run_times import RunTimes
 from rnnserve.errors import Unavailable
-from rnnserve.models.runner import Runner
+from rnnserve.models.runtime import Runner
 from rnnserve.ops.metrics import Metrics
 from rnnserve.state.state_store import SlotIndex, Slots
 
@@ -67,6 +71,17 @@ class Work:
     def rows(self) -> int:
         return self.x.shape[0]
 
+    async def outcome(self) -> Result:
+        """The queued work's result, once its batch has run."""
+        try:
+            return cast(Result, await self.future)
+        except asyncio.CancelledError:
+            if self.run is not None:
+                # The thread may still write this work's state slots: keep the caller (and so
+                # the session's lock) until it has, or a reused slot could be overwritten.
+                await _outlast_cancellation(self.run)
+            raise
+
 
 class Batcher:
     def __init__(
@@ -102,44 +117,39 @@ class Batcher:
         self._batch_size = metrics.batch_size.labels(*labels)
         self._timesteps = metrics.timesteps.labels(*labels)
 
-    async def step(self, slots: SlotIndex, x: np.ndarray) -> np.ndarray:
-        """Advance the sessions in `slots` by x's timesteps; their states update in place."""
-        y, _ = await self._submit(
-            Work(x, self._loop.create_future(), self._loop.time(), slots=slots)
-        )
-        return y
-
-    def step_now(self, slots: SlotIndex, x: np.ndarray) -> np.ndarray | None:
-        """`step` run at once and answered directly, when `_alone` allows; else None (queue it
-        with `step`). A failed run raises, its sessions as they were."""
-        if self._closed or not self._alone(x.shape[0] * x.shape[1]):
-            return None
-        y, _ = self._run_alone(Work(x, self._loop.create_future(), self._loop.time(), slots=slots))
-        return y
-
-    async def predict(self, x: np.ndarray, states: list[np.ndarray]) -> Result:
-        return await self._submit(
-            Work(x, self._loop.create_future(), self._loop.time(), states=states)
-        )
-
-    async def _submit(self, work: Work) -> Result:
+    def submit(
+        self,
+        x: np.ndarray,
+        slots: SlotIndex | None = None,
+        states: list[np.ndarray] | None = None,
+    ) -> Result | Work:
+        """The one way in: a step of the sessions in `slots` (their states update in place), or
+        a prediction from the given `states`. It runs at once on the event loop when `_alone`
+        allows, and its result comes back directly (a failed run raises, its sessions as they
+        were); otherwise it is queued, and the `Work` comes back for its caller to await
+        (`Work.outcome`): the flush runs it on the loop or in a thread."""
         if self._closed:
             raise Unavailable(
                 "this model version is unloading; retry on the latest version", retry_after=0.0
             )
-        if self._alone(work.rows * work.x.shape[1]):
-            return self._run_alone(work)
+        work = Work(x, self._loop.create_future(), self._loop.time(), slots=slots, states=states)
+        if self._alone(work.rows * x.shape[1]):
+            self._run_inline([work])
+            return cast(Result, work.future.result())
         self._pending.append(work)
         self._pending_rows += work.rows
         self._schedule()
-        try:
-            return await work.future
-        except asyncio.CancelledError:
-            if work.run is not None:
-                # The thread may still write this work's state slots: keep the caller (and so
-                # the session's lock) until it has, or a reused slot could be overwritten.
-                await _outlast_cancellation(work.run)
-            raise
+        return work
+
+    async def run(
+        self,
+        x: np.ndarray,
+        slots: SlotIndex | None = None,
+        states: list[np.ndarray] | None = None,
+    ) -> Result:
+        """`submit`, its result awaited: for callers with nothing to do meanwhile."""
+        done = self.submit(x, slots, states)
+        return await done.outcome() if isinstance(done, Work) else done
 
     def _alone(self, steps: int) -> bool:
         """Whether work of `steps` rows x timesteps can run now, without waiting a loop turn
@@ -225,19 +235,6 @@ class Batcher:
         never measured, nor any smaller one, is not."""
         expected = self.run_times.expect(steps)
         return expected is not None and expected <= self.inline_run_s
-
-    def _run_alone(self, work: Work) -> Result:
-        """A lone work run at once and answered directly: no queue, no future to await."""
-        started = self._loop.time()
-        try:
-            ran = self._run_sync([work], inline=True)
-            if ran.slots is not None:
-                self.store.commit(ran.slots, ran.finals, work.x.shape[1])
-        except Exception as exc:  # the caller's alone; the batcher goes on
-            log.error("batch run failed", exc_info=exc)
-            raise
-        self._observe([work], started, ran)
-        return ran.results[0]
 
     def _run_inline(self, group: list[Work]) -> None:
         group = _live(group)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from rnnserve.engine.answers import answer_bytes
 from rnnserve.engine.registry import LoadedModel, ModelRegistry
 from rnnserve.engine.sources import (
     MOVE_CALL_TIMEOUT,
@@ -26,12 +27,12 @@ from rnnserve.engine.sources import (
     StoreUnavailable,
     store_key,
 )
+from rnnserve.engine.steps import StepMemo, StepOutcome, StepPipeline
 from rnnserve.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     ServingError,
     Unavailable,
 )
@@ -39,20 +40,15 @@ from rnnserve.models.contract import ModelSpec
 from rnnserve.ops.config import ServerConfig
 from rnnserve.ops.logs import Throttled
 from rnnserve.ops.metrics import Metrics
-from rnnserve.state.memory import FLOAT, MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
-from rnnserve.state.session_lock import SessionLock, all_free, release_all, take_all
+from rnnserve.state.memory import MESSAGE_COPIES, MemoryBudget, Reservation
+from rnnserve.state.session_lock import Holding
 from rnnserve.state.sessions import Session, SessionTable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 store_log = Throttled(__name__)
 """The store's outages: one line per cause a minute, not one per call."""
-MESSAGE_OVERHEAD = 1024
-ROW_OVERHEAD = 16
-"""Room in a response for its framing and names, and per row for its step count and framing."""
 UNKNOWN_MODEL = "(unknown)"
-GROUP_ROW_BYTES = 32
-"""A kept SessionGroup's bytes per row: a pointer in each of three lists, and an int64 slot."""
 MOVE_WINDOW = 2.0
 """Seconds a session that moved to a sibling is said to be on its way (its asker restores it
 within milliseconds): a third worker asking meanwhile asks again instead of answering NOT_FOUND
@@ -61,10 +57,6 @@ several workers (tests/test_workers.py)."""
 LEND_TIMEOUT = MOVE_CALL_TIMEOUT + 1.0
 """Seconds after which a session let go to a sibling has arrived there or never will: the
 sibling's call has passed its deadline."""
-ROWS_PER_TURN = 1024
-"""Rows of a message resolved one by one (some are not live here) between two turns of the event
-loop: a message of thousands of unknown ids must not hold up every other call on this worker for
-its whole length (another client's p99 under such messages: bench/unknown_ids.py)."""
 MOVE_POLL = 0.002
 MOVE_POLL_MAX = 0.05
 """Seconds between asks for a session that is busy elsewhere or on its way: doubling from the
@@ -117,112 +109,10 @@ class PredictResult:
 
 
 @dataclass(frozen=True)
-class RowError:
-    row: int
-    code: str
-    message: str
-    retry_after: float | None = None
-    """As the error's own: when the same row may succeed if sent again."""
-
-    @classmethod
-    def of(cls, row: int, error: ServingError) -> RowError:
-        return cls(row, error.code, str(error), error.retry_after)
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    y: np.ndarray
-    """[rows, k, outputs]; NaN in failed rows."""
-    steps: list[int]
-    errors: list[RowError]
-    labels: tuple[str, str] | None
-    """The first live row's model and version (rows may span models); None if none is live."""
-
-
-@dataclass(frozen=True)
 class SequenceStep:
     y: np.ndarray
     states: dict[str, np.ndarray] | None
     """The states after the step, by input name, when asked for."""
-
-
-class SessionGroup:
-    """A message's rows found to be distinct live sessions of one owner and one model, with
-    what a step of all of them needs. It stays true while no session of this process has
-    ended since (`SessionTable.removals` unchanged), so a stream that names the same sessions
-    message after message (a gateway multiplexing its users) has them looked up once."""
-
-    __slots__ = ("ids", "owner", "model", "sessions", "locks", "slots", "removals")
-
-    def __init__(
-        self, owner: str, model: LoadedModel, sessions: list[Session], removals: int
-    ) -> None:
-        self.ids = [s.id for s in sessions]  # the sessions' own strings: no copies kept
-        self.owner = owner
-        self.model = model
-        self.sessions = sessions
-        self.locks = [s.lock for s in sessions]
-        self.slots = np.array([s.slot for s in sessions], np.int64)
-        self.removals = removals
-
-    @property
-    def nbytes(self) -> int:
-        """What keeping it costs: a pointer per row in each of three lists, and a slot."""
-        return GROUP_ROW_BYTES * len(self.sessions)
-
-    def holds(self, session_ids: list[str], owner: str, removals: int) -> bool:
-        return (
-            removals == self.removals
-            and owner == self.owner
-            and (session_ids is self.ids or session_ids == self.ids)
-        )
-
-    def takes(self, x: np.ndarray) -> bool:
-        """x fits the model, and is finite (else `_resolve` names the rows that are not)."""
-        return self.model.spec.features == x.shape[2] and bool(np.isfinite(x).all())
-
-
-class StepMemo:
-    """What one stream's last step resolved; the stream hands it to every `Engine.step`, and
-    to `Engine.forget` when it ends. A group is kept only while the memory budget holds its
-    `nbytes` (2,048 streams each keeping 10,000 sessions would be 650 MiB)."""
-
-    __slots__ = ("group",)
-
-    def __init__(self) -> None:
-        self.group: SessionGroup | None = None
-
-
-class _Locked:
-    """Hold several sessions' locks. When all are free they are taken at once, in this event
-    loop turn, with no await; otherwise one by one in id order, so two callers cannot
-    deadlock."""
-
-    __slots__ = ("sessions", "all", "locks")
-
-    def __init__(self, sessions: list[Session], locks: list[SessionLock] | None = None) -> None:
-        self.sessions = sessions
-        self.all = locks
-        """The sessions' locks in their order, when the caller has them already."""
-
-    async def __aenter__(self) -> None:
-        locks = self.all if self.all is not None else [s.lock for s in self.sessions]
-        if take_all(locks):
-            self.locks = locks
-            return
-        self.locks = [s.lock for s in sorted(self.sessions, key=lambda s: s.id)]
-        held = 0
-        try:
-            for lock in self.locks:
-                await lock.acquire()
-                held += 1
-        except BaseException:  # cancelled while waiting: give back what was taken
-            for lock in self.locks[:held]:
-                lock.release()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        release_all(self.locks)
 
 
 def _states_of(session: Session) -> dict[str, np.ndarray]:
@@ -256,35 +146,6 @@ def _forget_before(times: OrderedDict, cutoff: float) -> None:
 def _check_finite(array: np.ndarray, what: str) -> None:
     if not np.isfinite(array).all():
         raise InvalidArgument(f"{what} contains NaN or Inf")
-
-
-def _run_error(model: LoadedModel, exc: BaseException) -> ServingError:
-    """What the rows of a failed run are told (the log has the exception)."""
-    return (
-        exc
-        if isinstance(exc, ServingError)
-        else ServingError(
-            f"the run of {model.spec.name} v{model.spec.version} failed; the server log has the "
-            "details"
-        )
-    )
-
-
-async def _in_spans(
-    run: Callable[[np.ndarray], Awaitable[np.ndarray]], x: np.ndarray, span: int
-) -> np.ndarray:
-    """y for x [rows, k, features] from runs of at most `span` timesteps, one after another
-    (the state carried between them), joined along time."""
-    if span >= x.shape[1]:
-        return await run(x)
-    return np.concatenate(
-        [await run(np.ascontiguousarray(x[:, t : t + span])) for t in range(0, x.shape[1], span)],
-        axis=1,
-    )
-
-
-def _first_labels(sessions: list[Session | None]) -> tuple[str, str] | None:
-    return next((s.model.labels for s in sessions if s is not None), None)
 
 
 class Engine:
@@ -321,6 +182,7 @@ class Engine:
         self._claim_ttl_ms = int(2 * config.session_idle_timeout * 1000)
         self.metrics: Metrics = registry.metrics
         self._draining = False
+        self._steps = StepPipeline(sessions, budget, config.max_message_bytes)
 
     @property
     def _store(self) -> SharedStore:
@@ -530,33 +392,14 @@ class Engine:
         names = [s.input for s in model.spec.states]
         return PredictResult(self._view(model), y, dict(zip(names, finals)))
 
-    def _answer_bytes(self, model: LoadedModel, rows: int, steps: int, states: bool) -> int:
-        """The response's size, refused up front when it would exceed the message limit."""
-        spec = model.spec
-        nbytes = (
-            FLOAT
-            * rows
-            * (steps * spec.outputs + (sum(s.size for s in spec.states) if states else 0))
-        )
-        if nbytes + MESSAGE_OVERHEAD + ROW_OVERHEAD * rows > self.config.max_message_bytes:
-            raise ResourceExhausted(
-                f"the answer would be {nbytes:,} bytes, over the {self.config.max_message_bytes:,}"
-                "-byte message limit (--max-message-bytes): send fewer rows or timesteps per "
-                "call"
-                + (
-                    ", or ask for the last step only (OUTPUT_MODE_LAST_STEP)"
-                    if steps > 1 and states
-                    else ""
-                )
-            )
-        return nbytes
-
     def _predict_plan(
         self, model: LoadedModel, x: np.ndarray, last_only: bool
     ) -> tuple[int, Reservation]:
         """Rows per run, and the reservation for the whole call: its messages plus one run."""
         rows, time = x.shape[:2]
-        answer = self._answer_bytes(model, rows, 1 if last_only else time, states=True)
+        answer = answer_bytes(
+            model.spec, rows, 1 if last_only else time, True, self.config.max_message_bytes
+        )
         one_row = model.cost.run(1, time)
         self.budget.check_run(
             one_row,
@@ -603,7 +446,7 @@ class Engine:
         self, model: LoadedModel, x: np.ndarray, lens: np.ndarray, states: list[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         if (lens == x.shape[1]).all():
-            return await model.batcher.predict(x, states)
+            return await model.batcher.run(x, states=states)
         return await self._predict_ragged(model, x, lens, states)
 
     async def _predict_ragged(
@@ -613,8 +456,8 @@ class Engine:
         groups = [np.flatnonzero(lens == n) for n in np.unique(lens)]
         results = await asyncio.gather(
             *(  # every group ends before the call (and its memory)
-                model.batcher.predict(
-                    np.ascontiguousarray(x[idx, : lens[idx[0]]]), [s[idx] for s in states]
+                model.batcher.run(
+                    np.ascontiguousarray(x[idx, : lens[idx[0]]]), states=[s[idx] for s in states]
                 )
                 for idx in groups
             ),
@@ -1051,7 +894,7 @@ class Engine:
             return 0
         await self._store.announce_parking()
         live = self._sessions.live()
-        async with _Locked(live):
+        async with Holding(live):
             now = self._sessions.clock()
             parked = [_parked(s, now) for s in live]
             await self._store.park(parked)
@@ -1086,48 +929,18 @@ class Engine:
         fresh = group is None or not group.holds(session_ids, owner, self._sessions.removals)
         if fresh:
             if memo is not None:
-                self.forget(memo)
+                self._steps.forget(memo)
             failed = (
                 await self._adopt(session_ids, alone=False, owner=owner) if self._elsewhere else {}
             )  # no coroutine on the common path
-            group = None if failed else self._group(session_ids, owner)
+            group = None if failed else self._steps.group(session_ids, owner)
         if group is not None and group.takes(x):
-            outcome = await self._step_group(group, x)
+            outcome = await self._steps.advance(group, x)
             if fresh and memo is not None:  # after the step: it never waits for the memo
-                self._remember(memo, group)
+                self._steps.remember(memo, group)
             return outcome
-        sessions, errors, cost = await self._resolve(session_ids, x, owner, failed)
-        valid = [s for s in sessions if s is not None]
-        if not valid:
-            return StepOutcome(
-                np.full((*x.shape[:2], 0), np.nan, np.float32), [0] * len(sessions), errors, None
-            )
-        outputs = valid[0].model.spec.outputs
-        span, reserve = self._steps_plan(valid[0].model, x, cost)
-        async with reserve, _Locked(valid):
-            y = await self._run_steps(sessions, x, errors, outputs, span)
-        steps = [s.steps if s is not None else 0 for s in sessions]
-        if errors:
-            errors.sort(key=lambda e: e.row)
-        return StepOutcome(y, steps, errors, _first_labels(sessions))
-
-    def _group(self, session_ids: list[str], owner: str) -> SessionGroup | None:
-        """The common message's rows, proved fine without a Python loop over them: every id a
-        distinct live session of the caller's, all of one model. None sends the message the
-        row-by-row way (`_resolve`), which says what is wrong with which row. Multiplexed, the
-        row-by-row way costs about ten times this one per session-step (docs/benchmarks.md)."""
-        sessions = self._sessions.all_owned(session_ids, owner)
-        if sessions is None or len(set(session_ids)) != len(session_ids):
-            return None
-        models = {s.model for s in sessions}
-        if len(models) != 1:
-            return None
-        return SessionGroup(owner, models.pop(), sessions, self._sessions.removals)
-
-    def _remember(self, memo: StepMemo, group: SessionGroup) -> None:
-        """Keep `group` for the stream's next message, if the memory budget has room now."""
-        if self.budget.hold(group.nbytes):
-            memo.group = group
+        rows = await self._steps.resolve(session_ids, x, owner, failed)
+        return await self._steps.advance(rows, x)
 
     def kept_sessions(self, memo: StepMemo) -> list[str]:
         """The ids of the sessions a stream keeps from its previous step (what `same_sessions`
@@ -1142,223 +955,7 @@ class Engine:
 
     def forget(self, memo: StepMemo) -> None:
         """Let go of what a stream kept: it ended, or named other sessions."""
-        if memo.group is not None:
-            self.budget.release(memo.group.nbytes)
-            memo.group = None
-
-    async def _step_group(self, group: SessionGroup, x: np.ndarray) -> StepOutcome:
-        """`step` for a message whose rows are a `SessionGroup`: one run, no per-row
-        bookkeeping unless a session ended while the message waited for memory or locks."""
-        model, sessions, slots = group.model, group.sessions, group.slots
-        rows = len(sessions)
-        cost = RunCost(model.cost.per_step * rows, model.cost.per_row * rows)
-        span, reserve = self._steps_plan(model, x, cost)
-        if self._sessions.removals == group.removals:
-            try:
-                y = self._run_now(model, slots, group.locks, x, span, reserve)
-            except Exception as exc:
-                return self._group_failed(model, slots, x, exc)
-            if y is not None:
-                return self._group_stepped(model, slots, y)
-        async with reserve, _Locked(sessions, group.locks):
-            if self._sessions.removals != group.removals:  # something ended: row by row
-                errors: list[RowError] = []
-                live: list[Session | None] = list(sessions)
-                y = await self._run_steps(live, x, errors, model.spec.outputs, span)
-                steps = [s.steps if s is not None else 0 for s in live]
-                errors.sort(key=lambda e: e.row)
-                return StepOutcome(y, steps, errors, _first_labels(live))
-            try:
-                y = await _in_spans(lambda part: model.batcher.step(slots, part), x, span)
-            except Exception as exc:  # CancelledError passes: the caller left
-                return self._group_failed(model, slots, x, exc)
-            return self._group_stepped(model, slots, y)
-
-    def _run_now(
-        self,
-        model: LoadedModel,
-        slots: np.ndarray | list[int],
-        locks: list[SessionLock],
-        x: np.ndarray,
-        span: int,
-        reserve: Reservation,
-    ) -> np.ndarray | None:
-        """y of a step of these sessions run at once, on the event loop, when nothing has to
-        be waited for: the memory is there, every lock is free, the run is one span and the
-        batcher is idle and rates it short. None sends the step the general way (reservation,
-        locks, batcher). Nothing awaits between these checks and the commit, so no other work
-        can come between them: the locks and the reservation need to be free, not taken and
-        given back. A stream's step then skips five coroutines and the taking and giving back
-        of its locks (what that saves: docs/benchmarks.md). A failed run raises, its sessions
-        as they were."""
-        if span < x.shape[1] or not self.budget.fits(reserve.nbytes) or not all_free(locks):
-            return None
-        return model.batcher.step_now(slots, x)
-
-    def _group_stepped(self, model: LoadedModel, slots: np.ndarray, y: np.ndarray) -> StepOutcome:
-        model.store.touch(slots, self._sessions.clock())
-        return StepOutcome(y, model.store.step_counts(slots), [], model.labels)
-
-    @staticmethod
-    def _group_failed(
-        model: LoadedModel, slots: np.ndarray, x: np.ndarray, exc: Exception
-    ) -> StepOutcome:
-        """A group's failed run: every row's error, each session as it was."""
-        error = _run_error(model, exc)
-        return StepOutcome(
-            np.full((*x.shape[:2], model.spec.outputs), np.nan, np.float32),
-            model.store.step_counts(slots),
-            [RowError.of(r, error) for r in range(len(slots))],
-            None,
-        )
-
-    def _steps_plan(
-        self, first: LoadedModel, x: np.ndarray, cost: RunCost
-    ) -> tuple[int, Reservation]:
-        """Timesteps per run (long messages run in spans, the state carried between them, which
-        is exact), and the reservation for the whole message: its messages plus one span."""
-        rows, k = x.shape[:2]
-        answer = self._answer_bytes(first, rows, k, states=False)
-        self.budget.check_run(
-            cost.run(1, 1), f"one timestep of {rows} sessions", "send fewer sessions per message"
-        )
-        span = min(k, max(1, (self.budget.chunk - cost.per_row) // cost.per_step))
-        total = MESSAGE_COPIES * answer + 2 * x.nbytes + cost.run(1, span)
-        return span, self.budget.reserve(
-            total,
-            f"a step of {rows} sessions x {k} timesteps",
-            "send fewer sessions or timesteps per message",
-        )
-
-    async def _resolve(
-        self,
-        session_ids: list[str],
-        x: np.ndarray,
-        owner: str,
-        failed: dict[str, ServingError],
-    ) -> tuple[list[Session | None], list[RowError], RunCost]:
-        """Each row's session or error, and the run cost of all live rows taken together,
-        letting other calls run every ROWS_PER_TURN rows."""
-        # One check of the whole on the common path; rows are told apart only when one is off.
-        # (np.isfinite: a sum would need np.errstate against overflow, which costs more.)
-        finite = np.isfinite(x)
-        bad_values = None if finite.all() else ~finite.all(axis=(1, 2))
-        sessions: list[Session | None] = []
-        errors: list[RowError] = []
-        seen: set[str] = set()
-        outputs = None
-        per_step = per_row = 0
-        for row, session_id in enumerate(session_ids):
-            if row and not row % ROWS_PER_TURN:
-                await asyncio.sleep(0)  # sessions that end meanwhile are caught under the locks
-            try:
-                if session_id in seen:
-                    raise InvalidArgument(
-                        f"session {session_id} appears twice in one message; "
-                        "send its timesteps together as one row"
-                    )
-                seen.add(session_id)
-                if session_id in failed:
-                    raise failed[session_id]
-                session = self._sessions.get(session_id, owner)
-                spec = session.model.spec
-                if spec.features != x.shape[2]:
-                    raise InvalidArgument(
-                        f"session {session_id} ({spec.name}) takes "
-                        f"{spec.features} features per step, got {x.shape[2]}"
-                    )
-                if outputs not in (None, spec.outputs):
-                    raise InvalidArgument(
-                        f"session {session_id} ({spec.name}) has "
-                        f"{spec.outputs} outputs, unlike the message's first "
-                        "session; send it in its own message"
-                    )
-                if bad_values is not None and bad_values[row]:
-                    raise InvalidArgument(f"timesteps for session {session_id} contain NaN or Inf")
-                outputs = spec.outputs
-                sessions.append(session)
-                per_step += session.model.cost.per_step
-                per_row += session.model.cost.per_row
-            except ServingError as exc:
-                sessions.append(None)
-                errors.append(RowError.of(row, exc))
-        return sessions, errors, RunCost(per_step, per_row)
-
-    async def _run_steps(
-        self,
-        sessions: list[Session | None],
-        x: np.ndarray,
-        errors: list[RowError],
-        outputs: int,
-        span: int,
-    ) -> np.ndarray:
-        """y [rows, k, outputs] for the live rows' sessions, NaN where a row failed; `span`
-        timesteps per run."""
-        groups: dict[LoadedModel, list[int]] = {}
-        for row, session in enumerate(sessions):
-            if session is None:
-                continue
-            if self._sessions.ended(session):  # closed or evicted while we waited for its lock
-                sessions[row] = None
-                errors.append(
-                    RowError(
-                        row,
-                        FailedPrecondition.code,
-                        f"session {session.id} ended before this step ran",
-                    )
-                )
-                continue
-            groups.setdefault(session.model, []).append(row)
-        y = await _in_spans(
-            lambda part: self._run_span(groups, sessions, part, outputs, errors), x, span
-        )
-        now = self._sessions.clock()
-        for rows in groups.values():
-            for r in rows:
-                cast(Session, sessions[r]).last_used = now  # a row of `groups` is live
-        return y
-
-    async def _run_span(
-        self,
-        groups: dict[LoadedModel, list[int]],
-        sessions: list[Session | None],
-        x: np.ndarray,
-        outputs: int,
-        errors: list[RowError],
-    ) -> np.ndarray:
-        """One run per model. A model whose run fails fails only its own rows (their sessions
-        unchanged, see Batcher._finish); they leave `groups` and `sessions` for later spans."""
-        if not groups:  # every row failed or ended
-            return np.full((*x.shape[:2], outputs), np.nan, np.float32)
-        whole = len(groups) == 1 and len(next(iter(groups.values()))) == len(x)
-        live = cast(list[Session], sessions)  # the rows of `groups` are live
-        coros = [
-            model.batcher.step([live[r].slot for r in rows], x if whole else x[rows])
-            for model, rows in groups.items()
-        ]
-        results: list[np.ndarray | BaseException]
-        if len(coros) == 1:
-            try:
-                results = [await coros[0]]
-            except Exception as exc:  # CancelledError passes: the caller left
-                results = [exc]
-        else:
-            results = await asyncio.gather(*coros, return_exceptions=True)
-        if whole and not isinstance(results[0], BaseException):
-            return results[0]
-        y = np.full((*x.shape[:2], outputs), np.nan, np.float32)
-        for (model, rows), result in zip(list(groups.items()), results):
-            if isinstance(result, asyncio.CancelledError):
-                raise result
-            if isinstance(result, BaseException):
-                error = _run_error(model, result)
-                errors.extend(RowError.of(r, error) for r in rows)
-                for r in rows:
-                    sessions[r] = None
-                del groups[model]
-                continue
-            y[rows] = result
-        return y
+        self._steps.forget(memo)
 
     async def sequence_step(
         self,
@@ -1386,7 +983,7 @@ class Engine:
             )
         self._check_x(model, x, "x")
         _check_finite(x, "x")
-        span, reserve = self._steps_plan(model, x, model.cost)
+        plan = self._steps.plan(model, x, model.cost)
         if start:
             initial = self._states(model, states, 1) if states else None
             try:
@@ -1416,55 +1013,18 @@ class Engine:
                     f"sequence_start=true on its first request ({exc})"
                 ) from None
         try:
-            y = self._step_one_now(session, x, span, reserve)
-            if y is not None:
-                return self._sequence_stepped(session, y, with_states, end)
-            async with reserve, session.lock:
-                y = await self._step_one(session, x, span)
-                return self._sequence_stepped(session, y, with_states, end)
+            outcome = await self._steps.advance(self._steps.one(session), x, plan)
+            if outcome.errors:
+                raise cast(ServingError, outcome.errors[0].cause)
+            # Under no lock, but with no await since the step: nothing came between.
+            current = _states_of(session) if with_states else None
+            if end:
+                self._sessions.close(session, "ended by sequence_end")
+            return SequenceStep(outcome.y, current)
         except BaseException:
             if start:
                 self._sessions.close(session, "failed on its first step")
             raise
-
-    def _sequence_stepped(
-        self, session: Session, y: np.ndarray, with_states: bool, end: bool
-    ) -> SequenceStep:
-        """What a sequence step answers, taken before an `end` lets the session go."""
-        current = _states_of(session) if with_states else None
-        if end:
-            self._sessions.close(session, "ended by sequence_end")
-        return SequenceStep(y, current)
-
-    def _step_one_now(
-        self, session: Session, x: np.ndarray, span: int, reserve: Reservation
-    ) -> np.ndarray | None:
-        """`_step_one` run at once when it can be (see `_run_now`), else None."""
-        model = session.model
-        if self._sessions.ended(session):
-            return None  # `_step_one` says so
-        try:
-            y = self._run_now(model, [session.slot], [session.lock], x, span, reserve)
-        except Exception as exc:
-            raise _run_error(model, exc) from exc
-        if y is not None:
-            session.last_used = self._sessions.clock()
-        return y
-
-    async def _step_one(self, session: Session, x: np.ndarray, span: int) -> np.ndarray:
-        """One session's steps, its lock held: FAILED_PRECONDITION if it ended while the caller
-        waited for the lock, the run's error if the run failed (the session as it was)."""
-        if self._sessions.ended(session):
-            raise FailedPrecondition(f"session {session.id} ended before this step ran")
-        model = session.model
-        try:
-            y = await _in_spans(lambda part: model.batcher.step([session.slot], part), x, span)
-        except ServingError:
-            raise
-        except Exception as exc:  # CancelledError passes: the caller left
-            raise _run_error(model, exc) from exc
-        session.last_used = self._sessions.clock()
-        return y
 
     async def reset_session(self, session_id: str, owner: str = "") -> SessionView:
         session = await self._find(session_id, owner)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
 
 _held = 0
 """How many SessionLocks of this process are held now. While none is, `all_free` answers
@@ -114,3 +116,45 @@ def release_all(locks: list[SessionLock]) -> None:
             _held += 1  # held on, by the waiter it woke
         else:
             lock.held = False
+
+
+class Lockable(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def lock(self) -> SessionLock: ...
+
+
+class Holding:
+    """`async with Holding(sessions)`: hold several sessions' locks. When all are free they are
+    taken at once, in this event loop turn, with no await; otherwise one by one in id order,
+    so two callers cannot deadlock. `locks` are the sessions' locks in their order, when the
+    caller has them already."""
+
+    __slots__ = ("sessions", "all", "locks")
+
+    def __init__(
+        self, sessions: Sequence[Lockable | None], locks: list[SessionLock] | None = None
+    ) -> None:
+        self.sessions = sessions
+        self.all = locks if locks is not None else [s.lock for s in sessions if s is not None]
+
+    async def __aenter__(self) -> None:
+        if take_all(self.all):
+            self.locks = self.all
+            return
+        live = sorted((s for s in self.sessions if s is not None), key=lambda s: s.id)
+        self.locks = [s.lock for s in live]
+        held = 0
+        try:
+            for lock in self.locks:
+                await lock.acquire()
+                held += 1
+        except BaseException:  # cancelled while waiting: give back what was taken
+            for lock in self.locks[:held]:
+                lock.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        release_all(self.locks)
