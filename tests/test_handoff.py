@@ -199,7 +199,7 @@ def test_v2_sequences_follow_their_calls_to_another_live_replica(redis_url: str)
 
     import redis
 
-    from rnnserve.doors.kserve import sequence_session_id
+    from rnnserve.doors.kserve_dataplane import sequence_session_id
 
     store = redis.Redis.from_url(redis_url)
     x = np.random.default_rng(6).uniform(320, 370, (1, 8, 1)).astype(np.float32)

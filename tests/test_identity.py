@@ -224,7 +224,7 @@ def test_session_ids_are_each_clients_own(tokens_file: Path) -> None:
     v2 sequence's derived id pre-opened natively by another client blocks nothing (its
     sequence_start got ALREADY_EXISTS)."""
     grpcclient = pytest.importorskip("tritonclient.grpc")
-    from rnnserve.doors.kserve import sequence_session_id
+    from rnnserve.doors.kserve_dataplane import sequence_session_id
 
     chosen = "c0ffee" * 5 + "00"
     with (

@@ -1,17 +1,24 @@
-"""KServe v2 protobuf ⇄ numpy: FP32 tensors (raw or typed contents) and request parameters."""
+"""KServe v2 protobuf ⇄ the data plane's dataclasses: FP32 tensors (raw or typed contents),
+request parameters, metadata and model configuration. Nothing of the protocol's rules: those
+are in kserve_dataplane, for every door."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from rnnserve.doors.kserve_dataplane import (
+    FP32,
+    InferRequest,
+    InferResponse,
+    ModelConfig,
+    ModelMetadata,
+    Parameter,
+)
 from rnnserve.doors.shapes import FLOAT32, element_count, float32_array
 from rnnserve.errors import InvalidArgument
 from rnnserve.generated.inference import grpc_service_pb2 as v2
 from rnnserve.generated.inference import model_config_pb2 as mc
-from rnnserve.models.contract import INPUT_NAME, OUTPUT_NAME, ModelSpec
 
-FP32 = "FP32"
-PLATFORM = "onnxruntime_onnx"
 MAX_DIMS = 8
 
 
@@ -44,79 +51,71 @@ def request_inputs(request: v2.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
-def parameter(request: v2.ModelInferRequest, name: str) -> bool | int | str | float | None:
-    if name not in request.parameters:
-        return None
-    param = request.parameters[name]
-    kind = param.WhichOneof("parameter_choice")
-    return getattr(param, kind) if kind else None
+def _parameters(message: v2.ModelInferRequest) -> dict[str, Parameter]:
+    found: dict[str, Parameter] = {}
+    for name, param in message.parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        if kind:
+            found[name] = getattr(param, kind)
+    return found
 
 
-def response(
-    model: ModelSpec, request: v2.ModelInferRequest, outputs: dict[str, np.ndarray]
-) -> v2.ModelInferResponse:
-    """Only the requested outputs (all when none are named), as raw FP32."""
-    wanted = [o.name for o in request.outputs] or list(outputs)
-    unknown = sorted(set(wanted) - set(outputs))
-    if unknown:
-        raise InvalidArgument(
-            f"unknown output {', '.join(unknown)}; {model.name} has {', '.join(outputs)}"
-        )
-    reply = v2.ModelInferResponse(
-        model_name=model.name, model_version=str(model.version), id=request.id
+def infer_request(message: v2.ModelInferRequest) -> InferRequest:
+    return InferRequest(
+        message.model_name,
+        message.model_version,
+        message.id,
+        request_inputs(message),
+        _parameters(message) if message.parameters else {},
+        [o.name for o in message.outputs],
     )
-    for name in wanted:
-        array = np.ascontiguousarray(outputs[name], FLOAT32)
+
+
+def infer_response(answer: InferResponse) -> v2.ModelInferResponse:
+    """The outputs as raw FP32 contents."""
+    reply = v2.ModelInferResponse(
+        model_name=answer.model_name, model_version=answer.model_version, id=answer.id
+    )
+    for name, output in answer.outputs:
+        array = np.ascontiguousarray(output, FLOAT32)
         reply.outputs.add(name=name, datatype=FP32, shape=array.shape)
         reply.raw_output_contents.append(array.tobytes())
     return reply
 
 
-def metadata(model: ModelSpec, versions: list[int]) -> v2.ModelMetadataResponse:
+def metadata_message(metadata: ModelMetadata) -> v2.ModelMetadataResponse:
     tensor = v2.ModelMetadataResponse.TensorMetadata
     return v2.ModelMetadataResponse(
-        name=model.name,
-        versions=[str(v) for v in versions],
-        platform=PLATFORM,
-        inputs=[
-            tensor(name=INPUT_NAME, datatype=FP32, shape=[-1, -1, model.features]),
-            *(tensor(name=s.input, datatype=FP32, shape=[-1, s.size]) for s in model.states),
-        ],
-        outputs=[
-            tensor(name=OUTPUT_NAME, datatype=FP32, shape=[-1, -1, model.outputs]),
-            *(tensor(name=s.output, datatype=FP32, shape=[-1, s.size]) for s in model.states),
-        ],
+        name=metadata.name,
+        versions=metadata.versions,
+        platform=metadata.platform,
+        inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.inputs],
+        outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.outputs],
     )
 
 
-def config(model: ModelSpec, idle_timeout: float) -> mc.ModelConfig:
+def config_message(config: ModelConfig) -> mc.ModelConfig:
     fp32 = mc.TYPE_FP32
     return mc.ModelConfig(
-        name=model.name,
-        platform=PLATFORM,
-        backend="onnxruntime",
+        name=config.name,
+        platform=config.platform,
+        backend=config.backend,
         max_batch_size=0,
         input=[
-            mc.ModelInput(name=INPUT_NAME, data_type=fp32, dims=[-1, -1, model.features]),
-            *(
-                mc.ModelInput(name=s.input, data_type=fp32, dims=[-1, s.size], optional=True)
-                for s in model.states
-            ),
+            mc.ModelInput(name=t.name, data_type=fp32, dims=t.dims, optional=t.optional)
+            for t in config.inputs
         ],
-        output=[
-            mc.ModelOutput(name=OUTPUT_NAME, data_type=fp32, dims=[-1, -1, model.outputs]),
-            *(
-                mc.ModelOutput(name=s.output, data_type=fp32, dims=[-1, s.size])
-                for s in model.states
-            ),
-        ],
+        output=[mc.ModelOutput(name=t.name, data_type=fp32, dims=t.dims) for t in config.outputs],
         sequence_batching=mc.ModelSequenceBatching(
-            max_sequence_idle_microseconds=int(idle_timeout * 1e6),
+            max_sequence_idle_microseconds=config.max_sequence_idle_microseconds,
             state=[
                 mc.ModelSequenceBatching.State(
-                    input_name=s.input, output_name=s.output, data_type=fp32, dims=[s.size]
+                    input_name=s.input_name,
+                    output_name=s.output_name,
+                    data_type=fp32,
+                    dims=s.dims,
                 )
-                for s in model.states
+                for s in config.states
             ],
         ),
     )
