@@ -26,7 +26,7 @@ from rnnserve.generated.inference import grpc_service_pb2_grpc as v2_rpc
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.models.contract import read_spec
-from rnnserve.models.runner import Runner
+from rnnserve.models.runner import OrtRunner
 
 ECHO = Path(__file__).resolve().parent.parent / "exported" / "echo" / "1"
 
@@ -34,7 +34,7 @@ ECHO = Path(__file__).resolve().parent.parent / "exported" / "echo" / "1"
 class EchoServicer(rpc.InferenceServicer):
     """Answers every message with a response of the size rnnserve would send."""
 
-    def __init__(self, runner: Runner | None, bound: bool) -> None:
+    def __init__(self, runner: OrtRunner | None, bound: bool) -> None:
         self.runner = runner
         self.bound = bound
 
@@ -72,7 +72,7 @@ class EchoV2Servicer(v2_rpc.GRPCInferenceServiceServicer):
     them): y [1, 1, 2] and each state [1, size], FP32; after one model run when a runner is
     given."""
 
-    def __init__(self, runner: Runner | None) -> None:
+    def __init__(self, runner: OrtRunner | None) -> None:
         self.bound = runner.bind(1, 1) if runner is not None else None
         self.runner = runner
         self.states = read_spec(ECHO).states
@@ -106,7 +106,7 @@ class EchoV2Servicer(v2_rpc.GRPCInferenceServiceServicer):
 async def main(port: int, model: str) -> None:
     runner = None
     if model:
-        runner = Runner(read_spec(ECHO), ECHO, "cpu", 1)
+        runner = OrtRunner(read_spec(ECHO), ECHO, "cpu", 1)
     server = grpc.aio.server()
     rpc.add_InferenceServicer_to_server(EchoServicer(runner, model == "bound"), server)
     v2_rpc.add_GRPCInferenceServiceServicer_to_server(EchoV2Servicer(runner), server)

@@ -224,9 +224,9 @@ async def _floor(load: str) -> Callable[[int], Awaitable[None]]:
     from bench.echo_server import ECHO, EchoServicer, EchoV2Servicer
     from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
     from rnnserve.models.contract import read_spec
-    from rnnserve.models.runner import Runner
+    from rnnserve.models.runner import OrtRunner
 
-    runner = Runner(read_spec(ECHO), ECHO, "cpu", 1)
+    runner = OrtRunner(read_spec(ECHO), ECHO, "cpu", 1)
     if load == "v2":
         return _v2_calls(EchoV2Servicer(runner))
     stream = EchoServicer(runner, bound=True)

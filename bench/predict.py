@@ -17,7 +17,7 @@ from rnnserve.doors.tensors import to_tensor
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.models.contract import read_spec
-from rnnserve.models.runner import Runner
+from rnnserve.models.runner import OrtRunner
 
 MODEL_DIR = ROOT / "exported" / "binary_add" / "1"
 SMALL_BATCH, CONCURRENT, SECONDS = 8, 32, 3.0
@@ -43,7 +43,7 @@ def median_seconds(fn, repeats: int = 7) -> float:
 
 
 def in_process(x: np.ndarray) -> float:
-    runner = Runner(read_spec(MODEL_DIR), MODEL_DIR, "cpu", 1)
+    runner = OrtRunner(read_spec(MODEL_DIR), MODEL_DIR, "cpu", 1)
     states = [np.zeros((len(x), s.size), np.float32) for s in runner.spec.states]
     return median_seconds(lambda: runner.run(x, states))
 

@@ -27,7 +27,7 @@ from rnnserve.doors.tensors import to_tensor
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2_grpc as rpc
 from rnnserve.models.contract import read_spec
-from rnnserve.models.runner import Runner
+from rnnserve.models.runner import OrtRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -206,9 +206,9 @@ def measure(
 
 
 def ort_ceiling(batch: int, seconds: float) -> float:
-    """Steps/s of bare Runner.run on batch rows, one timestep, in this process."""
+    """Steps/s of bare OrtRunner.run on batch rows, one timestep, in this process."""
     directory = ROOT / "exported" / "echo" / "1"
-    runner = Runner(read_spec(directory), directory, "cpu", 1)
+    runner = OrtRunner(read_spec(directory), directory, "cpu", 1)
     x = np.ones((batch, 1, 1), np.float32)
     states = [np.zeros((batch, s.size), np.float32) for s in runner.spec.states]
     runs, end = 0, time.perf_counter() + seconds

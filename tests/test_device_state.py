@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rnnserve.models.runner import Runner, providers_for
+from rnnserve.models.runner import OrtRunner, providers_for
 from rnnserve.state.device_state import DeviceStateStore
 from rnnserve.state.state_store import StateStore
 from tests.conftest import EXPORTED, running, spec
@@ -25,8 +25,8 @@ SLOTS = 6
 
 
 @pytest.fixture(scope="module")
-def runners() -> dict[str, Runner]:
-    return {name: Runner(spec(name), EXPORTED / name / "1", "cpu", 1) for name in MODELS}
+def runners() -> dict[str, OrtRunner]:
+    return {name: OrtRunner(spec(name), EXPORTED / name / "1", "cpu", 1) for name in MODELS}
 
 
 step = st.tuples(

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.client import Client, RnnServeError
-from rnnserve.models.runner import Buffers, Runner
+from rnnserve.models.runner import Buffers, OrtRunner
 from tests.conftest import EXPORTED, RunningServer, running
 from tests.test_lifecycle import wait_for
 
@@ -27,10 +27,10 @@ FAIL = 13.0
 STALL = 17.0
 
 
-def faulty_runner() -> type[Runner]:
-    """A Runner class with its own cues, so tests do not share them."""
+def faulty_runner() -> type[OrtRunner]:
+    """An OrtRunner class with its own cues, so tests do not share them."""
 
-    class FaultyRunner(Runner):
+    class FaultyRunner(OrtRunner):
         stalled = threading.Event()
         release = threading.Event()
         hold_loading: set[str] = set()

@@ -34,7 +34,9 @@ from rnnserve.engine.sources import StoreUnavailable
 from rnnserve.generated.inference import grpc_service_pb2_grpc
 from rnnserve.generated.rnnserve.internal.v1 import siblings_pb2_grpc
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
-from rnnserve.models.runner import Runner, providers_for
+from rnnserve.models.contract import ModelSpec
+from rnnserve.models.runner import OrtRunner, providers_for
+from rnnserve.models.runtime import Runner
 from rnnserve.ops.config import ServerConfig
 from rnnserve.ops.metrics import Metrics
 from rnnserve.ops.ports import PortUnavailable, can_listen, start_metrics
@@ -257,7 +259,7 @@ async def create_server(
     registry: CollectorRegistry | None = None,
     *,
     clock: Callable[[], float] = time.monotonic,
-    runner: type[Runner] = Runner,
+    runner: Callable[[ModelSpec, Path, str, int], Runner] = OrtRunner,
     worker: WorkerPlace | None = None,
 ) -> Server:
     """Listen on config's ports (0 picks free ones), then load the models: health and readiness

@@ -19,7 +19,8 @@ from rnnserve.errors import NotFound, Unavailable
 from rnnserve.models.checks import check_model
 from rnnserve.models.contract import MODEL_FILE, ModelSpec
 from rnnserve.models.repository import ModelVersion, scan
-from rnnserve.models.runner import Runner
+from rnnserve.models.runner import OrtRunner
+from rnnserve.models.runtime import Runner
 from rnnserve.ops.config import ServerConfig
 from rnnserve.ops.metrics import Metrics
 from rnnserve.state.device_state import DeviceStateStore
@@ -54,11 +55,13 @@ class ModelRegistry:
         config: ServerConfig,
         metrics: Metrics,
         executor: Executor,
-        runner: type[Runner] = Runner,
+        runner: Callable[[ModelSpec, Path, str, int], Runner] = OrtRunner,
     ) -> None:
         self.config = config
         self.runner = runner
-        """The class that runs a version; tests inject one that fails or stalls on cue."""
+        """What loads and runs a version (spec, directory, --device, intra-op threads): ONNX
+        Runtime's, or another runtime's `Runner`; tests inject one that fails or stalls on
+        cue."""
         self.metrics = metrics
         self.executor = executor
         self.run_slots = asyncio.Semaphore(config.batch_workers)
@@ -180,8 +183,15 @@ class ModelRegistry:
     def _store(self, spec: ModelSpec, runner: Runner) -> Slots:
         """--session-state: auto keeps state where the model runs (CUDA: on the device)."""
         placement = self.config.session_state
-        if placement == "device" or (placement == "auto" and runner.device_type == "cuda"):
+        if isinstance(runner, OrtRunner) and (
+            placement == "device" or (placement == "auto" and runner.device_type == "cuda")
+        ):
             return DeviceStateStore(spec, self.config.max_sessions, runner)
+        if placement == "device":
+            raise ValueError(
+                f"--session-state device binds ONNX Runtime values; {type(runner).__name__} "
+                "keeps its state on the host (--session-state host)"
+            )
         return StateStore(spec, self.config.max_sessions, runner)
 
     async def _unload(self, key: tuple[str, int]) -> None:

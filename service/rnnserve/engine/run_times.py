@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from rnnserve.models.runner import Runner
+from rnnserve.models.runtime import Runner
 
 SMOOTHING = 0.2
 """Weight of the newest run in its class's average: a few runs settle it, one outlier does not."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnserve.models.contract import GOLDEN_FILE, INPUT_NAME, OUTPUT_NAME
-from rnnserve.models.runner import Runner
+from rnnserve.models.runtime import Runner
 
 GOLDEN_TOLERANCE = 1e-5
 MAX_GOLDEN_BYTES = 16 * 1024 * 1024
@@ -44,8 +44,9 @@ def _static(dim: object) -> int | None:
 
 def _check_graph(runner: Runner) -> None:
     spec = runner.spec
-    inputs = {i.name: i for i in runner.session.get_inputs()}
-    outputs = {o.name: o for o in runner.session.get_outputs()}
+    graph_inputs, graph_outputs = runner.signature()
+    inputs = {i.name: i for i in graph_inputs}
+    outputs = {o.name: o for o in graph_outputs}
     expected_inputs = [INPUT_NAME, *runner.state_inputs]
     if sorted(inputs) != sorted(expected_inputs):
         raise ValueError(

@@ -46,7 +46,7 @@ from rnnserve.models.contract import (
     version_dir,
     write_version,
 )
-from rnnserve.models.runner import CPU, Runner, session_options
+from rnnserve.models.runner import CPU, OrtRunner, session_options
 
 NATIVE = {"LSTM": "lstm", "GRU": "gru", "RNN": "simple_rnn"}
 INITIAL_H, INITIAL_C = 5, 6
@@ -798,7 +798,7 @@ def _worst(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
 def _check_staged(directory: Path) -> None:
     """The server's own load checks, on the staged version."""
     try:
-        check_model(Runner(read_spec(directory), directory, "cpu", 1), directory)
+        check_model(OrtRunner(read_spec(directory), directory, "cpu", 1), directory)
     except ValueError as exc:
         raise ImportRefused(
             f"the wrapped graph fails the server's load checks: {_line(exc)}"

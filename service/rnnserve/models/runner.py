@@ -1,4 +1,5 @@
-"""ONNX Runtime session for one model version: x plus states in, y plus final states out."""
+"""The ONNX Runtime runner (`OrtRunner`): one model version's session, x plus states in, y plus
+final states out; it satisfies `runtime.Runner`."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 import numpy as np
 import onnxruntime as ort
 
 from rnnserve.models.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, ModelSpec
+from rnnserve.models.runtime import GraphTensor, HostBuffers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +51,8 @@ class Buffers:
 class Bound(Protocol):
     """What a bound run needs: Buffers here, DeviceBuffers with the state on the device."""
 
+    x: np.ndarray
+
     binding: ort.IOBinding
     uploads: list[tuple[ort.OrtValue, np.ndarray]]
 
@@ -63,7 +67,7 @@ def bind_host(
     """Bind a host array that is refilled before every run. On CPU it is bound as it is and
     read at each run. Elsewhere IOBinding copies a host input to the device once, when it is
     bound (on CUDA every step saw the first step's x), so the array gets a device value of its
-    own, refreshed from it before each run (`uploads`, done by Runner.run_bound)."""
+    own, refreshed from it before each run (`uploads`, done by OrtRunner.run_bound)."""
     if device == "cpu":
         binding.bind_cpu_input(name, array)
     else:
@@ -181,7 +185,7 @@ def _ops_off_gpu(path: Path) -> list[str]:
     return sorted({node.op_type for node in model.graph.node} & NO_CUDA_KERNEL)
 
 
-class Runner:
+class OrtRunner:
     def __init__(self, spec: ModelSpec, directory: Path, device: str, intra_op_threads: int):
         self.spec = spec
         self.session = ort.InferenceSession(
@@ -234,9 +238,17 @@ class Runner:
             )
         return buffers
 
-    def run_bound(self, buffers: Bound) -> None:
-        """One run from buffers.x and .states into buffers.y and .finals (numpy arrays, or
-        OrtValues in the provider's memory for device-resident state)."""
-        for value, array in buffers.uploads:
+    def run_bound(self, buffers: HostBuffers | Bound) -> None:
+        """One run from buffers.x and .states into buffers.y and .finals: this runner's own
+        `Buffers`, or `DeviceBuffers` bound to its session, with the state as OrtValues in the
+        provider's memory."""
+        bound = cast(Bound, buffers)
+        for value, array in bound.uploads:
             value.update_inplace(array)
-        self.session.run_with_iobinding(buffers.binding)
+        self.session.run_with_iobinding(bound.binding)
+
+    def signature(self) -> tuple[list[GraphTensor], list[GraphTensor]]:
+        def tensors(args: list[ort.NodeArg]) -> list[GraphTensor]:
+            return [GraphTensor(a.name, a.type, a.shape) for a in args]
+
+        return tensors(self.session.get_inputs()), tensors(self.session.get_outputs())

@@ -20,7 +20,7 @@ from rnnserve.models import slot_graphs as graphs
 from rnnserve.models.contract import INPUT_NAME, OUTPUT_NAME, ModelSpec
 from rnnserve.models.runner import (
     BOUND_MAX_STEPS,
-    Runner,
+    OrtRunner,
     ShapeCache,
     bind_uploaded,
     session_options,
@@ -44,12 +44,14 @@ class DeviceBuffers:
     states: list[ort.OrtValue]
     finals: list[ort.OrtValue]
     uploads: list[tuple[ort.OrtValue, np.ndarray]]
-    """x's device value: Runner.run_bound refreshes it."""
+    """x's device value: OrtRunner.run_bound refreshes it."""
 
 
 class DeviceStateStore(Slots):
-    def __init__(self, spec: ModelSpec, capacity: int, runner: Runner) -> None:
+    def __init__(self, spec: ModelSpec, capacity: int, runner: OrtRunner) -> None:
         super().__init__(spec, capacity, runner)
+        self.ort = runner
+        """The runner as ONNX Runtime's: the model's bindings are made on its session."""
         self.device = runner.device_type
         self.sizes = tuple(s.size for s in spec.states)
         self.tables = [
@@ -71,7 +73,7 @@ class DeviceStateStore(Slots):
     def _bind(self, rows: int, steps: int) -> DeviceBuffers:
         """x and slots go to the device through values of their own, even on CPU, so CI runs
         the very path a GPU does (bind_host)."""
-        spec, runner = self.spec, self.runner
+        spec, runner = self.spec, self.ort
         slots = np.zeros((rows, 1), np.int64)
         b = DeviceBuffers(
             runner.session.io_binding(),
@@ -120,7 +122,7 @@ class DeviceStateStore(Slots):
         b.slots[:, 0] = slots
         b.slots_value.update_inplace(b.slots)
         self._gather.run_with_iobinding(b.gather)
-        self.runner.run_bound(b)
+        self.ort.run_bound(b)
         return b.y, b, inline
 
     def commit(self, slots: SlotIndex, finals: DeviceBuffers, steps: int) -> None:

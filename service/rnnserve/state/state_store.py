@@ -20,7 +20,7 @@ import numpy as np
 
 from rnnserve.errors import ResourceExhausted
 from rnnserve.models.contract import ModelSpec
-from rnnserve.models.runner import Runner
+from rnnserve.models.runtime import Runner
 
 SlotIndex = list[int] | np.ndarray
 """Slot numbers: a list, or an int array (a stream's kept group, indexed without a Python loop)."""
