@@ -8,7 +8,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnnserve.state.session_lock import SessionLock, all_free, held, release_all, take_all
+from rnnserve.state.session_lock import HeldCount, SessionLock, all_free, release_all, take_all
 
 
 def run(coro):
@@ -17,7 +17,7 @@ def run(coro):
 
 def test_waiters_are_served_in_arrival_order() -> None:
     async def main() -> list[int]:
-        lock, order = SessionLock(), []
+        lock, order = SessionLock(HeldCount()), []
         await lock.acquire()
 
         async def waiter(i: int) -> None:
@@ -38,7 +38,7 @@ def test_waiters_are_served_in_arrival_order() -> None:
 
 def test_a_cancelled_waiter_never_holds_and_never_blocks() -> None:
     async def main() -> None:
-        lock = SessionLock()
+        lock = SessionLock(HeldCount())
         await lock.acquire()
         gone = asyncio.create_task(lock.acquire())
         later = asyncio.create_task(lock.acquire())
@@ -56,7 +56,7 @@ def test_a_cancelled_waiter_never_holds_and_never_blocks() -> None:
 
 def test_a_waiter_cancelled_as_it_is_granted_passes_the_lock_on() -> None:
     async def main() -> None:
-        lock = SessionLock()
+        lock = SessionLock(HeldCount())
         await lock.acquire()
         first = asyncio.create_task(lock.acquire())
         second = asyncio.create_task(lock.acquire())
@@ -73,7 +73,8 @@ def test_a_waiter_cancelled_as_it_is_granted_passes_the_lock_on() -> None:
 
 
 def test_take_all_takes_every_lock_or_none() -> None:
-    locks = [SessionLock() for _ in range(4)]
+    count = HeldCount()
+    locks = [SessionLock(count) for _ in range(4)]
     locks[2].take()
     assert not take_all(locks)
     assert [lock.locked() for lock in locks] == [False, False, True, False]
@@ -97,7 +98,8 @@ def test_holders_never_overlap(plans: list[tuple[set[int], int, bool]]) -> None:
     holders, every lock ends free, and nobody who was not cancelled is left waiting."""
 
     async def main() -> None:
-        locks = [SessionLock() for _ in range(6)]
+        count = HeldCount()
+        locks = [SessionLock(count) for _ in range(6)]
         holders: dict[int, int] = {}
 
         async def task(who: int, wanted: set[int], yields: int) -> None:
@@ -123,7 +125,7 @@ def test_holders_never_overlap(plans: list[tuple[set[int], int, bool]]) -> None:
                     holders.pop(i, None)
                 release_all(mine)
 
-        before = held()
+        before = count.held
         tasks = [
             asyncio.create_task(task(n, wanted, yields))
             for n, (wanted, yields, _) in enumerate(plans)
@@ -136,6 +138,20 @@ def test_holders_never_overlap(plans: list[tuple[set[int], int, bool]]) -> None:
         for result, (_, _, cancel) in zip(results, plans, strict=True):
             assert result is None or (cancel and isinstance(result, asyncio.CancelledError))
         assert not any(lock.locked() for lock in locks)
-        assert held() == before
+        assert count.held == before
 
     run(main())
+
+
+def test_each_session_table_counts_only_its_own_locks() -> None:
+    """Workers of one process (tests run two) each have their tables; a lock one of them holds
+    never enters another's count, which their threads would otherwise race on."""
+    mine, theirs = HeldCount(), HeldCount()
+    held = SessionLock(theirs)
+    assert held.take()
+    locks = [SessionLock(mine) for _ in range(3)]
+    assert mine.held == 0 and theirs.held == 1
+    assert take_all(locks) and mine.held == 3 and theirs.held == 1
+    release_all(locks)
+    held.release()
+    assert mine.held == 0 and theirs.held == 0

@@ -14,33 +14,37 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
-_held = 0
-"""How many SessionLocks of this process are held now. While none is, `all_free` answers
-without looking at its locks: a message of 1,000 sessions need not loop over them."""
 
+class HeldCount:
+    """How many locks of one session table are held now. While none is, `all_free` answers
+    without looking at its locks: a message of 1,000 sessions need not loop over them. One
+    per table, so per event loop: workers run in one process (as tests do) never share it."""
 
-def held() -> int:
-    return _held
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
 
 
 class SessionLock:
-    __slots__ = ("held", "_waiters")
+    __slots__ = ("held", "_waiters", "count")
 
-    def __init__(self) -> None:
+    def __init__(self, count: HeldCount) -> None:
         self.held = False
         """Free means no live waiter either: `release` hands the lock to the first one."""
         self._waiters: deque[asyncio.Future] | None = None
+        self.count = count
+        """Its table's; every lock a message takes at once shares it."""
 
     def locked(self) -> bool:
         return self.held
 
     def take(self) -> bool:
         """Acquire now if free; never waits."""
-        global _held
         if self.held:
             return False
         self.held = True
-        _held += 1
+        self.count.held += 1
         return True
 
     async def acquire(self) -> bool:
@@ -62,12 +66,11 @@ class SessionLock:
 
     def release(self) -> None:
         """Hand the lock to the first waiter still waiting, or free it."""
-        global _held
         if not self.held:
             raise RuntimeError("release of an unlocked SessionLock")
         if not self._hand_over():
             self.held = False
-            _held -= 1
+            self.count.held -= 1
 
     def _hand_over(self) -> bool:
         """Give the held lock to the first waiter still waiting; False if none is."""
@@ -86,10 +89,10 @@ class SessionLock:
 
 
 def all_free(locks: list[SessionLock]) -> bool:
-    """Whether no lock is held (free locks have no waiters). Work done with no await in
-    between needs only this: no one can take a lock before it ends. Plain loops: on CPython
-    3.11 they beat any(map(attrgetter(...))) about twofold."""
-    if not _held:
+    """Whether no lock is held (free locks have no waiters); the locks are of one table. Work
+    done with no await in between needs only this: no one can take a lock before it ends.
+    Plain loops: on CPython 3.11 they beat any(map(attrgetter(...))) about twofold."""
+    if not locks or not locks[0].count.held:
         return True
     for lock in locks:
         if lock.held:
@@ -98,22 +101,26 @@ def all_free(locks: list[SessionLock]) -> bool:
 
 
 def take_all(locks: list[SessionLock]) -> bool:
-    """Take every lock now, if every one is free (a loop turn with no await); else none."""
-    global _held
+    """Take every lock now, if every one is free (a loop turn with no await); else none. The
+    locks are of one table."""
     if not all_free(locks):
         return False
     for lock in locks:
         lock.held = True
-    _held += len(locks)
+    if locks:
+        locks[0].count.held += len(locks)
     return True
 
 
 def release_all(locks: list[SessionLock]) -> None:
-    global _held
-    _held -= len(locks)
+    """Release locks of one table, each to its first waiter if it has one."""
+    if not locks:
+        return
+    count = locks[0].count
+    count.held -= len(locks)
     for lock in locks:
         if lock._waiters and lock._hand_over():
-            _held += 1  # held on, by the waiter it woke
+            count.held += 1  # held on, by the waiter it woke
         else:
             lock.held = False
 

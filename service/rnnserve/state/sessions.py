@@ -12,7 +12,7 @@ import secrets
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -26,7 +26,7 @@ from rnnserve.errors import (
 )
 from rnnserve.ops.metrics import Metrics
 from rnnserve.state.claims import Claims
-from rnnserve.state.session_lock import SessionLock
+from rnnserve.state.session_lock import HeldCount, SessionLock
 
 if TYPE_CHECKING:  # the engine builds models; sessions only hold them
     from rnnserve.engine.registry import LoadedModel
@@ -54,9 +54,9 @@ class Session:
     id: str
     model: LoadedModel
     slot: int
-    owner: str = ""
+    owner: str
     """The client that opened it (its name from --auth-tokens-file; "" without auth)."""
-    lock: SessionLock = field(default_factory=SessionLock)
+    lock: SessionLock
 
     @property
     def steps(self) -> int:
@@ -108,6 +108,8 @@ class SessionTable:
         self._owned: dict[str, dict[str, Session]] = {}
         """Live sessions by owner, then id: a message's sessions are looked up in its caller's
         own table, so each is found and proved the caller's in one lookup."""
+        self.locks_held = HeldCount()
+        """How many of its sessions' locks are held now (`session_lock.all_free`)."""
         self.removals = 0
         """Counts sessions leaving the table: unchanged across an await, none of a message's
         sessions ended meanwhile."""
@@ -213,7 +215,7 @@ class SessionTable:
             except BaseException:  # states that do not fit: the slot goes back, not astray
                 model.store.release(slot)
                 raise
-        session = Session(session_id, model, slot, owner)
+        session = Session(session_id, model, slot, owner, SessionLock(self.locks_held))
         session.last_used = self.clock() - idle_seconds
         session.steps = steps
         self._live[(owner, session.id)] = session
