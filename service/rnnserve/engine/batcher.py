@@ -135,7 +135,7 @@ class Batcher:
         work = Work(x, self._loop.create_future(), self._loop.time(), slots=slots, states=states)
         if self._alone(work.rows * x.shape[1]):
             self._run_inline([work])
-            return cast(Result, work.future.result())
+            return work.future.result()
         self._pending.append(work)
         self._pending_rows += work.rows
         self._schedule()

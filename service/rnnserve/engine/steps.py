@@ -4,8 +4,9 @@ Stream message, or a v2 sequence request.
 1. **Rows.** The message's rows are resolved to sessions (`StepRows`): at once for the common
    message (`SessionGroup`: every row a distinct live session of the caller's, one model,
    finite x), row by row otherwise, which says what is wrong with which row.
-2. **Admission.** The plan (`StepPlan`) reserves the message's memory; the sessions' locks keep
-   each session's steps in order. Both are taken at once when free and awaited otherwise.
+2. **Admission.** The plan (`StepPlan`: timesteps per run and a `Reservation`) reserves the
+   message's memory; the sessions' locks keep each session's steps in order. Both are taken
+   at once when free and awaited otherwise.
 3. **Submission.** Each model's rows go to its batcher's one entry (`Batcher.submit`), which
    runs them at once on the event loop, or queues them for a batch on the loop or in a thread.
 4. **Commit.** The batcher writes the final states and step counts into the slots; the pipeline
@@ -211,13 +212,10 @@ class StepMemo:
         self.group: SessionGroup | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class StepPlan:
-    span: int
-    """Timesteps per run: a long message runs in spans, the state carried between them, which
-    is exact."""
-    reserve: Reservation
-    """The whole message's memory: its messages plus one span's run."""
+StepPlan = tuple[int, Reservation]
+"""Timesteps per run (a long message runs in spans, the state carried between them, which is
+exact), and the whole message's memory: its messages plus one span's run. A tuple: one is made
+per step."""
 
 
 class StepPipeline:
@@ -324,14 +322,12 @@ class StepPipeline:
         )
         span = min(k, max(1, (self._budget.chunk - cost.per_row) // cost.per_step))
         total = MESSAGE_COPIES * answer + 2 * x.nbytes + cost.run(1, span)
-        return StepPlan(
-            span,
-            self._budget.reserve(
-                total,
-                f"a step of {rows} sessions x {k} timesteps",
-                "send fewer sessions or timesteps per message",
-            ),
+        reserve = self._budget.reserve(
+            total,
+            f"a step of {rows} sessions x {k} timesteps",
+            "send fewer sessions or timesteps per message",
         )
+        return span, reserve
 
     async def advance(
         self, rows: StepRows, x: np.ndarray, plan: StepPlan | None = None
@@ -344,13 +340,12 @@ class StepPipeline:
         (what that saves: docs/benchmarks.md)."""
         if not rows.runs:  # every row failed
             return self._commit(rows, np.full((*x.shape[:2], 0), np.nan, np.float32))
-        if plan is None:
-            plan = self.plan(rows.runs[0].model, x, rows.cost)
-        reserve = plan.reserve
-        if plan.span >= x.shape[1] and self._budget.fits(reserve.nbytes) and all_free(rows.locks):
-            rows = self._still_live(rows)
+        span, reserve = self.plan(rows.runs[0].model, x, rows.cost) if plan is None else plan
+        if span >= x.shape[1] and self._budget.fits(reserve.nbytes) and all_free(rows.locks):
+            if rows.removals != self._sessions.removals:
+                rows = self._still_live(rows)
             results = self._submit(rows, x)
-            if any(isinstance(r, Work) for r in results):
+            if Work in map(type, results):
                 self._budget.hold(reserve.nbytes)
                 take_all(rows.locks)
                 try:
@@ -361,12 +356,11 @@ class StepPipeline:
             y, rows = _joined(rows, x, results)
             return self._commit(rows, y)
         async with reserve, Holding(rows.sessions, rows.locks):
-            rows = self._still_live(rows)
+            if rows.removals != self._sessions.removals:
+                rows = self._still_live(rows)
             parts = []
-            for t in range(0, x.shape[1], plan.span):
-                part = (
-                    x if plan.span >= x.shape[1] else np.ascontiguousarray(x[:, t : t + plan.span])
-                )
+            for t in range(0, x.shape[1], span):
+                part = x if span >= x.shape[1] else np.ascontiguousarray(x[:, t : t + span])
                 results = self._submit(rows, part)
                 await _outcomes(rows, results)
                 y, rows = _joined(rows, part, results)
@@ -375,9 +369,7 @@ class StepPipeline:
 
     def _still_live(self, rows: StepRows) -> StepRows:
         """The rows without those whose session ended (closed, evicted or moved away) since
-        they were resolved; the same rows when none can have."""
-        if rows.removals == self._sessions.removals:
-            return rows
+        they were resolved (the table's `removals` moved meanwhile)."""
         ended = {
             r: FailedPrecondition(f"session {s.id} ended before this step ran")
             for r, s in enumerate(rows.sessions)
