@@ -68,11 +68,12 @@ ENV PATH=/opt/rnnserve/bin:$PATH \
     RNNSERVE_HOST=0.0.0.0 \
     RNNSERVE_GRPC_PORT=8500 \
     RNNSERVE_METRICS_PORT=8000 \
+    RNNSERVE_HTTP_PORT=8080 \
     RNNSERVE_DEVICE=auto \
     RNNSERVE_SHUTDOWN_GRACE=7
 USER 10001:10001
 WORKDIR /home/rnnserve
-EXPOSE 8500 8000
+EXPOSE 8500 8080 8000
 # `rnnserve health` reads the server's own RNNSERVE_GRPC_PORT and TLS settings.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["rnnserve", "health"]

@@ -35,15 +35,18 @@ proto: $(STAMP)
 	$(INSTALL) --no-deps -e .
 
 # Every flag also comes from its RNNSERVE_* variable (e.g. RNNSERVE_REPOSITORY=… make serve).
+# The KServe v2 HTTP door on 8080 as in the container (RNNSERVE_HTTP_PORT=-1 turns it off).
 serve: install
-	$(VENV)/bin/rnnserve serve
+	RNNSERVE_HTTP_PORT=$${RNNSERVE_HTTP_PORT:-8080} $(VENV)/bin/rnnserve serve
 
 # tritonclient (the KServe v2 tests' client) declares protobuf<7, but its generated code runs on
 # our protobuf 7 (tests/test_kserve.py proves it), so here it goes in without its pins. Users who
 # want it beside rnnserve: see the README (one pip command; pip then picks protobuf 6).
+# geventhttpclient is what tritonclient.http needs (tests/test_http.py).
 $(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) $(STAMP)
 	$(INSTALL) -e '.[$(ORT),training,test,docs]'
 	$(INSTALL) --no-deps tritonclient python-rapidjson
+	$(INSTALL) geventhttpclient
 	touch $@
 
 # checkov, which tests/test_deploy.py runs on deploy/kubernetes, in a virtual environment of

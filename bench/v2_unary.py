@@ -1,6 +1,7 @@
-"""The KServe v2 door's per-call cost: tritonclient's unary `infer` with a sequence_id, one call
+"""The KServe v2 doors' per-call cost: tritonclient's unary `infer` with a sequence_id, one call
 in flight per client, against the bare v2 echo and the echo plus one model run
-(bench/echo_server.py), side by side in interleaved rounds (medians).
+(bench/echo_server.py), side by side in interleaved rounds (medians); the same calls over the
+HTTP/REST door (tritonclient.http, binary tensors) in a server of their own.
 
     python -m bench.v2_unary [--clients 1 8] [--rounds 3] [--seconds 2]
 
@@ -16,23 +17,28 @@ import time
 
 import numpy as np
 
+from bench.cluster import free_port
 from bench.streaming import ServerProcess, machine, save
 
+HTTP_PORT = free_port()
 SERVERS = {
     "bare v2 echo": ((), True),
     "v2 echo + one ORT run": (("--model", "bound"), True),
     "rnnserve": ((), False),
+    "rnnserve, HTTP": (("--http-port", str(HTTP_PORT)), False),
 }
 
 
-def drive(server: ServerProcess, clients: int, seconds: float) -> dict[str, float]:
+def drive(server: ServerProcess, clients: int, seconds: float, http: bool) -> dict[str, float]:
     import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
 
+    module = httpclient if http else grpcclient
     calls, stop, ready = [0] * clients, threading.Event(), threading.Barrier(clients + 1)
 
     def one(index: int) -> None:
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.port}")
-        x = grpcclient.InferInput("x", [1, 1, 1], "FP32")
+        client = module.InferenceServerClient(f"127.0.0.1:{HTTP_PORT if http else server.port}")
+        x = module.InferInput("x", [1, 1, 1], "FP32")
         x.set_data_from_numpy(np.ones((1, 1, 1), np.float32))
         sequence = 1000 + index
         client.infer("echo", [x], sequence_id=sequence, sequence_start=True)
@@ -69,7 +75,7 @@ def main() -> None:
             for clients in args.clients:
                 for label, server in servers.items():
                     runs.setdefault((label, clients), []).append(
-                        drive(server, clients, args.seconds)
+                        drive(server, clients, args.seconds, http=label.endswith("HTTP"))
                     )
     finally:
         for server in servers.values():

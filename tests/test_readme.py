@@ -31,7 +31,7 @@ from tests.conftest import ROOT
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"<!-- readme-test: (.*?) -->")
-PORTS = (8500, 8000)  # what `make serve` binds by default, as the examples assume
+PORTS = (8500, 8080, 8000)  # what `make serve` binds by default, as the examples assume
 
 
 @dataclass(frozen=True)

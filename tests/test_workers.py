@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.cluster import ServerProcess
+from bench.cluster import ServerProcess, free_port
 from rnnserve.client import Client, RnnServeError, new_session_id
 from rnnserve.generated.rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
 from rnnserve.ops.config import ServerConfig
@@ -129,6 +129,42 @@ def test_v2_sequences_continue_across_workers(workers: Workers) -> None:
     with fresh(workers) as client:
         whole = client.predict("forecast", x).y
     assert np.max(np.abs(np.concatenate(outputs, axis=1) - whole)) <= 1e-5
+
+
+def test_http_sequences_continue_across_workers_and_doors(tmp_path: Path) -> None:
+    """--http-port is shared by the workers as the gRPC port is: each step of one sequence
+    comes on a new connection, over HTTP or gRPC, and lands on whichever worker the kernel
+    picks; the outputs are the whole sequence's."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    http_port = free_port()
+    server = Workers(tmp_path / "log", "--http-port", str(http_port))
+    try:
+        x = np.random.default_rng(5).uniform(320, 370, (1, 12, 1)).astype(np.float32)
+        outputs = []
+        for t in range(x.shape[1]):
+            module = grpcclient if t % 4 == 3 else httpclient
+            triton = module.InferenceServerClient(
+                server.address if module is grpcclient else f"127.0.0.1:{http_port}"
+            )
+            tensor = module.InferInput("x", [1, 1, 1], "FP32")
+            tensor.set_data_from_numpy(x[:, t : t + 1])
+            outputs.append(
+                triton.infer(
+                    "forecast",
+                    [tensor],
+                    sequence_id="moving-http-seq",
+                    sequence_start=t == 0,
+                    sequence_end=t == x.shape[1] - 1,
+                ).as_numpy("y")
+            )
+            triton.close()
+        with fresh(server) as client:
+            whole = client.predict("forecast", x).y
+        assert np.max(np.abs(np.concatenate(outputs, axis=1) - whole)) <= 1e-5
+        assert sum("HTTP on :" in m for m in server.messages()) == WORKERS
+    finally:
+        server.stop()
 
 
 def test_metrics_are_one_sum_over_the_workers(workers: Workers) -> None:

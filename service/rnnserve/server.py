@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,10 @@ from rnnserve.cluster.siblings import SIBLING_KEY_HEADER, Siblings, SiblingsServ
 from rnnserve.doors.admission import Admission, read_slots, reader
 from rnnserve.doors.auth import OPEN_PREFIXES, BearerTokenInterceptor, SharedKeyInterceptor
 from rnnserve.doors.decoding import TolerantServer
+from rnnserve.doors.http import HttpDoor
 from rnnserve.doors.identity import Identities
 from rnnserve.doors.kserve import KServeServicer
+from rnnserve.doors.kserve_dataplane import DataPlane
 from rnnserve.doors.native import InferenceServicer
 from rnnserve.doors.streams import OpenStreams
 from rnnserve.engine.engine import Engine
@@ -75,6 +78,9 @@ class Server:
     streams: OpenStreams
     internal: grpc.aio.Server | None = None
     """A worker's unix-socket server for its siblings' session lookups."""
+    http: HttpDoor | None = None
+    """The KServe v2 HTTP/REST door, with --http-port."""
+    http_port: int | None = None
     stopping: bool = False
 
     synced: bool = False
@@ -163,7 +169,10 @@ class Server:
                 )
                 self.engine.metrics.lost.labels("drain").inc(lost)
         self.streams.end_idle()  # streams opened while the handoff ran
-        await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
+        await asyncio.gather(
+            self.grpc_server.stop(max(0.0, deadline - time.monotonic())),
+            *([self.http.stop()] if self.http is not None else []),
+        )
         if self.internal is not None:
             await self.internal.stop(0)
         for task in self.tasks:
@@ -242,6 +251,21 @@ def _bind_grpc(server: grpc.aio.Server, config: ServerConfig, shared: bool) -> i
     return port
 
 
+async def _start_http(door: HttpDoor, config: ServerConfig, shared: bool) -> int:
+    """The HTTP door listening on --http-port (shared: a worker joining its siblings)."""
+    tls = None
+    if config.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(config.tls_cert, config.tls_key)
+    try:
+        return await door.start(config.host, config.http_port, shared, tls)
+    except OSError as exc:
+        raise PortUnavailable(
+            f"--http-port {config.http_port}: cannot listen on {config.host}:"
+            f"{config.http_port} ({exc.strerror or exc}); -1 disables the HTTP door"
+        ) from None
+
+
 async def _start_internal(engine: Engine, worker: WorkerPlace) -> grpc.aio.Server:
     internal = grpc.aio.server(
         interceptors=[SharedKeyInterceptor(SIBLING_KEY_HEADER, worker.sibling_key)]
@@ -310,15 +334,16 @@ async def create_server(
         else None
     )
     streams = OpenStreams()
+    admission = Admission(
+        config.max_concurrent_rpcs,
+        OPEN_METHODS,
+        read_slots(config),
+        config.read_timeout,
+        reader(identities),
+    )
     interceptors = [
         *([BearerTokenInterceptor(identities)] if identities.enabled else []),
-        Admission(
-            config.max_concurrent_rpcs,
-            OPEN_METHODS,
-            read_slots(config),
-            config.read_timeout,
-            reader(identities),
-        ),
+        admission,
     ]
     limits = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -356,6 +381,18 @@ async def create_server(
     )
     port = _bind_grpc(server, config, shared=False) if worker is None else config.grpc_port
     http = start_metrics(config, metrics.registry)
+    rest = (
+        HttpDoor(
+            DataPlane(engine),
+            metrics,
+            identities,
+            admission,
+            config.max_message_bytes,
+            config.shutdown_grace,
+        )
+        if config.http_port >= 0
+        else None
+    )
     if worker is None:
         await server.start()
     started = Server(
@@ -369,8 +406,11 @@ async def create_server(
         tasks=[],
         streams=streams,
         internal=internal,
+        http=rest,
     )
     try:
+        if rest is not None and worker is None:
+            started.http_port = await _start_http(rest, config, shared=False)
         await started.sync_models()
         if not engine.ready:
             raise RuntimeError(f"no loadable model in {config.repository} (--repository)")
@@ -380,6 +420,12 @@ async def create_server(
     if worker is not None:  # gRPC listens as it binds: not before the models are loaded
         _bind_grpc(server, config, shared=True)
         await server.start()
+        if rest is not None:
+            try:
+                started.http_port = await _start_http(rest, config, shared=True)
+            except BaseException:
+                await started.stop()
+                raise
 
     async def sweep() -> None:
         engine.evict_idle()
@@ -404,7 +450,7 @@ async def create_server(
             _every(config.session_idle_timeout / 3, engine.refresh_claims, "session records"),
             "session records",
         )
-    metrics_at = (
+    metrics_at = (f"; HTTP on :{started.http_port}" if started.http_port is not None else "") + (
         f"; metrics on :{started.metrics_port}"
         if http is not None
         else "; metrics disabled"

@@ -28,6 +28,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sqlite3
 import tempfile
 import time
@@ -179,24 +180,33 @@ class Supervisor:
         metrics_dir.mkdir()
         claims.create(self.run_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before the workers start
+        held: list[socket.socket] = []
         try:
-            held = hold_port(self.config)
-            port = held.getsockname()[1]
+            held.append(hold_port(self.config.host, self.config.grpc_port, "--grpc-port"))
+            port = held[0].getsockname()[1]
+            http_port = self.config.http_port
+            if http_port >= 0:  # the workers share it as they share the gRPC port
+                held.append(hold_port(self.config.host, http_port, "--http-port"))
+                http_port = held[1].getsockname()[1]
             worker_config = dataclasses.replace(
                 self.config,
                 grpc_port=port,
+                http_port=http_port,
                 metrics_port=-1,
                 memory_budget=max(1, self.config.memory_budget // self.count),
             )
             http = start_metrics(self.config, self._registry())
         except OSError as exc:
             log.error("cannot serve: %s", exc)
+            for sock in held:
+                sock.close()
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return 2
         try:
             return self._supervise(worker_config, port, http)
         finally:
-            held.close()
+            for sock in held:
+                sock.close()
             if http is not None:
                 http.shutdown()
                 http.server_close()

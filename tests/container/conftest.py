@@ -88,12 +88,13 @@ class Container:
         self, image: str, *flags: str, env: dict[str, str] | None = None, workers: int = 2
     ) -> None:
         self.name = f"rnnserve-test-{uuid.uuid4().hex[:8]}"
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         settings = {
             "RNNSERVE_HOST": "127.0.0.1",
             "RNNSERVE_GRPC_PORT": str(self.port),
             "RNNSERVE_METRICS_PORT": str(self.metrics_port),
+            "RNNSERVE_HTTP_PORT": str(self.http_port),
             "RNNSERVE_WORKERS": str(workers),
             **(env or {}),
         }

@@ -5,10 +5,12 @@ line (make test-container)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -79,6 +81,21 @@ def test_plain_docker_run_serves_with_every_worker_and_stops_cleanly(
             stream.open("binary_add")
             streamed = np.concatenate([stream.step(xs[row, :7]), stream.step(xs[row, 7:])])
         np.testing.assert_array_equal(streamed, whole[row])
+
+    # The image opens the KServe v2 HTTP door too (here on a moved port): the same answer.
+    body = {
+        "inputs": [
+            {"name": "x", "shape": [1, 24, 2], "datatype": "FP32", "data": xs[0].ravel().tolist()}
+        ]
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}/v2/models/binary_add/infer",
+        data=json.dumps(body).encode(),
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        y = json.loads(reply.read())["outputs"][0]
+    np.testing.assert_array_equal(np.asarray(y["data"], np.float32).reshape(y["shape"]), whole[:1])
 
     # The engine's own HEALTHCHECK, on the moved port; the liveness entry for Kubernetes.
     assert server.port != 8500

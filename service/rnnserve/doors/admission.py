@@ -92,7 +92,8 @@ class Admission(grpc.aio.ServerInterceptor):
             known = self._wrapped[id(handler)] = (handler, wrapped)
         return known[1]
 
-    def _enter(self) -> None:
+    def enter(self) -> None:
+        """Count one more call open, or refuse it: the HTTP door's calls count here too."""
         if self.open >= self.capacity:
             raise ResourceExhausted(
                 f"the server has {self.capacity} calls open, its limit "
@@ -100,6 +101,9 @@ class Admission(grpc.aio.ServerInterceptor):
                 retry_after=RETRY_AFTER,
             )
         self.open += 1
+
+    def leave(self) -> None:
+        self.open -= 1
 
     async def _read(self, context: grpc.aio.ServicerContext) -> Any:
         client = self.client(context)
@@ -152,19 +156,19 @@ class Admission(grpc.aio.ServerInterceptor):
             """Admit the call and give the behaviour's request: read here for a unary one."""
             try:
                 if counted:
-                    admission._enter()
+                    admission.enter()
                 try:
                     return await read(context) if unary_request else request
                 except BaseException:
                     if counted:
-                        admission.open -= 1
+                        admission.leave()
                     raise
             except ServingError as error:
                 await abort(context, error)
 
         def leave() -> None:
             if counted:
-                admission.open -= 1
+                admission.leave()
 
         if inspect.isasyncgenfunction(inner):
 

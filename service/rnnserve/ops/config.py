@@ -27,6 +27,13 @@ class ServerConfig:
         "process may use: affinity and cgroup CPU quota)",
     )
     grpc_port: int = _opt(8500, "gRPC port (0 picks a free one)", minimum=0, maximum=65535)
+    http_port: int = _opt(
+        -1,
+        "KServe v2 HTTP/REST port, beside gRPC (0 picks a free one; -1, the default, "
+        "disables it: a second listener is opened on purpose; the container opens 8080)",
+        minimum=-1,
+        maximum=65535,
+    )
     metrics_port: int = _opt(
         8000,
         "Prometheus /metrics port (0 picks a free one, -1 disables)",

@@ -49,17 +49,14 @@ class PortUnavailable(OSError):
     """A port flag names a port this process cannot listen on; the message names the flag."""
 
 
-def hold_port(config: ServerConfig) -> socket.socket:
-    """Check the gRPC port is free, then join it to the workers' SO_REUSEPORT group with a
-    socket that never listens: a second server's check fails from now on, and port 0 becomes
-    a concrete port for every worker."""
-    if config.grpc_port and not can_listen(config.host, config.grpc_port):
-        raise PortUnavailable(
-            f"--grpc-port {config.grpc_port}: {config.host}:"
-            f"{config.grpc_port} is in use (another server?)"
-        )
+def hold_port(host: str, port: int, flag: str) -> socket.socket:
+    """Check a port the workers share (--grpc-port, --http-port) is free, then join it to
+    their SO_REUSEPORT group with a socket that never listens: a second server's check fails
+    from now on, and port 0 becomes a concrete port for every worker."""
+    if port and not can_listen(host, port):
+        raise PortUnavailable(f"{flag} {port}: {host}:{port} is in use (another server?)")
     family, kind, proto, _, address = socket.getaddrinfo(
-        config.host, config.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     held = socket.socket(family, kind, proto)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
