@@ -150,8 +150,9 @@ def _module(path: str, flat: str) -> Any:
         return importlib.import_module(f"rnnserve.{flat}")
 
 
-async def _rnnserve(load: str) -> Callable[[int], Awaitable[None]]:
-    """`messages` messages through the servicers' own methods."""
+async def _rnnserve(load: str, tracing: Any = None) -> Callable[[int], Awaitable[None]]:
+    """`messages` messages through the servicers' own methods (`tracing`: this tree's Tracing,
+    for bench/tracing.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from prometheus_client import CollectorRegistry
@@ -178,7 +179,7 @@ async def _rnnserve(load: str) -> Callable[[int], Awaitable[None]]:
         metrics_port=-1,
         inline_run_us=10**9,
     )
-    metrics = Metrics(CollectorRegistry())
+    metrics = Metrics(CollectorRegistry(), tracing) if tracing else Metrics(CollectorRegistry())
     registry = ModelRegistry(config, metrics, ThreadPoolExecutor(2))
     await registry.sync()
     engine = Engine(

@@ -90,9 +90,14 @@ def make_config(**overrides) -> ServerConfig:
 
 
 @contextmanager
-def running(clock=None, runner=None, **overrides) -> Iterator[RunningServer]:
-    """A server of its own; `clock` and `runner` replace the real ones (see create_server)."""
-    inject = {k: v for k, v in (("clock", clock), ("runner", runner)) if v is not None}
+def running(clock=None, runner=None, tracing=None, **overrides) -> Iterator[RunningServer]:
+    """A server of its own; `clock`, `runner` and `tracing` replace the real ones (see
+    create_server)."""
+    inject = {
+        k: v
+        for k, v in (("clock", clock), ("runner", runner), ("tracing", tracing))
+        if v is not None
+    }
     server = RunningServer(make_config(**overrides), **inject)
     try:
         yield server

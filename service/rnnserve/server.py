@@ -43,6 +43,7 @@ from rnnserve.models.runtime import Runner
 from rnnserve.ops.config import ServerConfig
 from rnnserve.ops.metrics import Metrics
 from rnnserve.ops.ports import PortUnavailable, can_listen, start_metrics
+from rnnserve.ops.tracing import SERVICE_NAME, Tracing
 from rnnserve.state.claims import Claims
 from rnnserve.state.memory import MemoryBudget, return_freed_memory
 from rnnserve.state.sessions import SessionTable
@@ -178,6 +179,7 @@ class Server:
         for task in self.tasks:
             task.cancel()
         await self.engine.shutdown()
+        await asyncio.to_thread(self.engine.metrics.tracing.shutdown)  # spans still buffered
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
@@ -251,6 +253,28 @@ def _bind_grpc(server: grpc.aio.Server, config: ServerConfig, shared: bool) -> i
     return port
 
 
+def _tracing(config: ServerConfig) -> Tracing:
+    """--otlp-endpoint: spans through a batch processor to that OTLP/gRPC collector (http://
+    for plaintext), a --trace-ratio of the traces begun here sampled, a caller's decision
+    followed. The SDK is imported only then."""
+    if not config.otlp_endpoint:
+        return Tracing()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": SERVICE_NAME}),
+        sampler=ParentBased(TraceIdRatioBased(config.trace_ratio)),
+    )
+    endpoint = config.otlp_endpoint
+    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return Tracing(provider)
+
+
 async def _start_http(door: HttpDoor, config: ServerConfig, shared: bool) -> int:
     """The HTTP door listening on --http-port (shared: a worker joining its siblings)."""
     tls = None
@@ -284,11 +308,13 @@ async def create_server(
     *,
     clock: Callable[[], float] = time.monotonic,
     runner: Callable[[ModelSpec, Path, str, int], Runner] = OrtRunner,
+    tracing: Tracing | None = None,
     worker: WorkerPlace | None = None,
 ) -> Server:
     """Listen on config's ports (0 picks free ones), then load the models: health and readiness
     say NOT_SERVING until the first version is loaded, so probes see the load happen. `clock`
-    (idle time) and `runner` (model runs) are what tests replace to control time and faults.
+    (idle time) and `runner` (model runs) are what tests replace to control time and faults;
+    `tracing` replaces the spans' way out (--otlp-endpoint's).
 
     A `worker` of a supervised server shares the port with its siblings and listens only once
     its models are loaded (the kernel then never hands it a connection it cannot serve); it
@@ -296,7 +322,7 @@ async def create_server(
     return_freed_memory()
     identities = Identities.load(config.auth_token, config.auth_tokens_file)  # before slow work
     providers_for(config.device)  # --device cuda without a working CUDA provider stops here
-    metrics = Metrics(registry or CollectorRegistry())
+    metrics = Metrics(registry or CollectorRegistry(), tracing or _tracing(config))
     executor = ThreadPoolExecutor(max_workers=config.batch_workers + 1, thread_name_prefix="ort")
     models = ModelRegistry(config, metrics, executor, runner)
     claims = (

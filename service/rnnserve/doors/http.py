@@ -158,6 +158,8 @@ class HttpDoor:
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             entered = False
+            tracing = self.metrics.tracing
+            caller = tracing.incoming(request.headers.items()) if tracing.on else None
             try:
                 client = (
                     self.identities.client(
@@ -178,6 +180,8 @@ class HttpDoor:
             finally:
                 if entered:
                     self.admission.leave()
+                if caller is not None:
+                    tracing.leave(caller)
 
         return handle
 

@@ -31,6 +31,8 @@ def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
 
     @functools.wraps(method)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        tracing = self.metrics.tracing
+        caller = tracing.incoming(context.invocation_metadata()) if tracing.on else None
         try:
             client = self.identities.client(context.invocation_metadata())
             with self.metrics.track(method.__name__, client) as call:
@@ -39,6 +41,9 @@ def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
             await abort(context, exc)
         except Exception:
             await abort(context, internal_error(method.__name__))
+        finally:
+            if caller is not None:
+                tracing.leave(caller)
 
     return handler
 
@@ -63,11 +68,14 @@ async def stream_replies(
 ) -> AsyncIterator[Any]:
     """A bidirectional stream for both front doors: the caller's identity once, then one
     `answer(request, client)` per message. Once the server drains, the stream ends with
-    UNAVAILABLE: at once if it was waiting for a message, after its current one otherwise."""
+    UNAVAILABLE: at once if it was waiting for a message, after its current one otherwise.
+    With tracing on, each message's span is a child of the stream's caller's trace."""
     try:
         client = identities.client(context.invocation_metadata())
     except ServingError as exc:
         await abort(context, exc)
+    tracing = engine.metrics.tracing
+    caller = tracing.incoming(context.invocation_metadata()) if tracing.on else None
     try:
         async for request in streams.requests(requests):
             await abort_unless_open(engine.check_open, context)
@@ -75,4 +83,7 @@ async def stream_replies(
     except asyncio.CancelledError:
         if not engine.draining:
             raise
+    finally:
+        if caller is not None:
+            tracing.leave(caller)
     await abort_unless_open(engine.check_open, context)

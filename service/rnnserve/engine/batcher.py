@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -66,6 +66,8 @@ class Work:
     states: list[np.ndarray] | None = None
     run: asyncio.Future | None = field(default=None, repr=False)
     """Set while the work's batch runs in a thread, which may still write its state slots."""
+    trace: Any = field(default=None, repr=False)
+    """Its caller's trace context, with tracing on: its queue and run spans go there."""
 
     @property
     def rows(self) -> int:
@@ -116,6 +118,8 @@ class Batcher:
         self._compute = metrics.compute.labels(*labels)
         self._batch_size = metrics.batch_size.labels(*labels)
         self._timesteps = metrics.timesteps.labels(*labels)
+        self._labels = labels
+        self._tracing = metrics.tracing
 
     def submit(
         self,
@@ -133,6 +137,8 @@ class Batcher:
                 "this model version is unloading; retry on the latest version", retry_after=0.0
             )
         work = Work(x, self._loop.create_future(), self._loop.time(), slots=slots, states=states)
+        if self._tracing.on:
+            work.trace = self._tracing.context()
         if self._alone(work.rows * x.shape[1]):
             self._run_inline([work])
             return work.future.result()
@@ -312,6 +318,24 @@ class Batcher:
         self._compute.observe(self._loop.time() - started)
         self._batch_size.observe(rows)
         self._timesteps.inc(rows * group[0].x.shape[1])
+        if self._tracing.on:
+            self._traced(group, started, rows)
+
+    def _traced(self, group: list[Work], started: float, rows: int) -> None:
+        """Each traced work's wait in the queue and its share of the run (the whole run's
+        times, with the batch it ran in)."""
+        now = self._loop.time()
+        run = {
+            "rnnserve.model": self._labels[0],
+            "rnnserve.version": self._labels[1],
+            "rnnserve.batch_rows": rows,
+            "rnnserve.timesteps": group[0].x.shape[1],
+            "rnnserve.thread": group[0].run is not None,
+        }
+        for work in group:
+            if work.trace is not None:
+                self._tracing.record("batch queue", work.trace, work.enqueued, started, {}, now)
+                self._tracing.record("model run", work.trace, started, now, run, now)
 
     def _commit(self, group: list[Work], ran: Ran, k: int) -> None:
         waiting = [not work.future.done() for work in group]

@@ -182,7 +182,9 @@ class Engine:
         self._claim_ttl_ms = int(2 * config.session_idle_timeout * 1000)
         self.metrics: Metrics = registry.metrics
         self._draining = False
-        self._steps = StepPipeline(sessions, budget, config.max_message_bytes)
+        self._steps = StepPipeline(
+            sessions, budget, config.max_message_bytes, registry.metrics.tracing
+        )
 
     @property
     def _store(self) -> SharedStore:

@@ -170,6 +170,18 @@ class ServerConfig:
     max_sessions_per_client: int = _opt(
         0, "live sessions one client may hold; 0: no limit beyond --max-sessions", minimum=0
     )
+    otlp_endpoint: str = _opt(
+        "",
+        "OpenTelemetry traces to this OTLP/gRPC collector (http://host:4317 for plaintext, "
+        "https:// for TLS); empty: no tracing",
+    )
+    trace_ratio: float = _opt(
+        1.0,
+        "share of the traces begun here that are sampled (a caller's sampled traceparent is "
+        "always followed)",
+        minimum=0,
+        maximum=1,
+    )
     tls_cert: str = _opt("", "PEM certificate chain; with --tls-key enables TLS")
     tls_key: str = _opt("", "PEM private key")
     log_level: str = _opt(

@@ -16,6 +16,7 @@ from prometheus_client import (
 )
 
 from rnnserve.errors import ServingError
+from rnnserve.ops.tracing import Tracing
 
 MODEL = ("model", "version")
 LATENCY_BUCKETS = (
@@ -40,9 +41,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 class Call:
     """One tracked call: counted and timed when it ends, the code taken from the exception that
-    ends it, if any. Labels are learned as it goes (the model is known only after parsing)."""
+    ends it, if any, and a server span when tracing is on. Labels are learned as it goes (the
+    model is known only after parsing)."""
 
-    __slots__ = ("metrics", "method", "model", "version", "client", "started")
+    __slots__ = ("metrics", "method", "model", "version", "client", "started", "span")
 
     def __init__(self, metrics: Metrics, method: str, client: str = "") -> None:
         self.metrics = metrics
@@ -52,6 +54,8 @@ class Call:
         self.client = client
 
     def __enter__(self) -> Call:
+        tracing = self.metrics.tracing
+        self.span = tracing.start_call(self.method) if tracing.on else None
         self.started = time.perf_counter()
         return self
 
@@ -67,11 +71,20 @@ class Call:
         )
         count.inc()
         latency.observe(time.perf_counter() - self.started)
+        if self.span is not None:
+            attributes = {"rnnserve.method": self.method, "rnnserve.code": code}
+            if self.model:
+                attributes.update({"rnnserve.model": self.model, "rnnserve.version": self.version})
+            if self.client:
+                attributes["rnnserve.client"] = self.client
+            self.metrics.tracing.end_call(self.span, attributes, "" if code == "OK" else code)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, tracing: Tracing | None = None) -> None:
         self.registry = registry
+        self.tracing = tracing or Tracing()
+        """OpenTelemetry spans beside the series (off unless --otlp-endpoint)."""
         self.requests = Counter(
             "rnnserve_requests",
             "Requests (stream messages count singly) by "
