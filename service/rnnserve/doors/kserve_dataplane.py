@@ -40,7 +40,7 @@ class InferRequest:
     """The outputs asked for; every output when empty."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class InferResponse:
     model_name: str
     model_version: str

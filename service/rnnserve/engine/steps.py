@@ -29,6 +29,7 @@ from rnnserve.engine.answers import answer_bytes
 from rnnserve.engine.batcher import Result, Work
 from rnnserve.engine.registry import LoadedModel
 from rnnserve.errors import FailedPrecondition, InvalidArgument, ServingError
+from rnnserve.ops.tracing import Tracing, session_attributes
 from rnnserve.state.memory import MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
 from rnnserve.state.session_lock import Holding, SessionLock, all_free, release_all, take_all
 from rnnserve.state.sessions import Session, SessionTable
@@ -80,14 +81,17 @@ def run_error(model: LoadedModel, exc: BaseException) -> ServingError:
     )
 
 
-@dataclass(frozen=True, eq=False, slots=True)
 class ModelRun:
-    """The rows of a message that one model steps in one run."""
+    """The rows of a message that one model steps in one run. A plain class: one is made per
+    v2 sequence step."""
 
-    model: LoadedModel
-    rows: list[int] | None
-    """The message's rows in this run, in order; None for every row (no copy of x to make)."""
-    slots: SlotIndex
+    __slots__ = ("model", "rows", "slots")
+
+    def __init__(self, model: LoadedModel, rows: list[int] | None, slots: SlotIndex) -> None:
+        self.model = model
+        self.rows = rows
+        """The message's rows in this run, in order; None for every row (no copy of x)."""
+        self.slots = slots
 
 
 class StepRows:
@@ -221,10 +225,17 @@ per step."""
 class StepPipeline:
     """Rows → admission → the batchers → commit, for the engine's steps."""
 
-    def __init__(self, sessions: SessionTable, budget: MemoryBudget, max_message_bytes: int):
+    def __init__(
+        self,
+        sessions: SessionTable,
+        budget: MemoryBudget,
+        max_message_bytes: int,
+        tracing: Tracing,
+    ) -> None:
         self._sessions = sessions
         self._budget = budget
         self._max_message_bytes = max_message_bytes
+        self._tracing = tracing
 
     # Rows
 
@@ -243,7 +254,16 @@ class StepPipeline:
 
     def one(self, session: Session) -> StepRows:
         """One session's rows (a v2 sequence step)."""
-        return StepRows.by_model([session], [], self._sessions.removals)
+        model = session.model
+        return StepRows(
+            [session],
+            [],
+            [ModelRun(model, None, [session.slot])],
+            [session.lock],
+            model.cost,
+            self._sessions.removals,
+            model.spec.outputs,
+        )
 
     async def resolve(
         self,
@@ -354,8 +374,11 @@ class StepPipeline:
                     release_all(rows.locks)
                     self._budget.release(reserve.nbytes)
             y, rows = _joined(rows, x, results)
-            return self._commit(rows, y)
+            return self._commit(rows, y) if not self._tracing.on else self._traced_commit(rows, y)
+        asked = asyncio.get_running_loop().time() if self._tracing.on else 0.0
         async with reserve, Holding(rows.sessions, rows.locks):
+            if self._tracing.on:
+                self._traced("admission wait", rows, asked)
             if rows.removals != self._sessions.removals:
                 rows = self._still_live(rows)
             parts = []
@@ -365,7 +388,8 @@ class StepPipeline:
                 await _outcomes(rows, results)
                 y, rows = _joined(rows, part, results)
                 parts.append(y)
-        return self._commit(rows, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
+        y = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        return self._commit(rows, y) if not self._tracing.on else self._traced_commit(rows, y)
 
     def _still_live(self, rows: StepRows) -> StepRows:
         """The rows without those whose session ended (closed, evicted or moved away) since
@@ -390,6 +414,20 @@ class StepPipeline:
             except Exception as exc:  # a failed run fails its own rows only
                 results.append(exc)
         return results
+
+    def _traced(self, name: str, rows: StepRows, started: float) -> None:
+        """A span of this step from `started` (the loop's clock) to now, under the call's."""
+        now = asyncio.get_running_loop().time()
+        live = [s for s in rows.sessions if s is not None]
+        labels = live[0].model.labels if live else ("", "")
+        attributes = session_attributes(len(live), live[0].id if len(live) == 1 else "", labels)
+        self._tracing.record(name, None, started, now, attributes, now)
+
+    def _traced_commit(self, rows: StepRows, y: np.ndarray) -> StepOutcome:
+        started = asyncio.get_running_loop().time()
+        outcome = self._commit(rows, y)
+        self._traced("commit", rows, started)
+        return outcome
 
     def _commit(self, rows: StepRows, y: np.ndarray) -> StepOutcome:
         """The live rows' sessions marked used now, and each row's step count."""

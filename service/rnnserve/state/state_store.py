@@ -74,10 +74,15 @@ class Slots(ABC):
 
     def touch(self, slots: SlotIndex, now: float) -> None:
         """These slots' sessions were used at `now` (what the idle sweep reads)."""
-        self.used_at[slots] = now
+        if len(slots) == 1:  # a plain index: a fancy one costs more for one session
+            self.used_at[slots[0]] = now
+        else:
+            self.used_at[slots] = now
 
     def step_counts(self, slots: SlotIndex) -> list[int]:
         """Each slot's session's timesteps since it opened or was reset."""
+        if len(slots) == 1:
+            return [int(self.steps[slots[0]])]
         return self.steps[slots].tolist()
 
     def _advance(self, slots: SlotIndex, steps: int) -> None:
