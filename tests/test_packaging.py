@@ -36,8 +36,10 @@ def test_image_environment_names_real_flags_and_fits_docker_stop() -> None:
     known = {ENV_PREFIX + f.name.upper() for f in fields(ServerConfig)}
     assert set(env) <= known, set(env) - known
     exposed = {int(p) for line in instructions("EXPOSE") for p in line.split()}
-    assert exposed == {int(env["RNNSERVE_GRPC_PORT"]), int(env["RNNSERVE_METRICS_PORT"])}
-    assert exposed == {ServerConfig.grpc_port, ServerConfig.metrics_port}
+    ports = ("RNNSERVE_GRPC_PORT", "RNNSERVE_HTTP_PORT", "RNNSERVE_METRICS_PORT")
+    assert exposed == {int(env[name]) for name in ports}
+    # gRPC and metrics on the server's own defaults; HTTP, off by default, opened on 8080
+    assert exposed - {8080} == {ServerConfig.grpc_port, ServerConfig.metrics_port}
     (health,) = instructions("HEALTHCHECK")
     assert health.endswith('CMD ["rnnserve", "health"]')  # its port and TLS: the server's env
     assert float(env["RNNSERVE_SHUTDOWN_GRACE"]) + 2 <= 10  # docker stop's default timeout
