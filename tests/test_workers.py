@@ -38,6 +38,9 @@ WORKERS = 2
 class Workers(ServerProcess):
     """The supervised server (ServerProcess waits until every worker serves)."""
 
+    http_port: int
+    """Its KServe v2 HTTP/REST port, shared by the workers like the gRPC port."""
+
     def __init__(self, log: Path, *flags: str) -> None:
         super().__init__(log, "--workers", str(WORKERS), *flags, metrics=True)
 
@@ -70,7 +73,9 @@ class Workers(ServerProcess):
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
-    server = Workers(tmp_path / "log")
+    http_port = free_port()
+    server = Workers(tmp_path / "log", "--http-port", str(http_port))
+    server.http_port = http_port
     try:
         yield server
     finally:
@@ -108,13 +113,20 @@ def test_sessions_continue_exactly_on_whichever_worker_gets_the_call(workers: Wo
     assert metrics["rnnserve_workers"] == WORKERS
 
 
-def test_v2_sequences_continue_across_workers(workers: Workers) -> None:
+def test_v2_sequences_continue_across_workers_and_doors(workers: Workers) -> None:
+    """--http-port is shared by the workers as the gRPC port is: each step of one sequence
+    comes on a new connection, over gRPC or HTTP, and lands on whichever worker the kernel
+    picks; the outputs are the whole sequence's."""
     grpcclient = pytest.importorskip("tritonclient.grpc")
+    httpclient = pytest.importorskip("tritonclient.http")
     x = np.random.default_rng(2).uniform(320, 370, (1, 12, 1)).astype(np.float32)
     outputs = []
     for t in range(x.shape[1]):
-        triton = grpcclient.InferenceServerClient(workers.address)
-        tensor = grpcclient.InferInput("x", [1, 1, 1], "FP32")
+        module = httpclient if t % 3 == 1 else grpcclient
+        triton = module.InferenceServerClient(
+            f"127.0.0.1:{workers.http_port}" if module is httpclient else workers.address
+        )
+        tensor = module.InferInput("x", [1, 1, 1], "FP32")
         tensor.set_data_from_numpy(x[:, t : t + 1])
         outputs.append(
             triton.infer(
@@ -129,42 +141,7 @@ def test_v2_sequences_continue_across_workers(workers: Workers) -> None:
     with fresh(workers) as client:
         whole = client.predict("forecast", x).y
     assert np.max(np.abs(np.concatenate(outputs, axis=1) - whole)) <= 1e-5
-
-
-def test_http_sequences_continue_across_workers_and_doors(tmp_path: Path) -> None:
-    """--http-port is shared by the workers as the gRPC port is: each step of one sequence
-    comes on a new connection, over HTTP or gRPC, and lands on whichever worker the kernel
-    picks; the outputs are the whole sequence's."""
-    httpclient = pytest.importorskip("tritonclient.http")
-    grpcclient = pytest.importorskip("tritonclient.grpc")
-    http_port = free_port()
-    server = Workers(tmp_path / "log", "--http-port", str(http_port))
-    try:
-        x = np.random.default_rng(5).uniform(320, 370, (1, 12, 1)).astype(np.float32)
-        outputs = []
-        for t in range(x.shape[1]):
-            module = grpcclient if t % 4 == 3 else httpclient
-            triton = module.InferenceServerClient(
-                server.address if module is grpcclient else f"127.0.0.1:{http_port}"
-            )
-            tensor = module.InferInput("x", [1, 1, 1], "FP32")
-            tensor.set_data_from_numpy(x[:, t : t + 1])
-            outputs.append(
-                triton.infer(
-                    "forecast",
-                    [tensor],
-                    sequence_id="moving-http-seq",
-                    sequence_start=t == 0,
-                    sequence_end=t == x.shape[1] - 1,
-                ).as_numpy("y")
-            )
-            triton.close()
-        with fresh(server) as client:
-            whole = client.predict("forecast", x).y
-        assert np.max(np.abs(np.concatenate(outputs, axis=1) - whole)) <= 1e-5
-        assert sum("HTTP on :" in m for m in server.messages()) == WORKERS
-    finally:
-        server.stop()
+    assert sum("HTTP on :" in m for m in workers.messages()) == WORKERS
 
 
 def test_metrics_are_one_sum_over_the_workers(workers: Workers) -> None:
