@@ -243,9 +243,8 @@ class Batcher:
         return expected is not None and expected <= self.inline_run_s
 
     def _run_inline(self, group: list[Work]) -> None:
-        group = _live(group)
-        if not group:
-            return
+        """The group run here and now; its callers are all waiting (a flush has just dropped
+        the cancelled ones, and `submit` made its work this turn)."""
         started = self._loop.time()
         try:
             ran = self._run_sync(group, inline=True)
@@ -262,7 +261,9 @@ class Batcher:
                     async with self.run_slots:
                         await self._run_in_thread(group)
                 else:
-                    self._run_inline(group)
+                    group = _live(group)  # the thread's run took time: some may have left
+                    if group:
+                        self._run_inline(group)
         finally:
             self._threaded = None
             if not self._closed:
@@ -338,14 +339,16 @@ class Batcher:
                 self._tracing.record("model run", work.trace, started, now, run, now)
 
     def _commit(self, group: list[Work], ran: Ran, k: int) -> None:
-        waiting = [not work.future.done() for work in group]
         assert ran.slots is not None  # a step's run
-        if all(waiting):
+        for work in group:
+            if work.future.done():
+                break
+        else:  # every caller waits: one commit
             self.store.commit(ran.slots, ran.finals, k)
             return
         start = 0
-        for work, waits in zip(group, waiting):
-            if waits:
+        for work in group:
+            if not work.future.done():
                 self.store.commit_rows(cast(SlotIndex, work.slots), ran.finals, start, k)
             start += work.rows
 
