@@ -300,7 +300,12 @@ class Batcher:
         k = group[0].x.shape[1]
         if ran.slots is not None:
             try:
-                self._commit(group, ran, k)
+                for work in group:
+                    if work.future.done():
+                        self._commit_waiting(group, ran, k)
+                        break
+                else:  # every caller waits: one commit
+                    self.store.commit(ran.slots, ran.finals, k)
             except Exception as exc:  # the state stays as it was; so does the step count
                 self._fail(group, exc)
                 return
@@ -310,15 +315,15 @@ class Batcher:
         self._observe(group, started, ran)
 
     def _observe(self, group: list[Work], started: float, ran: Ran) -> None:
-        steps = sum(w.rows for w in group) * group[0].x.shape[1]
-        self.run_times.measured(steps, ran.seconds)
         rows = 0
         for work in group:
             self._queue_wait.observe(started - work.enqueued)
-            rows += work.rows
+            rows += work.x.shape[0]
+        steps = rows * group[0].x.shape[1]
+        self.run_times.measured(steps, ran.seconds)
         self._compute.observe(self._loop.time() - started)
         self._batch_size.observe(rows)
-        self._timesteps.inc(rows * group[0].x.shape[1])
+        self._timesteps.inc(steps)
         if self._tracing.on:
             self._traced(group, started, rows)
 
@@ -338,14 +343,8 @@ class Batcher:
                 self._tracing.record("batch queue", work.trace, work.enqueued, started, {}, now)
                 self._tracing.record("model run", work.trace, started, now, run, now)
 
-    def _commit(self, group: list[Work], ran: Ran, k: int) -> None:
-        assert ran.slots is not None  # a step's run
-        for work in group:
-            if work.future.done():
-                break
-        else:  # every caller waits: one commit
-            self.store.commit(ran.slots, ran.finals, k)
-            return
+    def _commit_waiting(self, group: list[Work], ran: Ran, k: int) -> None:
+        """The rows of the callers still waiting, when some have left."""
         start = 0
         for work in group:
             if not work.future.done():

@@ -336,18 +336,23 @@ class StepPipeline:
         """Timesteps per run and the message's reservation; refused up front (nothing touched
         yet) when its answer or one timestep's run could never fit."""
         rows, k = x.shape[:2]
+        budget = self._budget
         answer = answer_bytes(first.spec, rows, k, False, self._max_message_bytes)
-        self._budget.check_run(
-            cost.run(1, 1), f"one timestep of {rows} sessions", "send fewer sessions per message"
-        )
-        span = min(k, max(1, (self._budget.chunk - cost.per_row) // cost.per_step))
+        chunk = budget.chunk
+        one = cost.run(1, 1)
+        if one > chunk:  # the refusals' messages are made only when they are said
+            budget.check_run(
+                one, f"one timestep of {rows} sessions", "send fewer sessions per message"
+            )
+        span = min(k, max(1, (chunk - cost.per_row) // cost.per_step))
         total = MESSAGE_COPIES * answer + 2 * x.nbytes + cost.run(1, span)
-        reserve = self._budget.reserve(
-            total,
-            f"a step of {rows} sessions x {k} timesteps",
-            "send fewer sessions or timesteps per message",
-        )
-        return span, reserve
+        if total > budget.capacity:
+            budget.check(
+                total,
+                f"a step of {rows} sessions x {k} timesteps",
+                "send fewer sessions or timesteps per message",
+            )
+        return span, Reservation(budget, total)
 
     async def advance(
         self, rows: StepRows, x: np.ndarray, plan: StepPlan | None = None
