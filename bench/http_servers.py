@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-import psutil
+from bench.cluster import cpu_seconds
 
 BODY = json.dumps(
     {"inputs": [{"name": "x", "shape": [1, 1, 1], "datatype": "FP32", "data": [1.0]}]}
@@ -103,11 +103,10 @@ def _calls(port: int, calls: int, post: bool) -> None:
     connection.close()
 
 
-def _cpu_per_call(server: psutil.Process, port: int, calls: int, post: bool) -> float:
-    before = server.cpu_times()
+def _cpu_per_call(pid: int, port: int, calls: int, post: bool) -> float:
+    before = cpu_seconds(pid)
     _calls(port, calls, post)
-    after = server.cpu_times()
-    return (after.user + after.system - before.user - before.system) / calls
+    return (cpu_seconds(pid) - before) / calls
 
 
 def main() -> None:
@@ -143,9 +142,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for post in (False, True):
                 for name in names:
-                    cpu = _cpu_per_call(
-                        psutil.Process(procs[name].pid), ports[name], args.calls, post
-                    )
+                    cpu = _cpu_per_call(procs[name].pid, ports[name], args.calls, post)
                     results.setdefault((name, "POST infer" if post else "GET ready"), []).append(
                         cpu
                     )
