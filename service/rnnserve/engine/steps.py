@@ -379,10 +379,12 @@ class StepPipeline:
                     release_all(rows.locks)
                     self._budget.release(reserve.nbytes)
             y, rows = _joined(rows, x, results)
-            return self._commit(rows, y) if not self._tracing.on else self._traced_commit(rows, y)
+            if self._tracing.on and self._tracing.recording():
+                return self._traced_commit(rows, y)
+            return self._commit(rows, y)
         asked = asyncio.get_running_loop().time() if self._tracing.on else 0.0
         async with reserve, Holding(rows.sessions, rows.locks):
-            if self._tracing.on:
+            if self._tracing.on and self._tracing.recording():
                 self._traced("admission wait", rows, asked)
             if rows.removals != self._sessions.removals:
                 rows = self._still_live(rows)
@@ -394,7 +396,9 @@ class StepPipeline:
                 y, rows = _joined(rows, part, results)
                 parts.append(y)
         y = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        return self._commit(rows, y) if not self._tracing.on else self._traced_commit(rows, y)
+        if self._tracing.on and self._tracing.recording():
+            return self._traced_commit(rows, y)
+        return self._commit(rows, y)
 
     def _still_live(self, rows: StepRows) -> StepRows:
         """The rows without those whose session ended (closed, evicted or moved away) since

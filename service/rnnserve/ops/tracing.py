@@ -62,9 +62,17 @@ class Tracing:
         span.end()
 
     @staticmethod
-    def context() -> Context:
-        """The current context, for spans recorded later (a queued work's run)."""
+    def context() -> Context | None:
+        """The current context, for spans recorded later (a queued work's run); None when the
+        current span is not sampled, so nothing is recorded beneath it."""
+        if not trace.get_current_span().is_recording():
+            return None
         return otel_context.get_current()
+
+    @staticmethod
+    def recording() -> bool:
+        """Whether the current span is sampled: a step under an unsampled call records none."""
+        return trace.get_current_span().is_recording()
 
     def record(
         self,
@@ -76,7 +84,8 @@ class Tracing:
         clock: float,
     ) -> None:
         """A finished span from `start` to `end` on a monotonic clock that reads `clock` now,
-        the child of `parent` (the current context when None)."""
+        the child of `parent` (the current context when None, which the caller has checked is
+        sampled)."""
         assert self.tracer is not None
         now = time.time_ns()
         span = self.tracer.start_span(
