@@ -533,12 +533,12 @@ def test_a_session_let_go_to_a_sibling_that_never_took_it_is_live_again(
     restores): it was lost for good; now, once the sibling's call is surely over, it is live
     on the holder again and continues exactly. Two real workers in this process."""
     from bench.cluster import free_port
-    from rnnserve.engine import engine
+    from rnnserve.engine import moves
     from rnnserve.state import claims
     from rnnserve.supervisor import WorkerPlace
     from tests.conftest import RunningServer, make_config
 
-    monkeypatch.setattr(engine, "LEND_TIMEOUT", 0.2)
+    monkeypatch.setattr(moves, "LEND_TIMEOUT", 0.2)
     claims.create(tmp_path)
     config = make_config(grpc_port=free_port())
     holder, sibling = (
@@ -550,7 +550,7 @@ def test_a_session_let_go_to_a_sibling_that_never_took_it_is_live_again(
         holder_engine = holder.server.engine
         opened = holder.call(holder_engine.open_session("echo", 0, {}))
         first = holder.call(holder_engine.step([opened.session_id], x[:, :2]))
-        moved, _, _ = holder.call(holder_engine.release_sessions([opened.session_id], ""))
+        moved, _, _ = holder.call(holder_engine.moves.release_sessions([opened.session_id], ""))
         assert [p.session_id for p in moved] == [opened.session_id]  # ...and the answer is lost
         time.sleep(0.3)
         holder.sweep()
@@ -558,7 +558,7 @@ def test_a_session_let_go_to_a_sibling_that_never_took_it_is_live_again(
         # the sibling's answer, late after all: the holder took the session back, so the
         # sibling must not keep its copy (exactly one of the two wins the shared row)
         sibling_engine = sibling.server.engine
-        assert not sibling.call(_async(sibling_engine._restore, moved[0], "moved"))
+        assert not sibling.call(_async(sibling_engine.moves.restore, moved[0], "moved"))
         assert sibling_engine.live_sessions == 0 and holder_engine.live_sessions == 1
         second = holder.call(holder_engine.step([opened.session_id], x[:, 2:]))
         assert not second.errors and second.steps == [3]

@@ -157,7 +157,9 @@ class Server:
         self.streams.end_idle()
         lost = 0
         try:
-            parked = await asyncio.wait_for(self.engine.hand_off(), self.config.shutdown_grace)
+            parked = await asyncio.wait_for(
+                self.engine.moves.hand_off(), self.config.shutdown_grace
+            )
             if parked:
                 log.info("parked %d sessions in the shared state store", parked)
         except (StoreUnavailable, TimeoutError) as exc:
@@ -471,9 +473,9 @@ async def create_server(
             "tokens file check",
         )
     if handoff is not None:  # sessions held here can be asked for by other replicas
-        started.background(handoff.serve_releases(engine.park_on_request), "release requests")
+        started.background(handoff.serve_releases(engine.moves.park_on_request), "release requests")
         started.background(
-            _every(config.session_idle_timeout / 3, engine.refresh_claims, "session records"),
+            _every(config.session_idle_timeout / 3, engine.moves.refresh_claims, "session records"),
             "session records",
         )
     metrics_at = (f"; HTTP on :{started.http_port}" if started.http_port is not None else "") + (

@@ -65,7 +65,7 @@ class SiblingsServicer(rpc.SiblingsServicer):
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
-        moved, ended, moving = await self.engine.release_sessions(
+        moved, ended, moving = await self.engine.moves.release_sessions(
             list(request.session_ids), request.owner
         )
         return pb.ReleaseResponse(
@@ -75,7 +75,7 @@ class SiblingsServicer(rpc.SiblingsServicer):
     async def Restore(
         self, request: pb.RestoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.RestoreResponse:
-        lost = self.engine.take_back([from_message(m) for m in request.sessions])
+        lost = self.engine.moves.take_back([from_message(m) for m in request.sessions])
         return pb.RestoreResponse(lost=lost)
 
 
