@@ -169,8 +169,8 @@ def _answer(
 ) -> InferResponse:
     """Only the requested outputs (all when none are named)."""
     wanted = request.outputs or list(outputs)
-    unknown = sorted(set(wanted) - set(outputs))
-    if unknown:
+    if request.outputs and not outputs.keys() >= set(wanted):
+        unknown = sorted(set(wanted) - outputs.keys())
         raise InvalidArgument(
             f"unknown output {', '.join(unknown)}; {spec.name} has {', '.join(outputs)}"
         )

@@ -91,7 +91,7 @@ class PredictResult:
     final_states: dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
+@dataclass
 class SequenceStep:
     y: np.ndarray
     states: dict[str, np.ndarray] | None

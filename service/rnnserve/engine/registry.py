@@ -8,7 +8,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -43,10 +43,11 @@ class LoadedModel:
     version holds another graph (a rolling update) leaves the session for one that has it."""
     retiring: bool = False
     sessions: int = 0
+    labels: tuple[str, str] = field(init=False)
+    """(name, version as text): the metrics' labels and a step's answer, made once."""
 
-    @property
-    def labels(self) -> tuple[str, str]:
-        return self.spec.name, str(self.spec.version)
+    def __post_init__(self) -> None:
+        self.labels = (self.spec.name, str(self.spec.version))
 
 
 class ModelRegistry:

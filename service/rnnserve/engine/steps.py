@@ -58,7 +58,7 @@ class RowError:
         return cls(row, error.code, str(error), error.retry_after, error)
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepOutcome:
     y: np.ndarray
     """[rows, k, outputs]; NaN in failed rows."""
