@@ -51,23 +51,24 @@ def request_inputs(request: v2.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _parameters(message: v2.ModelInferRequest) -> dict[str, Parameter]:
-    found: dict[str, Parameter] = {}
+def infer_request(message: v2.ModelInferRequest) -> InferRequest:
+    """Every input as float32 and every parameter that is set (one step pays this per call:
+    plain loops, no comprehension frames)."""
+    parameters: dict[str, Parameter] = {}
     for name, param in message.parameters.items():
         kind = param.WhichOneof("parameter_choice")
         if kind:
-            found[name] = getattr(param, kind)
-    return found
-
-
-def infer_request(message: v2.ModelInferRequest) -> InferRequest:
+            parameters[name] = getattr(param, kind)
+    outputs = []
+    for output in message.outputs:
+        outputs.append(output.name)
     return InferRequest(
         message.model_name,
         message.model_version,
         message.id,
         request_inputs(message),
-        _parameters(message) if message.parameters else {},
-        [o.name for o in message.outputs],
+        parameters,
+        outputs,
     )
 
 

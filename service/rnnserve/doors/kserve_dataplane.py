@@ -175,7 +175,10 @@ def _answer(
             f"unknown output {', '.join(unknown)}; {spec.name} has {', '.join(outputs)}"
         )
     return InferResponse(
-        spec.name, str(spec.version), request.id, [(name, outputs[name]) for name in wanted]
+        spec.name,
+        str(spec.version),
+        request.id,
+        list(zip(wanted, map(outputs.__getitem__, wanted))),
     )
 
 
@@ -217,7 +220,7 @@ class DataPlane:
         before it decodes an inference request's tensors, so an unknown model is NOT_FOUND
         whatever the tensors hold, and their errors are counted under their model."""
         call.model = self.engine.model_label(name)
-        model = self.engine.describe(name, model_version(version))
+        model = self.engine.describe(name, model_version(version) if version else 0)
         call.model, call.version = model.labels
         return model
 

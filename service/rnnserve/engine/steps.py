@@ -443,15 +443,11 @@ class StepPipeline:
         now = self._sessions.clock()
         runs = rows.runs
         if len(runs) == 1 and runs[0].rows is None:
-            store = runs[0].model.store
-            store.touch(runs[0].slots, now)
-            return StepOutcome(y, store.step_counts(runs[0].slots), [], runs[0].model.labels)
+            run = runs[0]
+            return StepOutcome(y, run.model.store.touch(run.slots, now), [], run.model.labels)
         steps = [0] * len(rows.sessions)
         for run in runs:
-            run.model.store.touch(run.slots, now)
-            for row, count in zip(
-                cast(list[int], run.rows), run.model.store.step_counts(run.slots)
-            ):
+            for row, count in zip(cast(list[int], run.rows), run.model.store.touch(run.slots, now)):
                 steps[row] = count
         errors = sorted(rows.errors, key=lambda e: e.row)
         labels = min(runs, key=lambda r: cast(list[int], r.rows)[0]).model.labels if runs else None

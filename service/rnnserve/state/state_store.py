@@ -72,17 +72,14 @@ class Slots(ABC):
         self.write(slot, [np.zeros(s.size, np.float32) for s in self.spec.states])
         self.steps[slot] = 0
 
-    def touch(self, slots: SlotIndex, now: float) -> None:
-        """These slots' sessions were used at `now` (what the idle sweep reads)."""
-        if len(slots) == 1:  # a plain index: a fancy one costs more for one session
-            self.used_at[slots[0]] = now
-        else:
-            self.used_at[slots] = now
-
-    def step_counts(self, slots: SlotIndex) -> list[int]:
-        """Each slot's session's timesteps since it opened or was reset."""
-        if len(slots) == 1:
-            return [int(self.steps[slots[0]])]
+    def touch(self, slots: SlotIndex, now: float) -> list[int]:
+        """These slots' sessions were used at `now` (what the idle sweep reads); each one's
+        timesteps since it opened or was reset (what a step answers)."""
+        if len(slots) == 1:  # plain indexes: fancy ones cost more for one session
+            slot = slots[0]
+            self.used_at[slot] = now
+            return [int(self.steps[slot])]
+        self.used_at[slots] = now
         return self.steps[slots].tolist()
 
     def _advance(self, slots: SlotIndex, steps: int) -> None:
