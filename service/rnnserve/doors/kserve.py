@@ -8,7 +8,7 @@ store, the batcher, the idle timeout and the metrics.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
@@ -113,6 +113,8 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
                 infer_response=v2.ModelInferResponse(model_name=request.model_name, id=request.id),
             )
 
-    async def _infer(self, request: v2.ModelInferRequest, call: Call) -> InferResponse:
+    def _infer(self, request: v2.ModelInferRequest, call: Call) -> Awaitable[InferResponse]:
+        """The data plane's answer to await: the model is found before the tensors are read,
+        and a plain function hands on the data plane's coroutine (no frame of its own)."""
         model = self.plane.model(request.model_name, request.model_version, call)
-        return await self.plane.infer(model, infer_request(request), call)
+        return self.plane.infer(model, infer_request(request), call)

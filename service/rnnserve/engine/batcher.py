@@ -147,6 +147,11 @@ class Batcher:
         self._schedule()
         return work
 
+    def runs_now(self, steps: int) -> bool:
+        """Whether `submit` of work of `steps` rows x timesteps would run it at once (and
+        answer it directly) if made now."""
+        return not self._closed and self._alone(steps)
+
     async def run(
         self,
         x: np.ndarray,

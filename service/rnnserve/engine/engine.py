@@ -420,10 +420,12 @@ class Engine:
         return await self._session(session_id, owner)
 
     async def _session(self, session_id: str, owner: str) -> Session:
-        """The owner's session by id, adopting it first if another replica parked it."""
-        failed = await self.moves.adopt([session_id], alone=True, owner=owner)
-        if session_id in failed:
-            raise failed[session_id]
+        """The owner's session by id, adopting it first if another replica parked it (no
+        coroutine to ask for it where no other process can hold it)."""
+        if self.moves.elsewhere:
+            failed = await self.moves.adopt([session_id], alone=True, owner=owner)
+            if session_id in failed:
+                raise failed[session_id]
         return self._sessions.get(session_id, owner)
 
     async def step(
@@ -460,7 +462,8 @@ class Engine:
             )  # no coroutine on the common path
             group = None if failed else self._steps.group(session_ids, owner)
         if group is not None and group.takes(x):
-            outcome = await self._steps.advance(group, x)
+            plan = self._steps.plan_of(group, x)
+            outcome = self._steps.now(group, x, plan) or await self._steps.advance(group, x, plan)
             if fresh and memo is not None:  # after the step: it never waits for the memo
                 self._steps.remember(memo, group)
             return outcome
@@ -538,7 +541,8 @@ class Engine:
                     f"sequence_start=true on its first request ({exc})"
                 ) from None
         try:
-            outcome = await self._steps.advance(self._steps.one(session), x, plan)
+            rows = self._steps.one(session)
+            outcome = self._steps.now(rows, x, plan) or await self._steps.advance(rows, x, plan)
             if outcome.errors:
                 raise cast(ServingError, outcome.errors[0].cause)
             # Under no lock, but with no await since the step: nothing came between.

@@ -31,7 +31,7 @@ from rnnserve.engine.registry import LoadedModel
 from rnnserve.errors import FailedPrecondition, InvalidArgument, ServingError
 from rnnserve.ops.tracing import Tracing, session_attributes
 from rnnserve.state.memory import MESSAGE_COPIES, MemoryBudget, Reservation, RunCost
-from rnnserve.state.session_lock import Holding, SessionLock, all_free, release_all, take_all
+from rnnserve.state.session_lock import Holding, SessionLock, all_free
 from rnnserve.state.sessions import Session, SessionTable
 from rnnserve.state.state_store import SlotIndex
 
@@ -354,34 +354,47 @@ class StepPipeline:
             )
         return span, Reservation(budget, total)
 
+    def plan_of(self, rows: StepRows, x: np.ndarray) -> StepPlan:
+        """`plan` for rows with a live row."""
+        return self.plan(rows.runs[0].model, x, rows.cost)
+
+    def now(self, rows: StepRows, x: np.ndarray, plan: StepPlan) -> StepOutcome | None:
+        """The step done here and now, with no await, when nothing has to be waited for: the
+        memory fits, every lock is free, the message is one span of one model's run, and its
+        batcher runs it at once (`Batcher.runs_now`). Nothing can come between these checks
+        and the commit, so the memory and the locks need only be free, not taken and given
+        back, and the caller awaits no coroutine: a stream's or a v2 sequence's lone step
+        (what that saves: docs/benchmarks.md). None: `advance` it."""
+        runs = rows.runs
+        span, reserve = plan
+        if (
+            len(runs) != 1
+            or span < x.shape[1]
+            or not self._budget.fits(reserve.nbytes)
+            or not all_free(rows.locks)
+            or not runs[0].model.batcher.runs_now(len(runs[0].slots) * x.shape[1])
+        ):
+            return None
+        if rows.removals != self._sessions.removals:
+            rows = self._still_live(rows)
+        y, rows = _joined(rows, x, self._submit(rows, x))
+        if self._tracing.on and self._tracing.recording():
+            return self._traced_commit(rows, y)
+        return self._commit(rows, y)
+
     async def advance(
         self, rows: StepRows, x: np.ndarray, plan: StepPlan | None = None
     ) -> StepOutcome:
         """Step each live row's session by x's timesteps (`plan`: the one a caller made before
-        it touched anything). When the memory and every lock are free and the message is one
-        span, nothing is awaited from these checks to the commit unless a run is queued, and
-        then both are taken at once before the wait: no other work can come between. A
-        stream's step then skips five coroutines and the taking and giving back of its locks
-        (what that saves: docs/benchmarks.md)."""
+        it touched anything): at once when `now` can, else once the memory and the sessions'
+        locks are held (taken at once when free, awaited otherwise), through the batchers'
+        queues."""
         if not rows.runs:  # every row failed
             return self._commit(rows, np.full((*x.shape[:2], 0), np.nan, np.float32))
-        span, reserve = self.plan(rows.runs[0].model, x, rows.cost) if plan is None else plan
-        if span >= x.shape[1] and self._budget.fits(reserve.nbytes) and all_free(rows.locks):
-            if rows.removals != self._sessions.removals:
-                rows = self._still_live(rows)
-            results = self._submit(rows, x)
-            if Work in map(type, results):
-                self._budget.hold(reserve.nbytes)
-                take_all(rows.locks)
-                try:
-                    await _outcomes(rows, results)
-                finally:
-                    release_all(rows.locks)
-                    self._budget.release(reserve.nbytes)
-            y, rows = _joined(rows, x, results)
-            if self._tracing.on and self._tracing.recording():
-                return self._traced_commit(rows, y)
-            return self._commit(rows, y)
+        span, reserve = self.plan_of(rows, x) if plan is None else plan
+        done = self.now(rows, x, (span, reserve))
+        if done is not None:
+            return done
         asked = asyncio.get_running_loop().time() if self._tracing.on else 0.0
         async with reserve, Holding(rows.sessions, rows.locks):
             if self._tracing.on and self._tracing.recording():
