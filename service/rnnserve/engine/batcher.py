@@ -126,16 +126,20 @@ class Batcher:
         x: np.ndarray,
         slots: SlotIndex | None = None,
         states: list[np.ndarray] | None = None,
-    ) -> Result | Work:
+        only_now: bool = False,
+    ) -> Result | Work | None:
         """The one way in: a step of the sessions in `slots` (their states update in place), or
         a prediction from the given `states`. It runs at once on the event loop when `_alone`
         allows, and its result comes back directly (a failed run raises, its sessions as they
         were); otherwise it is queued, and the `Work` comes back for its caller to await
-        (`Work.outcome`): the flush runs it on the loop or in a thread."""
+        (`Work.outcome`): the flush runs it on the loop or in a thread. `only_now`: None
+        instead of queueing, for a caller that cannot wait (`StepPipeline.now`)."""
         if self._closed:
             raise Unavailable(
                 "this model version is unloading; retry on the latest version", retry_after=0.0
             )
+        if only_now and not self._alone(x.shape[0] * x.shape[1]):
+            return None
         work = Work(x, self._loop.create_future(), self._loop.time(), slots=slots, states=states)
         if self._tracing.on:
             work.trace = self._tracing.context()
@@ -147,11 +151,6 @@ class Batcher:
         self._schedule()
         return work
 
-    def runs_now(self, steps: int) -> bool:
-        """Whether `submit` of work of `steps` rows x timesteps would run it at once (and
-        answer it directly) if made now."""
-        return not self._closed and self._alone(steps)
-
     async def run(
         self,
         x: np.ndarray,
@@ -160,7 +159,10 @@ class Batcher:
     ) -> Result:
         """`submit`, its result awaited: for callers with nothing to do meanwhile."""
         done = self.submit(x, slots, states)
-        return await done.outcome() if isinstance(done, Work) else done
+        if isinstance(done, Work):
+            return await done.outcome()
+        assert done is not None  # None only for only_now
+        return done
 
     def _alone(self, steps: int) -> bool:
         """Whether work of `steps` rows x timesteps can run now, without waiting a loop turn

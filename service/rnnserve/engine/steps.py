@@ -365,19 +365,30 @@ class StepPipeline:
         and the commit, so the memory and the locks need only be free, not taken and given
         back, and the caller awaits no coroutine: a stream's or a v2 sequence's lone step
         (what that saves: docs/benchmarks.md). None: `advance` it."""
-        runs = rows.runs
         span, reserve = plan
         if (
-            len(runs) != 1
+            len(rows.runs) != 1
             or span < x.shape[1]
             or not self._budget.fits(reserve.nbytes)
             or not all_free(rows.locks)
-            or not runs[0].model.batcher.runs_now(len(runs[0].slots) * x.shape[1])
         ):
             return None
         if rows.removals != self._sessions.removals:
             rows = self._still_live(rows)
-        y, rows = _joined(rows, x, self._submit(rows, x))
+            if len(rows.runs) != 1:  # its sessions ended: the general way says so
+                return None
+        run = rows.runs[0]
+        try:
+            done = run.model.batcher.submit(
+                x if run.rows is None else x[run.rows], run.slots, only_now=True
+            )
+        except Exception as exc:  # a failed run fails its own rows only
+            y, rows = _joined(rows, x, [exc])
+        else:
+            if done is None:  # its batcher would queue it: `advance` waits for it
+                return None
+            ran: list[Result | Work | Exception] = [done]
+            y, rows = _joined(rows, x, ran)
         if self._tracing.on and self._tracing.recording():
             return self._traced_commit(rows, y)
         return self._commit(rows, y)
@@ -430,9 +441,9 @@ class StepPipeline:
         results: list[Result | Work | Exception] = []
         for run in rows.runs:
             try:
-                results.append(
-                    run.model.batcher.submit(x if run.rows is None else x[run.rows], run.slots)
-                )
+                done = run.model.batcher.submit(x if run.rows is None else x[run.rows], run.slots)
+                assert done is not None  # None only for only_now
+                results.append(done)
             except Exception as exc:  # a failed run fails its own rows only
                 results.append(exc)
         return results
