@@ -138,12 +138,13 @@ class Batcher:
             raise Unavailable(
                 "this model version is unloading; retry on the latest version", retry_after=0.0
             )
-        if only_now and not self._alone(x.shape[0] * x.shape[1]):
+        alone = self._alone(x.shape[0] * x.shape[1])
+        if only_now and not alone:
             return None
         work = Work(x, self._loop.create_future(), self._loop.time(), slots=slots, states=states)
         if self._tracing.on:
             work.trace = self._tracing.context()
-        if self._alone(work.rows * x.shape[1]):
+        if alone:
             self._run_inline([work])
             return work.future.result()
         self._pending.append(work)

@@ -361,10 +361,10 @@ class StepPipeline:
     def now(self, rows: StepRows, x: np.ndarray, plan: StepPlan) -> StepOutcome | None:
         """The step done here and now, with no await, when nothing has to be waited for: the
         memory fits, every lock is free, the message is one span of one model's run, and its
-        batcher runs it at once (`Batcher.runs_now`). Nothing can come between these checks
-        and the commit, so the memory and the locks need only be free, not taken and given
-        back, and the caller awaits no coroutine: a stream's or a v2 sequence's lone step
-        (what that saves: docs/benchmarks.md). None: `advance` it."""
+        batcher runs it at once (`Batcher.submit` with `only_now`). Nothing can come between
+        these checks and the commit, so the memory and the locks need only be free, not taken
+        and given back, and the caller awaits no coroutine: a stream's or a v2 sequence's lone
+        step (what that saves: docs/benchmarks.md). None: `advance` it."""
         span, reserve = plan
         if (
             len(rows.runs) != 1
