@@ -10,7 +10,7 @@ PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
 ORT    ?= cpu
 
-.PHONY: install install-test constraints serve test docs test-container test-container-gpu train bench bench-soak bench-workers bench-gpu bench-scale-out bench-instructions proto lint docker docker-gpu docker-train clean
+.PHONY: install install-test constraints serve test docs test-container test-container-gpu train bench bench-soak bench-workers bench-gpu bench-scale-out bench-instructions proto lint torch-exports docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -142,6 +142,18 @@ test-container: install-test
 test-container-gpu: install-test
 	$(PY) -m pytest -m container_gpu tests/container
 
+# What today's torch.onnx.export writes, committed in tests/torch_exports/ (torch is far too
+# heavy for the test environment). pip takes torch's CPU wheel where the machine's pip is set
+# up with one (find-links); elsewhere point PIP_FIND_LINKS or PIP_INDEX_URL at one.
+TORCH       := 2.13.0
+ONNXSCRIPT  := 0.7.2
+TORCH_VENV  := .venv-torch
+torch-exports:
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install --quiet -c $(CONSTRAINTS) \
+		torch==$(TORCH) onnxscript==$(ONNXSCRIPT) numpy onnx
+	$(TORCH_VENV)/bin/python tests/torch_exports/export.py
+
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) service/rnnserve/generated .pytest_cache .ruff_cache bench/results site
+	rm -rf $(VENV) $(CHECKOV_VENV) $(TORCH_VENV) service/rnnserve/generated .pytest_cache .ruff_cache bench/results site
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

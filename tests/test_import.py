@@ -4,7 +4,8 @@ hidden] named h0/c0, outputs output/hn/cn), imported, served, and checked over t
 the original graph run directly in ONNX Runtime; and the graphs it must refuse.
 
 (torch itself is not in the test environment: its wheel is gigabytes. The graphs below use the
-same operators, attributes, names and layouts its exporter writes.)
+same operators, attributes, names and layouts its TorchScript exporter writes; what torch's
+exporters write today is committed and served in tests/test_torch_exports.py.)
 """
 
 from __future__ import annotations

@@ -222,14 +222,14 @@ def test_train_your_own(tmp_path: Path) -> None:
 
 @pytest.mark.training
 def test_serve_your_own(tmp_path: Path) -> None:
-    """The import and export commands, on a PyTorch-style graph and a saved Keras model."""
+    """The import and export commands, on what the page's own torch export example wrote
+    (tests/torch_exports/) and a saved Keras model."""
     import keras
-
-    from tests.test_import import torch_like
 
     (block,) = _sh_blocks("rnnserve import")
     work = sandbox(tmp_path)
-    (work / "lstm.onnx").write_bytes(torch_like("LSTM", layers=2))
+    for name in ("lstm.onnx", "lstm.onnx.data"):
+        shutil.copy(ROOT / "tests" / "torch_exports" / name, work / name)
     keras.Sequential([keras.Input((None, 2)), keras.layers.GRU(5), keras.layers.Dense(1)]).save(
         work / "my_model.keras"
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from rnnserve.models.checks import check_model, off_by
 from rnnserve.models.contract import (
@@ -254,7 +254,7 @@ def _plan(
     if not nodes:
         raise ImportRefused(
             "it has no recurrent operator (LSTM, GRU, RNN, or a Loop or Scan "
-            "over time): nothing to carry between steps"
+            "over time): nothing to carry between steps" + _unrolled(model)
         )
     recurrences = [_recurrence(node, index) for index, node in enumerate(nodes)]
     initializers = {t.name for t in graph.initializer}
@@ -455,7 +455,7 @@ def _probe(
         plan = Plan(x, y, layout, False, False, features, 0, recurrences)
         shape = f"[time, batch, {features}]" if layout else f"[batch, time, {features}]"
         try:
-            session = _session(_wrap(model, plan, raw_y=True), quiet=True)
+            session = _session(_wrap(model, plan, raw_y=True))
         except Exception as exc:  # noqa: BLE001 - ORT raises several kinds for a bad graph
             errors.append(f"as {shape}: {_line(exc)}")
             continue
@@ -470,10 +470,88 @@ def _probe(
             errors.append(f"as {shape}: {_line(exc)}")
             continue
         return _y_layout(plan, raw.shape)
+    fixed = _fixed_inside(model, y)
+    if fixed:
+        raise ImportRefused(f"{fixed} ({'; '.join(errors)})")
     raise ImportRefused(
         f"it does not run as a sequence model here ({'; '.join(errors)}); "
-        "if it is time-major or batch-first, say so with --time-major or "
-        "--batch-first"
+        "if it is time-major or batch-first, say so with --time-major or --batch-first"
+    )
+
+
+TORCH_FIX = (
+    "build it with batch_first=True and export with torch.export.Dim for batch and time, "
+    "or export with dynamo=False and dynamic_axes (docs/models.md, Serve your own model)"
+)
+"""What to change when torch's dynamo exporter (torch.onnx.export's default since 2.9) fixed
+the traced length: measured on torch 2.13, it unrolls nn.RNN over the traced steps, and a
+time-major nn.LSTM or nn.GRU gets a Reshape to [traced length, -1, hidden] after its last
+layer; a batch-first LSTM or GRU comes out free, and the legacy exporter frees all three."""
+
+
+def _from_torch(model: onnx.ModelProto) -> bool:
+    return model.producer_name == "pytorch"
+
+
+def _unrolled(model: onnx.ModelProto) -> str:
+    """Why a graph without a recurrent operator has none, when its input says so: an exporter
+    that traced the model unrolled the recurrence over the traced number of steps."""
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        fixed = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+        if len(dims) == 3 and any(d.HasField("dim_value") for d in dims[:2]):
+            name = value.name.removeprefix(PREFIX)
+            return (
+                f"; input {name!r} is {fixed}, so the exporter unrolled the recurrence "
+                "over the traced steps"
+                + (
+                    " (torch.onnx.export's dynamo exporter does this to nn.RNN: export it "
+                    "with dynamo=False and dynamic_axes, docs/models.md)"
+                    if _from_torch(model)
+                    else ""
+                )
+            )
+    return ""
+
+
+def _fixed_inside(model: onnx.ModelProto, y: str) -> str:
+    """The Reshapes that fix the traced length (a number where output y's declared batch or
+    time axis has it, while the sequence input's are free), and what to change; '' if none."""
+    graph = model.graph
+    free = any(
+        len(i.type.tensor_type.shape.dim) == 3
+        and not any(d.HasField("dim_value") for d in i.type.tensor_type.shape.dim[:2])
+        for i in graph.input
+    )
+    traced = {
+        d.dim_value
+        for o in graph.output
+        if o.name == y
+        for d in o.type.tensor_type.shape.dim[:2]
+        if d.HasField("dim_value")
+    }
+    if not free or not traced:
+        return ""
+    constants = {t.name: t for t in graph.initializer} | {
+        n.output[0]: a.t
+        for n in graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    }
+    fixed = [
+        f"{n.name or n.op_type} to {shape}"
+        for n in graph.node
+        if n.op_type == "Reshape" and n.input[1] in constants
+        for shape in [numpy_helper.to_array(constants[n.input[1]]).tolist()]
+        if traced & set(shape)
+    ]
+    if not fixed:
+        return ""
+    return (
+        f"it runs only at the length it was traced with: its exporter fixed "
+        f"{' or '.join(map(str, sorted(traced)))} inside the graph (Reshape {', '.join(fixed)})"
+        + (f"; {TORCH_FIX}" if _from_torch(model) else "")
     )
 
 
@@ -640,13 +718,13 @@ def _outer_names(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _session(model: onnx.ModelProto, quiet: bool = False) -> ort.InferenceSession:
-    """On the CPU, with the options the server runs every model with. `quiet`: the probe's
-    tries, where a failure is expected and caught, so ONNX Runtime's own error lines (which
-    leaked to stderr during successful imports) are not printed."""
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """On the CPU, with the options the server runs every model with, but quiet: every failure
+    here is caught and becomes the refusal's one line, so ONNX Runtime's own error lines (the
+    probe's rejected layout; a run at a length the graph fixed) and its warnings (each run of a
+    dynamo export whose y is declared with the traced length) would only be noise."""
     options = session_options()
-    if quiet:
-        options.log_severity_level = 4  # fatal only
+    options.log_severity_level = 4  # fatal only
     return ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
 
 
@@ -671,8 +749,11 @@ def _prove(
             zip([o.name for o in probe.graph.output], _session(probe).run(None, feeds), strict=True)
         )
     except Exception as exc:  # noqa: BLE001
+        fixed = _fixed_inside(original, plan.y.removeprefix(PREFIX))
         raise ImportRefused(
-            f"the original graph does not run on random inputs: {_line(exc)}"
+            f"{fixed} ({_line(exc)})"
+            if fixed
+            else f"the original graph does not run on random inputs: {_line(exc)}"
         ) from None
     y = got[plan.y.removeprefix(PREFIX)]
     y = y[:, 0] if plan.y_squeeze else y
@@ -687,15 +768,20 @@ def _prove(
             expected_finals[st.output] = _unstacked(got[f"probe_{st.output}"], r)
     session = _session(wrapped)
     names = [o.name for o in wrapped.graph.output]
-    whole = dict(zip(names, session.run(None, {INPUT_NAME: x, **initial}), strict=True))
     state = dict(initial)
     streamed_y = []
-    for t in range(steps):
-        step = dict(
-            zip(names, session.run(None, {INPUT_NAME: x[:, t : t + 1], **state}), strict=True)
-        )
-        streamed_y.append(step[OUTPUT_NAME])
-        state = {st.input: step[st.output] for st in _states(plan)}
+    try:
+        whole = dict(zip(names, session.run(None, {INPUT_NAME: x, **initial}), strict=True))
+        for t in range(steps):
+            step = dict(
+                zip(names, session.run(None, {INPUT_NAME: x[:, t : t + 1], **state}), strict=True)
+            )
+            streamed_y.append(step[OUTPUT_NAME])
+            state = {st.input: step[st.output] for st in _states(plan)}
+    except Exception as exc:  # noqa: BLE001
+        raise ImportRefused(
+            f"the wrapped graph does not run {steps} steps whole and one at a time: {_line(exc)}"
+        ) from None
     checks = {
         "whole_vs_original": _worst(
             [(whole[OUTPUT_NAME], expected_y)]
