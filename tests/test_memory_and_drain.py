@@ -21,7 +21,7 @@ from rnnserve.client import Client, RnnServeError
 from rnnserve.ops.config import ServerConfig
 
 CONTAINER_LIMIT = 1024 * 2**20
-"""deploy/kubernetes/rnnserve.yaml's memory limit, which the defaults are sized for."""
+"""deploy/kubernetes/overlays/cpu's memory limit, which the defaults are sized for."""
 HEALTH_PROBE = """
 import sys, time, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
