@@ -91,6 +91,13 @@ def test_any_environment_value_gives_a_valid_config_or_one_line_naming_it(
             "--workers (RNNSERVE_WORKERS) must be auto or a number from 1",
         ),
         (["--max-message-bytes", "4G"], {}, "must be between 1 and 2147483647"),
+        (
+            ["--otlp-endpoint", "otel-collector:4317"],
+            {},
+            "--otlp-endpoint (RNNSERVE_OTLP_ENDPOINT) must be http://host:port (plaintext) or "
+            "https://host:port (TLS); got 'otel-collector:4317'",
+        ),
+        ([], {"RNNSERVE_OTLP_ENDPOINT": "http://otel:99999"}, "must be http://host:port"),
     ],
 )
 def test_bad_values_are_refused_in_one_line(

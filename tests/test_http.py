@@ -172,6 +172,11 @@ def test_the_docs_curl_body_and_errors(url: str) -> None:
     status, answer = get(url, "/v2/models/echo/infer")
     assert status == 405 and "GET /v2/models/echo/infer is not an endpoint" in answer["error"]
     assert get(url, "/v1/anything")[0] == 404
+    for raw, want in ((b"", 200), (b'{"ready": true}', 200), (b"[1]", 400), (b"{", 400)):
+        status, answer = post(url, "/v2/repository/index", raw)
+        assert status == want, (raw, answer)
+    status, answer = post(url, "/v2/repository/index", b'{"ready": "yes"}')
+    assert status == 400 and "ready must be true or false" in answer["error"]
 
 
 def test_binary_sizes_are_checked_against_the_body(url: str) -> None:

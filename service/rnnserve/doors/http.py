@@ -16,7 +16,6 @@ docs/http.md.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from rnnserve.doors.kserve_json import (
     HEADER_LENGTH,
     NAME_CHARS,
     config_json,
+    index_request,
     infer_request,
     infer_response,
     metadata_json,
@@ -222,13 +222,7 @@ class HttpDoor:
         )
 
     async def _index(self, request: web.Request, call: Call) -> web.Response:
-        body = await self._body(request, call)
-        ready_only = False
-        if body.strip():
-            try:
-                ready_only = json.loads(body).get("ready", False) is True
-            except (ValueError, AttributeError):
-                ready_only = False
+        ready_only = index_request(await self._body(request, call))
         return web.json_response(
             [
                 {"name": m.name, "version": m.version, "state": m.state}

@@ -145,6 +145,21 @@ def infer_request(
     return InferRequest(model_name, model_version, request_id, arrays, parameters, names), binary
 
 
+def index_request(body: bytes) -> bool:
+    """Whether a repository index request asks for ready models only: an empty body, or a JSON
+    object whose optional "ready" is a bool (Triton's repository extension)."""
+    if not body.strip():
+        return False
+    try:
+        doc = _object(json.loads(body), "the request body")
+    except (ValueError, RecursionError):
+        raise InvalidArgument("the request body is not a JSON object") from None
+    ready = doc.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidArgument("ready must be true or false")
+    return ready
+
+
 def infer_response(answer: InferResponse, binary: set[str] | None) -> tuple[bytes, int | None]:
     """The body, and the length of its JSON part when binary tensors follow it (for the
     `Inference-Header-Content-Length` header); None for a JSON-only body."""

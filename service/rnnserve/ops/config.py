@@ -9,6 +9,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -342,3 +343,20 @@ def validate(config: ServerConfig) -> None:
         )
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    if config.otlp_endpoint and not _otlp_endpoint(config.otlp_endpoint):
+        raise ValueError(
+            f"{_names('otlp_endpoint')} must be http://host:port (plaintext) or "
+            f"https://host:port (TLS); got {config.otlp_endpoint!r}"
+        )
+
+
+def _otlp_endpoint(endpoint: str) -> bool:
+    """A collector address the exporter reads as meant: the scheme says whether TLS is used,
+    and without one the exporter would try TLS against a plaintext collector and drop every
+    span without a word."""
+    parts = urlsplit(endpoint)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not one
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.path in ("", "/")
