@@ -70,10 +70,7 @@ class RunningServer:
     def sweep(self) -> int:
         """Run the idle sweep now (tests with a FakeClock): how many sessions it evicted."""
 
-        async def evict() -> int:
-            return self.server.engine.evict_idle()
-
-        return self.call(evict())
+        return self.call(self.server.engine.sweep_idle())
 
     def stop(self) -> None:
         self.call(self.server.stop())

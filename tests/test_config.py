@@ -98,6 +98,19 @@ def test_any_environment_value_gives_a_valid_config_or_one_line_naming_it(
             "https://host:port (TLS); got 'otel-collector:4317'",
         ),
         ([], {"RNNSERVE_OTLP_ENDPOINT": "http://otel:99999"}, "must be http://host:port"),
+        (
+            ["--state-store", "/var/lib/sessions.db"],
+            {},
+            "--state-store (RNNSERVE_STATE_STORE) must start with redis://, rediss://, unix://, "
+            "sqlite://; got '/var/lib/sessions.db'",
+        ),
+        (["--state-store", "sqlite:///var/lib/"], {}, "sqlite:// takes the database file's path"),
+        (
+            ["--session-ttl", "86400"],
+            {},
+            "--session-ttl (RNNSERVE_SESSION_TTL) keeps idle sessions in the state store: set "
+            "--state-store (RNNSERVE_STATE_STORE) too",
+        ),
     ],
 )
 def test_bad_values_are_refused_in_one_line(

@@ -20,8 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from rnnserve.cluster.handoff import RedisHandoff
 from rnnserve.cluster.siblings import SIBLING_KEY_HEADER, Siblings, SiblingsServicer, socket_path
+from rnnserve.cluster.stores import open_store
 from rnnserve.doors.admission import Admission, read_slots, reader
 from rnnserve.doors.auth import OPEN_PREFIXES, BearerTokenInterceptor, SharedKeyInterceptor
 from rnnserve.doors.decoding import TolerantServer
@@ -334,22 +334,13 @@ async def create_server(
     )
     sessions = SessionTable(
         config.max_sessions,
-        config.session_idle_timeout,
+        config.session_idle_timeout + config.session_ttl,  # past both, a session ends
         metrics,
         clock,
         max_per_client=config.max_sessions_per_client,
         claims=claims,
     )
-    handoff = (
-        RedisHandoff(
-            config.state_store,
-            config.session_idle_timeout,
-            config.handoff_wait,
-            config.shutdown_grace + config.handoff_wait,
-        )
-        if config.state_store
-        else None
-    )
+    handoff = open_store(config)
     siblings = (
         Siblings(worker.run_dir, worker.index, worker.count, worker.sibling_key)
         if worker is not None and worker.count > 1
@@ -456,7 +447,7 @@ async def create_server(
                 raise
 
     async def sweep() -> None:
-        engine.evict_idle()
+        await engine.sweep_idle()
 
     started.background(
         _every(min(EVICTION_PERIOD_MAX, config.session_idle_timeout / 4), sweep, "idle sweep"),

@@ -180,9 +180,11 @@ class Engine:
         `changed` is awaited whenever what is loading or served changes."""
         await self._registry.sync(changed)
 
-    def evict_idle(self) -> int:
-        """The idle sweep: evict idle sessions, settle moves to siblings, and drop the shared
-        table's rows of sessions this worker lost track of (none, unless a bug)."""
+    async def sweep_idle(self) -> int:
+        """The idle sweep: spill idle sessions to the store (with --session-ttl), evict those
+        idle past their end, settle moves to siblings, and drop the shared table's rows of
+        sessions this worker lost track of (none, unless a bug). How many were evicted."""
+        await self.moves.spill_idle()
         evicted = self._sessions.evict_idle()
         lost = self._sessions.reconcile(self.moves.settle(time.monotonic()))
         if lost:

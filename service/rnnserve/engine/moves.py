@@ -104,6 +104,8 @@ class SessionMoves:
         """Sessions not live here may be held by a sibling worker or another replica."""
         self.shared = handoff is not None
         """Sessions outlive this process in the shared store (--state-store)."""
+        self.spilling = handoff is not None and config.session_ttl > 0
+        """Idle sessions leave memory for the store and come back on their next call."""
         self._claims: list[str] = []
         self._unclaims: list[tuple[str, str]] = []
         self._claiming: asyncio.Task | None = None
@@ -417,29 +419,76 @@ class SessionMoves:
     async def park_on_request(self, session_ids: list[str], owner: str) -> None:
         """Another replica got calls for these sessions: park them for it (after their
         in-flight steps). If the store fails meanwhile they stay live here."""
-        moved, _, _ = await self.release_sessions(session_ids, owner, wait=True)
+        await self._park(session_ids, owner, "released", "requested")
+
+    async def spill_idle(self) -> int:
+        """With --session-ttl: sessions idle past --session-idle-timeout leave memory for the
+        store, where their next call finds them (`adopt`) and brings them back exactly. While
+        they are on their way, this process is marked parking, so such a call waits for them
+        rather than missing them. If the store fails they stay live here and are tried again
+        at the next sweep. How many left."""
+        if not self.spilling:
+            return 0
+        limit = self._sessions.clock() - self.config.session_idle_timeout
+        idle: dict[str, list[str]] = {}
+        for s in self._sessions.live():
+            if s.last_used < limit and not s.lock.locked():
+                idle.setdefault(s.owner, []).append(s.id)
+        if not idle:
+            return 0
+        try:
+            await self._store.announce_parking()
+        except StoreUnavailable as exc:
+            log.warning("idle sessions stay in memory: %s", exc)
+            return 0
+        spilled = 0
+        for owner, ids in idle.items():
+            spilled += await self._park(ids, owner, "spilled", "idle", limit)
+        try:
+            await self._store.park([])  # ends the parking mark
+        except StoreUnavailable:
+            pass  # the mark expires by itself
+        return spilled
+
+    async def _park(
+        self,
+        session_ids: list[str],
+        owner: str,
+        how: str,
+        why: str,
+        idle_before: float | None = None,
+    ) -> int:
+        """Release these sessions (after their in-flight steps) into the store; if the store
+        fails, live here again. How many were parked; `how` labels the handoff metric."""
+        moved, _, _ = await self.release_sessions(
+            session_ids, owner, wait=True, idle_before=idle_before
+        )
         if not moved:
-            return
+            return 0
         try:
             await self._store.give_back(moved)
         except StoreUnavailable as exc:
-            log.warning(
-                "could not park %d requested sessions (%s); they stay here", len(moved), exc
-            )
+            log.warning("could not park %d %s sessions (%s); they stay here", len(moved), why, exc)
             self.take_back(moved)
-            return
+            return 0
         for parked in moved:
-            self.metrics.handoffs.labels(parked.model, str(parked.version), "released").inc()
+            self.metrics.handoffs.labels(parked.model, str(parked.version), how).inc()
+        return len(moved)
 
     async def release_sessions(
-        self, session_ids: list[str], owner: str, wait: bool = False
+        self,
+        session_ids: list[str],
+        owner: str,
+        wait: bool = False,
+        idle_before: float | None = None,
     ) -> tuple[list[ParkedSession], dict[str, str], list[str]]:
         """Let the owner's sessions among the ids go, with their state; why the others ended
         here, if they did; and which are not free to move now. For a sibling worker (not
         `wait`) a session with steps in flight or waiting here is one of those, as is one
         moved on a moment ago: the sibling asks again. Another replica's request (`wait`)
         takes each after its in-flight steps. Sessions of a retiring version stay (the asker
-        cannot serve it)."""
+        cannot serve it). With `idle_before`, a session used since then (its lock held,
+        `last_used` is its latest step's) stays."""
         moved: list[ParkedSession] = []
         ended: dict[str, str] = {}
         moving: list[str] = []
@@ -464,6 +513,9 @@ class SessionMoves:
                 if self._sessions.ended(session):  # while we waited for its lock
                     session.lock.release()
                     continue
+            if idle_before is not None and session.last_used >= idle_before:
+                session.lock.release()  # stepped since the sweep looked: not idle
+                continue
             try:
                 claims = self._sessions.claims
                 if wait or claims is None:

@@ -143,8 +143,18 @@ class ServerConfig:
     )
     state_store: str = _opt(
         "",
-        "redis://host:port/db: on drain, park sessions there for other "
-        "replicas to adopt; empty: sessions end with the process",
+        "where sessions wait outside a process: redis://host:port/db (replicas on many "
+        "machines adopt each other's) or sqlite://PATH (a database file on this machine, "
+        "kept across restarts); a drain parks sessions there, and with --session-ttl so "
+        "does an idle sweep; empty: sessions end with the process",
+    )
+    session_ttl: float = _opt(
+        0.0,
+        "with --state-store: seconds a session idle past --session-idle-timeout waits in the "
+        "store, out of memory, for its next call, which brings it back; 0: idle sessions "
+        "are evicted",
+        minimum=0,
+        maximum=10 * 365 * 86400,
     )
     handoff_wait: float = _opt(
         1.0,
@@ -317,6 +327,10 @@ def _range(f: Any) -> str:
     return f"between {low} and {high}"
 
 
+STORE_SCHEMES = ("redis://", "rediss://", "unix://", "sqlite://")
+"""What --state-store takes: redis-py's URL forms, and a database file on this machine."""
+
+
 def validate(config: ServerConfig) -> None:
     """Every value in range, in one place: each error names the flag and its variable."""
     from rnnserve.ops.cpus import available_cpus
@@ -343,6 +357,19 @@ def validate(config: ServerConfig) -> None:
         )
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    store = config.state_store
+    if store and not store.startswith(STORE_SCHEMES):
+        raise ValueError(
+            f"{_names('state_store')} must start with {', '.join(STORE_SCHEMES)}; got {store!r}"
+        )
+    file = store.removeprefix("sqlite://") if store.startswith("sqlite://") else None
+    if file is not None and (not file or file.endswith("/")):
+        raise ValueError(f"{_names('state_store')}: sqlite:// takes the database file's path")
+    if config.session_ttl and not store:
+        raise ValueError(
+            f"{_names('session_ttl')} keeps idle sessions in the state store: set "
+            f"{_names('state_store')} too"
+        )
     if config.otlp_endpoint and not _otlp_endpoint(config.otlp_endpoint):
         raise ValueError(
             f"{_names('otlp_endpoint')} must be http://host:port (plaintext) or "

@@ -139,7 +139,8 @@ class Metrics:
         )
         self.handoffs = Counter(
             "rnnserve_session_handoffs",
-            "Sessions parked in (on drain) or adopted from the shared state store",
+            "Sessions moved: parked in the state store (on drain), spilled to it (idle), "
+            "released to another replica, adopted from it, moved between workers",
             [*MODEL, "direction"],
             registry=registry,
         )

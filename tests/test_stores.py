@@ -1,0 +1,266 @@
+"""The state stores: one contract, the same tests on each (a real redis-server on loopback, an
+SQLite file on disk); then sessions kept by the SQLite store over the wire, across a restart
+of the server and through idle spills to it."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rnnserve.client import RnnServeError, new_session_id
+from rnnserve.cluster.disk_store import SqliteStore
+from rnnserve.cluster.handoff import RedisHandoff
+from rnnserve.engine.sources import ParkedSession, SharedStore, StoreUnavailable
+from tests.conftest import FakeClock, RunningServer, make_config, running
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server not installed (.ci/run installs it)"
+)
+KINDS = ["redis", "sqlite"]
+
+
+def open_kind(kind: str, redis_url: str, where: Path, ttl: float = 60.0) -> SharedStore:
+    if kind == "redis":
+        return RedisHandoff(redis_url, ttl, wait_seconds=1.0, park_seconds=2.0)
+    return SqliteStore(f"sqlite://{where / 'sessions.db'}", ttl, 1.0, 2.0)
+
+
+@pytest.fixture(params=KINDS)
+def stores(request, redis_url: str, tmp_path: Path) -> Iterator[tuple[SharedStore, SharedStore]]:
+    """Two handles on one store, as two processes (workers or replicas) have."""
+    pair = (
+        open_kind(request.param, redis_url, tmp_path),
+        open_kind(request.param, redis_url, tmp_path),
+    )
+    yield pair
+    for store in pair:
+        asyncio.run(store.close())
+
+
+def parked(owner: str = "", steps: int = 3, seed: int = 0) -> ParkedSession:
+    rng = np.random.default_rng(seed)
+    return ParkedSession(
+        new_session_id(),
+        owner,
+        "echo",
+        1,
+        steps,
+        1.5,
+        {"h0": rng.standard_normal(8).astype(np.float32)},
+        "ab" * 32,
+    )
+
+
+def test_a_parked_session_is_adopted_once_exactly(stores) -> None:
+    a, b = stores
+
+    async def go() -> None:
+        mine, theirs = parked(seed=1), parked("alice", seed=2)
+        await a.park([mine, theirs])
+        assert (await b.adopt([theirs.session_id], "", wait=False)).taken == {}  # alice's
+        got = (await b.adopt([mine.session_id, "unknown"], "", wait=False)).taken
+        assert list(got) == [mine.session_id]
+        back = got[mine.session_id]
+        assert (back.model, back.version, back.steps, back.graph) == ("echo", 1, 3, mine.graph)
+        assert back.states["h0"].tobytes() == mine.states["h0"].tobytes()
+        assert (await a.adopt([mine.session_id], "", wait=False)).taken == {}  # taken once
+        assert list((await a.adopt([theirs.session_id], "alice", wait=False)).taken) == [
+            theirs.session_id
+        ]
+        await a.give_back([mine])
+        assert list((await a.adopt([mine.session_id], "", wait=False)).taken) == [mine.session_id]
+
+    asyncio.run(go())
+
+
+def test_two_adopters_never_both_take_a_session(stores) -> None:
+    a, b = stores
+
+    async def go() -> None:
+        sessions = [parked(seed=i) for i in range(200)]
+        await a.park(sessions)
+        ids = [s.session_id for s in sessions]
+        first, second = await asyncio.gather(
+            a.adopt(ids, "", wait=False), b.adopt(list(reversed(ids)), "", wait=False)
+        )
+        assert not set(first.taken) & set(second.taken)
+        assert set(first.taken) | set(second.taken) == set(ids)
+
+    asyncio.run(go())
+
+
+def test_an_adopter_waits_while_another_process_parks(stores) -> None:
+    a, b = stores
+
+    async def go() -> None:
+        late = parked(seed=3)
+        await a.announce_parking()
+        assert await b.parking()
+
+        async def park_later() -> None:
+            await asyncio.sleep(0.2)
+            await a.park([late])
+
+        parking = asyncio.ensure_future(park_later())
+        got = await b.adopt([late.session_id], "", wait=True)
+        await parking
+        assert list(got.taken) == [late.session_id]
+        assert not await b.parking()  # park ended the mark
+
+    asyncio.run(go())
+
+
+def test_an_id_parked_is_not_new(stores) -> None:
+    a, b = stores
+
+    async def go() -> None:
+        session = parked("bob", seed=4)
+        await a.park([session])
+        assert await b.claim_new(f"bob/{session.session_id}", 60_000) == "parked"
+        assert await b.claim_new(f"bob/{new_session_id()}", 60_000) is None
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_record_expires_after_its_ttl(kind: str, redis_url: str, tmp_path: Path) -> None:
+    async def go() -> None:
+        store = open_kind(kind, redis_url, tmp_path, ttl=0.3)
+        try:
+            session = parked(seed=5)
+            await store.park([session])
+            await asyncio.sleep(0.6)
+            assert (await store.adopt([session.session_id], "", wait=False)).taken == {}
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_store_that_cannot_be_reached_says_so(kind: str, tmp_path: Path) -> None:
+    """A Redis nobody listens on; a database file whose directory is a file."""
+    (tmp_path / "a-file").write_text("")
+    store = (
+        RedisHandoff("redis://127.0.0.1:1/0", 60, 0.1, 1)
+        if kind == "redis"
+        else SqliteStore(f"sqlite://{tmp_path / 'a-file' / 'sessions.db'}", 60, 0.1, 1)
+    )
+
+    async def go() -> None:
+        try:
+            with pytest.raises(StoreUnavailable, match="unreachable|failed"):
+                await store.park([parked()])
+            with pytest.raises(StoreUnavailable):
+                await store.adopt(["x"], "", wait=False)
+            assert not await store.parking()
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_an_unreadable_record_is_lost_loudly_not_served(tmp_path: Path, caplog) -> None:
+    store = SqliteStore(f"sqlite://{tmp_path / 'sessions.db'}", 60, 0.1, 1)
+    session = parked(seed=6)
+
+    async def go() -> None:
+        await store.park([session])
+        with sqlite3.connect(tmp_path / "sessions.db") as db:
+            db.execute("UPDATE parked SET record = ?", (b'{"model": "echo", "states": 3',))
+        assert (await store.adopt([session.session_id], "", wait=False)).taken == {}
+        await store.close()
+
+    asyncio.run(go())
+    assert f"LOST session {session.session_id}: its parked record is unreadable" in caplog.text
+
+
+def bits(seed: int, rows: int, steps: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2, (rows, steps, 2)).astype(np.float32)
+
+
+def test_sessions_continue_exactly_after_a_restart_on_the_same_file(tmp_path: Path) -> None:
+    store = f"sqlite://{tmp_path / 'state' / 'sessions.db'}"
+    x = bits(1, 5, 12)
+    with running() as reference, reference.client() as client:
+        expected = client.predict("binary_add", x).y
+    first = RunningServer(make_config(state_store=store))
+    try:
+        with first.client() as client:
+            ids = [client.open_session("binary_add").session_id for _ in x]
+            head = [client.step(i, row[:7]) for i, row in zip(ids, x)]
+    finally:
+        first.stop()  # SIGTERM's drain parks every session in the file
+    with running(state_store=store) as second, second.client() as client:
+        with client.stream() as stream:
+            assert stream.resume(ids[0]).steps == 7
+            tails = [stream.step(x[0, 7:])]
+        tails += [client.step(i, row[7:]) for i, row in zip(ids[1:], x[1:])]
+        for row, (h, t) in enumerate(zip(head, tails)):
+            assert np.max(np.abs(np.concatenate([h, t]) - expected[row])) <= 1e-5
+        sample = second.server.engine.metrics.registry.get_sample_value
+        labels = {"model": "binary_add", "version": "1", "direction": "adopted"}
+        assert sample("rnnserve_session_handoffs_total", labels) == len(x)
+
+
+def test_idle_sessions_spill_to_the_store_and_come_back_exactly(tmp_path: Path) -> None:
+    clock = FakeClock()
+    x = bits(2, 40, 10)
+    with running() as reference, reference.client() as client:
+        expected = client.predict("binary_add", x).y
+    store = f"sqlite://{tmp_path / 'sessions.db'}"
+    with (
+        running(clock=clock, state_store=store, session_idle_timeout=10, session_ttl=3600) as srv,
+        srv.client() as client,
+    ):
+        ids = [client.open_session("binary_add").session_id for _ in x]
+        head = [client.step(i, row[:4]) for i, row in zip(ids, x)]
+        clock.advance(5)
+        kept = ids[0]
+        client.step(kept, x[0, 4:5])  # used since: stays
+        clock.advance(6)
+        assert srv.sweep() == 0  # nothing evicted: spilled
+        engine = srv.server.engine
+        assert [s.id for s in engine._sessions.live()] == [kept]
+        sample = engine.metrics.registry.get_sample_value
+        labels = {"model": "binary_add", "version": "1"}
+        spilled = {**labels, "direction": "spilled"}
+        assert sample("rnnserve_session_handoffs_total", spilled) == len(x) - 1
+        tails = [client.step(kept, x[0, 5:])]
+        tails += [client.step(i, row[4:]) for i, row in zip(ids[1:], x[1:])]
+        head[0] = np.concatenate([head[0], expected[0, 4:5]])
+        for row, (h, t) in enumerate(zip(head, tails)):
+            assert np.max(np.abs(np.concatenate([h, t]) - expected[row])) <= 1e-5
+        adopted = {**labels, "direction": "adopted"}
+        assert sample("rnnserve_session_handoffs_total", adopted) == len(x) - 1
+        client.close_session(ids[1])
+        with pytest.raises(RnnServeError) as err:
+            client.step(ids[1], x[1, :1])
+        assert err.value.code.name == "FAILED_PRECONDITION"  # closed, as without a store
+
+
+def test_idle_sessions_stay_in_memory_while_the_store_fails(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    clock = FakeClock()
+    store = f"sqlite://{tmp_path / 'a-file' / 'sessions.db'}"
+    x = bits(3, 1, 6)
+    with (
+        running(clock=clock, state_store=store, session_idle_timeout=10, session_ttl=60) as srv,
+        srv.client() as client,
+    ):
+        expected = client.predict("binary_add", x).y
+        session = client.open_session("binary_add").session_id
+        head = client.step(session, x[0, :3])
+        clock.advance(11)
+        assert srv.sweep() == 0
+        assert len(srv.server.engine._sessions.live()) == 1  # kept, not dropped
+        tail = client.step(session, x[0, 3:])
+        assert np.max(np.abs(np.concatenate([head, tail]) - expected[0])) <= 1e-5
+        clock.advance(61 + 11)
+        assert srv.sweep() == 1  # past its whole lifetime it ends, as without a store
