@@ -264,3 +264,32 @@ def test_idle_sessions_stay_in_memory_while_the_store_fails(tmp_path: Path) -> N
         assert np.max(np.abs(np.concatenate([head, tail]) - expected[0])) <= 1e-5
         clock.advance(61 + 11)
         assert srv.sweep() == 1  # past its whole lifetime it ends, as without a store
+
+
+def test_max_sessions_bounds_only_the_sessions_in_memory(tmp_path: Path) -> None:
+    """400 sessions through a table of 50: the least recently used are spilled to make room
+    for each new or returning one, and every one continues exactly; a message naming 40
+    spilled sessions brings all of them back at once, spilling none of its own."""
+    x = bits(4, 400, 6)
+    with running() as reference, reference.client() as client:
+        expected = client.predict("binary_add", x).y
+    store = f"sqlite://{tmp_path / 'sessions.db'}"
+    with (
+        running(state_store=store, session_ttl=3600, max_sessions=50) as srv,
+        srv.client() as client,
+    ):
+        ids = [client.open_session("binary_add").session_id for _ in x]
+        got = [[client.step(i, row[:2])] for i, row in zip(ids, x)]
+        for row in reversed(range(len(x))):  # the most recently spilled come back first
+            got[row].append(client.step(ids[row], x[row, 2:4]))
+        batch = client.step_many(ids[:40], x[:40, 4:])
+        assert not batch.errors
+        for row in range(len(x)):
+            tail = batch.y[row] if row < 40 else client.step(ids[row], x[row, 4:])
+            streamed = np.concatenate([*got[row], tail])
+            assert np.max(np.abs(streamed - expected[row])) <= 1e-5, row
+        engine = srv.server.engine
+        assert len(engine._sessions.live()) <= 50
+        sample = engine.metrics.registry.get_sample_value
+        spilled = {"model": "binary_add", "version": "1", "direction": "spilled"}
+        assert sample("rnnserve_session_handoffs_total", spilled) >= 3 * (len(x) - 50)

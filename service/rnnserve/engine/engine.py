@@ -389,6 +389,8 @@ class Engine:
         self.check_open()
         model = self._registry.get(name, version)
         states = self._states(model, initial_states, 1) if initial_states else None
+        if self.moves.spilling:
+            await self.moves.make_room(1)
         if not (session_id and self.moves.shared):
             return SessionView.of(self._open(model, states, session_id, owner))
         session = self._sessions.open(model, states, session_id, owner)
@@ -528,6 +530,8 @@ class Engine:
                     session_id,
                     exc,
                 )
+            if self.moves.spilling:
+                await self.moves.make_room(1)
             session = self._open(model, initial, session_id, owner)
         elif states:
             raise InvalidArgument(

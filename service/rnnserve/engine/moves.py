@@ -11,10 +11,11 @@ and the server's drain call it directly. Where sessions go is behind the `Siblin
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
@@ -49,6 +50,8 @@ several workers (tests/test_workers.py)."""
 LEND_TIMEOUT = MOVE_CALL_TIMEOUT + 1.0
 """Seconds after which a session let go to a sibling has arrived there or never will: the
 sibling's call has passed its deadline."""
+ROOM_SHARE = 32
+"""make_room spills at least 1/ROOM_SHARE of --max-sessions at a time."""
 MOVE_POLL = 0.002
 MOVE_POLL_MAX = 0.05
 """Seconds between asks for a session that is busy elsewhere or on its way: doubling from the
@@ -183,6 +186,7 @@ class SessionMoves:
         missing = self._sessions.adoptable_among(session_ids, owner)
         if not missing:
             return {}
+        await self.make_room(len(missing), keep=session_ids)
         failed: dict[str, ServingError] = {}
         if self._siblings is not None:
             missing, failed = await self._from_siblings(missing, owner)
@@ -434,16 +438,44 @@ class SessionMoves:
         for s in self._sessions.live():
             if s.last_used < limit and not s.lock.locked():
                 idle.setdefault(s.owner, []).append(s.id)
-        if not idle:
-            return 0
+        return await self._spill(idle, limit) if idle else 0
+
+    async def make_room(self, needed: int, keep: Collection[str] = ()) -> None:
+        """With --session-ttl, --max-sessions bounds only the sessions in memory: when `needed`
+        more would not fit, the least recently used (none stepping, none of `keep`, the ids of
+        the call that needs the room) are spilled to the store first. A batch of at least
+        1/ROOM_SHARE of the table at a time, so that a run of new sessions spills at every
+        ROOM_SHARE-th open, not at each. If the store fails, the call that needed the room
+        gets RESOURCE_EXHAUSTED as without a store."""
+        if not self.spilling:
+            return
+        table = self._sessions
+        short = len(table) + needed - table.max_sessions
+        if short <= 0:
+            return
+        candidates = [s for s in table.live() if s.id not in keep and not s.lock.locked()]
+        chosen = heapq.nsmallest(
+            max(short, table.max_sessions // ROOM_SHARE), candidates, key=lambda s: s.last_used
+        )
+        if not chosen:
+            return
+        by_owner: dict[str, list[str]] = {}
+        for s in chosen:
+            by_owner.setdefault(s.owner, []).append(s.id)
+        used_since = max(s.last_used for s in chosen) + 1e-9
+        await self._spill(by_owner, used_since)
+
+    async def _spill(self, by_owner: dict[str, list[str]], idle_before: float) -> int:
+        """Park these sessions (those used since `idle_before` stay), this process marked as
+        parking meanwhile so that a call for one of them waits for it rather than missing it."""
         try:
             await self._store.announce_parking()
         except StoreUnavailable as exc:
-            log.warning("idle sessions stay in memory: %s", exc)
+            log.warning("sessions stay in memory: %s", exc)
             return 0
         spilled = 0
-        for owner, ids in idle.items():
-            spilled += await self._park(ids, owner, "spilled", "idle", limit)
+        for owner, ids in by_owner.items():
+            spilled += await self._park(ids, owner, "spilled", "idle", idle_before)
         try:
             await self._store.park([])  # ends the parking mark
         except StoreUnavailable:

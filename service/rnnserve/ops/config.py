@@ -74,8 +74,8 @@ class ServerConfig:
     )
     max_sessions: int = _opt(
         10_000,
-        "live sessions in all; more get RESOURCE_EXHAUSTED "
-        "(each model preallocates this many state slots)",
+        "sessions in memory; more get RESOURCE_EXHAUSTED, or with --session-ttl the least "
+        "recently used wait in the state store (each model preallocates this many state slots)",
         minimum=1,
     )
     session_idle_timeout: float = _opt(
