@@ -5,15 +5,20 @@ of the server and through idle spills to it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rnnserve.client import RnnServeError, new_session_id
+from bench.cluster import ServerProcess
+from rnnserve.client import Client, RnnServeError, new_session_id
 from rnnserve.cluster.disk_store import SqliteStore
 from rnnserve.cluster.handoff import RedisHandoff
 from rnnserve.engine.sources import ParkedSession, SharedStore, StoreUnavailable
@@ -293,3 +298,58 @@ def test_max_sessions_bounds_only_the_sessions_in_memory(tmp_path: Path) -> None
         sample = engine.metrics.registry.get_sample_value
         spilled = {"model": "binary_add", "version": "1", "direction": "spilled"}
         assert sample("rnnserve_session_handoffs_total", spilled) >= 3 * (len(x) - 50)
+
+
+def test_two_workers_share_the_file_through_spills_a_crash_and_a_restart(tmp_path: Path) -> None:
+    """`serve --workers 2` on one file: sessions spilled by either worker come back on
+    whichever worker their next call reaches; a SIGKILLed worker loses none of the sessions
+    that were in the file; a drain and a restart on the same file continue the rest."""
+    x = bits(5, 12, 9)
+    flags = (
+        "--workers", "2", "--state-store", f"sqlite://{tmp_path / 'sessions.db'}",
+        "--session-idle-timeout", "0.4", "--session-ttl", "600",
+    )  # fmt: skip
+    server = ServerProcess(tmp_path / "log", *flags, metrics=True)
+    try:
+        with Client(server.address) as client:
+            expected = client.predict("binary_add", x).y
+        ids = []
+        for _ in x:
+            with Client(server.address) as client:  # a connection each: either worker
+                ids.append(client.open_session("binary_add").session_id)
+        got: list[list[np.ndarray]] = [[] for _ in x]
+
+        def steps(t: slice) -> None:
+            for row, session in enumerate(ids):
+                with Client(server.address) as client:
+                    got[row].append(client.step(session, x[row, t]))
+
+        steps(slice(0, 3))
+        deadline = time.monotonic() + 20
+        while server.metric("rnnserve_session_handoffs_total", direction="spilled") < len(x):
+            assert time.monotonic() < deadline, "idle sessions were not spilled"
+            time.sleep(0.1)
+        assert server.metric("rnnserve_sessions") == 0
+        workers = subprocess.run(
+            ["pgrep", "-P", str(server.proc.pid), "-f", "spawn_main"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        os.kill(int(workers[0]), signal.SIGKILL)  # a worker dies: what it spilled is safe
+        deadline = time.monotonic() + 60
+        while not (
+            server.metric("rnnserve_worker_restarts_total") == 1
+            and server.metric("rnnserve_workers") == 2
+        ):
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.1)
+        steps(slice(3, 6))
+    finally:
+        server.stop()  # the drain parks what is in memory now
+    server = ServerProcess(tmp_path / "log2", *flags, metrics=True)
+    try:
+        steps(slice(6, 9))
+    finally:
+        server.stop()
+    for row in range(len(x)):
+        assert np.max(np.abs(np.concatenate(got[row]) - expected[row])) <= 1e-5, row

@@ -220,6 +220,10 @@ class SessionMoves:
             moved |= brought
             ended.update(gone)
             moving |= self._leaving(asking, owner) - brought
+            if moving and self.spilling:
+                parked = await self._parked_since(sorted(moving), owner)
+                moved |= parked
+                moving -= parked
             if not moving or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(pause)  # a caller that gives up stops asking here
@@ -240,6 +244,19 @@ class SessionMoves:
                 retry_after=MOVE_POLL_MAX,
             )
         return [i for i in missing if i not in moved and i not in failed], failed
+
+    async def _parked_since(self, session_ids: list[str], owner: str) -> set[str]:
+        """Those of the ids a sibling called on their way that are parked in the store: a
+        session moved between workers a moment ago and spilled by its new holder since is not
+        on its way any more (only a session no process holds is parked); adopted here."""
+        try:
+            adoption = await self._not_lost(
+                self._store.adopt(session_ids, owner, wait=False),
+                self._keep_adopted,
+            )
+        except StoreUnavailable:
+            return set()
+        return set(adoption.taken)
 
     def _leaving(self, session_ids: list[str], owner: str) -> set[str]:
         """Those of the ids this worker lent to a sibling and that are not yet settled: on
@@ -567,8 +584,8 @@ class SessionMoves:
                     if displaced is not None:
                         self._sessions.free(displaced[0])
                     self._lent[(owner, session_id)] = (session, now)
-                self._moved_away[(owner, session_id)] = now
-                self._moved_away.move_to_end((owner, session_id))
+                    self._moved_away[(owner, session_id)] = now
+                    self._moved_away.move_to_end((owner, session_id))
             finally:
                 session.lock.release()
         return moved, ended, moving
