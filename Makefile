@@ -10,7 +10,7 @@ PROTOS := $(shell find proto -name '*.proto')
 IMAGE  ?= rnnserve
 ORT    ?= cpu
 
-.PHONY: install install-test constraints serve test docs test-container test-container-gpu train bench bench-soak bench-workers bench-gpu bench-scale-out bench-instructions proto lint torch-exports docker docker-gpu docker-train clean
+.PHONY: install install-test constraints serve test docs test-container test-container-gpu train bench bench-soak bench-workers bench-gpu bench-scale-out bench-instructions bench-tiered proto lint torch-exports docker docker-gpu docker-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -90,6 +90,11 @@ bench-workers: install-test
 
 # Instructions per message inside the server, beside the floor's; REV=<git rev> adds that
 # revision's (bench/instructions.py; needs valgrind: apt-get install valgrind).
+# 100,000 sessions through 1,000 in memory (--session-ttl and an SQLite store): cold and hot
+# step latency side by side, every output checked (about 10 minutes on 2 cores).
+bench-tiered: install-test
+	$(PY) -m bench.tiered
+
 bench-instructions: install-test
 	$(PY) -m bench.instructions $(if $(REV),--against $(REV))
 

@@ -398,14 +398,19 @@ def test_parked_records_that_do_not_fit_take_no_slot(redis_url: str) -> None:
             "NaN": record(states=not_finite),
             "other graph": record(graph="0" * 64),
         }
+        unreadable = {"null", "list", "huge steps", "negative steps"}
         ids = {}
         for n, (case, text) in enumerate(records.items()):
             ids[case] = f"{n:032x}"
             store.set(KEY_PREFIX + ids[case], text)
-            for _ in range(3):  # each call tries to adopt it again
+            for attempt in range(3):  # each call tries to adopt it again
                 with pytest.raises(RnnServeError) as err:
                     client.step(ids[case], np.zeros((1, 2), np.float32))
-                assert err.value.code.name == "NOT_FOUND", (case, err.value)
+                # An unreadable record is taken out and its first call told the session is
+                # lost; a readable one that does not fit stays for a replica that can hold it.
+                lost = case in unreadable and attempt == 0
+                want = "FAILED_PRECONDITION" if lost else "NOT_FOUND"
+                assert err.value.code.name == want, (case, err.value)
         opened = [client.open_session("binary_add").session_id for _ in range(3)]
         assert len(opened) == 3  # every slot is still free
         assert store.exists(KEY_PREFIX + ids["other graph"])

@@ -171,19 +171,56 @@ def test_a_store_that_cannot_be_reached_says_so(kind: str, tmp_path: Path) -> No
     asyncio.run(go())
 
 
-def test_an_unreadable_record_is_lost_loudly_not_served(tmp_path: Path, caplog) -> None:
-    store = SqliteStore(f"sqlite://{tmp_path / 'sessions.db'}", 60, 0.1, 1)
-    session = parked(seed=6)
+def corrupt(kind: str, redis_url: str, where: Path, key: str, record: bytes) -> None:
+    """Overwrite a parked record behind the store's back."""
+    if kind == "redis":
+        import redis
+
+        with redis.Redis.from_url(redis_url) as client:
+            client.set(f"rnnserve:session:{key}", record, px=60_000)
+    else:
+        with sqlite3.connect(where / "sessions.db") as db:
+            db.execute("UPDATE parked SET record = ? WHERE key = ?", (record, key))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_unreadable_record_is_lost_loudly_not_served(
+    kind: str, redis_url: str, tmp_path: Path, caplog
+) -> None:
+    store = open_kind(kind, redis_url, tmp_path)
+    session, fine = parked(seed=6), parked(seed=7)
 
     async def go() -> None:
-        await store.park([session])
-        with sqlite3.connect(tmp_path / "sessions.db") as db:
-            db.execute("UPDATE parked SET record = ?", (b'{"model": "echo", "states": 3',))
-        assert (await store.adopt([session.session_id], "", wait=False)).taken == {}
+        await store.park([session, fine])
+        corrupt(kind, redis_url, tmp_path, session.session_id, b'{"model": "echo", "states": 3')
+        got = await store.adopt([session.session_id, fine.session_id], "", wait=False)
+        assert list(got.taken) == [fine.session_id]
+        assert "Expecting" in got.unreadable[session.session_id]  # json's own words
+        assert (await store.adopt([session.session_id], "", wait=False)).taken == {}  # gone
         await store.close()
 
     asyncio.run(go())
     assert f"LOST session {session.session_id}: its parked record is unreadable" in caplog.text
+
+
+def test_a_call_for_a_session_whose_record_is_unreadable_is_told_so(tmp_path: Path) -> None:
+    store = f"sqlite://{tmp_path / 'sessions.db'}"
+    first = RunningServer(make_config(state_store=store))
+    try:
+        with first.client() as client:
+            session = client.open_session("echo").session_id
+            client.step(session, [1.0])
+    finally:
+        first.stop()  # parked
+    with sqlite3.connect(tmp_path / "sessions.db") as db:  # truncated on disk
+        db.execute("UPDATE parked SET record = substr(record, 1, 40)")
+    with running(state_store=store) as second, second.client() as client:
+        with pytest.raises(RnnServeError) as err:
+            client.step(session, [1.0])
+        assert err.value.code.name == "FAILED_PRECONDITION"
+        assert "was in the state store, but its record is unreadable" in err.value.message
+        sample = second.server.engine.metrics.registry.get_sample_value
+        assert sample("rnnserve_sessions_lost_total", {"reason": "store"}) == 1
 
 
 def bits(seed: int, rows: int, steps: int) -> np.ndarray:

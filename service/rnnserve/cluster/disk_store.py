@@ -22,7 +22,6 @@ shares the file. So claims record nothing and no release request is ever heard.
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import sqlite3
 import time
@@ -31,7 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from rnnserve.engine.sources import Adoption, ParkedSession, StoreUnavailable, store_key
+from rnnserve.engine.sources import (
+    Adoption,
+    ParkedSession,
+    StoreUnavailable,
+    decode_or_lose,
+    store_key,
+)
 
 SCHEME = "sqlite://"
 BUSY_TIMEOUT_MS = 5000
@@ -50,7 +55,6 @@ CREATE TABLE IF NOT EXISTS parking (
 ) WITHOUT ROWID;
 """
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 
 
 def path_of(url: str) -> Path:
@@ -161,16 +165,16 @@ class SqliteStore:
         adoption = Adoption({}, {})
         missing = list(session_ids)
         while missing:
-            parking, taken = await self._take_once(missing, owner)
+            parking, taken = await self._take_once(missing, owner, adoption)
             adoption.taken.update(taken)
-            missing = [i for i in missing if i not in adoption.taken]
+            missing = [i for i in missing if i not in taken and i not in adoption.unreadable]
             if not (missing and parking and wait) or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(ADOPT_POLL)
         return adoption
 
     async def _take_once(
-        self, session_ids: list[str], owner: str
+        self, session_ids: list[str], owner: str, adoption: Adoption
     ) -> tuple[bool, dict[str, ParkedSession]]:
         keys = {store_key(owner, i): i for i in session_ids}
         now = self.clock()
@@ -190,11 +194,9 @@ class SqliteStore:
         parking, found = await self._run(take)
         taken: dict[str, ParkedSession] = {}
         for key, record in found:
-            session_id = keys[key]
-            try:
-                taken[session_id] = ParkedSession.decode(session_id, record)
-            except ValueError as exc:  # binascii's and json's errors included
-                log.error("LOST session %s: its parked record is unreadable (%s)", session_id, exc)
+            decoded = decode_or_lose(keys[key], record, adoption)
+            if decoded is not None:
+                taken[keys[key]] = decoded
         return parking, taken
 
     async def parking(self) -> bool:

@@ -22,7 +22,13 @@ import logging
 import secrets
 import time
 
-from rnnserve.engine.sources import Adoption, ParkedSession, StoreUnavailable, store_key
+from rnnserve.engine.sources import (
+    Adoption,
+    ParkedSession,
+    StoreUnavailable,
+    decode_or_lose,
+    store_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +168,7 @@ class RedisHandoff:
         while missing:
             try:
                 parking, taken = await self._take_once(
-                    missing, owner, adoption.held, ask_holders=not expected and not tries
+                    missing, owner, adoption, ask_holders=not expected and not tries
                 )
             except self._errors as exc:
                 if not adoption.taken:
@@ -171,7 +177,7 @@ class RedisHandoff:
                     ) from None
                 break  # already out of the store: the caller restores them
             adoption.taken.update(taken)
-            missing = [i for i in missing if i not in adoption.taken]
+            missing = [i for i in missing if i not in taken and i not in adoption.unreadable]
             if not (missing and (parking and wait or expected)) or time.monotonic() >= deadline:
                 break
             tries += 1  # a holder asked to park takes a millisecond or two: look again soon
@@ -185,10 +191,11 @@ class RedisHandoff:
         return adoption
 
     async def _take_once(
-        self, session_ids: list[str], owner: str, held: dict[str, list[str]], ask_holders: bool
+        self, session_ids: list[str], owner: str, adoption: Adoption, ask_holders: bool
     ) -> tuple[bool, dict[str, ParkedSession]]:
         """One run of TAKE_SCRIPT: whether a replica is parking, and the sessions taken; the
-        ids other replicas hold are added to `held` by holder."""
+        ids other replicas hold are added to the adoption's `held` by holder, those whose
+        records are unreadable to its `unreadable`."""
         reply = await self._take(
             keys=[PARKING_KEY, *(KEY_PREFIX + store_key(owner, i) for i in session_ids)],
             args=[_now_ms(), OWNER_PREFIX if ask_holders else "", len(KEY_PREFIX), self.replica],
@@ -196,13 +203,12 @@ class RedisHandoff:
         taken: dict[str, ParkedSession] = {}
         for position, value in zip(reply[1::2], reply[2::2]):
             if position < 0:
-                held.setdefault(value.decode(), []).append(session_ids[-position - 1])
+                adoption.held.setdefault(value.decode(), []).append(session_ids[-position - 1])
                 continue
             session_id = session_ids[position - 1]
-            try:
-                taken[session_id] = ParkedSession.decode(session_id, value)
-            except ValueError as exc:  # binascii's and json's errors included
-                log.error("LOST session %s: its parked record is unreadable (%s)", session_id, exc)
+            decoded = decode_or_lose(session_id, value, adoption)
+            if decoded is not None:
+                taken[session_id] = decoded
         return bool(reply[0]), taken
 
     async def parking(self) -> bool:

@@ -336,7 +336,16 @@ class SessionMoves:
             adoption = await self._not_lost(
                 self._store.adopt(missing, owner, wait), self._keep_adopted
             )
-            taken = set(adoption.taken)
+            unreadable: dict[str, ServingError] = {
+                i: FailedPrecondition(
+                    f"session {i} was in the state store, but its record is unreadable "
+                    f"({why}), so it is lost; open a new session"
+                )
+                for i, why in adoption.unreadable.items()
+            }
+            if unreadable:
+                self.metrics.lost.labels("store").inc(len(unreadable))
+            taken = set(adoption.taken) | unreadable.keys()
             if adoption.held and await self._store.request_release(adoption.held, owner):
                 held = [i for ids in adoption.held.values() for i in ids]
                 taken.update(
@@ -354,13 +363,13 @@ class SessionMoves:
             )
             return dict.fromkeys(missing, error)
         if wait or len(taken) == len(missing) or not await self._store.parking():
-            return {}
+            return unreadable
         busy = Unavailable(
             "this session may be on its way from a replica that is shutting "
             "down; retry in a moment",
             retry_after=0.2,
         )
-        return {i: busy for i in missing if i not in taken}
+        return {**unreadable, **{i: busy for i in missing if i not in taken}}
 
     def restore(self, parked: ParkedSession, how: str) -> bool:
         """Make a taken session live here, in the same loop turn as it left the store or its

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeGuard
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MOVE_CALL_TIMEOUT = 5.0
 """Seconds a call to a sibling worker may take: one that does not answer in time (restarting,
@@ -103,6 +106,19 @@ class ParkedSession:
         return None
 
 
+def decode_or_lose(session_id: str, record: bytes, adoption: Adoption) -> ParkedSession | None:
+    """A record a store just took out, decoded; or None, with the session logged as lost and
+    the reason kept in the adoption for its call (the record is gone from the store either
+    way: it could never be served)."""
+    try:
+        return ParkedSession.decode(session_id, record)
+    except (ValueError, RecursionError) as exc:  # binascii's and json's errors included
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        log.error("LOST session %s: its parked record is unreadable (%s)", session_id, reason)
+        adoption.unreadable[session_id] = reason
+        return None
+
+
 def store_key(owner: str, session_id: str) -> str:
     """A session's name in the store: ids are each client's own, so the owner is part of it
     (client names hold no '/'); without auth every caller is "" and the key is the id."""
@@ -115,11 +131,13 @@ def _whole(value: object) -> TypeGuard[int]:
 
 @dataclass
 class Adoption:
-    """What one `adopt` found: the sessions it took out of the store, and the ids it did not
-    find parked that other live replicas hold (by holder)."""
+    """What one `adopt` found: the sessions it took out of the store, the ids it did not
+    find parked that other live replicas hold (by holder), and the ids whose records it took
+    out but could not read (with why): those sessions are lost, and their calls are told so."""
 
     taken: dict[str, ParkedSession]
     held: dict[str, list[str]]
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 class StoreUnavailable(Exception):

@@ -148,7 +148,7 @@ class Metrics:
             "rnnserve_sessions_lost",
             "Sessions lost, by where: drain (the "
             "shared store could not take them), move (between workers), store "
-            "(taken from the store, could not be parked again)",
+            "(taken from the store, could not be parked again, or its record unreadable)",
             ["reason"],
             registry=registry,
         )
