@@ -52,7 +52,11 @@ CMD ["python", "-m", "training", "train", "--task", "all", "--out", "exported"]
 # What both serving images share: the user, the environment, the probe and the entry point.
 FROM ${PYTHON_IMAGE} AS serving
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/rnnserve \
-        --shell /usr/sbin/nologin rnnserve
+        --shell /usr/sbin/nologin rnnserve \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/rnnserve
+# /var/lib/rnnserve: where a volume for the SQLite state store goes
+# (-v rnnserve-state:/var/lib/rnnserve -e RNNSERVE_STATE_STORE=sqlite:///var/lib/rnnserve/sessions.db);
+# a new named volume takes this directory's owner, so the server may write there.
 # The committed models; mount another repository over this path to serve your own.
 COPY exported /srv/rnnserve/exported
 # XDG_CACHE_HOME: ONNX Runtime keeps a file there, and /tmp is the one path that must stay

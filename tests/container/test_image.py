@@ -180,6 +180,39 @@ def test_sessions_parked_by_one_container_resume_exactly_in_another(image: str, 
         redis.stop()
 
 
+def test_sessions_kept_in_a_volume_continue_in_the_next_container(image: str, containers) -> None:
+    """The SQLite state store on a named volume, under a read-only root: `docker stop` parks
+    the sessions in the file, and a new container on the same volume continues them exactly."""
+    volume = f"rnnserve-test-{time.time_ns()}"
+    docker("volume", "create", volume)
+    flags = ("--read-only", "--tmpfs", "/tmp", "-v", f"{volume}:/var/lib/rnnserve")
+    store = {"RNNSERVE_STATE_STORE": "sqlite:///var/lib/rnnserve/sessions.db"}
+    try:
+        first = Container(image, *flags, env=store)
+        containers.append(first)
+        first.wait_serving()
+        xs = bits(4, (4, 12, 2))
+        with Client(first.address) as client:
+            ids = [client.open_session("binary_add").session_id for _ in xs]
+            heads = [client.step(i, x[:5]) for i, x in zip(ids, xs)]
+        code, _ = first.stop()
+        assert code == 0
+        assert sum(int(m.split()[1]) for m in first.messages() if m.startswith("parked ")) == len(
+            xs
+        ), first.messages()
+        second = Container(image, *flags, env=store)
+        containers.append(second)
+        second.wait_serving()
+        with Client(second.address) as client:
+            tails = [client.step(i, x[5:]) for i, x in zip(ids, xs)]
+        got = np.stack([np.concatenate(pair) for pair in zip(heads, tails)])
+        np.testing.assert_allclose(got, reference("binary_add", xs), rtol=0, atol=1e-5)
+    finally:
+        for container in containers:
+            docker("rm", "-f", container.name, check=False)
+        docker("volume", "rm", "-f", volume, check=False)
+
+
 def test_read_only_root_with_a_tmpfs_serves_and_without_one_says_what_to_mount(
     image: str, containers
 ) -> None:
