@@ -216,7 +216,9 @@ class Replica(ServerProcess):
 
 
 class Redis:
-    def __init__(self) -> None:
+    def __init__(self, *flags: str) -> None:
+        """redis-server on a free loopback port, nothing saved; `flags` are more of its own
+        (e.g. --maxmemory 1mb)."""
         self.port, self.proc = on_free_port(
             lambda port: subprocess.Popen(
                 [
@@ -229,6 +231,7 @@ class Redis:
                     "",
                     "--appendonly",
                     "no",
+                    *flags,
                 ],
                 stdout=subprocess.DEVNULL,
             )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.cluster import ServerProcess
+from bench.cluster import Redis, ServerProcess
 from rnnserve.client import Client, RnnServeError, new_session_id
 from rnnserve.cluster.disk_store import SqliteStore
 from rnnserve.cluster.handoff import RedisHandoff
@@ -390,3 +390,35 @@ def test_two_workers_share_the_file_through_spills_a_crash_and_a_restart(tmp_pat
         server.stop()
     for row in range(len(x)):
         assert np.max(np.abs(np.concatenate(got[row]) - expected[row])) <= 1e-5, row
+
+
+def test_a_full_redis_keeps_idle_sessions_in_memory_and_leaves_no_record(tmp_path: Path) -> None:
+    """Redis at its maxmemory refuses the spill's writes partway: every session stays live and
+    exact, and no record is left in Redis beside a live session."""
+    import redis as redis_py
+
+    full = Redis("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+    try:
+        with redis_py.Redis.from_url(full.url) as direct:
+            for n in range(8):  # most of the 3 MiB, in pieces Redis accepts
+                direct.set(f"ballast:{n}", b"x" * 100_000)
+            clock = FakeClock()
+            x = bits(6, 1500, 4)
+            with running() as reference, reference.client() as client:
+                expected = client.predict("binary_add", x).y
+            with (
+                running(
+                    clock=clock, state_store=full.url, session_idle_timeout=10, session_ttl=60
+                ) as srv,
+                srv.client() as client,
+            ):
+                ids = [client.open_session("binary_add").session_id for _ in x]
+                head = client.step_many(ids, x[:, :2]).y
+                clock.advance(11)
+                srv.sweep()
+                assert len(srv.server.engine._sessions.live()) == len(x)  # all kept
+                assert direct.keys("rnnserve:session:*") == []
+                tail = client.step_many(ids, x[:, 2:]).y
+                assert np.max(np.abs(np.concatenate([head, tail], axis=1) - expected)) <= 1e-5
+    finally:
+        full.stop()

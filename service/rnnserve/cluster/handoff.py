@@ -17,6 +17,7 @@ it as above. Redis does all the coordination; there is no cluster protocol of ou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -141,17 +142,23 @@ class RedisHandoff:
         await self._store(sessions, done_parking=True)
 
     async def _store(self, sessions: list[ParkedSession], done_parking: bool) -> None:
+        """All the sessions, or StoreUnavailable and none of them: a failure partway (Redis
+        full: 'OOM command not allowed' for the SETs past maxmemory) deletes the records the
+        batch did write, since the caller keeps every session live, and a record left beside
+        a live session could be adopted elsewhere and diverge from it."""
+        keys = [KEY_PREFIX + store_key(s.owner, s.session_id) for s in sessions]
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for s in sessions:
-                    pipe.set(
-                        KEY_PREFIX + store_key(s.owner, s.session_id), s.encode(), px=self.ttl_ms
-                    )
+                for key, s in zip(keys, sessions):
+                    pipe.set(key, s.encode(), px=self.ttl_ms)
                 if done_parking:
                     pipe.zrem(PARKING_KEY, self.replica)  # adopters need not wait for us
                 await pipe.execute()
         except self._errors as exc:
-            raise StoreUnavailable(f"the shared state store is unreachable ({exc})") from None
+            if keys:
+                with contextlib.suppress(*self._errors):  # DEL runs even when Redis is full
+                    await self.client.delete(*keys)
+            raise StoreUnavailable(f"the shared state store failed ({exc})") from None
 
     async def adopt(
         self, session_ids: list[str], owner: str, wait: bool, expected: bool = False
