@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +36,23 @@ def open_kind(kind: str, redis_url: str, where: Path, ttl: float = 60.0) -> Shar
 
 
 @pytest.fixture(params=KINDS)
-def stores(request, redis_url: str, tmp_path: Path) -> Iterator[tuple[SharedStore, SharedStore]]:
-    """Two handles on one store, as two processes (workers or replicas) have."""
-    pair = (
-        open_kind(request.param, redis_url, tmp_path),
-        open_kind(request.param, redis_url, tmp_path),
-    )
-    yield pair
-    for store in pair:
-        asyncio.run(store.close())
+def stores(request, redis_url: str, tmp_path: Path):
+    """Two handles on one store, as two processes (workers or replicas) have: a test's
+    coroutine gets them and they are closed on its own event loop."""
+
+    def run(test) -> None:
+        async def go() -> None:
+            a = open_kind(request.param, redis_url, tmp_path)
+            b = open_kind(request.param, redis_url, tmp_path)
+            try:
+                await test(a, b)
+            finally:
+                await a.close()
+                await b.close()
+
+        asyncio.run(go())
+
+    return run
 
 
 def parked(owner: str = "", steps: int = 3, seed: int = 0) -> ParkedSession:
@@ -63,9 +70,7 @@ def parked(owner: str = "", steps: int = 3, seed: int = 0) -> ParkedSession:
 
 
 def test_a_parked_session_is_adopted_once_exactly(stores) -> None:
-    a, b = stores
-
-    async def go() -> None:
+    async def go(a: SharedStore, b: SharedStore) -> None:
         mine, theirs = parked(seed=1), parked("alice", seed=2)
         await a.park([mine, theirs])
         assert (await b.adopt([theirs.session_id], "", wait=False)).taken == {}  # alice's
@@ -81,13 +86,11 @@ def test_a_parked_session_is_adopted_once_exactly(stores) -> None:
         await a.give_back([mine])
         assert list((await a.adopt([mine.session_id], "", wait=False)).taken) == [mine.session_id]
 
-    asyncio.run(go())
+    stores(go)
 
 
 def test_two_adopters_never_both_take_a_session(stores) -> None:
-    a, b = stores
-
-    async def go() -> None:
+    async def go(a: SharedStore, b: SharedStore) -> None:
         sessions = [parked(seed=i) for i in range(200)]
         await a.park(sessions)
         ids = [s.session_id for s in sessions]
@@ -97,13 +100,11 @@ def test_two_adopters_never_both_take_a_session(stores) -> None:
         assert not set(first.taken) & set(second.taken)
         assert set(first.taken) | set(second.taken) == set(ids)
 
-    asyncio.run(go())
+    stores(go)
 
 
 def test_an_adopter_waits_while_another_process_parks(stores) -> None:
-    a, b = stores
-
-    async def go() -> None:
+    async def go(a: SharedStore, b: SharedStore) -> None:
         late = parked(seed=3)
         await a.announce_parking()
         assert await b.parking()
@@ -118,19 +119,17 @@ def test_an_adopter_waits_while_another_process_parks(stores) -> None:
         assert list(got.taken) == [late.session_id]
         assert not await b.parking()  # park ended the mark
 
-    asyncio.run(go())
+    stores(go)
 
 
 def test_an_id_parked_is_not_new(stores) -> None:
-    a, b = stores
-
-    async def go() -> None:
+    async def go(a: SharedStore, b: SharedStore) -> None:
         session = parked("bob", seed=4)
         await a.park([session])
         assert await b.claim_new(f"bob/{session.session_id}", 60_000) == "parked"
         assert await b.claim_new(f"bob/{new_session_id()}", 60_000) is None
 
-    asyncio.run(go())
+    stores(go)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -27,7 +27,6 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 
 from rnnserve.engine.sources import (
@@ -35,10 +34,11 @@ from rnnserve.engine.sources import (
     ParkedSession,
     StoreUnavailable,
     decode_or_lose,
+    record_ttl,
     store_key,
 )
+from rnnserve.ops.config import sqlite_path
 
-SCHEME = "sqlite://"
 BUSY_TIMEOUT_MS = 5000
 """How long a write waits for another worker's transaction before giving up."""
 ADOPT_POLL = 0.05
@@ -57,15 +57,6 @@ CREATE TABLE IF NOT EXISTS parking (
 T = TypeVar("T")
 
 
-def path_of(url: str) -> Path:
-    """The database file a `sqlite://PATH` store URL names (sqlite:///var/lib/x.db is
-    /var/lib/x.db; sqlite://x.db is x.db in the working directory)."""
-    path = url.removeprefix(SCHEME)
-    if not path or path.endswith("/"):
-        raise ValueError(f"{url!r} names no file: sqlite:// takes the database file's path")
-    return Path(path)
-
-
 class SqliteStore:
     """Parks and adopts sessions in an SQLite database file."""
 
@@ -77,7 +68,7 @@ class SqliteStore:
         park_seconds: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = path_of(url)
+        self.path = sqlite_path(url)
         self.ttl = ttl_seconds
         self.wait_seconds = wait_seconds
         self.park_seconds = park_seconds
@@ -111,19 +102,31 @@ class SqliteStore:
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def transaction() -> T:
             db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute("BEGIN IMMEDIATE")
                 result = work(db)
+                db.execute("COMMIT")
+                return result
             except BaseException:
-                db.execute("ROLLBACK")
+                self._abandon(db)
                 raise
-            db.execute("COMMIT")
-            return result
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, transaction)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: closed
             raise StoreUnavailable(f"the state store {self.path} failed ({exc})") from None
+
+    def _abandon(self, db: sqlite3.Connection) -> None:
+        """After a failure: roll back what is open, so this connection never keeps the
+        file's write lock (a COMMIT that failed on a full disk would hold it, and every
+        worker's next write would wait out the busy timeout); a connection that cannot even
+        do that is closed, and the next call opens a new one."""
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        except sqlite3.Error:
+            db.close()
+            self._db = None
 
     async def announce_parking(self) -> None:
         until = self.clock() + self.park_seconds
@@ -142,7 +145,7 @@ class SqliteStore:
     async def _store(self, sessions: list[ParkedSession], done_parking: bool) -> None:
         now = self.clock()
         rows = [
-            (store_key(s.owner, s.session_id), s.encode().encode(), now + self.ttl)
+            (store_key(s.owner, s.session_id), s.encode().encode(), now + record_ttl(self.ttl, s))
             for s in sessions
         ]
 
@@ -165,7 +168,12 @@ class SqliteStore:
         adoption = Adoption({}, {})
         missing = list(session_ids)
         while missing:
-            parking, taken = await self._take_once(missing, owner, adoption)
+            try:
+                parking, taken = await self._take_once(missing, owner, adoption)
+            except StoreUnavailable:
+                if not adoption.taken and not adoption.unreadable:
+                    raise
+                break  # already out of the store: the caller restores them
             adoption.taken.update(taken)
             missing = [i for i in missing if i not in taken and i not in adoption.unreadable]
             if not (missing and parking and wait) or time.monotonic() >= deadline:

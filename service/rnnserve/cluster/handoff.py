@@ -28,6 +28,7 @@ from rnnserve.engine.sources import (
     ParkedSession,
     StoreUnavailable,
     decode_or_lose,
+    record_ttl,
     store_key,
 )
 
@@ -117,7 +118,7 @@ class RedisHandoff:
             socket_connect_timeout=SOCKET_TIMEOUT,
         )
         self.client = redis.Redis(connection_pool=pool)
-        self.ttl_ms = max(1, int(ttl_seconds * 1000))
+        self.ttl = ttl_seconds
         self.wait_seconds = wait_seconds
         self.park_ms = max(1, int(park_seconds * 1000))
         self.replica = secrets.token_hex(8)
@@ -150,7 +151,7 @@ class RedisHandoff:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for key, s in zip(keys, sessions):
-                    pipe.set(key, s.encode(), px=self.ttl_ms)
+                    pipe.set(key, s.encode(), px=max(1, int(1000 * record_ttl(self.ttl, s))))
                 if done_parking:
                     pipe.zrem(PARKING_KEY, self.replica)  # adopters need not wait for us
                 await pipe.execute()
@@ -178,7 +179,7 @@ class RedisHandoff:
                     missing, owner, adoption, ask_holders=not expected and not tries
                 )
             except self._errors as exc:
-                if not adoption.taken:
+                if not adoption.taken and not adoption.unreadable:
                     raise StoreUnavailable(
                         f"the shared state store is unreachable ({exc})"
                     ) from None

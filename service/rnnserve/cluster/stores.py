@@ -3,11 +3,10 @@ file for one. Both keep the SharedStore contract (rnnserve.engine.sources)."""
 
 from __future__ import annotations
 
-from rnnserve.cluster.disk_store import SCHEME as SQLITE
 from rnnserve.cluster.disk_store import SqliteStore
 from rnnserve.cluster.handoff import RedisHandoff
 from rnnserve.engine.sources import SharedStore
-from rnnserve.ops.config import ServerConfig
+from rnnserve.ops.config import SQLITE, ServerConfig
 
 
 def open_store(config: ServerConfig) -> SharedStore | None:

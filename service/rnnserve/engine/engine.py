@@ -184,7 +184,10 @@ class Engine:
         """The idle sweep: spill idle sessions to the store (with --session-ttl), evict those
         idle past their end, settle moves to siblings, and drop the shared table's rows of
         sessions this worker lost track of (none, unless a bug). How many were evicted."""
-        await self.moves.spill_idle()
+        try:
+            await self.moves.spill_idle()
+        except ServingError as exc:  # the workers' shared table failed: tried next sweep
+            log.warning("idle sessions stay in memory this sweep: %s", exc)
         evicted = self._sessions.evict_idle()
         lost = self._sessions.reconcile(self.moves.settle(time.monotonic()))
         if lost:

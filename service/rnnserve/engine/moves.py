@@ -119,7 +119,13 @@ class SessionMoves:
         self._lent: dict[tuple[str, str], tuple[Session, float]] = {}
         """Sessions let go to a sibling, their slots kept until the move is settled."""
         self._background: set[asyncio.Task] = set()
-        """Give-backs of sessions that arrived for callers that had given up."""
+        """Give-backs of sessions that arrived for callers that had given up, and spills."""
+        self._parking_now: set[tuple[str, str]] = set()
+        """(owner, id) of sessions released here whose store write has not returned: still
+        the server's in its shared table, live nowhere."""
+        self._spilling = asyncio.Lock()
+        self._handing_off = False
+        """The drain parks every session: no spill sets or ends a parking mark meanwhile."""
         self._claim_ttl_ms = int(2 * config.session_idle_timeout * 1000)
         self.metrics: Metrics = registry.metrics
 
@@ -128,7 +134,7 @@ class SessionMoves:
         (owner, id) of sessions on their way, which the shared table may still name here."""
         _forget_before(self._moved_away, now - MOVE_WINDOW)
         self._settle_lent(now)
-        return self._moved_away.keys() | self._lent.keys()
+        return self._moved_away.keys() | self._lent.keys() | self._parking_now
 
     async def close(self) -> None:
         if self._handoff is not None:
@@ -391,7 +397,8 @@ class SessionMoves:
                 parked.session_id,
                 states,
                 parked.steps,
-                parked.idle_seconds,
+                # a call brought it here: spilled again first, it would miss that call's step
+                0.0 if self.spilling and how == "adopted" else parked.idle_seconds,
                 parked.owner,
                 arriving=arriving,
             )
@@ -492,21 +499,32 @@ class SessionMoves:
         await self._spill(by_owner, used_since)
 
     async def _spill(self, by_owner: dict[str, list[str]], idle_before: float) -> int:
-        """Park these sessions (those used since `idle_before` stay), this process marked as
-        parking meanwhile so that a call for one of them waits for it rather than missing it."""
-        try:
-            await self._store.announce_parking()
-        except StoreUnavailable as exc:
-            log.warning("sessions stay in memory: %s", exc)
-            return 0
-        spilled = 0
-        for owner, ids in by_owner.items():
-            spilled += await self._park(ids, owner, "spilled", "idle", idle_before)
-        try:
-            await self._store.park([])  # ends the parking mark
-        except StoreUnavailable:
-            pass  # the mark expires by itself
-        return spilled
+        """Park these sessions (those used since `idle_before`, or stepping now, stay) in a
+        task of this object's own: once a session leaves the table its only copy is on its
+        way to the store, so the caller's cancellation (a deadline, a cancelled stream) must
+        not stop the write. Spills run one at a time, and none while the drain hands off."""
+        task = asyncio.get_running_loop().create_task(self._spill_now(by_owner, idle_before))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
+    async def _spill_now(self, by_owner: dict[str, list[str]], idle_before: float) -> int:
+        async with self._spilling:  # one parking mark, set and ended by one spill at a time
+            if self._handing_off:
+                return 0
+            try:
+                await self._store.announce_parking()
+            except StoreUnavailable as exc:
+                log.warning("sessions stay in memory: %s", exc)
+                return 0
+            spilled = 0
+            for owner, ids in by_owner.items():
+                spilled += await self._park(ids, owner, "spilled", "idle", idle_before)
+            try:
+                await self._store.park([])  # ends the parking mark
+            except StoreUnavailable:
+                pass  # the mark expires by itself
+            return spilled
 
     async def _park(
         self,
@@ -516,22 +534,41 @@ class SessionMoves:
         why: str,
         idle_before: float | None = None,
     ) -> int:
-        """Release these sessions (after their in-flight steps) into the store; if the store
-        fails, live here again. How many were parked; `how` labels the handoff metric."""
+        """Release these sessions (after their in-flight steps; with `idle_before`, only those
+        free and unused since) into the store; if the store fails, live here again. They leave
+        the server's shared table only once the store has them. How many were parked; `how`
+        labels the handoff metric."""
         moved, _, _ = await self.release_sessions(
             session_ids, owner, wait=True, idle_before=idle_before
         )
         if not moved:
             return 0
+        on_the_way = {(p.owner, p.session_id) for p in moved}
+        self._parking_now |= on_the_way
         try:
             await self._store.give_back(moved)
         except StoreUnavailable as exc:
             log.warning("could not park %d %s sessions (%s); they stay here", len(moved), why, exc)
-            self.take_back(moved)
+            for parked in moved:  # out of the table, so that taking it back enters it again
+                self._left(parked)
+            stranded = self.take_back(moved)
+            if stranded:  # their slots were taken meanwhile, and the store refused them
+                log.error("LOST %d sessions that could be neither parked nor kept", len(stranded))
+                self.metrics.lost.labels("store").inc(len(stranded))
             return 0
+        finally:
+            self._parking_now -= on_the_way
         for parked in moved:
+            self._left(parked)
             self.metrics.handoffs.labels(parked.model, str(parked.version), how).inc()
         return len(moved)
+
+    def _left(self, parked: ParkedSession) -> None:
+        """The session left the server: its row of the workers' shared table goes."""
+        try:
+            self._sessions.left(parked.owner, parked.session_id)
+        except ServingError as exc:  # the table failed: the row names a session not here
+            log.warning("session %s left, but the shared table failed: %s", parked.session_id, exc)
 
     async def release_sessions(
         self,
@@ -564,6 +601,8 @@ class SessionMoves:
                     moving.append(session_id)  # on its way to another worker: ask there
                 continue
             if not session.lock.take():
+                if idle_before is not None:
+                    continue  # stepping now: not idle, and never waited for
                 if not wait:  # steps of its own here run first; the sibling asks again
                     moving.append(session_id)  # (moving it now would end them unrun)
                     continue
@@ -579,8 +618,6 @@ class SessionMoves:
                 if wait or claims is None:
                     moved.append(_parked(session, self._sessions.clock()))
                     self._sessions.release(session)  # its slot is free from here
-                    if wait:  # for another replica, through the store: no longer the server's
-                        self._sessions.left(owner, session_id)
                 else:  # to a sibling: kept until the move is settled (_settle_lent)
                     try:
                         claims.lend(owner, session_id)
@@ -620,6 +657,7 @@ class SessionMoves:
         Raises StoreUnavailable (the sessions stay live here) if the store cannot take them."""
         if self._handoff is None:
             return 0
+        self._handing_off = True
         await self._store.announce_parking()
         live = self._sessions.live()
         async with Holding(live):

@@ -119,6 +119,15 @@ def decode_or_lose(session_id: str, record: bytes, adoption: Adoption) -> Parked
         return None
 
 
+MIN_RECORD_TTL = 0.001
+
+
+def record_ttl(lifetime: float, session: ParkedSession) -> float:
+    """Seconds a parked record lives: what is left of the session's idle lifetime, so a
+    session spilled after idling keeps the lifetime its flags give it, no more."""
+    return max(MIN_RECORD_TTL, lifetime - session.idle_seconds)
+
+
 def store_key(owner: str, session_id: str) -> str:
     """A session's name in the store: ids are each client's own, so the owner is part of it
     (client names hold no '/'); without auth every caller is "" and the key is the id."""

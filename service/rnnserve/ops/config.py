@@ -327,8 +327,18 @@ def _range(f: Any) -> str:
     return f"between {low} and {high}"
 
 
-STORE_SCHEMES = ("redis://", "rediss://", "unix://", "sqlite://")
+SQLITE = "sqlite://"
+STORE_SCHEMES = ("redis://", "rediss://", "unix://", SQLITE)
 """What --state-store takes: redis-py's URL forms, and a database file on this machine."""
+
+
+def sqlite_path(url: str) -> Path:
+    """The database file a `sqlite://PATH` store URL names (sqlite:///var/lib/x.db is
+    /var/lib/x.db; sqlite://x.db is x.db in the working directory)."""
+    path = url.removeprefix(SQLITE)
+    if not path or path.endswith("/"):
+        raise ValueError(f"{url!r} names no file: sqlite:// takes the database file's path")
+    return Path(path)
 
 
 def validate(config: ServerConfig) -> None:
@@ -362,9 +372,11 @@ def validate(config: ServerConfig) -> None:
         raise ValueError(
             f"{_names('state_store')} must start with {', '.join(STORE_SCHEMES)}; got {store!r}"
         )
-    file = store.removeprefix("sqlite://") if store.startswith("sqlite://") else None
-    if file is not None and (not file or file.endswith("/")):
-        raise ValueError(f"{_names('state_store')}: sqlite:// takes the database file's path")
+    if store.startswith(SQLITE):
+        try:
+            sqlite_path(store)
+        except ValueError as exc:
+            raise ValueError(f"{_names('state_store')}: {exc}") from None
     if config.session_ttl and not store:
         raise ValueError(
             f"{_names('session_ttl')} keeps idle sessions in the state store: set "
