@@ -421,3 +421,40 @@ def test_a_full_redis_keeps_idle_sessions_in_memory_and_leaves_no_record(tmp_pat
                 assert np.max(np.abs(np.concatenate([head, tail], axis=1) - expected)) <= 1e-5
     finally:
         full.stop()
+
+
+def test_calls_that_give_up_mid_spill_lose_no_session(tmp_path: Path) -> None:
+    """Opens on a full table each make room by spilling another session, and every one gives
+    up (its deadline) while the store write is under way (a disk slowed to 50 ms a write):
+    no caller's cancellation stops that write, so every session is still somewhere."""
+    store = f"sqlite://{tmp_path / 'sessions.db'}"
+    x = bits(7, 24, 2)
+    with running() as reference, reference.client() as client:
+        expected = client.predict("binary_add", x).y
+    with running(state_store=store, session_ttl=3600, max_sessions=8) as srv:
+        with srv.client() as client:
+            ids = [client.open_session("binary_add").session_id for _ in x]
+            head = [client.step(i, row[:1]) for i, row in zip(ids, x)]
+        disk = srv.server.engine.moves._handoff
+        write = disk.give_back
+
+        async def slow_write(parked) -> None:
+            await asyncio.sleep(0.05)
+            await write(parked)
+
+        disk.give_back = slow_write
+        gave_up = 0
+        with srv.client(timeout=0.02) as hasty:
+            for _ in range(10):
+                try:
+                    hasty.open_session("binary_add")
+                except RnnServeError as exc:
+                    gave_up += exc.code.name == "DEADLINE_EXCEEDED"
+        assert gave_up >= 5
+        disk.give_back = write
+        with srv.client() as client:
+            tails = [client.step(i, row[1:]) for i, row in zip(ids, x)]
+        for row, (h, t) in enumerate(zip(head, tails)):
+            assert np.max(np.abs(np.concatenate([h, t]) - expected[row])) <= 1e-5
+        sample = srv.server.engine.metrics.registry.get_sample_value
+        assert not sample("rnnserve_sessions_lost_total", {"reason": "store"})

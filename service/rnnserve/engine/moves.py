@@ -137,8 +137,10 @@ class SessionMoves:
         return self._moved_away.keys() | self._lent.keys() | self._parking_now
 
     async def close(self) -> None:
-        if self._handoff is not None:
-            await self._handoff.close()
+        self._handing_off = True
+        async with self._spilling:  # a spill under way writes before the store closes
+            if self._handoff is not None:
+                await self._handoff.close()
         if self._siblings is not None:
             await self._siblings.close()
 
@@ -657,16 +659,17 @@ class SessionMoves:
         Raises StoreUnavailable (the sessions stay live here) if the store cannot take them."""
         if self._handoff is None:
             return 0
-        self._handing_off = True
-        await self._store.announce_parking()
-        live = self._sessions.live()
-        async with Holding(live):
-            now = self._sessions.clock()
-            parked = [_parked(s, now) for s in live]
-            await self._store.park(parked)
-            for session in live:
-                self._sessions.close(session, "handed off to another replica")
-                self.metrics.handoffs.labels(*session.model.labels, "parked").inc()
+        self._handing_off = True  # no spill starts from here
+        async with self._spilling:  # and the one under way ends first
+            await self._store.announce_parking()
+            live = self._sessions.live()
+            async with Holding(live):
+                now = self._sessions.clock()
+                parked = [_parked(s, now) for s in live]
+                await self._store.park(parked)
+                for session in live:
+                    self._sessions.close(session, "handed off to another replica")
+                    self.metrics.handoffs.labels(*session.model.labels, "parked").inc()
         return len(parked)
 
     def _settle_lent(self, now: float) -> None:
