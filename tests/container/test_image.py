@@ -152,63 +152,54 @@ def test_plain_docker_run_serves_with_every_worker_and_stops_cleanly(
     assert "worst exit status 0" in server.logs()
 
 
+def continue_in_a_second_container(
+    image: str, containers: list, store: dict[str, str], *flags: str
+) -> None:
+    """Sessions stepped in one container, `docker stop` (which parks them all), then stepped
+    on in a second container on the same store: exactly what one uninterrupted run gives."""
+    first = Container(image, *flags, env=store)
+    containers.append(first)
+    first.wait_serving()
+    xs = bits(3, (5, 16, 2))
+    with Client(first.address) as client:
+        ids = [client.open_session("binary_add").session_id for _ in xs]
+        heads = [client.step(i, x[:9]) for i, x in zip(ids, xs)]
+    code, _ = first.stop()
+    assert code == 0
+    parked = sum(int(m.split()[1]) for m in first.messages() if m.startswith("parked "))
+    assert parked == len(xs), first.messages()  # each worker parks its own
+    second = Container(image, *flags, env=store)
+    containers.append(second)
+    second.wait_serving()
+    with Client(second.address) as client:
+        tails = [client.step(i, x[9:]) for i, x in zip(ids, xs)]
+    got = np.stack([np.concatenate(pair) for pair in zip(heads, tails)])
+    np.testing.assert_allclose(got, reference("binary_add", xs), rtol=0, atol=1e-5)
+
+
 def test_sessions_parked_by_one_container_resume_exactly_in_another(image: str, containers) -> None:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (.ci/run installs it)")
     redis = Redis()
     try:
-        store = {"RNNSERVE_STATE_STORE": redis.url}
-        first = Container(image, env=store)
-        containers.append(first)
-        first.wait_serving()
-        xs = bits(3, (5, 16, 2))
-        with Client(first.address) as client:
-            ids = [client.open_session("binary_add").session_id for _ in xs]
-            heads = [client.step(i, x[:9]) for i, x in zip(ids, xs)]
-        code, _ = first.stop()
-        assert code == 0
-        assert any("parked 5 sessions" in m for m in first.messages()), first.messages()
-
-        second = Container(image, env=store)
-        containers.append(second)
-        second.wait_serving()
-        with Client(second.address) as client:
-            tails = [client.step(i, x[9:]) for i, x in zip(ids, xs)]
-        got = np.stack([np.concatenate(pair) for pair in zip(heads, tails)])
-        np.testing.assert_allclose(got, reference("binary_add", xs), rtol=0, atol=1e-5)
+        continue_in_a_second_container(image, containers, {"RNNSERVE_STATE_STORE": redis.url})
     finally:
         redis.stop()
 
 
 def test_sessions_kept_in_a_volume_continue_in_the_next_container(image: str, containers) -> None:
-    """The SQLite state store on a named volume, under a read-only root: `docker stop` parks
-    the sessions in the file, and a new container on the same volume continues them exactly."""
+    """The SQLite state store on a named volume, under a read-only root."""
     volume = f"rnnserve-test-{time.time_ns()}"
     docker("volume", "create", volume)
-    flags = ("--read-only", "--tmpfs", "/tmp", "-v", f"{volume}:/var/lib/rnnserve")
-    store = {"RNNSERVE_STATE_STORE": "sqlite:///var/lib/rnnserve/sessions.db"}
     try:
-        first = Container(image, *flags, env=store)
-        containers.append(first)
-        first.wait_serving()
-        xs = bits(4, (4, 12, 2))
-        with Client(first.address) as client:
-            ids = [client.open_session("binary_add").session_id for _ in xs]
-            heads = [client.step(i, x[:5]) for i, x in zip(ids, xs)]
-        code, _ = first.stop()
-        assert code == 0
-        assert sum(int(m.split()[1]) for m in first.messages() if m.startswith("parked ")) == len(
-            xs
-        ), first.messages()
-        second = Container(image, *flags, env=store)
-        containers.append(second)
-        second.wait_serving()
-        with Client(second.address) as client:
-            tails = [client.step(i, x[5:]) for i, x in zip(ids, xs)]
-        got = np.stack([np.concatenate(pair) for pair in zip(heads, tails)])
-        np.testing.assert_allclose(got, reference("binary_add", xs), rtol=0, atol=1e-5)
+        continue_in_a_second_container(
+            image,
+            containers,
+            {"RNNSERVE_STATE_STORE": "sqlite:///var/lib/rnnserve/sessions.db"},
+            *("--read-only", "--tmpfs", "/tmp", "-v", f"{volume}:/var/lib/rnnserve"),
+        )
     finally:
-        for container in containers:
+        for container in containers:  # the volume is in use while they exist
             docker("rm", "-f", container.name, check=False)
         docker("volume", "rm", "-f", volume, check=False)
 
